@@ -1,0 +1,70 @@
+"""Default experiment tracking: Weights & Biases (online when credentials exist) plus CSV.
+
+W&B needs an API key to upload. Without one (no ``WANDB_API_KEY``, no ``wandb login`` entry in
+``~/.netrc``, no ``WANDB_MODE`` chosen by the user), :class:`WandbLogger` runs offline: the run
+is written under ``<save_dir>/wandb/offline-run-*`` and can be uploaded later with
+``wandb sync <that folder>``. This is said once in the log.
+
+Example:
+    >>> from lightning import Trainer
+    >>> trainer = Trainer(logger=default_loggers("runs"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+WANDB_HOST = "api.wandb.ai"
+
+
+def wandb_credentials_available() -> bool:
+    """True when W&B can authenticate: ``WANDB_API_KEY`` is set or ``~/.netrc`` has a W&B entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc_path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(netrc_path).authenticators(WANDB_HOST) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, PermissionError):
+        return False
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's ``WandbLogger`` that goes offline by itself when there are no credentials.
+
+    Args:
+        offline: ``True``/``False`` force the mode; ``None`` (default) picks offline exactly when
+            :func:`wandb_credentials_available` is false and ``WANDB_MODE`` is unset.
+        project: W&B project name.
+        **kwargs: everything Lightning's ``WandbLogger`` accepts (``name``, ``save_dir``, ``tags``,
+            ``log_model``, ...).
+    """
+
+    def __init__(
+        self, offline: bool | None = None, project: str = "lightning-3d", **kwargs: Any
+    ) -> None:
+        if offline is None:
+            offline = not wandb_credentials_available() and "WANDB_MODE" not in os.environ
+            if offline:
+                save_dir = kwargs.get("save_dir") or "."
+                rank_zero_info(
+                    "W&B: no credentials found (set WANDB_API_KEY or run `wandb login`); logging "
+                    f"offline under {Path(save_dir) / 'wandb'}. Upload later with `wandb sync`."
+                )
+        super().__init__(offline=offline, project=project, **kwargs)
+
+
+def default_loggers(save_dir: str | os.PathLike[str], project: str = "lightning-3d") -> list[Logger]:
+    """W&B (offline without credentials) and a CSV logger, both writing under ``save_dir``.
+
+    CSV metrics land in ``<save_dir>/csv/version_<n>/metrics.csv``.
+    """
+    save_dir = os.fspath(save_dir)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return [WandbLogger(project=project, save_dir=save_dir), CSVLogger(save_dir, name="csv")]

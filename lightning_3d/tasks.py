@@ -1,0 +1,349 @@
+"""LightningModules that fine-tune Hugging Face models: the demo tasks the axes act on.
+
+* :class:`SequenceClassificationTask`: any ``AutoModelForSequenceClassification`` (default
+  all-MiniLM-L6-v2); logs loss, accuracy, samples/s and peak memory. ``training_step`` returns the
+  per-sample losses and the samples' dataset indices beside the mean loss it optimizes, so a
+  callback can read them in ``on_train_batch_end(outputs=...)``.
+* :class:`CausalLMTask`: any ``AutoModelForCausalLM`` (default SmolLM2-135M-Instruct from a GGUF
+  file, converted once to safetensors); logs loss and perplexity.
+
+Both accept an optional :class:`LoRASettings` to train ``peft`` LoRA adapters instead of all weights.
+
+Example:
+    >>> from lightning import Trainer
+    >>> from lightning_3d.data import RottenTomatoes
+    >>> task = SequenceClassificationTask(learning_rate=3e-5)  # doctest: +SKIP
+    >>> Trainer(max_epochs=1).fit(task, RottenTomatoes(tokenizer=task.tokenizer))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_3d.data import IGNORE_INDEX
+from lightning_3d.models import (
+    load_pretrained,
+    load_tokenizer,
+    resolve_causal_lm,
+    resolve_classifier,
+)
+
+#: Parameter-name fragments that are excluded from weight decay (biases and normalization).
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+@dataclass
+class LoRASettings:
+    """LoRA adapter settings, turned into a ``peft.LoraConfig`` for the task's model.
+
+    The adapter adds ``W x + (alpha / r) * B A x`` with ``A: r x d_in`` and ``B: d_out x r``
+    trainable and ``W`` frozen. The classification head stays fully trainable.
+
+    Attributes:
+        r: adapter rank.
+        alpha: scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: dropout on the adapter input.
+        target_modules: module-name suffixes (or one regex) to adapt; ``None`` uses peft's default
+            for the architecture (``query``/``value`` for BERT, ``q_proj``/``v_proj`` for Llama).
+
+    Example:
+        >>> LoRASettings(r=4).to_peft("SEQ_CLS").r
+        4
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoRA r must be a positive integer, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    def to_peft(self, task_type: str):  # -> peft.LoraConfig
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type=task_type,
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+        )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MiB: CUDA allocator peak on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB else
+
+
+class PretrainedTask(LightningModule):
+    """What both tasks share: LoRA wrapping, train mode, AdamW with warm-up, throughput logging.
+
+    Optimizer: AdamW over trainable parameters, with weight decay on all but biases and norms,
+    learning rate warmed up linearly over ``warmup_ratio`` of the run, then decayed linearly to 0.
+    """
+
+    def __init__(self, learning_rate: float, weight_decay: float, warmup_ratio: float) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self._last_batch_end: float | None = None
+
+    def _attach(self, model: torch.nn.Module, lora: LoRASettings | None, task_type: str) -> None:
+        """Wrap ``model`` with LoRA if asked and put it in train mode.
+
+        ``from_pretrained`` returns modules in eval mode and Lightning keeps each submodule's
+        mode, so without ``train()`` dropout would silently stay off during fine-tuning.
+        """
+        if lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora.to_peft(task_type))
+        self.model = model.train()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_linear_schedule_with_warmup
+
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {
+                "params": [p for n, p in trainable if not any(k in n for k in NO_DECAY)],
+                "weight_decay": self.hparams.weight_decay,
+            },
+            {"params": [p for n, p in trainable if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, round(self.hparams.warmup_ratio * total), total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Log samples/s (wall time between consecutive batch ends, data loading included)."""
+        now = time.perf_counter()
+        if self._last_batch_end is not None and now > self._last_batch_end:
+            samples = batch["input_ids"].shape[0]
+            self.log("train/samples_per_sec", samples / (now - self._last_batch_end))
+        self._last_batch_end = now
+        self.log("train/peak_memory_mb", peak_memory_mb(self.device))
+
+
+class SequenceClassificationTask(PretrainedTask):
+    """Fine-tune a Hugging Face sequence classifier with cross-entropy.
+
+    Loss: ``L = (1/B) * sum_i l_i`` with ``l_i = -log softmax(z_i)[y_i]``. ``training_step`` returns
+    ``{"loss": L, "per_sample_loss": l (detached, shape [B]), "index": dataset indices [B],
+    "logits": z (detached)}``; Lightning hands that dict to every callback's
+    ``on_train_batch_end``. The optimized loss is exactly the mean of ``per_sample_loss``.
+
+    Args:
+        model_name_or_path: local folder or Hub id; ``None`` is the packaged all-MiniLM-L6-v2.
+        num_labels: number of classes (a new head is initialized when the checkpoint has none).
+        lora: train LoRA adapters (and the head) instead of all weights.
+        learning_rate, weight_decay, warmup_ratio: AdamW and linear warm-up/decay schedule.
+
+    Example:
+        >>> task = SequenceClassificationTask(lora=LoRASettings(r=8))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        num_labels: int = 2,
+        lora: LoRASettings | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+    ) -> None:
+        super().__init__(learning_rate, weight_decay, warmup_ratio)
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+        from transformers import AutoModelForSequenceClassification
+
+        source = resolve_classifier(model_name_or_path)
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(source)
+        model = load_pretrained(
+            AutoModelForSequenceClassification, source, "model", num_labels=num_labels
+        )
+        self._attach(model, lora, "SEQ_CLS")
+        self.train_accuracy = MulticlassAccuracy(num_labels, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_labels, average="micro")
+
+    def setup(self, stage: str) -> None:
+        """Check that the data's labels fit the classifier before any step runs."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_labels = getattr(datamodule, "label_names", None)
+        if data_labels and len(data_labels) != self.hparams.num_labels:
+            raise ValueError(
+                f"the data has {len(data_labels)} labels {data_labels} but the task was built "
+                f"with num_labels={self.hparams.num_labels}; set model num_labels to match"
+            )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Return the logits ``[batch, num_labels]``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return logits, F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        logits, per_sample = self._losses(batch)
+        loss = per_sample.mean()
+        size = len(per_sample)
+        self.train_accuracy(logits.detach(), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/acc", self.train_accuracy, on_step=True, on_epoch=True, batch_size=size)
+        return {
+            "loss": loss,
+            "per_sample_loss": per_sample.detach(),
+            "index": batch["index"],
+            "logits": logits.detach(),
+        }
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, accuracy) -> None:
+        logits, per_sample = self._losses(batch)
+        accuracy(logits, batch["labels"])
+        size = len(per_sample)
+        self.log(f"{stage}/loss", per_sample.mean(), sync_dist=True, batch_size=size)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, batch_size=size)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_accuracy)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return {"index": batch["index"], "prediction": logits.argmax(-1), "logits": logits}
+
+
+def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy: token-mean loss and per-sequence mean losses.
+
+    With ``m_it = 1`` where ``labels[i, t+1] != -100``, ``l_it`` the loss of predicting token
+    ``t+1`` from position ``t``: ``L = sum(m * l) / sum(m)`` (what Hugging Face models optimize)
+    and ``l_i = sum_t(m_it * l_it) / sum_t(m_it)``.
+    """
+    shifted_logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    token_losses = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(targets)
+    mask = (targets != IGNORE_INDEX).to(token_losses.dtype)
+    per_sequence = (token_losses * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return (token_losses * mask).sum() / mask.sum().clamp_min(1), per_sequence
+
+
+class CausalLMTask(PretrainedTask):
+    """Fine-tune a causal language model on next-token prediction; logs loss and perplexity.
+
+    ``perplexity = exp(mean token loss)`` over the validation (or test) set, with the mean taken
+    over tokens, not batches. ``training_step`` returns per-sequence losses and indices like
+    :class:`SequenceClassificationTask`.
+
+    Args:
+        model_name_or_path: local folder, ``.gguf`` file, or Hub id; ``None`` is the packaged
+            SmolLM2-135M-Instruct (GGUF, de-quantized once to a cached safetensors folder).
+        gguf_file: a GGUF file name inside the ``model_name_or_path`` folder.
+        lora: train LoRA adapters instead of all weights.
+
+    Example:
+        >>> task = CausalLMTask(lora=LoRASettings(r=16, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        gguf_file: str | None = None,
+        lora: LoRASettings | None = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+    ) -> None:
+        super().__init__(learning_rate, weight_decay, warmup_ratio)
+        from transformers import AutoModelForCausalLM
+
+        source = resolve_causal_lm(model_name_or_path, gguf_file)
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(source)
+        self._attach(load_pretrained(AutoModelForCausalLM, source, "model"), lora, "CAUSAL_LM")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Return the logits ``[batch, sequence, vocabulary]``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        loss, per_sequence = causal_lm_losses(
+            self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+        )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(per_sequence))
+        return {"loss": loss, "per_sample_loss": per_sequence.detach(), "index": batch["index"]}
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
+        loss, _ = causal_lm_losses(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        metric.update(loss, weight=tokens)
+
+    def _log_epoch(self, stage: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/loss", loss)
+        self.log(f"{stage}/ppl", torch.exp(loss.clamp(max=math.log(1e12))), prog_bar=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val", self.val_loss)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_loss)
+
+
+__all__ = [
+    "CausalLMTask",
+    "LoRASettings",
+    "PretrainedTask",
+    "SequenceClassificationTask",
+    "causal_lm_losses",
+    "peak_memory_mb",
+]
