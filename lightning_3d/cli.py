@@ -54,7 +54,9 @@ class Lightning3DCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         has_best = isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+        self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None
+        )
 
 
 def _tokenizer_of(model: Any) -> Any:

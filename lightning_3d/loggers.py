@@ -60,7 +60,9 @@ class WandbLogger(LightningWandbLogger):
         super().__init__(offline=offline, project=project, **kwargs)
 
 
-def default_loggers(save_dir: str | os.PathLike[str], project: str = "lightning-3d") -> list[Logger]:
+def default_loggers(
+    save_dir: str | os.PathLike[str], project: str = "lightning-3d"
+) -> list[Logger]:
     """W&B (offline without credentials) and a CSV logger, both writing under ``save_dir``.
 
     CSV metrics land in ``<save_dir>/csv/version_<n>/metrics.csv``.

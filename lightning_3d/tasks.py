@@ -7,7 +7,7 @@
 * :class:`CausalLMTask`: any ``AutoModelForCausalLM`` (default SmolLM2-135M-Instruct from a GGUF
   file, converted once to safetensors); logs loss and perplexity.
 
-Both accept an optional :class:`LoRASettings` to train ``peft`` LoRA adapters instead of all weights.
+Both accept an optional :class:`LoRASettings` to train ``peft`` LoRA adapters, not all weights.
 
 Example:
     >>> from lightning import Trainer
@@ -133,19 +133,27 @@ class PretrainedTask(LightningModule):
                 "params": [p for n, p in trainable if not any(k in n for k in NO_DECAY)],
                 "weight_decay": self.hparams.weight_decay,
             },
-            {"params": [p for n, p in trainable if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
+            {
+                "params": [p for n, p in trainable if any(k in n for k in NO_DECAY)],
+                "weight_decay": 0.0,
+            },
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_linear_schedule_with_warmup(
             optimizer, round(self.hparams.warmup_ratio * total), total
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_train_epoch_start(self) -> None:
         self._last_batch_end = time.perf_counter()
 
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> None:
         """Log samples/s (wall time between consecutive batch ends, data loading included)."""
         now = time.perf_counter()
         if self._last_batch_end is not None and now > self._last_batch_end:
@@ -248,7 +256,9 @@ class SequenceClassificationTask(PretrainedTask):
         return {"index": batch["index"], "prediction": logits.argmax(-1), "logits": logits}
 
 
-def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_losses(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy: token-mean loss and per-sequence mean losses.
 
     With ``m_it = 1`` where ``labels[i, t+1] != -100``, ``l_it`` the loss of predicting token
@@ -282,7 +292,8 @@ class CausalLMTask(PretrainedTask):
         lora: train LoRA adapters instead of all weights.
 
     Example:
-        >>> task = CausalLMTask(lora=LoRASettings(r=16, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
+        >>> adapters = LoRASettings(r=16, target_modules=["q_proj", "v_proj"])
+        >>> task = CausalLMTask(lora=adapters)  # doctest: +SKIP
     """
 
     def __init__(
@@ -316,7 +327,9 @@ class CausalLMTask(PretrainedTask):
         return {"loss": loss, "per_sample_loss": per_sequence.detach(), "index": batch["index"]}
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
-        loss, _ = causal_lm_losses(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        loss, _ = causal_lm_losses(
+            self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+        )
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         metric.update(loss, weight=tokens)
 

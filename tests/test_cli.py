@@ -1,0 +1,139 @@
+"""The `lightning-3d` command: a real, offline fit through LightningCLI with W&B and CSV logs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_3d.loggers import default_loggers, wandb_credentials_available
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = REPO / "examples" / "configs" / "rt_minilm_baseline.yaml"
+LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
+
+
+def _cli() -> list[str]:
+    script = shutil.which("lightning-3d", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "lightning_3d.cli"]
+
+
+def _offline_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(
+        HOME=str(home),
+        NETRC=str(home / ".netrc"),
+        HF_HUB_OFFLINE="1",
+        LIGHTNING_3D_CACHE=os.environ.get(
+            "LIGHTNING_3D_CACHE", str(Path.home() / ".cache" / "lightning_3d")
+        ),
+    )
+    return env
+
+
+def test_cli_fit_writes_offline_wandb_run_and_csv_metrics(tmp_path) -> None:
+    root = tmp_path / "run"
+    args = [
+        *_cli(),
+        "fit",
+        "--config",
+        str(BASELINE),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.limit_test_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.init_args.batch_size",
+        "4",
+    ]
+    result = subprocess.run(
+        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("W&B: no credentials found") == 1
+    runs = list((root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    with open(next(root.glob("csv/version_*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    train_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(train_losses) == 3 and all(0 < loss < 5 for loss in train_losses)
+    assert any(r.get("val/acc") for r in rows)
+    test_acc = [float(r["test/acc"]) for r in rows if r.get("test/acc")]  # test_after_fit: true
+    assert len(test_acc) == 1 and 0 <= test_acc[0] <= 1
+    assert (root / "config.yaml").exists()
+    assert list(root.rglob("best-*.ckpt"))
+
+
+def test_cli_help_lists_the_subcommands(tmp_path) -> None:
+    result = subprocess.run(
+        [*_cli(), "--help"], env=_offline_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert subcommand in result.stdout
+
+
+@pytest.mark.parametrize("config", [BASELINE, LM_CONFIG])
+def test_example_configs_parse(config, tmp_path) -> None:
+    result = subprocess.run(
+        [*_cli(), "fit", "--config", str(config), "--print_config"],
+        env=_offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: lightning_3d." in result.stdout
+
+
+def test_bad_config_value_fails_before_training(tmp_path) -> None:
+    args = [
+        *_cli(),
+        "fit",
+        "--config",
+        str(BASELINE),
+        "--data.init_args.val_fraction",
+        "1.5",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "val_fraction must be in [0, 1), got 1.5" in result.stderr
+
+
+def test_wandb_credentials_detection(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert not wandb_credentials_available()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_credentials_available()
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_credentials_available()
+
+
+def test_default_loggers_go_offline_without_credentials(tmp_path, monkeypatch) -> None:
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    wandb_logger, csv_logger = default_loggers(tmp_path / "logs")
+    assert wandb_logger._offline is True
+    assert wandb_logger.save_dir == str(tmp_path / "logs")
+    assert Path(csv_logger.log_dir).parent.parent == tmp_path / "logs"
