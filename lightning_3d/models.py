@@ -7,7 +7,7 @@ de-quantized into fp32 by ``transformers`` once and saved as a safetensors folde
 
 Example:
     >>> folder = resolve_causal_lm(None)  # doctest: +SKIP
-    >>> (folder / "model.safetensors").exists()
+    >>> (folder / "model.safetensors").exists()  # doctest: +SKIP
     True
 """
 

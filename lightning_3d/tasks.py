@@ -110,7 +110,7 @@ class PretrainedTask(LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        self._last_batch_end: float | None = None
+        self._batch_start = 0.0
 
     def _attach(self, model: torch.nn.Module, lora: LoRASettings | None, task_type: str) -> None:
         """Wrap ``model`` with LoRA if asked and put it in train mode.
@@ -148,18 +148,17 @@ class PretrainedTask(LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def on_train_epoch_start(self) -> None:
-        self._last_batch_end = time.perf_counter()
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
 
     def on_train_batch_end(
         self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int
     ) -> None:
-        """Log samples/s (wall time between consecutive batch ends, data loading included)."""
-        now = time.perf_counter()
-        if self._last_batch_end is not None and now > self._last_batch_end:
-            samples = batch["input_ids"].shape[0]
-            self.log("train/samples_per_sec", samples / (now - self._last_batch_end))
-        self._last_batch_end = now
+        """Log samples/s of the step (forward, backward, optimizer) and the peak memory so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels run asynchronously: wait before timing
+        elapsed = time.perf_counter() - self._batch_start
+        self.log("train/samples_per_sec", batch["input_ids"].shape[0] / max(elapsed, 1e-9))
         self.log("train/peak_memory_mb", peak_memory_mb(self.device))
 
 

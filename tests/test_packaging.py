@@ -20,7 +20,7 @@ MAPPED = {
 }
 IMPORT_CHECK = (
     "import json, lightning_3d, lightning_3d.callbacks, lightning_3d.strategies, lightning_3d.csrc;"
-    "print(json.dumps({m.__name__: m.__file__ or list(m.__path__)[0] for m in "
+    "print(json.dumps({m.__name__: m.__file__ for m in "
     "(lightning_3d, lightning_3d.callbacks, lightning_3d.strategies, lightning_3d.csrc)}))"
 )
 
@@ -97,7 +97,7 @@ def test_editable_install_maps_the_top_level_folders(tmp_path) -> None:
     located = _import_locations(None, cwd=tmp_path)
     assert Path(located["lightning_3d.callbacks"]) == REPO / "callbacks" / "__init__.py"
     assert Path(located["lightning_3d.strategies"]) == REPO / "strategies" / "__init__.py"
-    assert Path(located["lightning_3d.csrc"]) == REPO / "csrc"
+    assert Path(located["lightning_3d.csrc"]) == REPO / "csrc" / "__init__.py"
 
 
 def _readme_block(heading: str) -> str:
