@@ -102,10 +102,20 @@ def test_lora_trains_adapters_and_head_only(tmp_path, rotten_tomatoes) -> None:
 
 
 def test_label_count_mismatch_fails_before_training(tmp_path, minilm_tokenizer) -> None:
-    data = RottenTomatoes(tokenizer=minilm_tokenizer, label_names=["a", "b", "c"])
+    path = tmp_path / "three_classes.csv"
+    path.write_text("text,label\n" + "".join(f"sample {i},{'abc'[i % 3]}\n" for i in range(30)))
+    data = RottenTomatoes(tokenizer=minilm_tokenizer, data_files=str(path))
     task = SequenceClassificationTask()
+    initial = task.model.classifier.weight.detach().clone()
     with pytest.raises(ValueError, match=r"3 labels \['a', 'b', 'c'\].*num_labels=2"):
         _trainer(tmp_path).fit(task, data)
+    assert torch.equal(task.model.classifier.weight, initial)  # no step was taken
+
+
+def test_data_labels_outside_label_names_are_named(minilm_tokenizer) -> None:
+    data = RottenTomatoes(tokenizer=minilm_tokenizer, label_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"labels \['fresh', 'rotten'\] are not in label_names"):
+        data.setup("fit")
 
 
 @pytest.mark.parametrize(
@@ -174,13 +184,13 @@ def test_causal_lm_forward_backward_matches_hugging_face_loss(smollm2_tokenizer)
     with_grad = {n for n, p in task.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
     assert all(p.grad.abs().sum() > 0 for n, p in task.named_parameters() if "lora_B" in n)
-    assert 1 < math.exp(float(out["loss"])) < 1e4
+    assert 1 < math.exp(out["loss"].item()) < 1e4
 
 
 def test_causal_lm_fit_logs_perplexity(tmp_path) -> None:
     task = CausalLMTask(lora=LoRASettings(r=2, target_modules=["q_proj"]))
     data = PlainTextLM(tokenizer=task.tokenizer, block_size=32, batch_size=2)
-    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=2, limit_test_batches=2)
+    trainer = _trainer(tmp_path, max_steps=1, val_check_interval=1, limit_val_batches=2)
     trainer.fit(task, data)
     metrics = trainer.callback_metrics
     torch.testing.assert_close(metrics["val/ppl"], torch.exp(metrics["val/loss"]))
