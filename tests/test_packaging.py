@@ -118,11 +118,12 @@ def test_ci_runs_the_readme_commands() -> None:
     assert _readme_block("## Run the tests") in ci_commands
 
 
-def test_ruff_is_clean() -> None:
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_ruff_is_clean(command: list[str]) -> None:
     ruff = Path(sys.executable).parent / "ruff"
     if not ruff.exists():
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
     result = subprocess.run(
-        [str(ruff), "check", str(REPO)], capture_output=True, text=True, cwd=REPO
+        [str(ruff), *command, str(REPO)], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 0, result.stdout[-3000:]
