@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_3d.assets import ROTTEN_TOMATOES_CSV, asset_path
 from lightning_3d.data import (
@@ -246,3 +248,28 @@ def test_user_text_files_and_too_short_text(tmp_path, smollm2_tokenizer) -> None
     tiny.write_text("too short")
     with pytest.raises(ValueError, match="too few for train/val/test blocks of block_size=16"):
         PlainTextLM(tokenizer=smollm2_tokenizer, text_files=str(tiny), block_size=16).setup("fit")
+
+
+# -- properties of the split helpers ----------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 3), min_size=1, max_size=200),
+    val_fraction=st.floats(0.0, 0.45),
+    test_fraction=st.floats(0.0, 0.45),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_stratified_split_partitions_every_class(labels, val_fraction, test_fraction, seed) -> None:
+    train, val, test = stratified_split(labels, val_fraction, test_fraction, seed)
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(labels)))
+    label_array = np.asarray(labels)
+    for label in set(labels):
+        members = int((label_array == label).sum())
+        assert int((label_array[val] == label).sum()) == round(members * val_fraction)
+        assert int((label_array[test] == label).sum()) == round(members * test_fraction)
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(0, 500), val_fraction=st.floats(0, 0.45), test_fraction=st.floats(0, 0.45))
+def test_contiguous_split_is_an_ordered_partition(count, val_fraction, test_fraction) -> None:
+    train, val, test = contiguous_split(count, val_fraction, test_fraction)
+    assert [*train, *val, *test] == list(range(count))
