@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["assets", "cache", "cli", "data", "loggers", "models", "tasks"]
+MODULES = ["assets", "cache", "cli", "compression", "data", "loggers", "models", "ops", "tasks"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,180 @@
+"""Native kernels: compiled from ``csrc/`` on first use, cached, with a reference fallback.
+
+The C++ (CPU) kernels always build where a C++ compiler is present; the CUDA kernels are added
+when torch has CUDA and ``nvcc`` is found. The build goes through
+``torch.utils.cpp_extension.load`` (ninja) into ``<cache>/extensions/<fingerprint>``, where the
+fingerprint covers the sources, the torch version and the CUDA flag, so a changed source or torch
+rebuilds and an unchanged one loads in well under a second.
+
+If the build fails, :func:`backend` answers ``"reference"`` and one warning says why; compression
+then runs on the pure-PyTorch reference (same results, slower). ``LIGHTNING_3D_BACKEND=reference``
+forces that choice.
+
+Build explicitly (e.g. in a Docker image) and see which backend is active::
+
+    python -m lightning_3d.ops
+
+Example:
+    >>> backend(torch.device("cpu")) in ("cpp", "reference")
+    True
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import sys
+import warnings
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+from lightning_3d.cache import cache_root, fingerprint
+
+if TYPE_CHECKING:
+    from lightning_3d.compression import CompressedTensor
+
+log = logging.getLogger(__name__)
+EXTENSION_NAME = "lightning_3d_ops"
+_VALUE_FORMAT_CODES = {"int8": 0, "fp8_e4m3": 1}
+
+
+class BuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded."""
+
+
+def _sources(with_cuda: bool) -> list[str]:
+    root = importlib.resources.files("lightning_3d.csrc")
+    names = ["compression.cpp"] + (["compression_cuda.cu"] if with_cuda else [])
+    return [str(root / name) for name in names]
+
+
+def _cuda_buildable() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+@cache
+def load(verbose: bool = False) -> ModuleType:
+    """Compile (once, cached on disk) and import the extension.
+
+    Raises:
+        BuildError: compilation or loading failed; the message holds the compiler's reason.
+    """
+    from torch.utils.cpp_extension import load as load_extension
+
+    with_cuda = _cuda_buildable()
+    sources = _sources(with_cuda)
+    contents = [Path(path).read_text(encoding="utf-8") for path in sources]
+    key = fingerprint(torch.__version__, with_cuda, sys.version_info[:2], contents)
+    build_dir = cache_root() / "extensions" / f"{EXTENSION_NAME}-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-DLIGHTNING_3D_WITH_CUDA"] if with_cuda else ["-O3"]
+    try:
+        return load_extension(
+            name=f"{EXTENSION_NAME}_{key}",
+            sources=sources,
+            extra_cflags=flags,
+            extra_cuda_cflags=["-O3", "-DLIGHTNING_3D_WITH_CUDA"],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+    except Exception as error:  # compiler missing, headers mismatched, nvcc failure, ...
+        raise BuildError(f"building the lightning-3d kernels failed: {error}") from error
+
+
+@cache
+def _loaded() -> ModuleType | None:
+    if os.environ.get("LIGHTNING_3D_BACKEND", "").lower() == "reference":
+        return None
+    try:
+        return load()
+    except BuildError as error:
+        warnings.warn(
+            f"{error}. Falling back to the pure-PyTorch reference implementation (same results, "
+            "slower). Run `python -m lightning_3d.ops` to see the full build log.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def backend(device: torch.device | str) -> str:
+    """Which implementation runs on ``device``: ``"cpp"``, ``"cuda"`` or ``"reference"``."""
+    device = torch.device(device)
+    module = _loaded()
+    if module is None:
+        return "reference"
+    if device.type == "cpu":
+        return "cpp"
+    if device.type == "cuda" and module.has_cuda():
+        return "cuda"
+    return "reference"
+
+
+def require(name: str, device: torch.device) -> None:
+    """Raise unless backend ``name`` can run on ``device``."""
+    if backend(device) != name:
+        raise BuildError(
+            f"backend {name!r} was requested for a tensor on {device}, but the active backend "
+            f"there is {backend(device)!r}"
+        )
+
+
+def encode(
+    grad: torch.Tensor,
+    residual: torch.Tensor | None,
+    density: float,
+    block_size: int,
+    value_format: str,
+    sample_count: int,
+    tolerance: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Kernel twin of :func:`lightning_3d.compression.reference_encode`."""
+    module = _loaded()
+    assert module is not None
+    scales, bitmap, values, nonfinite = module.encode(
+        grad.contiguous(),
+        residual,
+        density,
+        block_size,
+        _VALUE_FORMAT_CODES[value_format],
+        sample_count,
+        tolerance,
+    )
+    return scales, bitmap, values, int(nonfinite)
+
+
+def decode(message: CompressedTensor, out: torch.Tensor, accumulate: bool) -> None:
+    """Kernel twin of :func:`lightning_3d.compression.reference_decode` (``out`` is flat)."""
+    module = _loaded()
+    assert module is not None
+    module.decode(
+        message.scales,
+        message.bitmap,
+        message.values,
+        message.numel,
+        message.block_size,
+        _VALUE_FORMAT_CODES[message.value_format],
+        out,
+        accumulate,
+    )
+
+
+def main() -> None:
+    """``python -m lightning_3d.ops``: build verbosely and report the active backends."""
+    logging.basicConfig(level=logging.INFO)
+    module = load(verbose=True)
+    print(f"built: {module.__file__}")
+    print(f"cpu backend: {backend('cpu')}")
+    if torch.cuda.is_available():
+        print(f"cuda backend: {backend('cuda')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Compression core: the C++ kernels against the reference, and the format's guarantees."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lightning_3d import ops
+from lightning_3d.compression import (
+    CompressedTensor,
+    ErrorFeedback,
+    GradientCompressor,
+    NonFiniteError,
+    selection_counts,
+    unpack_bits,
+    wire_nbytes,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KERNEL_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
+
+
+def _encode_both(x, residual, device, **options):
+    """Compress the same input with the reference and the kernels; return both results."""
+    results = {}
+    for backend in ("reference", KERNEL_BACKEND[device]):
+        compressor = GradientCompressor(backend=backend, min_numel=0, **options)
+        r = None if residual is None else residual.clone()
+        message = compressor.compress(x, r)
+        results[backend] = (message, r, compressor.decompress(message))
+    return results["reference"], results[KERNEL_BACKEND[device]]
+
+
+def test_cpu_uses_the_compiled_kernels() -> None:
+    assert ops.backend("cpu") == "cpp"
+    assert GradientCompressor().backend_for(torch.device("cpu")) == "cpp"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    numel=st.integers(1, 3000),
+    block_size=st.sampled_from([8, 16, 64, 256, 1024]),
+    density=st.floats(0.01, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    residual_dtype=st.sampled_from([None, torch.float32, torch.bfloat16]),
+    value_format=st.sampled_from(["int8", "fp8_e4m3"]),
+    selection=st.sampled_from(["exact", "sampled"]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_equal_the_reference(
+    device, numel, block_size, density, dtype, residual_dtype, value_format, selection, ties, seed
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=generator)
+    if ties:  # many equal magnitudes: tie-breaking decides
+        x = torch.sign(x) * torch.randint(0, 3, (numel,), generator=generator).float()
+    x = x.to(dtype).to(device)
+    residual = None
+    if residual_dtype is not None:
+        residual = (0.1 * torch.randn(numel, generator=generator)).to(residual_dtype).to(device)
+    options = {
+        "density": density,
+        "block_size": block_size,
+        "value_format": value_format,
+        "selection": selection,
+        "sample_fraction": 0.05,
+    }
+    (ref, ref_r, ref_out), (ker, ker_r, ker_out) = _encode_both(x, residual, device, **options)
+    assert ker.count == ref.count
+    assert torch.equal(ker.bitmap, ref.bitmap)
+    assert torch.equal(ker.values, ref.values)
+    assert torch.equal(ker.scales, ref.scales)
+    assert torch.equal(ker_out, ref_out)
+    if residual is not None:
+        assert torch.equal(ker_r, ref_r)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("value_format", ["int8", "fp8_e4m3"])
+def test_exact_topk_and_reconstruction_error(backend, value_format) -> None:
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(1)) * torch.linspace(
+        0.1, 3, 10_000
+    )
+    x[100:140] = 0.0  # an all-zero stretch
+    compressor = GradientCompressor(
+        density=0.15, block_size=64, value_format=value_format, backend=backend
+    )
+    message = compressor.compress(x)
+    kept = unpack_bits(message.bitmap, x.numel())
+    k, _, _ = selection_counts(x.numel(), 0.15, 0.0)
+    assert message.count == int(kept.sum()) == k
+    assert x[kept].abs().min() >= x[~kept].abs().max()
+    decoded = compressor.decompress(message)
+    assert torch.all(decoded[~kept] == 0)
+    scales = message.scales.repeat_interleave(64)[: x.numel()]
+    error = (decoded - x)[kept].abs()
+    if value_format == "int8":  # half a quantization step of the block
+        assert torch.all(error <= scales[kept] / 2 * (1 + 1e-6))
+    else:  # e4m3 keeps 3 mantissa bits: half an ulp is 1/16 relative (1/2**10 * scale subnormal)
+        assert torch.all(error <= x[kept].abs() / 16 + scales[kept] * 2**-10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_ties_are_broken_by_lower_index(backend) -> None:
+    x = torch.tensor([1.0, 3.0, -2.0, 2.0, 2.0, -2.0, 0.5, 2.0] * 1024)
+    message = GradientCompressor(density=0.2, min_numel=0, backend=backend).compress(x)
+    kept = unpack_bits(message.bitmap, x.numel()).nonzero().view(-1)
+    k = math.ceil(0.2 * x.numel())  # 1639: all 1024 threes, then the first 615 twos by index
+    twos = (x.abs() == 2).nonzero().view(-1)[: k - 1024]
+    expected = torch.sort(torch.cat([(x == 3).nonzero().view(-1), twos])).values
+    assert torch.equal(kept, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_sampled_selection_stays_within_tolerance(backend) -> None:
+    compressor = GradientCompressor(selection="sampled", tolerance=0.05, backend=backend)
+    for seed in range(5):
+        x = torch.randn(200_000, generator=torch.Generator().manual_seed(seed)) ** 3
+        count = compressor.compress(x).count
+        _, low, high = selection_counts(x.numel(), 0.15, 0.05)
+        assert low <= count <= high
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_error_feedback_identity_and_nothing_lost(backend, dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    feedback = ErrorFeedback(GradientCompressor(density=0.1, block_size=128, backend=backend))
+    sent = torch.zeros(20_000, dtype=torch.float64)
+    total = torch.zeros(20_000, dtype=torch.float64)
+    for _ in range(30):
+        grad = torch.randn(20_000, generator=generator).to(dtype)
+        before = feedback.residual.clone() if feedback.residual is not None else torch.zeros(20_000)
+        e = grad.float() + before
+        message = feedback.step(grad)
+        decoded = feedback.compressor.decompress(message, out=torch.zeros(20_000))
+        assert torch.equal(decoded + feedback.residual, e)  # exact in fp32
+        sent += decoded.double()
+        total += grad.double()
+    lost = sent - (total - feedback.residual.double())
+    assert lost.abs().max() < 1e-5  # only the rounding of the fp32 additions g + r
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("value_format", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("numel", [4096, 5000, 1 << 16])
+def test_wire_size_formula_and_byte_round_trip(backend, value_format, numel) -> None:
+    compressor = GradientCompressor(value_format=value_format, backend=backend)
+    message = compressor.compress(torch.randn(numel))
+    buffer = message.to_bytes()
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    assert buffer.numel() == message.nbytes == wire_nbytes(numel, 256, message.count)
+    assert message.nbytes == 32 + 4 * math.ceil(numel / 256) + math.ceil(numel / 8) + message.count
+    parsed = CompressedTensor.from_bytes(buffer)
+    for name in ("numel", "dtype", "block_size", "value_format", "count"):
+        assert getattr(parsed, name) == getattr(message, name)
+    for name in ("scales", "bitmap", "values"):
+        assert torch.equal(getattr(parsed, name), getattr(message, name))
+    assert torch.equal(compressor.decompress(parsed), compressor.decompress(message))
+    assert message.nbytes <= 4 * numel / 12
+
+
+def test_default_wire_ratio_at_one_million_entries() -> None:
+    message = GradientCompressor().compress(torch.randn(1 << 20))
+    assert 4 * (1 << 20) / message.nbytes >= 12
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_density_one_keeps_everything(backend) -> None:
+    x = torch.randn(5000)
+    compressor = GradientCompressor(density=1.0, block_size=32, backend=backend)
+    message = compressor.compress(x)
+    assert message.count == 5000
+    assert bool(unpack_bits(message.bitmap, 5000).all())
+    step = message.scales.repeat_interleave(32)[:5000]
+    assert torch.all((compressor.decompress(message) - x).abs() <= step / 2 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_all_zero_input(backend) -> None:
+    residual = torch.zeros(4096)
+    message = GradientCompressor(backend=backend).compress(torch.zeros(4096), residual)
+    assert torch.equal(message.scales, torch.zeros(16))
+    assert torch.equal(message.values, torch.zeros(message.count, dtype=torch.uint8))
+    assert torch.equal(GradientCompressor().decompress(message), torch.zeros(4096))
+    assert torch.equal(residual, torch.zeros(4096))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_tensors_are_sent_dense(dtype) -> None:
+    x = torch.randn(100).to(dtype)
+    residual = 0.01 * torch.randn(100)
+    compressor = GradientCompressor(min_numel=4096)
+    message = compressor.compress(x, residual_copy := residual.clone())
+    e = x.float() + residual
+    assert message.dense is not None and message.nbytes == 32 + 100 * x.element_size()
+    decoded = compressor.decompress(message)
+    assert decoded.dtype == dtype and torch.equal(decoded, e.to(dtype))
+    assert torch.equal(decoded.float() + residual_copy, e)
+    parsed = CompressedTensor.from_bytes(message.to_bytes())
+    assert torch.equal(compressor.decompress(parsed), decoded)
+
+
+def test_empty_tensor() -> None:
+    compressor = GradientCompressor()
+    message = compressor.compress(torch.empty(0))
+    assert message.nbytes == 32 and message.to_bytes().numel() == 32
+    assert compressor.decompress(CompressedTensor.from_bytes(message.to_bytes())).numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_input_never_reaches_the_residual(backend, bad) -> None:
+    x = torch.randn(8192)
+    x[777] = bad
+    residual = torch.randn(8192)
+    before = residual.clone()
+    with pytest.raises(NonFiniteError, match=r"1 of 8192 entries .* NaN or Inf"):
+        GradientCompressor(backend=backend).compress(x, residual)
+    assert torch.equal(residual, before)
+    skipping = GradientCompressor(backend=backend, nonfinite="skip")
+    message = skipping.compress(x, residual)
+    assert message.count == 0 and skipping.skipped_steps == 1
+    assert torch.equal(skipping.decompress(message), torch.zeros(8192))
+    assert torch.equal(residual, before)
+
+
+def test_accumulating_decode_sums_messages() -> None:
+    compressor = GradientCompressor(density=0.3)
+    a, b = torch.randn(10_000), torch.randn(10_000)
+    out = torch.zeros(10_000)
+    compressor.decompress(compressor.compress(a), out=out, accumulate=True)
+    compressor.decompress(compressor.compress(b), out=out, accumulate=True)
+    expected = compressor.decompress(compressor.compress(a)) + compressor.decompress(
+        compressor.compress(b)
+    )
+    assert torch.equal(out, expected)
+
+
+def test_error_feedback_state_round_trip() -> None:
+    feedback = ErrorFeedback(GradientCompressor(density=0.1), residual_dtype=torch.bfloat16)
+    feedback.step(torch.randn(10_000))
+    restored = ErrorFeedback(GradientCompressor(density=0.1), residual_dtype=torch.bfloat16)
+    restored.load_state_dict(feedback.state_dict())
+    grad = torch.randn(10_000)
+    assert torch.equal(restored.step(grad).values, feedback.step(grad).values)
+    assert torch.equal(restored.residual, feedback.residual)
+    with pytest.raises(ValueError, match="holds 10000 entries, got a gradient with 5"):
+        feedback.step(torch.randn(5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"density": 0.0}, r"density must be in \(0, 1\], got 0.0"),
+        ({"density": 1.5}, r"density must be in \(0, 1\], got 1.5"),
+        ({"bits": 4}, "bits=4 is not supported"),
+        ({"block_size": 100}, r"block_size must be a power of two in \[8, 65536\], got 100"),
+        ({"block_size": 4}, "block_size must be a power of two"),
+        ({"block_size": 0}, "block_size must be a power of two"),
+        ({"value_format": "int4"}, "value_format must be one of"),
+        ({"selection": "random"}, "selection must be 'exact' or 'sampled'"),
+        ({"tolerance": 1.0}, r"tolerance must be in \[0, 1\)"),
+        ({"nonfinite": "ignore"}, "nonfinite must be 'raise' or 'skip'"),
+        ({"backend": "triton"}, "backend must be"),
+    ],
+)
+def test_bad_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradientCompressor(**kwargs)
+
+
+def test_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path, monkeypatch) -> None:
+    broken = tmp_path / "compression.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setenv("LIGHTNING_3D_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ops, "_sources", lambda with_cuda: [str(broken)])
+    ops.load.cache_clear()
+    ops._loaded.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="building the lightning-3d kernels failed"):
+            assert ops.backend("cpu") == "reference"
+        message = GradientCompressor().compress(torch.randn(5000))  # still works, no new warning
+        assert message.count == math.ceil(0.15 * 5000)
+    finally:
+        ops.load.cache_clear()
+        ops._loaded.cache_clear()
+    monkeypatch.undo()
+    assert ops.backend("cpu") == "cpp"
