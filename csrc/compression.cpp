@@ -33,7 +33,6 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;     // entries per parallel task
 constexpr uint32_t kNonFinite = 0x7f800000u;  // |e| bits at or above this are Inf or NaN
-constexpr int kBins = 1 << 16;
 
 inline uint32_t magnitude_bits(float value) {
   uint32_t bits;
@@ -56,7 +55,10 @@ struct Source {
 inline uint8_t encode_value(float e, float scale, int64_t value_format) {
   float ratio = scale > 0.0f ? e / scale : 0.0f;
   if (value_format == kInt8) {
-    float q = std::min(std::max(std::nearbyint(ratio), -127.0f), 127.0f);
+    // Round half to even without a libm call: exact for |ratio| < 2^22 in the default rounding
+    // mode (here |ratio| <= 127.x), and what torch.round does.
+    const float shifted = ratio + 12582912.0f;  // 1.5 * 2^23
+    float q = std::min(std::max(shifted - 12582912.0f, -127.0f), 127.0f);
     return static_cast<uint8_t>(static_cast<int8_t>(q));
   }
   return c10::Float8_e4m3fn(ratio).x;
@@ -67,67 +69,105 @@ inline float decode_value(uint8_t code, float scale, int64_t value_format) {
   return static_cast<float>(c10::Float8_e4m3fn(code, c10::Float8_e4m3fn::from_bits())) * scale;
 }
 
-// Per-thread histograms merged after a parallel pass.
-template <typename Body>
-std::vector<int64_t> histogram(int64_t n, Body body) {
-  const int threads = at::get_num_threads();
-  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(kBins, 0));
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    body(begin, end, local[at::get_thread_num()]);
-  });
-  for (int t = 1; t < threads; ++t)
-    for (int b = 0; b < kBins; ++b) local[0][b] += local[t][b];
-  return local[0];
-}
-
-// Highest bin at which the count from the top reaches `need`; `above` gets the count above it.
-inline int top_bin(const std::vector<int64_t>& counts, int64_t need, int64_t* above) {
-  int64_t running = 0;
-  for (int bin = kBins - 1; bin >= 0; --bin) {
-    if (running + counts[bin] >= need) {
-      *above = running;
-      return bin;
-    }
-    running += counts[bin];
-  }
-  *above = running;
-  return 0;
-}
+constexpr int kTopShift = 18;               // top bins: exponent and 5 mantissa bits of |e|
+constexpr int kTopBins = 1 << (31 - kTopShift);
 
 struct Threshold {
-  uint32_t bits;     // keep |e| bits > bits ...
+  uint32_t bits;       // keep |e| bits > bits ...
   int64_t take_equal;  // ... and the first take_equal entries with |e| bits == bits
 };
 
+struct BlockCounts {
+  std::vector<int64_t> greater, equal;  // per block: entries above t, entries equal to t
+  int64_t nonfinite = 0;
+};
+
+// Exact selection in two streaming passes:
+//   1. a histogram of the top bits of |e| (2 interleaved sub-tables, against store stalls) finds the
+//      bin T holding the k-th largest entry, and counts NaN/Inf;
+//   2. per block, entries above bin T are counted and those inside it collected; the exact
+//      threshold is the (k - above)-th largest candidate (nth_element).
 template <typename G, typename R>
-bool exact_threshold(const Source<G, R>& src, int64_t n, int64_t k, Threshold* out) {
-  std::vector<int64_t> nonfinite(at::get_num_threads(), 0);
-  auto high = histogram(n, [&](int64_t begin, int64_t end, std::vector<int64_t>& h) {
+bool exact_threshold(const Source<G, R>& src, int64_t n, int64_t block, int64_t k,
+                     Threshold* threshold, BlockCounts* counts) {
+  const int threads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> local(threads, std::vector<int64_t>(kTopBins, 0));
+  std::vector<int64_t> nonfinite(threads, 0);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> sub(2 * kTopBins, 0);
     int64_t bad = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      uint32_t bits = magnitude_bits(src(i));
-      if (bits >= kNonFinite) {
-        ++bad;
-        continue;
+    for (int64_t start = begin; start < end; start += kGrain) {  // uint32 counts per chunk
+      const int64_t stop = std::min(end, start + kGrain);
+      int64_t i = start;
+      for (; i + 2 <= stop; i += 2) {
+        for (int lane = 0; lane < 2; ++lane) {
+          const uint32_t bits = magnitude_bits(src(i + lane));
+          bad += bits >= kNonFinite;
+          ++sub[lane * kTopBins + (std::min(bits, kNonFinite - 1) >> kTopShift)];
+        }
       }
-      ++h[bits >> 16];
+      for (; i < stop; ++i) {
+        const uint32_t bits = magnitude_bits(src(i));
+        bad += bits >= kNonFinite;
+        ++sub[std::min(bits, kNonFinite - 1) >> kTopShift];
+      }
+      auto& total = local[at::get_thread_num()];
+      for (int bin = 0; bin < kTopBins; ++bin) {
+        total[bin] += sub[bin] + sub[kTopBins + bin];
+      }
+      std::fill(sub.begin(), sub.end(), 0u);
     }
     nonfinite[at::get_thread_num()] += bad;
   });
-  for (int64_t bad : nonfinite)
-    if (bad) return false;
-  int64_t above_high = 0;
-  const uint32_t bin = static_cast<uint32_t>(top_bin(high, k, &above_high));
-  auto low = histogram(n, [&](int64_t begin, int64_t end, std::vector<int64_t>& h) {
-    for (int64_t i = begin; i < end; ++i) {
-      uint32_t bits = magnitude_bits(src(i));
-      if ((bits >> 16) == bin) ++h[bits & 0xffffu];
+  for (int64_t bad : nonfinite) counts->nonfinite += bad;
+  if (counts->nonfinite) return false;
+  for (int t = 1; t < threads; ++t)
+    for (int bin = 0; bin < kTopBins; ++bin) local[0][bin] += local[t][bin];
+  int64_t above = 0;
+  uint32_t bin = 0;
+  for (int b = kTopBins - 1; b >= 0; --b) {
+    if (above + local[0][b] >= k) {
+      bin = static_cast<uint32_t>(b);
+      break;
+    }
+    above += local[0][b];
+  }
+
+  const int64_t blocks = (n + block - 1) / block;
+  counts->greater.assign(blocks, 0);
+  counts->equal.assign(blocks, 0);
+  std::vector<std::vector<std::pair<int64_t, uint32_t>>> candidates(threads);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / block), [&](int64_t b0, int64_t b1) {
+    auto& mine = candidates[at::get_thread_num()];
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t greater = 0;
+      const int64_t stop = std::min(n, (b + 1) * block);
+      for (int64_t i = b * block; i < stop; ++i) {
+        const uint32_t bits = magnitude_bits(src(i));
+        const uint32_t top = bits >> kTopShift;
+        greater += top > bin;
+        if (top == bin) mine.emplace_back(i, bits);
+      }
+      counts->greater[b] = greater;
     }
   });
-  int64_t above_low = 0;
-  const uint32_t low_bin = static_cast<uint32_t>(top_bin(low, k - above_high, &above_low));
-  out->bits = (bin << 16) | low_bin;
-  out->take_equal = k - above_high - above_low;
+  std::vector<uint32_t> pool;
+  for (const auto& mine : candidates)
+    for (const auto& candidate : mine) pool.push_back(candidate.second);
+  const int block_shift = __builtin_ctzll(static_cast<uint64_t>(block));  // a power of two
+  const int64_t need = k - above;
+  std::nth_element(pool.begin(), pool.begin() + (need - 1), pool.end(), std::greater<uint32_t>());
+  const uint32_t t = pool[need - 1];
+  int64_t greater_in_bin = 0;
+  for (const auto& mine : candidates) {
+    for (const auto& [index, bits] : mine) {
+      greater_in_bin += bits > t;
+      counts->greater[index >> block_shift] += bits > t;
+      counts->equal[index >> block_shift] += bits == t;
+    }
+  }
+  threshold->bits = t;
+  threshold->take_equal = need - greater_in_bin;
   return true;
 }
 
@@ -140,11 +180,6 @@ uint32_t sampled_threshold(const Source<G, R>& src, int64_t n, int64_t m, double
                    std::greater<uint32_t>());
   return sample[sample_k - 1];
 }
-
-struct BlockCounts {
-  std::vector<int64_t> greater, equal;
-  int64_t nonfinite = 0;
-};
 
 template <typename G, typename R>
 BlockCounts count_blocks(const Source<G, R>& src, int64_t n, int64_t block, uint32_t t) {
@@ -197,10 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_typed(
     decided = low <= kept && kept <= high;
   }
   if (!decided) {
-    if (!exact_threshold(src, n, k, &threshold)) {
-      return fail(count_blocks(src, n, block, 0).nonfinite);
-    }
-    counts = count_blocks(src, n, block, threshold.bits);
+    counts = BlockCounts{};
+    if (!exact_threshold(src, n, block, k, &threshold, &counts)) return fail(counts.nonfinite);
   }
 
   // Offsets: entries equal to t before each block, and kept entries before each block.
@@ -224,34 +257,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_typed(
   const int64_t take_equal = threshold.take_equal;
 
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / block), [&](int64_t b0, int64_t b1) {
+    std::vector<float> e(block);
+    std::vector<uint32_t> magnitude(block);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * block, stop = std::min(n, start + block);
+      const int64_t start = b * block, length = std::min(n, start + block) - start;
+      for (int64_t j = 0; j < length; ++j) e[j] = src(start + j);
+      for (int64_t j = 0; j < length; ++j) magnitude[j] = magnitude_bits(e[j]);
       uint8_t* bits_out = bitmap_ptr + start / 8;
-      std::memset(bits_out, 0, (stop - start + 7) / 8);
-      int64_t equal_seen = equal_before[b];
-      float block_max = 0.0f;
-      for (int64_t i = start; i < stop; ++i) {
-        const float e = src(i);
-        const uint32_t bits = magnitude_bits(e);
-        const bool keep = bits > t || (bits == t && equal_seen++ < take_equal);
-        if (keep) {
-          bits_out[(i - start) >> 3] |= static_cast<uint8_t>(1u << ((i - start) & 7));
-          block_max = std::max(block_max, std::fabs(e));
+      // Entries equal to t: all kept, none kept, or (rarely) the first few by index.
+      const int64_t equal_room = std::max<int64_t>(0, take_equal - equal_before[b]);
+      uint32_t max_bits = 0;
+      if (counts.equal[b] == 0 || equal_room == 0 || equal_room >= counts.equal[b]) {
+        const uint32_t keep_from = (counts.equal[b] && equal_room == 0) ? t + 1 : t;
+        const int64_t full_bytes = length / 8;
+        for (int64_t byte = 0; byte < full_bytes; ++byte) {
+          uint32_t packed = 0;
+          for (int bit = 0; bit < 8; ++bit) {
+            const uint32_t m = magnitude[byte * 8 + bit];
+            const uint32_t keep = m >= keep_from;
+            packed |= keep << bit;
+            max_bits = std::max(max_bits, m & (0u - keep));
+          }
+          bits_out[byte] = static_cast<uint8_t>(packed);
+        }
+        if (length % 8) {
+          uint32_t packed = 0;
+          for (int64_t j = full_bytes * 8; j < length; ++j) {
+            const uint32_t keep = magnitude[j] >= keep_from;
+            packed |= keep << (j & 7);
+            max_bits = std::max(max_bits, magnitude[j] & (0u - keep));
+          }
+          bits_out[full_bytes] = static_cast<uint8_t>(packed);
+        }
+      } else {
+        std::memset(bits_out, 0, (length + 7) / 8);
+        int64_t equal_seen = equal_before[b];
+        for (int64_t j = 0; j < length; ++j) {
+          const uint32_t m = magnitude[j];
+          if (m > t || (m == t && equal_seen++ < take_equal)) {
+            bits_out[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
+            max_bits = std::max(max_bits, m);
+          }
         }
       }
+      float block_max;
+      std::memcpy(&block_max, &max_bits, sizeof(block_max));
       const float scale = block_max / qmax;
       scale_ptr[b] = scale;
+      if (residual != nullptr) {
+        for (int64_t j = 0; j < length; ++j) residual[start + j] = static_cast<R>(e[j]);
+      }
+      // Kept entries, in index order: walk the set bits of the block's bitmap.
       int64_t slot = offset[b];
-      for (int64_t i = start; i < stop; ++i) {
-        const float e = src(i);
-        const bool kept = (bits_out[(i - start) >> 3] >> ((i - start) & 7)) & 1u;
-        float decoded = 0.0f;
-        if (kept) {
-          const uint8_t code = encode_value(e, scale, value_format);
+      for (int64_t byte = 0; byte < (length + 7) / 8; ++byte) {
+        uint32_t packed = bits_out[byte];
+        while (packed) {
+          const int64_t j = byte * 8 + __builtin_ctz(packed);
+          packed &= packed - 1;
+          const uint8_t code = encode_value(e[j], scale, value_format);
           value_ptr[slot++] = code;
-          decoded = decode_value(code, scale, value_format);
+          if (residual != nullptr) {
+            residual[start + j] = static_cast<R>(e[j] - decode_value(code, scale, value_format));
+          }
         }
-        if (residual != nullptr) residual[i] = static_cast<R>(e - decoded);
       }
     }
   });
@@ -276,12 +344,18 @@ void decode_typed(const float* scales, const uint8_t* bitmap, const uint8_t* val
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / block), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block, stop = std::min(n, start + block);
+      if (!accumulate) std::fill(out + start, out + stop, static_cast<T>(0.0f));
       const float scale = scales[b];
       int64_t slot = offset[b];
-      for (int64_t i = start; i < stop; ++i) {
-        const bool kept = (bitmap[i >> 3] >> (i & 7)) & 1u;
-        const float decoded = kept ? decode_value(values[slot++], scale, value_format) : 0.0f;
-        out[i] = static_cast<T>(accumulate ? static_cast<float>(out[i]) + decoded : decoded);
+      // Entries not kept decode to 0: accumulating leaves them as they are.
+      for (int64_t byte = start / 8; byte < (stop + 7) / 8; ++byte) {
+        uint32_t packed = bitmap[byte];
+        while (packed) {
+          const int64_t i = byte * 8 + __builtin_ctz(packed);
+          packed &= packed - 1;
+          const float decoded = decode_value(values[slot++], scale, value_format);
+          out[i] = static_cast<T>(accumulate ? static_cast<float>(out[i]) + decoded : decoded);
+        }
       }
     }
   });

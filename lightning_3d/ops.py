@@ -74,13 +74,15 @@ def load(verbose: bool = False) -> ModuleType:
     key = fingerprint(torch.__version__, with_cuda, sys.version_info[:2], contents)
     build_dir = cache_root() / "extensions" / f"{EXTENSION_NAME}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-DLIGHTNING_3D_WITH_CUDA"] if with_cuda else ["-O3"]
+    # ATen's parallel_for is inlined from headers: without -fopenmp it silently runs serially.
+    flags = ["-O3", "-fopenmp"] + (["-DLIGHTNING_3D_WITH_CUDA"] if with_cuda else [])
     try:
         return load_extension(
             name=f"{EXTENSION_NAME}_{key}",
             sources=sources,
             extra_cflags=flags,
             extra_cuda_cflags=["-O3", "-DLIGHTNING_3D_WITH_CUDA"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=verbose,
         )
