@@ -70,18 +70,21 @@ def load(verbose: bool = False) -> ModuleType:
 
     with_cuda = _cuda_buildable()
     sources = _sources(with_cuda)
+    # ATen's parallel_for is inlined from headers: without -fopenmp it silently runs serially.
+    # No FMA contraction: a fused multiply-add rounds differently from the reference.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    flags += ["-DLIGHTNING_3D_WITH_CUDA"] if with_cuda else []
+    cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-DLIGHTNING_3D_WITH_CUDA"]
     contents = [Path(path).read_text(encoding="utf-8") for path in sources]
-    key = fingerprint(torch.__version__, with_cuda, sys.version_info[:2], contents)
+    key = fingerprint(torch.__version__, sys.version_info[:2], flags, cuda_flags, contents)
     build_dir = cache_root() / "extensions" / f"{EXTENSION_NAME}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    # ATen's parallel_for is inlined from headers: without -fopenmp it silently runs serially.
-    flags = ["-O3", "-fopenmp"] + (["-DLIGHTNING_3D_WITH_CUDA"] if with_cuda else [])
     try:
         return load_extension(
             name=f"{EXTENSION_NAME}_{key}",
             sources=sources,
             extra_cflags=flags,
-            extra_cuda_cflags=["-O3", "-DLIGHTNING_3D_WITH_CUDA"],
+            extra_cuda_cflags=cuda_flags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=verbose,
