@@ -135,15 +135,16 @@ class CompressedTensor:
         if magic != MAGIC or version != WIRE_VERSION:
             raise ValueError(f"not a lightning-3d compressed buffer (magic {magic!r}, v{version})")
         dtype, value_format = _CODE_DTYPES[dtype_code], VALUE_FORMATS[fmt]
-        body = buffer[HEADER_BYTES:]
-        empty = buffer.new_empty(0)
-        if dense:
-            payload = body[: numel * torch.finfo(dtype).bits // 8].view(dtype)
-            return cls(numel, dtype, block_size, value_format, numel, empty, empty, empty, payload)
-        blocks, bitmap_bytes = -(-numel // block_size), -(-numel // 8)
-        expected = wire_nbytes(numel, block_size, count)
+        dense_bytes = HEADER_BYTES + numel * torch.finfo(dtype).bits // 8
+        expected = dense_bytes if dense else wire_nbytes(numel, block_size, count)
         if buffer.numel() != expected:
             raise ValueError(f"buffer has {buffer.numel()} bytes, its header says {expected}")
+        body = buffer[HEADER_BYTES:]
+        if dense:
+            empty = buffer.new_empty(0)
+            payload = body.view(dtype)
+            return cls(numel, dtype, block_size, value_format, numel, empty, empty, empty, payload)
+        blocks, bitmap_bytes = -(-numel // block_size), -(-numel // 8)
         scales = body[: 4 * blocks].view(torch.float32)
         bitmap = body[4 * blocks : 4 * blocks + bitmap_bytes]
         values = body[4 * blocks + bitmap_bytes :]

@@ -167,6 +167,17 @@ def test_wire_size_formula_and_byte_round_trip(backend, value_format, numel) -> 
     assert message.nbytes <= 4 * numel / 12
 
 
+@pytest.mark.parametrize("numel", [100, 5000])  # dense and sparse
+def test_damaged_buffers_are_refused(numel) -> None:
+    buffer = GradientCompressor().compress(torch.randn(numel)).to_bytes()
+    with pytest.raises(ValueError, match=f"buffer has {buffer.numel() - 1} bytes, its header says"):
+        CompressedTensor.from_bytes(buffer[:-1])
+    forged = buffer.clone()
+    forged[:4] = torch.tensor(list(b"XXXX"), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="not a lightning-3d compressed buffer"):
+        CompressedTensor.from_bytes(forged)
+
+
 def test_default_wire_ratio_at_one_million_entries() -> None:
     message = GradientCompressor().compress(torch.randn(1 << 20))
     assert 4 * (1 << 20) / message.nbytes >= 12
