@@ -3,8 +3,8 @@
 The C++ (CPU) kernels always build where a C++ compiler is present; the CUDA kernels are added
 when torch has CUDA and ``nvcc`` is found. The build goes through
 ``torch.utils.cpp_extension.load`` (ninja) into ``<cache>/extensions/<fingerprint>``, where the
-fingerprint covers the sources, the torch version and the CUDA flag, so a changed source or torch
-rebuilds and an unchanged one loads in well under a second.
+fingerprint covers the sources, the compiler flags, the torch and Python versions, so a change to
+any of them rebuilds and an unchanged build loads in well under a second.
 
 If the build fails, :func:`backend` answers ``"reference"`` and one warning says why; compression
 then runs on the pure-PyTorch reference (same results, slower). ``LIGHTNING_3D_BACKEND=reference``
@@ -38,7 +38,6 @@ from lightning_3d.cache import cache_root, fingerprint
 if TYPE_CHECKING:
     from lightning_3d.compression import CompressedTensor
 
-log = logging.getLogger(__name__)
 EXTENSION_NAME = "lightning_3d_ops"
 _VALUE_FORMAT_CODES = {"int8": 0, "fp8_e4m3": 1}
 
