@@ -171,10 +171,16 @@ bool exact_threshold(const Source<G, R>& src, int64_t n, int64_t block, int64_t 
   return true;
 }
 
+// Sample position j * n / m, in 128 bits so that j * n cannot overflow.
+inline int64_t sample_position(int64_t j, int64_t n, int64_t m) {
+  return static_cast<int64_t>(static_cast<unsigned __int128>(j) * static_cast<uint64_t>(n) /
+                              static_cast<uint64_t>(m));
+}
+
 template <typename G, typename R>
 uint32_t sampled_threshold(const Source<G, R>& src, int64_t n, int64_t m, double density) {
   std::vector<uint32_t> sample(m);
-  for (int64_t j = 0; j < m; ++j) sample[j] = magnitude_bits(src(j * n / m));
+  for (int64_t j = 0; j < m; ++j) sample[j] = magnitude_bits(src(sample_position(j, n, m)));
   const int64_t sample_k = static_cast<int64_t>(std::ceil(density * static_cast<double>(m)));
   std::nth_element(sample.begin(), sample.begin() + (sample_k - 1), sample.end(),
                    std::greater<uint32_t>());
@@ -327,20 +333,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_typed(
 }
 
 template <typename T>
-void decode_typed(const float* scales, const uint8_t* bitmap, const uint8_t* values, int64_t n,
-                  int64_t block, int64_t value_format, T* out, bool accumulate) {
+void decode_typed(const float* scales, const uint8_t* bitmap, const uint8_t* values,
+                  int64_t value_count, int64_t n, int64_t block, int64_t value_format, T* out,
+                  bool accumulate) {
   const int64_t blocks = (n + block - 1) / block;
   std::vector<int64_t> offset(blocks + 1, 0);
   const int64_t bitmap_bytes = (n + 7) / 8, block_bytes = block / 8;
+  // Bits past entry n - 1 in the last byte are padding: ignored, as the reference ignores them.
+  const uint32_t last_mask = n % 8 ? (1u << (n % 8)) - 1u : 0xffu;
+  auto byte_at = [&](int64_t j) -> uint32_t {
+    return j == bitmap_bytes - 1 ? bitmap[j] & last_mask : bitmap[j];
+  };
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / block), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t count = 0;
       const int64_t stop = std::min(bitmap_bytes, (b + 1) * block_bytes);
-      for (int64_t j = b * block_bytes; j < stop; ++j) count += __builtin_popcount(bitmap[j]);
+      for (int64_t j = b * block_bytes; j < stop; ++j) count += __builtin_popcount(byte_at(j));
       offset[b + 1] = count;
     }
   });
   for (int64_t b = 0; b < blocks; ++b) offset[b + 1] += offset[b];
+  // A damaged bitmap must not make the loop below read past the values.
+  TORCH_CHECK(offset[blocks] == value_count, "lightning_3d.decode: the bitmap marks ",
+              offset[blocks], " entries but the message holds ", value_count,
+              " values (a damaged message)");
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / block), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block, stop = std::min(n, start + block);
@@ -349,7 +365,7 @@ void decode_typed(const float* scales, const uint8_t* bitmap, const uint8_t* val
       int64_t slot = offset[b];
       // Entries not kept decode to 0: accumulating leaves them as they are.
       for (int64_t byte = start / 8; byte < (stop + 7) / 8; ++byte) {
-        uint32_t packed = bitmap[byte];
+        uint32_t packed = byte_at(byte);
         while (packed) {
           const int64_t i = byte * 8 + __builtin_ctz(packed);
           packed &= packed - 1;
@@ -360,11 +376,6 @@ void decode_typed(const float* scales, const uint8_t* bitmap, const uint8_t* val
     }
   });
 }
-
-#define LIGHTNING_3D_DISPATCH_FLOAT(TYPE, NAME, ...)                                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)            \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)     \
-                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 }  // namespace
 
@@ -397,15 +408,29 @@ void decode_cpu(const at::Tensor& scales, const at::Tensor& bitmap, const at::Te
                 bool accumulate) {
   LIGHTNING_3D_DISPATCH_FLOAT(out.scalar_type(), "lightning_3d_decode", [&] {
     decode_typed<scalar_t>(scales.data_ptr<float>(), bitmap.data_ptr<uint8_t>(),
-                           values.data_ptr<uint8_t>(), n, block, value_format,
+                           values.data_ptr<uint8_t>(), values.numel(), n, block, value_format,
                            out.data_ptr<scalar_t>(), accumulate);
   });
 }
 
 namespace {
 
-void check_inputs(const at::Tensor& grad, const c10::optional<at::Tensor>& residual) {
+void check_format(const char* op, int64_t block, int64_t value_format) {
+  TORCH_CHECK(block >= 8 && (block & (block - 1)) == 0, "lightning_3d.", op,
+              ": the block size must be a power of two >= 8, got ", block);
+  TORCH_CHECK(value_format == kInt8 || value_format == kFp8E4M3, "lightning_3d.", op,
+              ": unknown value format code ", value_format);
+}
+
+void check_inputs(const at::Tensor& grad, const c10::optional<at::Tensor>& residual,
+                  double density, int64_t block, int64_t value_format, int64_t sample_count) {
+  // Python sends empty tensors dense; with n = 0 there is no k-th largest entry to select.
+  TORCH_CHECK(grad.numel() > 0, "lightning_3d.encode: the input must not be empty");
   TORCH_CHECK(grad.is_contiguous(), "lightning_3d.encode: the input must be contiguous");
+  TORCH_CHECK(density > 0.0 && density <= 1.0, "lightning_3d.encode: density must be in (0, 1]");
+  TORCH_CHECK(sample_count >= 0 && sample_count <= grad.numel(),
+              "lightning_3d.encode: sample_count must be in [0, numel]");
+  check_format("encode", block, value_format);
   if (residual.has_value()) {
     TORCH_CHECK(residual->is_contiguous() && residual->numel() == grad.numel(),
                 "lightning_3d.encode: the residual must be contiguous and match the input size");
@@ -420,7 +445,7 @@ void check_inputs(const at::Tensor& grad, const c10::optional<at::Tensor>& resid
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode(
     const at::Tensor& grad, const c10::optional<at::Tensor>& residual, double density,
     int64_t block, int64_t value_format, int64_t sample_count, double tolerance) {
-  check_inputs(grad, residual);
+  check_inputs(grad, residual, density, block, value_format, sample_count);
   if (grad.is_cuda()) {
 #ifdef LIGHTNING_3D_WITH_CUDA
     return encode_cuda(grad, residual, density, block, value_format, sample_count, tolerance);
@@ -433,8 +458,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode(
 
 void decode(const at::Tensor& scales, const at::Tensor& bitmap, const at::Tensor& values,
             int64_t n, int64_t block, int64_t value_format, at::Tensor out, bool accumulate) {
+  // Python decodes empty messages itself; n = 0 leaves nothing to decode.
+  TORCH_CHECK(n > 0, "lightning_3d.decode: the message must not be empty");
+  check_format("decode", block, value_format);
   TORCH_CHECK(out.is_contiguous() && out.numel() == n,
               "lightning_3d.decode: out must be contiguous with one entry per encoded entry");
+  TORCH_CHECK(scales.device() == out.device() && bitmap.device() == out.device() &&
+                  values.device() == out.device(),
+              "lightning_3d.decode: scales, bitmap and values must be on out's device (",
+              out.device(), ")");
+  const int64_t blocks = (n + block - 1) / block;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == blocks,
+              "lightning_3d.decode: scales must be float32 with ", blocks, " entries, got ",
+              scales.scalar_type(), " with ", scales.numel());
+  TORCH_CHECK(bitmap.scalar_type() == at::kByte && bitmap.numel() == (n + 7) / 8,
+              "lightning_3d.decode: bitmap must be uint8 with ", (n + 7) / 8, " entries, got ",
+              bitmap.scalar_type(), " with ", bitmap.numel());
+  TORCH_CHECK(values.scalar_type() == at::kByte, "lightning_3d.decode: values must be uint8, got ",
+              values.scalar_type());
   if (out.is_cuda()) {
 #ifdef LIGHTNING_3D_WITH_CUDA
     return decode_cuda(scales, bitmap, values, n, block, value_format, out, accumulate);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <cstdint>
 #include <tuple>
@@ -11,6 +12,12 @@ namespace lightning_3d {
 // value_format codes, as in lightning_3d/ops.py
 constexpr int64_t kInt8 = 0;
 constexpr int64_t kFp8E4M3 = 1;
+
+// The input and output dtypes the kernels are built for: float32, bfloat16 and float16 (no double).
+#define LIGHTNING_3D_DISPATCH_FLOAT(TYPE, NAME, ...)                               \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 #ifdef LIGHTNING_3D_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_cuda(

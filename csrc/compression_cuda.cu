@@ -83,7 +83,11 @@ template <typename G, typename R>
 __global__ void gather_sample(const G* grad, const R* residual, int64_t n, int64_t m,
                               int32_t* sample) {
   const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (j < m) sample[j] = static_cast<int32_t>(magnitude_bits(load_e(grad, residual, j * n / m)));
+  if (j >= m) return;
+  // j * n / m in 128 bits so that j * n cannot overflow.
+  const int64_t i = static_cast<int64_t>(static_cast<unsigned __int128>(j) *
+                                         static_cast<uint64_t>(n) / static_cast<uint64_t>(m));
+  sample[j] = static_cast<int32_t>(magnitude_bits(load_e(grad, residual, i)));
 }
 
 // One warp per compression block: entries above t, equal to t, and non-finite.
@@ -174,9 +178,13 @@ __global__ void count_bits(const uint8_t* bitmap, int64_t n, int64_t block, int6
   const int64_t b = blockIdx.x * int64_t(kWarpsPerCta) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (b >= blocks) return;
-  const int64_t first = b * block / 8, last = min((n + 7) / 8, (b + 1) * block / 8);
+  const int64_t bitmap_bytes = (n + 7) / 8;
+  const int64_t first = b * block / 8, last = min(bitmap_bytes, (b + 1) * block / 8);
+  // Bits past entry n - 1 in the last byte are padding: not counted (decode_blocks skips them).
+  const uint32_t last_mask = n % 8 ? (1u << (n % 8)) - 1u : 0xffu;
   int64_t total = 0;
-  for (int64_t j = first + lane; j < last; j += 32) total += __popc(bitmap[j]);
+  for (int64_t j = first + lane; j < last; j += 32)
+    total += __popc(j == bitmap_bytes - 1 ? bitmap[j] & last_mask : bitmap[j]);
   for (int o = 16; o > 0; o /= 2) total += __shfl_down_sync(0xffffffffu, total, o);
   if (lane == 0) counts[b] = total;
 }
@@ -233,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_typed(
     count_blocks<G, R><<<grid_for(blocks), kThreads, 0, stream>>>(
         grad, residual, n, block, blocks, t, greater.data_ptr<int64_t>(),
         equal.data_ptr<int64_t>(), nonfinite_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
 
   uint32_t t = 0;
@@ -242,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_typed(
     auto sample = at::empty({sample_count}, options.dtype(at::kInt));
     gather_sample<G, R><<<static_cast<int>((sample_count + kThreads - 1) / kThreads), kThreads, 0,
                           stream>>>(grad, residual, n, sample_count, sample.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t sample_k = static_cast<int64_t>(std::ceil(density * double(sample_count)));
     auto sorted = std::get<0>(at::sort(sample, /*dim=*/0, /*descending=*/true));
     t = static_cast<uint32_t>(sorted[sample_k - 1].item<int32_t>());
@@ -261,6 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_typed(
       counts.zero_();
       digit_histogram<G, R><<<grid, kThreads, 0, stream>>>(grad, residual, n, shift, prefix,
                                                           counts_ptr, nonfinite_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (shift == 24) {
         const int64_t bad = nonfinite.item<int64_t>();
         if (bad) return fail(bad);
@@ -305,8 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_cuda(
   const int64_t n = grad.numel();
   const auto options = grad.options();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
-                                  "lightning_3d_encode_cuda", [&] {
+  LIGHTNING_3D_DISPATCH_FLOAT(grad.scalar_type(), "lightning_3d_encode_cuda", [&] {
     const scalar_t* g = grad.data_ptr<scalar_t>();
     if (!residual.has_value()) {
       result = encode_typed<scalar_t, float>(g, nullptr, n, density, block, value_format,
@@ -333,17 +343,22 @@ void decode_cuda(const at::Tensor& scales, const at::Tensor& bitmap, const at::T
   const auto bitmap_c = bitmap.contiguous();
   count_bits<<<grid_for(blocks), kThreads, 0, stream>>>(bitmap_c.data_ptr<uint8_t>(), n, block,
                                                          blocks, counts.data_ptr<int64_t>());
-  auto offset = at::cumsum(counts, 0) - counts;
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto running = at::cumsum(counts, 0);
+  auto offset = running - counts;
+  // A damaged bitmap must not make decode_blocks read past the values (one host sync).
+  const int64_t marked = running[blocks - 1].item<int64_t>();
+  TORCH_CHECK(marked == values.numel(), "lightning_3d.decode: the bitmap marks ", marked,
+              " entries but the message holds ", values.numel(), " values (a damaged message)");
   const auto scales_c = scales.contiguous();
   const auto values_c = values.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
-                                  "lightning_3d_decode_cuda", [&] {
+  LIGHTNING_3D_DISPATCH_FLOAT(out.scalar_type(), "lightning_3d_decode_cuda", [&] {
     decode_blocks<scalar_t><<<grid_for(blocks), kThreads, 0, stream>>>(
         scales_c.data_ptr<float>(), bitmap_c.data_ptr<uint8_t>(), values_c.data_ptr<uint8_t>(),
         offset.data_ptr<int64_t>(), n, block, blocks, value_format, out.data_ptr<scalar_t>(),
         accumulate);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace lightning_3d

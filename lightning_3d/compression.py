@@ -124,8 +124,12 @@ class CompressedTensor:
         return torch.cat([head, self.scales.view(torch.uint8), self.bitmap, self.values])
 
     @classmethod
-    def from_bytes(cls, buffer: torch.Tensor) -> CompressedTensor:
-        """Parse a buffer made by :meth:`to_bytes` (views into ``buffer``, the body not copied)."""
+    def from_bytes(cls, buffer: torch.Tensor, padded: bool = False) -> CompressedTensor:
+        """Parse a buffer made by :meth:`to_bytes` (views into ``buffer``, the body not copied).
+
+        With ``padded=True`` the buffer may be longer than the message (a fixed-size slot of a
+        collective); the bytes after the length the header gives are ignored.
+        """
         if buffer.dtype != torch.uint8 or buffer.dim() != 1:
             raise ValueError("a compressed buffer is a 1-D uint8 tensor")
         if buffer.numel() < HEADER_BYTES:
@@ -137,9 +141,9 @@ class CompressedTensor:
         dtype, value_format = _CODE_DTYPES[dtype_code], VALUE_FORMATS[fmt]
         dense_bytes = HEADER_BYTES + numel * torch.finfo(dtype).bits // 8
         expected = dense_bytes if dense else wire_nbytes(numel, block_size, count)
-        if buffer.numel() != expected:
+        if buffer.numel() < expected or (buffer.numel() > expected and not padded):
             raise ValueError(f"buffer has {buffer.numel()} bytes, its header says {expected}")
-        body = buffer[HEADER_BYTES:]
+        body = buffer[HEADER_BYTES:expected]
         if dense:
             empty = buffer.new_empty(0)
             payload = body.view(dtype)
@@ -160,8 +164,13 @@ def wire_nbytes(numel: int, block_size: int, count: int) -> int:
 # Reference implementation: readable PyTorch, the oracle for the kernels
 # --------------------------------------------------------------------------------------------
 def sample_positions(numel: int, sample_count: int, device: torch.device) -> torch.Tensor:
-    """Evenly spaced sample positions ``i * numel // sample_count`` for ``i < sample_count``."""
-    return torch.arange(sample_count, device=device, dtype=torch.int64) * numel // sample_count
+    """Evenly spaced sample positions ``i * numel // sample_count`` for ``i < sample_count``.
+
+    Computed as ``i * (n // m) + i * (n % m) // m``, which is equal but cannot overflow int64.
+    """
+    index = torch.arange(sample_count, device=device, dtype=torch.int64)
+    quotient, remainder = divmod(numel, sample_count)
+    return index * quotient + index * remainder // sample_count
 
 
 def selection_counts(numel: int, density: float, tolerance: float) -> tuple[int, int, int]:
@@ -245,7 +254,9 @@ def reference_encode(
     block_of = positions // block_size
     block_max = torch.zeros(blocks, dtype=torch.float32, device=e.device)
     block_max.scatter_reduce_(0, block_of, kept.abs(), reduce="amax")
-    scales = block_max / QMAX[value_format]
+    # Divide by a tensor, not a Python scalar: CUDA turns a scalar division into a multiplication
+    # by the reciprocal, which rounds differently from the kernels' true division.
+    scales = block_max / torch.full_like(block_max, QMAX[value_format])
     codes = encode_values(kept, scales[block_of], value_format)
     if residual is not None:
         decoded = torch.zeros_like(e)
@@ -349,8 +360,26 @@ class GradientCompressor:
             ops.require(self.backend, device)
         return self.backend
 
-    def compress(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> CompressedTensor:
+    def max_nbytes(self, numel: int, dtype: torch.dtype, dense: bool = False) -> int:
+        """The largest message :meth:`compress` can return for ``numel`` entries of ``dtype``.
+
+        Exact selection always keeps ``k = ceil(density * n)`` entries, so its messages have
+        exactly this size; sampled selection keeps at most ``ceil((1 + tolerance) * k)``. A
+        collective that exchanges fixed-size slots uses this as the slot size.
+        """
+        if dense or numel < max(self.min_numel, 1):
+            return HEADER_BYTES + numel * torch.finfo(dtype).bits // 8
+        k, _, most = selection_counts(numel, self.density, self.tolerance)
+        count = k if self.selection == "exact" else min(numel, most)
+        return wire_nbytes(numel, self.block_size, count)
+
+    def compress(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, dense: bool = False
+    ) -> CompressedTensor:
         """Compress ``x + residual``; with a residual, set it to what was not sent.
+
+        ``dense=True`` sends ``x + residual`` whole in ``x``'s dtype, as for small tensors (a
+        warm-up step uses it).
 
         Raises:
             NonFiniteError: ``x + residual`` holds NaN/Inf and ``nonfinite="raise"``.
@@ -362,7 +391,7 @@ class GradientCompressor:
         ):
             raise ValueError("the residual must be fp32 or bf16 with as many entries as the input")
         numel = x.numel()
-        if numel < max(self.min_numel, 1):
+        if dense or numel < max(self.min_numel, 1):
             return self._dense(x, residual)
         flat = x.reshape(-1)
         args = (self.density, self.block_size, self.value_format, self.sample_count(numel))

@@ -3,8 +3,9 @@
 The C++ (CPU) kernels always build where a C++ compiler is present; the CUDA kernels are added
 when torch has CUDA and ``nvcc`` is found. The build goes through
 ``torch.utils.cpp_extension.load`` (ninja) into ``<cache>/extensions/<fingerprint>``, where the
-fingerprint covers the sources, the compiler flags, the torch and Python versions, so a change to
-any of them rebuilds and an unchanged build loads in well under a second.
+fingerprint covers the sources, the compiler flags, the torch and Python versions, and for CUDA
+builds ``TORCH_CUDA_ARCH_LIST`` and the GPU's compute capability, so a change to any of them
+rebuilds and an unchanged build loads in well under a second.
 
 If the build fails, :func:`backend` answers ``"reference"`` and one warning says why; compression
 then runs on the pure-PyTorch reference (same results, slower). ``LIGHTNING_3D_BACKEND=reference``
@@ -52,10 +53,31 @@ def _sources(with_cuda: bool) -> list[str]:
     return [str(root / name) for name in names]
 
 
+def _headers() -> list[str]:
+    """The headers the sources include (they count in the build fingerprint too)."""
+    root = importlib.resources.files("lightning_3d.csrc")
+    return sorted(str(entry) for entry in root.iterdir() if entry.name.endswith((".h", ".cuh")))
+
+
 def _cuda_buildable() -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
 
     return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _cuda_target(with_cuda: bool) -> list[str]:
+    """What picks the GPU architectures a CUDA build targets (part of the build fingerprint).
+
+    ``torch.utils.cpp_extension`` builds for ``TORCH_CUDA_ARCH_LIST`` when it is set, else for
+    the visible GPU, so a cached build made for another GPU is never loaded.
+    """
+    if not with_cuda:
+        return []
+    target = [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        target.append(f"sm_{major}{minor}")
+    return target
 
 
 @cache
@@ -73,9 +95,10 @@ def load(verbose: bool = False) -> ModuleType:
     # No FMA contraction: a fused multiply-add rounds differently from the reference.
     flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     flags += ["-DLIGHTNING_3D_WITH_CUDA"] if with_cuda else []
-    cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-DLIGHTNING_3D_WITH_CUDA"]
-    contents = [Path(path).read_text(encoding="utf-8") for path in sources]
-    key = fingerprint(torch.__version__, sys.version_info[:2], flags, cuda_flags, contents)
+    cuda_flags = ["-O3", "--expt-relaxed-constexpr", "--fmad=false", "-DLIGHTNING_3D_WITH_CUDA"]
+    contents = [Path(path).read_text(encoding="utf-8") for path in sources + _headers()]
+    target = _cuda_target(with_cuda)
+    key = fingerprint(torch.__version__, sys.version_info[:2], flags, cuda_flags, target, contents)
     build_dir = cache_root() / "extensions" / f"{EXTENSION_NAME}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -21,8 +21,12 @@ from lightning_3d.compression import (
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 KERNEL_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
+BACKENDS = ["reference", "cpp"] + (["cuda"] if HAS_CUDA else [])
+BACKEND_DEVICE = {"reference": "cpu", "cpp": "cpu", "cuda": "cuda"}
+KERNEL_BACKENDS = [backend for backend in BACKENDS if backend != "reference"]
 
 
 def _encode_both(x, residual, device, **options):
@@ -82,13 +86,44 @@ def test_kernels_equal_the_reference(
         assert torch.equal(ker_r, ref_r)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value_format", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("selection", ["exact", "sampled"])
+def test_cuda_equals_cpp_bit_for_bit_on_a_large_tensor(selection, value_format, dtype) -> None:
+    numel = 3 * 2**20 + 5  # many CUDA grid strides, a partial last block and bitmap byte
+    generator = torch.Generator().manual_seed(11)
+    x = (torch.randn(numel, generator=generator) ** 3).to(dtype)
+    residual = 0.1 * torch.randn(numel, generator=generator)
+    base = torch.randn(numel, generator=generator)
+    results = {}
+    for backend in ("cpp", "cuda"):
+        device = BACKEND_DEVICE[backend]
+        compressor = GradientCompressor(
+            backend=backend, selection=selection, value_format=value_format
+        )
+        r = residual.clone().to(device)  # each backend starts from the same residual
+        message = compressor.compress(x.to(device), r)
+        summed = compressor.decompress(message, out=base.clone().to(device), accumulate=True)
+        results[backend] = (message, r, compressor.decompress(message), summed)
+    (cpu, cpu_r, cpu_out, cpu_sum), (gpu, gpu_r, gpu_out, gpu_sum) = results["cpp"], results["cuda"]
+    assert gpu.count == cpu.count
+    for name in ("scales", "bitmap", "values"):
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name))
+    assert torch.equal(gpu_r.cpu(), cpu_r)
+    assert torch.equal(gpu_out.cpu(), cpu_out)
+    assert torch.equal(gpu_sum.cpu(), cpu_sum)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value_format", ["int8", "fp8_e4m3"])
 def test_exact_topk_and_reconstruction_error(backend, value_format) -> None:
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(1)) * torch.linspace(
         0.1, 3, 10_000
     )
     x[100:140] = 0.0  # an all-zero stretch
+    x = x.to(BACKEND_DEVICE[backend])
     compressor = GradientCompressor(
         density=0.15, block_size=64, value_format=value_format, backend=backend
     )
@@ -107,9 +142,11 @@ def test_exact_topk_and_reconstruction_error(backend, value_format) -> None:
         assert torch.all(error <= x[kept].abs() / 16 + scales[kept] * 2**-10)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_are_broken_by_lower_index(backend) -> None:
-    x = torch.tensor([1.0, 3.0, -2.0, 2.0, 2.0, -2.0, 0.5, 2.0] * 1024)
+    x = torch.tensor(
+        [1.0, 3.0, -2.0, 2.0, 2.0, -2.0, 0.5, 2.0] * 1024, device=BACKEND_DEVICE[backend]
+    )
     message = GradientCompressor(density=0.2, min_numel=0, backend=backend).compress(x)
     kept = unpack_bits(message.bitmap, x.numel()).nonzero().view(-1)
     k = math.ceil(0.2 * x.numel())  # 1639: all 1024 threes, then the first 615 twos by index
@@ -118,42 +155,48 @@ def test_ties_are_broken_by_lower_index(backend) -> None:
     assert torch.equal(kept, expected)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sampled_selection_stays_within_tolerance(backend) -> None:
     compressor = GradientCompressor(selection="sampled", tolerance=0.05, backend=backend)
     for seed in range(5):
         x = torch.randn(200_000, generator=torch.Generator().manual_seed(seed)) ** 3
+        x = x.to(BACKEND_DEVICE[backend])
         count = compressor.compress(x).count
         _, low, high = selection_counts(x.numel(), 0.15, 0.05)
         assert low <= count <= high
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_error_feedback_identity_and_nothing_lost(backend, dtype) -> None:
     generator = torch.Generator().manual_seed(3)
     feedback = ErrorFeedback(GradientCompressor(density=0.1, block_size=128, backend=backend))
     sent = torch.zeros(20_000, dtype=torch.float64)
     total = torch.zeros(20_000, dtype=torch.float64)
+    device = BACKEND_DEVICE[backend]
     for _ in range(30):
-        grad = torch.randn(20_000, generator=generator).to(dtype)
-        before = feedback.residual.clone() if feedback.residual is not None else torch.zeros(20_000)
+        grad = torch.randn(20_000, generator=generator).to(dtype).to(device)
+        before = (
+            feedback.residual.clone()
+            if feedback.residual is not None
+            else torch.zeros(20_000, device=device)
+        )
         e = grad.float() + before
         message = feedback.step(grad)
-        decoded = feedback.compressor.decompress(message, out=torch.zeros(20_000))
+        decoded = feedback.compressor.decompress(message, out=torch.zeros(20_000, device=device))
         assert torch.equal(decoded + feedback.residual, e)  # exact in fp32
-        sent += decoded.double()
-        total += grad.double()
-    lost = sent - (total - feedback.residual.double())
+        sent += decoded.double().cpu()
+        total += grad.double().cpu()
+    lost = sent - (total - feedback.residual.double().cpu())
     assert lost.abs().max() < 1e-5  # only the rounding of the fp32 additions g + r
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value_format", ["int8", "fp8_e4m3"])
 @pytest.mark.parametrize("numel", [4096, 5000, 1 << 16])
 def test_wire_size_formula_and_byte_round_trip(backend, value_format, numel) -> None:
     compressor = GradientCompressor(value_format=value_format, backend=backend)
-    message = compressor.compress(torch.randn(numel))
+    message = compressor.compress(torch.randn(numel, device=BACKEND_DEVICE[backend]))
     buffer = message.to_bytes()
     assert buffer.dtype == torch.uint8 and buffer.dim() == 1
     assert buffer.numel() == message.nbytes == wire_nbytes(numel, 256, message.count)
@@ -178,14 +221,50 @@ def test_damaged_buffers_are_refused(numel) -> None:
         CompressedTensor.from_bytes(forged)
 
 
+def _damage_bitmap(buffer: torch.Tensor, numel: int, fill: int) -> torch.Tensor:
+    """A copy of a sparse message (block size 256) whose whole bitmap is ``fill``."""
+    damaged = buffer.clone()
+    start = 32 + 4 * math.ceil(numel / 256)
+    damaged[start : start + math.ceil(numel / 8)] = fill
+    return damaged
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(("fill", "marked"), [(0xFF, 5000), (0x00, 0)])
+def test_bitmap_disagreeing_with_the_values_is_refused(backend, fill, marked) -> None:
+    compressor = GradientCompressor(backend=backend)
+    message = compressor.compress(torch.randn(5000, device=BACKEND_DEVICE[backend]))
+    # The lengths still agree with the header, so parsing succeeds: the kernels are the guard.
+    damaged = CompressedTensor.from_bytes(_damage_bitmap(message.to_bytes(), 5000, fill))
+    expected = f"bitmap marks {marked} entries but the message holds {message.count} values"
+    with pytest.raises((ValueError, RuntimeError), match=expected):
+        compressor.decompress(damaged)
+    out = torch.zeros(5000, device=BACKEND_DEVICE[backend])
+    with pytest.raises((ValueError, RuntimeError), match=expected):
+        compressor.decompress(damaged, out=out, accumulate=True)
+    assert not out.any()  # refused before anything was written
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_bits_of_the_bitmap_are_ignored(backend) -> None:
+    compressor = GradientCompressor(density=0.5, backend=backend)
+    message = compressor.compress(torch.randn(5001, device=BACKEND_DEVICE[backend]))
+    buffer = message.to_bytes()
+    padded = buffer.clone()
+    last = 32 + 4 * math.ceil(5001 / 256) + 5001 // 8  # the byte holding entry 5000 only
+    padded[last] |= 0xFE
+    parsed = CompressedTensor.from_bytes(padded)
+    assert torch.equal(compressor.decompress(parsed), compressor.decompress(message))
+
+
 def test_default_wire_ratio_at_one_million_entries() -> None:
     message = GradientCompressor().compress(torch.randn(1 << 20))
     assert 4 * (1 << 20) / message.nbytes >= 12
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_density_one_keeps_everything(backend) -> None:
-    x = torch.randn(5000)
+    x = torch.randn(5000, device=BACKEND_DEVICE[backend])
     compressor = GradientCompressor(density=1.0, block_size=32, backend=backend)
     message = compressor.compress(x)
     assert message.count == 5000
@@ -194,14 +273,16 @@ def test_density_one_keeps_everything(backend) -> None:
     assert torch.all((compressor.decompress(message) - x).abs() <= step / 2 * (1 + 1e-6))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_zero_input(backend) -> None:
-    residual = torch.zeros(4096)
-    message = GradientCompressor(backend=backend).compress(torch.zeros(4096), residual)
-    assert torch.equal(message.scales, torch.zeros(16))
-    assert torch.equal(message.values, torch.zeros(message.count, dtype=torch.uint8))
-    assert torch.equal(GradientCompressor().decompress(message), torch.zeros(4096))
-    assert torch.equal(residual, torch.zeros(4096))
+    device = BACKEND_DEVICE[backend]
+    residual = torch.zeros(4096, device=device)
+    compressor = GradientCompressor(backend=backend)
+    message = compressor.compress(torch.zeros(4096, device=device), residual)
+    assert torch.equal(message.scales.cpu(), torch.zeros(16))
+    assert torch.equal(message.values.cpu(), torch.zeros(message.count, dtype=torch.uint8))
+    assert torch.equal(compressor.decompress(message).cpu(), torch.zeros(4096))
+    assert torch.equal(residual.cpu(), torch.zeros(4096))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -226,12 +307,14 @@ def test_empty_tensor() -> None:
     assert compressor.decompress(CompressedTensor.from_bytes(message.to_bytes())).numel() == 0
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_input_never_reaches_the_residual(backend, bad) -> None:
+    device = BACKEND_DEVICE[backend]
     x = torch.randn(8192)
     x[777] = bad
-    residual = torch.randn(8192)
+    x = x.to(device)
+    residual = torch.randn(8192, device=device)
     before = residual.clone()
     with pytest.raises(NonFiniteError, match=r"1 of 8192 entries .* NaN or Inf"):
         GradientCompressor(backend=backend).compress(x, residual)
@@ -239,14 +322,16 @@ def test_nonfinite_input_never_reaches_the_residual(backend, bad) -> None:
     skipping = GradientCompressor(backend=backend, nonfinite="skip")
     message = skipping.compress(x, residual)
     assert message.count == 0 and skipping.skipped_steps == 1
-    assert torch.equal(skipping.decompress(message), torch.zeros(8192))
+    assert torch.equal(skipping.decompress(message).cpu(), torch.zeros(8192))
     assert torch.equal(residual, before)
 
 
-def test_accumulating_decode_sums_messages() -> None:
-    compressor = GradientCompressor(density=0.3)
-    a, b = torch.randn(10_000), torch.randn(10_000)
-    out = torch.zeros(10_000)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulating_decode_sums_messages(backend) -> None:
+    device = BACKEND_DEVICE[backend]
+    compressor = GradientCompressor(density=0.3, backend=backend)
+    a, b = torch.randn(10_000, device=device), torch.randn(10_000, device=device)
+    out = torch.zeros(10_000, device=device)
     compressor.decompress(compressor.compress(a), out=out, accumulate=True)
     compressor.decompress(compressor.compress(b), out=out, accumulate=True)
     expected = compressor.decompress(compressor.compress(a)) + compressor.decompress(
