@@ -25,6 +25,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import lightning_3d.strategies  # noqa: F401  (registers strategy names such as "fsdp_compressed")
 from lightning_3d.loggers import default_loggers
 
 

@@ -7,7 +7,19 @@ import importlib
 
 import pytest
 
-MODULES = ["assets", "cache", "cli", "compression", "data", "loggers", "models", "ops", "tasks"]
+MODULES = [
+    "assets",
+    "cache",
+    "cli",
+    "collectives",
+    "compression",
+    "data",
+    "loggers",
+    "models",
+    "ops",
+    "sharding",
+    "tasks",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

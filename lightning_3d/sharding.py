@@ -1,0 +1,88 @@
+"""Which submodules to shard with FSDP2: a policy by class name, size, or the model's own blocks.
+
+FSDP2's ``fully_shard`` turns a module into one communication unit: its parameters are
+all-gathered before its forward and its gradients reduce-scattered together after its backward.
+Units must be applied inner first. :func:`shard_targets` walks a model bottom-up and returns, in
+that order:
+
+1. every module whose class name is in ``class_names``; when none are given, the model's
+   transformer blocks: Hugging Face ``_no_split_modules`` classes, and the children of every
+   ``nn.ModuleList`` that holds two or more modules of one class (``encoder.layer``, ``layers``);
+2. with ``min_num_params``, every module holding at least that many parameters not already in a
+   unit below it;
+3. finally the root's direct children that still own parameters outside every unit, so that each
+   parameter belongs to exactly one unit.
+
+Example:
+    >>> import torch
+    >>> root = torch.nn.Module()
+    >>> root.embed = torch.nn.Embedding(10, 4)
+    >>> root.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+    >>> [type(m).__name__ for m in shard_targets(root)]  # two blocks, and the rest as a unit
+    ['Embedding', 'Linear', 'Linear']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+
+def transformer_block_classes(model: nn.Module) -> set[str]:
+    """Class names of the repeated blocks of ``model`` (``_no_split_modules`` and layer lists)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            classes = {type(child).__name__ for child in module}
+            if len(classes) == 1 and any(p.numel() for p in module.parameters()):
+                names.update(classes)
+    return names
+
+
+def shard_targets(
+    root: nn.Module,
+    class_names: Iterable[str] | None = None,
+    min_num_params: int | None = None,
+) -> list[nn.Module]:
+    """Modules of ``root`` to pass to ``fully_shard``, inner first (see the module docstring).
+
+    Raises:
+        ValueError: ``min_num_params`` is not positive, or ``root`` owns parameters directly
+            (they would belong to no unit: move them into a submodule or shard in
+            ``configure_model``).
+    """
+    if min_num_params is not None and min_num_params <= 0:
+        raise ValueError(f"min_num_params must be positive, got {min_num_params}")
+    direct = [name for name, _ in root.named_parameters(recurse=False)]
+    if direct:
+        raise ValueError(
+            f"{type(root).__name__} owns parameters directly ({', '.join(direct)}); the sharding "
+            "policy shards submodules only. Move them into a submodule or apply fully_shard "
+            "yourself in configure_model()"
+        )
+    names = set(class_names) if class_names is not None else transformer_block_classes(root)
+    targets: list[nn.Module] = []
+    covered: set[int] = set()
+
+    def uncovered(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters() if id(p) not in covered)
+
+    def claim(module: nn.Module) -> None:
+        targets.append(module)
+        covered.update(id(p) for p in module.parameters())
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            visit(child)
+        wanted = type(module).__name__ in names
+        big = min_num_params is not None and uncovered(module) >= min_num_params
+        if (wanted or big) and uncovered(module):
+            claim(module)
+
+    for child in root.children():
+        visit(child)
+        if child not in targets and uncovered(child):
+            claim(child)
+    return targets

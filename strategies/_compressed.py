@@ -1,0 +1,112 @@
+"""What the compressed strategies share: metrics through the Lightning loggers, and checkpoints
+that carry every rank's error-feedback residuals."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+
+from lightning_3d.collectives import CollectiveError, CommStats, CompressedCommState
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "lightning_3d_compression"
+
+
+class CompressionStrategyMixin:
+    """Mixed into a Lightning strategy that owns a :class:`CompressedCommState` as ``comm_state``.
+
+    Logs, every ``log_every_n_steps`` optimizer steps, summed over ranks: ``comm/wire_bytes``,
+    ``comm/dense_bytes``, ``comm/compression_ratio`` (dense / wire), ``comm/residual_norm``,
+    ``comm/seconds`` (mean per rank) and ``comm/compressing`` (0 during warm-up).
+    ``comm_totals`` keeps this rank's figures over the whole run.
+    """
+
+    comm_state: CompressedCommState
+
+    def _init_comm_metrics(self) -> None:
+        self.comm_totals = CommStats()
+        self._comm_window = CommStats()
+
+    def _log_comm_metrics(self) -> None:
+        stats = self.comm_state.take_stats()
+        self.comm_totals.add(stats)
+        self._comm_window.add(stats)
+        trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
+        if not trainer.loggers or trainer.global_step % max(1, trainer.log_every_n_steps):
+            return
+        window, self._comm_window = self._comm_window, CommStats()
+        figures = torch.tensor(
+            [
+                window.wire_bytes,
+                window.dense_bytes,
+                window.seconds,
+                self.comm_state.residual_norm() ** 2,
+            ],
+            dtype=torch.float64,
+            device=self.root_device,  # type: ignore[attr-defined]
+        )
+        if _distributed_is_initialized():
+            dist.all_reduce(figures, group=self.comm_state.process_group)
+        wire, dense, seconds, residual_sq = figures.tolist()
+        metrics = {
+            "comm/wire_bytes": wire,
+            "comm/dense_bytes": dense,
+            "comm/compression_ratio": dense / wire if wire else 1.0,
+            "comm/residual_norm": math.sqrt(residual_sq),
+            "comm/seconds": seconds / self.world_size,  # type: ignore[attr-defined]
+            "comm/compressing": float(self.comm_state.compressing),
+        }
+        if self.is_global_zero:  # type: ignore[attr-defined]
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Name the likely cause when a collective fails, so the log of every survivor says it."""
+        text = str(exception)
+        if isinstance(exception, (CollectiveError, dist.DistError)) or any(
+            word in text for word in ("gloo", "NCCL", "Connection", "timed out")
+        ):
+            log.error(
+                "rank %d stopped: a collective failed (%s). If another rank exited first, its "
+                "log holds the original error.",
+                self.global_rank,  # type: ignore[attr-defined]
+                type(exception).__name__,
+            )
+        super().on_exception(exception)  # type: ignore[misc]
+
+    def _local_comm_state(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, **self.comm_state.state_dict()}  # type: ignore[attr-defined]
+
+    def _gather_comm_states(self) -> list[dict[str, Any]]:
+        """Every rank's state (a collective; residuals travel through pickling, on the CPU)."""
+        local = self._local_comm_state()
+        if not _distributed_is_initialized():
+            return [local]
+        states: list[Any] = [None] * self.world_size  # type: ignore[attr-defined]
+        dist.all_gather_object(states, local)
+        return states
+
+    def _restore_comm_state(self, local: dict[str, Any] | None, source: Path) -> None:
+        """Load this rank's saved state, or say why the residuals start from zero."""
+        rank, world = self.global_rank, self.world_size  # type: ignore[attr-defined]
+        if local is None:
+            log.warning(
+                "%s holds no compression state for rank %d; residuals start at 0", source, rank
+            )
+        elif local["world_size"] != world:
+            log.warning(
+                "%s was saved by %d ranks and this run has %d; residuals start at 0",
+                source,
+                local["world_size"],
+                world,
+            )
+            self.comm_state.step = int(local["step"])
+        else:
+            self.comm_state.load_state_dict(local)

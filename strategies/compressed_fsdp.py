@@ -1,0 +1,249 @@
+"""``CompressedFSDPStrategy``: FSDP2 whose gradient reduce-scatter is compressed with feedback."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.distributed.constants import default_pg_timeout
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+
+from lightning_3d.collectives import CompressedCommState, CompressedReduceScatter, Exchange
+from lightning_3d.compression import GradientCompressor
+from lightning_3d.sharding import shard_targets
+from lightning_3d.strategies._compressed import STATE_KEY, CompressionStrategyMixin
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(name: str | None, argument: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"{argument} must be one of {sorted(_DTYPES)} or None, got {name!r}")
+    return _DTYPES[name]
+
+
+def _state_file(directory: Path, rank: int) -> Path:
+    return directory / f"compression_state.rank{rank}.pt"
+
+
+class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
+    """FSDP2 data parallelism with a compressed gradient reduce-scatter (``"fsdp_compressed"``).
+
+    Each FSDP unit's gradients are reduce-scattered by
+    :class:`~lightning_3d.collectives.CompressedReduceScatter`: every rank compresses the chunk
+    for each other rank (top-``density`` entries, 8-bit values with one scale per block, bitmap
+    positions) with its own error-feedback residual, the slots cross in one ``all_to_all`` and the
+    receiver decodes and sums in fp32. ``SUM``, ``AVG`` and FSDP's divide factors are honoured.
+
+    Sharding: if the LightningModule's ``configure_model`` applies ``fully_shard`` itself, that
+    wins; otherwise the strategy shards by :func:`~lightning_3d.sharding.shard_targets`
+    (transformer blocks by default, or ``shard_modules`` class names and/or ``min_num_params``).
+
+    Args:
+        density: fraction of each chunk sent, in (0, 1].
+        value_format: ``"int8"`` or ``"fp8_e4m3"``.
+        block_size: entries per quantization scale (a power of two in [8, 65536]).
+        selection: ``"exact"`` top-k or ``"sampled"`` threshold estimation.
+        warmup_steps: optimizer steps sent dense before compression starts.
+        min_numel: chunks smaller than this are sent dense.
+        residual_dtype: ``"float32"`` or ``"bfloat16"``.
+        error_feedback: carry what was not sent into the next step (keep on; off only to measure).
+        exchange: ``"auto"``, ``"all_to_all"`` or ``"all_gather"``.
+        nonfinite: ``"raise"`` or ``"skip"`` when a gradient holds NaN/Inf.
+        compress: ``False`` keeps FSDP2's own reduce-scatter (same sharding; a baseline).
+        shard_modules: class names to shard as units (default: the transformer blocks).
+        min_num_params: also shard every module with this many parameters not yet in a unit.
+        param_dtype, reduce_dtype: FSDP2 mixed precision (``"bfloat16"``, ``"float16"``,
+            ``"float32"`` or ``None``).
+        cpu_offload: keep sharded parameters, gradients and optimizer state on the CPU.
+        reshard_after_forward: free gathered parameters after forward (FSDP2's default).
+        save_distributed_checkpoint: one file per rank (default) or one full file on rank 0.
+        process_group_backend, timeout: as Lightning's ``ModelParallelStrategy``; a rank that dies
+            makes the others fail at their next collective, or after ``timeout`` at the latest.
+
+    Example::
+
+        trainer = Trainer(strategy=CompressedFSDPStrategy(density=0.1), devices=8)
+        trainer = Trainer(strategy="fsdp_compressed", devices=8)  # the defaults, by name
+    """
+
+    strategy_name = "fsdp_compressed"
+
+    def __init__(
+        self,
+        density: float = 0.15,
+        value_format: str = "int8",
+        block_size: int = 256,
+        selection: str = "exact",
+        warmup_steps: int = 0,
+        min_numel: int = 4096,
+        residual_dtype: str = "float32",
+        error_feedback: bool = True,
+        exchange: Exchange = "auto",
+        nonfinite: str = "raise",
+        compress: bool = True,
+        shard_modules: list[str] | None = None,
+        min_num_params: int | None = None,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = None,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        compressor = GradientCompressor(
+            density=density,
+            block_size=block_size,
+            value_format=value_format,
+            selection=selection,
+            min_numel=min_numel,
+            nonfinite=nonfinite,
+        )
+        self.comm_state = CompressedCommState(
+            compressor, warmup_steps, error_feedback, residual_dtype, exchange
+        )
+        if min_num_params is not None and min_num_params <= 0:
+            raise ValueError(f"min_num_params must be positive, got {min_num_params}")
+        self.compress = compress
+        self.shard_modules = shard_modules
+        self.min_num_params = min_num_params
+        self.mp_policy = MixedPrecisionPolicy(
+            param_dtype=_dtype(param_dtype, "param_dtype"),
+            reduce_dtype=_dtype(reduce_dtype, "reduce_dtype"),
+        )
+        self.offload_policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        self.reshard_after_forward = reshard_after_forward
+        self._init_comm_metrics()
+
+    # ---------------------------------------------------------------- set-up
+    def setup_environment(self) -> None:
+        # pure data parallelism: one mesh dimension of every rank
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def setup(self, trainer: Any) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if not any(isinstance(m, FSDPModule) for m in module.modules()):
+            self._shard(module)
+        if self.compress:
+            self._install_reduce_scatter(module)
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _shard(self, module: torch.nn.Module) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for target in shard_targets(module, self.shard_modules, self.min_num_params):
+            fully_shard(
+                target,
+                mesh=mesh,
+                mp_policy=self.mp_policy,
+                offload_policy=self.offload_policy,
+                reshard_after_forward=self.reshard_after_forward,
+            )
+
+    def _install_reduce_scatter(self, module: torch.nn.Module) -> None:
+        units = [(n, m) for n, m in module.named_modules() if isinstance(m, FSDPModule)]
+        if not units:
+            raise RuntimeError(
+                "no FSDP2 unit found after configure_model(): fully_shard was not applied"
+            )
+        for name, unit in units:
+            if not hasattr(unit, "set_custom_reduce_scatter"):
+                raise RuntimeError(
+                    "this PyTorch has no FSDPModule.set_custom_reduce_scatter; the compressed "
+                    f"strategy needs a newer torch (found {torch.__version__})"
+                )
+            unit.set_custom_reduce_scatter(CompressedReduceScatter(self.comm_state, name or "root"))
+
+    # ---------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.comm_state.step = self.lightning_module.trainer.global_step
+        super().on_train_batch_start(batch, batch_idx)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().optimizer_step(*args, **kwargs)
+        if self.compress:
+            self._log_comm_metrics()
+        return output
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        """Save as ``ModelParallelStrategy`` does, plus every rank's residuals and step counter.
+
+        A sharded checkpoint folder gets ``compression_state.rank{r}.pt`` from each rank; a full
+        single-file checkpoint holds all ranks' states under ``"lightning_3d_compression"``.
+        """
+        if self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            directory = Path(self.broadcast(str(filepath)))
+            torch.save(self._local_comm_state(), _state_file(directory, self.global_rank))
+            self.barrier()
+            return
+        states = self._gather_comm_states()
+        if self.is_global_zero:
+            checkpoint[STATE_KEY] = states
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> Any:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        path = Path(self.broadcast(str(checkpoint_path)))
+        states = checkpoint.pop(STATE_KEY, None)
+        if path.is_dir():
+            file = _state_file(path, self.global_rank)
+            local = torch.load(file, weights_only=True) if file.exists() else None
+        else:
+            local = states[self.global_rank] if states and self.global_rank < len(states) else None
+        self._restore_comm_state(local, path)
+        return checkpoint
+
+    def save_full_state_dict(self, path: _PATH) -> None:
+        """Gather the unsharded LightningModule state dict and save it from rank 0.
+
+        Call on every rank (it is a collective). The file loads on one device with
+        ``task.load_state_dict(torch.load(path, weights_only=True))``.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        assert self.model is not None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if self.is_global_zero:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
+        self.barrier()

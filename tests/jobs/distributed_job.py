@@ -1,0 +1,293 @@
+"""Distributed scenarios for tests/test_strategies.py, run on each of 2 CPU ranks (gloo).
+
+Launched as ``LOCAL_RANK=r MASTER_ADDR=... MASTER_PORT=... python distributed_job.py SCENARIOS OUT``
+(Lightning's manual launch; SCENARIOS is a comma-separated list); every rank writes
+``OUT/<scenario>.rank<r>.json``.
+
+Scenarios:
+  parity: the real MiniLM on 48 Rotten Tomatoes reviews (2 epochs of 3 steps), dropout off so runs
+    differ only by their collectives: FSDP2's own reduce-scatter, ours sent dense, ours compressed
+    (with metrics through a CSV logger), and a full-state export.
+  resume: a compressed run interrupted after 3 steps and resumed from its checkpoint, sharded and
+    single-file, against the uninterrupted run.
+  ddp: DDP, and DDP through the compressed hook sent dense and compressed.
+  feedback: FSDP2 on a separable quadratic, compressed with and without error feedback, and dense.
+  die: rank 1 exits in its third step; rank 0 must stop with an error (not hang).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader, Subset
+
+from lightning_3d.compression import GradientCompressor
+from lightning_3d.strategies import CompressedDDPStrategy, CompressedFSDPStrategy
+
+RANK = int(os.environ["LOCAL_RANK"])
+STEPS_PER_EPOCH, EPOCHS, BATCH = 3, 2, 8
+
+
+class LossRecorder(Callback):
+    """Keeps every training loss; optionally stops after ``stop_at_step`` steps (interrupts)."""
+
+    def __init__(self, stop_at_step: int | None = None) -> None:
+        self.losses: list[float] = []
+        self.stop_at_step = stop_at_step
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
+        self.losses.append(float(outputs["loss"]))
+        if trainer.global_step == self.stop_at_step:
+            trainer.should_stop = True
+
+
+def make_task() -> Any:
+    from lightning_3d.tasks import SequenceClassificationTask
+
+    pl.seed_everything(0, verbose=False)
+    task = SequenceClassificationTask(warmup_ratio=0.0, learning_rate=1e-4)
+    for module in task.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return task
+
+
+def make_loader(task: Any) -> DataLoader:
+    from lightning_3d.data import PaddingCollator, RottenTomatoes
+
+    data = RottenTomatoes(tokenizer=task.tokenizer, batch_size=BATCH, max_length=48)
+    data.setup("fit")
+    subset = Subset(data.splits["train"], range(2 * BATCH * STEPS_PER_EPOCH))
+    pad = int(task.tokenizer.pad_token_id)
+    return DataLoader(subset, batch_size=BATCH, shuffle=True, collate_fn=PaddingCollator(pad))
+
+
+def full_parameters(task: Any) -> dict[str, torch.Tensor]:
+    """Unsharded copies of every parameter (a collective under FSDP2)."""
+    out = {}
+    for name, param in task.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        out[name] = full.detach().cpu().clone()
+    return out
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def rank_spread(params: dict[str, torch.Tensor]) -> float:
+    """Largest difference between this rank's parameters and rank 0's."""
+    spread = 0.0
+    for value in params.values():
+        reference = value.clone()
+        dist.broadcast(reference, src=0)
+        spread = max(spread, float((value - reference).abs().max()))
+    return spread
+
+
+def fit(
+    strategy: Any,
+    *,
+    ckpt_path: str | None = None,
+    stop_at_step: int | None = None,
+    callbacks: list[Callback] | None = None,
+    logger: Any = False,
+) -> tuple[Any, list[float]]:
+    task = make_task()
+    recorder = LossRecorder(stop_at_step)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=STEPS_PER_EPOCH * EPOCHS,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[recorder, *(callbacks or [])],
+        enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(task, train_dataloaders=make_loader(task), ckpt_path=ckpt_path)
+    return task, recorder.losses
+
+
+_compressed_run: dict[str, Any] = {}
+
+
+def compressed_run(out: Path) -> dict[str, Any]:
+    """The compressed FSDP run every scenario compares with (run once per job)."""
+    if not _compressed_run:
+        logger = CSVLogger(out / "logs", name="compressed", version=0)
+        strategy = CompressedFSDPStrategy(density=0.15)
+        task, losses = fit(strategy, logger=logger)
+        params = full_parameters(task)
+        strategy.save_full_state_dict(out / "full_state.pt")
+        _compressed_run.update(strategy=strategy, losses=losses, params=params)
+    return _compressed_run
+
+
+def parity(out: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    baseline, result["losses_fsdp"] = fit(CompressedFSDPStrategy(compress=False))
+    reference = full_parameters(baseline)
+    result["rank_spread_fsdp"] = rank_spread(reference)
+
+    dense, result["losses_dense"] = fit(CompressedFSDPStrategy(warmup_steps=10**6))
+    result["dense_vs_fsdp"] = max_difference(full_parameters(dense), reference)
+
+    run = compressed_run(out)
+    strategy = run["strategy"]
+    result["losses_compressed"] = run["losses"]
+    result["rank_spread_compressed"] = rank_spread(run["params"])
+    result["compressed_vs_fsdp"] = max_difference(run["params"], reference)
+    result["wire_bytes"] = strategy.comm_totals.wire_bytes
+    result["dense_bytes"] = strategy.comm_totals.dense_bytes
+    result["residual_norm"] = strategy.comm_state.residual_norm()
+    result["parameter_sums"] = {k: float(v.double().sum()) for k, v in run["params"].items()}
+
+    gathered, result["losses_all_gather"] = fit(CompressedFSDPStrategy(exchange="all_gather"))
+    result["all_gather_vs_all_to_all"] = max_difference(full_parameters(gathered), run["params"])
+    return result
+
+
+def resume(out: Path) -> dict[str, Any]:
+    run = compressed_run(out)
+    result: dict[str, Any] = {"losses_uninterrupted": run["losses"]}
+    for sharded in (True, False):
+        tag = "sharded" if sharded else "single_file"
+        folder = out / f"checkpoints_{tag}"
+        checkpoint = ModelCheckpoint(dirpath=folder, filename="first", every_n_train_steps=3)
+        first_strategy = CompressedFSDPStrategy(save_distributed_checkpoint=sharded)
+        _, first = fit(first_strategy, stop_at_step=3, callbacks=[checkpoint])
+        result[f"saved_residual_norm_{tag}"] = first_strategy.comm_state.residual_norm()
+        resumed_strategy = CompressedFSDPStrategy(save_distributed_checkpoint=sharded)
+        resumed, second = fit(resumed_strategy, ckpt_path=str(folder / "first.ckpt"))
+        result[f"losses_resumed_{tag}"] = first + second
+        result[f"resumed_vs_uninterrupted_{tag}"] = max_difference(
+            full_parameters(resumed), run["params"]
+        )
+    return result
+
+
+def ddp(out: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    plain, result["losses_ddp"] = fit(DDPStrategy(process_group_backend="gloo"))
+    reference = full_parameters(plain)
+    for tag, warmup in (("ddp_hook_dense", 10**6), ("ddp_hook", 2)):
+        strategy = CompressedDDPStrategy(warmup_steps=warmup, process_group_backend="gloo")
+        task, result[f"losses_{tag}"] = fit(strategy)
+        params = full_parameters(task)
+        result[f"{tag}_vs_ddp"] = max_difference(params, reference)
+        result[f"rank_spread_{tag}"] = rank_spread(params)
+        result[f"{tag}_iterations"] = strategy.comm_state.step
+        result[f"{tag}_wire_bytes"] = strategy.comm_totals.wire_bytes
+        result[f"{tag}_dense_bytes"] = strategy.comm_totals.dense_bytes
+    return result
+
+
+class Vector(torch.nn.Module):
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(numel))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight  # FSDP2 gathers it before, and reduce-scatters its gradient after
+
+
+def feedback(out: Path) -> dict[str, Any]:
+    """Rank ``r`` minimizes ``0.5 * ||w - t_r||^2``; together they minimize towards the mean target.
+
+    Targets have a few large and many small entries, and differ between ranks. Top-k without error
+    feedback never sends the small entries of the other rank, so ``w`` settles at a biased point;
+    with feedback they accumulate until they are sent and ``w`` reaches the mean target.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_3d.collectives import CompressedCommState, CompressedReduceScatter
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=RANK, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    generator = torch.Generator().manual_seed(0)
+    numel = 1 << 14
+    targets = torch.randn(2, numel, generator=generator) * torch.logspace(1, -1, numel)
+    mean_target = targets.mean(0)
+    result: dict[str, Any] = {}
+    for tag in ("dense", "feedback", "no_feedback"):
+        model = Vector(numel)
+        fully_shard(model, mesh=mesh)
+        if tag != "dense":
+            compressor = GradientCompressor(density=0.05, min_numel=0)
+            state = CompressedCommState(compressor, error_feedback=tag == "feedback")
+            model.set_custom_reduce_scatter(CompressedReduceScatter(state, "vector"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(200):
+            optimizer.zero_grad()
+            (0.5 * (model() - targets[RANK]).pow(2).sum()).backward()
+            optimizer.step()
+        weight = model.weight.full_tensor().detach()
+        result[f"error_{tag}"] = float((weight - mean_target).norm() / mean_target.norm())
+    return result
+
+
+class DyingModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if RANK == 1 and batch_idx == 2:
+            os._exit(3)
+        return self.body(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def die(out: Path) -> dict[str, Any]:
+    from datetime import timedelta
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 64))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=CompressedFSDPStrategy(min_numel=0, timeout=timedelta(seconds=60)),
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(DyingModule(), train_dataloaders=DataLoader(data, batch_size=4))
+    return {"finished": True}
+
+
+SCENARIOS = {"parity": parity, "resume": resume, "ddp": ddp, "feedback": feedback, "die": die}
+
+
+def main() -> None:
+    names, out = sys.argv[1].split(","), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        result = SCENARIOS[name](out)
+        (out / f"{name}.rank{RANK}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
