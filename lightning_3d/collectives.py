@@ -278,7 +278,7 @@ def compressed_reduce_scatter(
         message = compressor.compress(chunks[destination], residual, dense=dense).to_bytes()
         send[destination, : message.numel()] = message
     received = exchange_slots(send, group, state)
-    total = chunks[rank].float()
+    total = chunks[rank].to(torch.float32, copy=True)  # never write into the caller's input
     for source in range(world):
         if source != rank:
             message = CompressedTensor.from_bytes(received[source], padded=True)

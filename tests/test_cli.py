@@ -16,6 +16,7 @@ from lightning_3d.loggers import default_loggers, wandb_credentials_available
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "examples" / "configs" / "rt_minilm_baseline.yaml"
 LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
+FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 
 
 def _cli() -> list[str]:
@@ -77,6 +78,50 @@ def test_cli_fit_writes_offline_wandb_run_and_csv_metrics(tmp_path) -> None:
     assert list(root.rglob("best-*.ckpt"))
 
 
+def test_cli_fits_with_the_compressed_fsdp_strategy_on_two_processes(tmp_path) -> None:
+    root = tmp_path / "run"
+    args = [
+        *_cli(),
+        "fit",
+        "--config",
+        str(FSDP_CONFIG),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(root),
+        "--test_after_fit",
+        "false",
+        "--data.init_args.batch_size",
+        "4",
+    ]
+    env = {**_offline_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    with open(next(root.glob("lightning_logs/version_*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    ratios = [float(r["comm/compression_ratio"]) for r in rows if r.get("comm/compression_ratio")]
+    assert len(ratios) == 2 and min(ratios) >= 12
+    # the best checkpoint is a sharded folder with both ranks' residuals
+    (checkpoint,) = root.rglob("best-*.ckpt")
+    assert sorted(f.name for f in checkpoint.glob("compression_state.rank*.pt")) == [
+        "compression_state.rank0.pt",
+        "compression_state.rank1.pt",
+    ]
+
+
 def test_cli_help_lists_the_subcommands(tmp_path) -> None:
     result = subprocess.run(
         [*_cli(), "--help"], env=_offline_env(tmp_path), capture_output=True, text=True, timeout=300
@@ -86,7 +131,13 @@ def test_cli_help_lists_the_subcommands(tmp_path) -> None:
         assert subcommand in result.stdout
 
 
-@pytest.mark.parametrize("config", [BASELINE, LM_CONFIG])
+def test_every_example_config_is_tested() -> None:
+    assert sorted((REPO / "examples" / "configs").glob("*.yaml")) == sorted(
+        [BASELINE, LM_CONFIG, FSDP_CONFIG]
+    )
+
+
+@pytest.mark.parametrize("config", [BASELINE, LM_CONFIG, FSDP_CONFIG])
 def test_example_configs_parse(config, tmp_path) -> None:
     result = subprocess.run(
         [*_cli(), "fit", "--config", str(config), "--print_config"],

@@ -73,7 +73,7 @@ def launch(scenarios: str, out: Path, timeout: float) -> list[subprocess.Complet
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("distributed")
-    scenarios = "parity,resume,ddp,feedback"
+    scenarios = "parity,resume,ddp,feedback,reduce_ops"
     for rank, result in enumerate(launch(scenarios, out, timeout=1500)):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
     merged: list[dict[str, Any]] = [{}, {}]
@@ -99,6 +99,16 @@ def test_dense_path_equals_fsdp2_reduce_scatter(job):
     assert rank0["losses_dense"] == pytest.approx(rank0["losses_fsdp"], abs=1e-6)
 
 
+def test_reduce_ops_and_uneven_shards_match_fsdp2(job):
+    # Linear(7, 5) and Linear(5, 3) on 2 ranks: every shard padded; each rank checks its own
+    for rank in job[1]:
+        assert rank["largest_gradient"] > 0.1
+        assert rank["difference_avg"] == 0.0
+        assert rank["difference_fp16_reduce"] == 0.0
+        # PREMUL_SUM(1/3): gloo has no such op, so against the average times 2/3 (float rounding)
+        assert rank["difference_divide_factor"] <= 1e-6
+
+
 def test_compressed_run_stays_close_to_dense(job):
     _, (rank0, _) = job
     # Compression changes the parameters, but the loss after each step stays within 0.01 of the
@@ -112,6 +122,14 @@ def test_compressed_run_sends_twelve_times_fewer_bytes(job):
     _, (rank0, _) = job
     assert rank0["dense_bytes"] / rank0["wire_bytes"] >= 12
     assert rank0["residual_norm"] > 0
+
+
+def test_mixed_precision_passes_through(job):
+    _, (rank0, _) = job
+    # bf16 parameters and gradients: the dense baseline is 2 bytes per entry, so about 6.9x
+    assert 6 <= rank0["bf16_ratio"] < 8
+    for mixed, dense in zip(rank0["losses_bf16"], rank0["losses_fsdp"], strict=True):
+        assert abs(mixed - dense) <= 0.03
 
 
 def test_all_gather_fallback_gives_the_same_result(job):

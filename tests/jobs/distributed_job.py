@@ -12,6 +12,8 @@ Scenarios:
     single-file, against the uninterrupted run.
   ddp: DDP, and DDP through the compressed hook sent dense and compressed.
   feedback: FSDP2 on a separable quadratic, compressed with and without error feedback, and dense.
+  reduce_ops: our reduce-scatter sent dense against FSDP2's own, on odd shapes, for AVG, a
+    gradient divide factor and fp16 reduction.
   die: rank 1 exits in its third step; rank 0 must stop with an error (not hang).
 """
 
@@ -160,6 +162,10 @@ def parity(out: Path) -> dict[str, Any]:
     result["residual_norm"] = strategy.comm_state.residual_norm()
     result["parameter_sums"] = {k: float(v.double().sum()) for k, v in run["params"].items()}
 
+    mixed = CompressedFSDPStrategy(param_dtype="bfloat16", reduce_dtype="bfloat16")
+    _, result["losses_bf16"] = fit(mixed)
+    result["bf16_ratio"] = mixed.comm_totals.dense_bytes / mixed.comm_totals.wire_bytes
+
     gathered, result["losses_all_gather"] = fit(CompressedFSDPStrategy(exchange="all_gather"))
     result["all_gather_vs_all_to_all"] = max_difference(full_parameters(gathered), run["params"])
     return result
@@ -246,6 +252,48 @@ def feedback(out: Path) -> dict[str, Any]:
     return result
 
 
+def reduce_ops(out: Path) -> dict[str, Any]:
+    """Our reduce-scatter, sent dense, against FSDP2's own on odd shapes (uneven padding): the
+    default average, fp16 reduction (pre/post divide around a SUM), and a gradient divide factor
+    (PREMUL_SUM, which gloo itself refuses: compared with the average rescaled by hand)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from lightning_3d.collectives import CompressedCommState, CompressedReduceScatter
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=RANK, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+
+    def gradients(ours: bool, reduce_dtype: torch.dtype | None, factor: float | None) -> list:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+        for index, layer in enumerate(model):
+            fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
+            if ours:
+                state = CompressedCommState(GradientCompressor(min_numel=0), warmup_steps=10**6)
+                layer.set_custom_reduce_scatter(CompressedReduceScatter(state, str(index)))
+            if factor is not None:
+                layer.set_gradient_divide_factor(factor)
+        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(RANK))
+        model(x).pow(2).sum().backward()
+        return [p.grad.to_local().clone() for p in model.parameters()]
+
+    def difference(a: list, b: list) -> float:
+        return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+    average = gradients(False, None, None)
+    rescaled = [g * 2 / 3 for g in average]
+    return {
+        "largest_gradient": max(float(g.abs().max()) for g in average),
+        "difference_avg": difference(gradients(True, None, None), average),
+        "difference_fp16_reduce": difference(
+            gradients(True, torch.float16, None), gradients(False, torch.float16, None)
+        ),
+        "difference_divide_factor": difference(gradients(True, None, 3.0), rescaled),
+    }
+
+
 class DyingModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -278,7 +326,14 @@ def die(out: Path) -> dict[str, Any]:
     return {"finished": True}
 
 
-SCENARIOS = {"parity": parity, "resume": resume, "ddp": ddp, "feedback": feedback, "die": die}
+SCENARIOS = {
+    "parity": parity,
+    "resume": resume,
+    "ddp": ddp,
+    "feedback": feedback,
+    "reduce_ops": reduce_ops,
+    "die": die,
+}
 
 
 def main() -> None:

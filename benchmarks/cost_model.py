@@ -1,0 +1,140 @@
+"""Alpha-beta projection of FSDP2 step time, dense against compressed reduce-scatter, at scale.
+
+Model (per GPU, per optimizer step, ``W`` data-parallel GPUs, ``P`` parameters, ``L`` FSDP units):
+
+* ring all-gather or reduce-scatter of ``S`` bytes over links of ``R`` bytes/s:
+  ``(W - 1) * alpha + (W - 1) / W * S / (eta * R)``
+* compressed reduce-scatter (all-to-all of slots):
+  ``(W - 1) * alpha + (W - 1) / W * S / (rho * eta * R) + t_codec`` with
+  ``t_codec = 2 * 4P / codec_throughput`` (compress what is sent, decode what arrives)
+* FSDP2 with ``reshard_after_forward``: two all-gathers of bf16 parameters (``2P`` bytes each:
+  forward and backward) and one reduce-scatter of fp32 gradients (``4P`` bytes), each in ``L``
+  pieces (one per unit, so ``L`` latencies each)
+* compute: ``6 * P * T / (peak * mfu)`` for ``T`` tokens per GPU per step
+* step time without overlap: compute + communication; with full overlap: max of the two.
+
+``eta`` (achieved share of the link rate) is calibrated from the network benchmark's dense FSDP2
+step times at two link rates (``t = t0 + bytes / (eta * R)`` solved for ``t0`` and ``eta``) when
+``--calibration`` points to its JSON; ``rho`` is the measured wire ratio. Everything else is an
+assumption printed with the table.
+
+Usage::
+
+    python benchmarks/cost_model.py --calibration network.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+RATES = {"100mbit": 100e6 / 8, "1gbit": 1e9 / 8}  # bytes per second
+
+
+@dataclass
+class Assumptions:
+    """What the projection takes as given (defaults: an H100 cluster, bf16 training)."""
+
+    alpha_s: float = 10e-6  # per message on the inter-node fabric (NCCL over InfiniBand/RoCE)
+    eta: float = 0.8  # achieved share of the link rate; replaced by the calibrated value
+    rho: float = 13.76  # wire ratio at density 0.15, int8, block 256 (measured)
+    codec_bytes_per_s: float = 1.0e12  # fp32 input per second through compress/decode on a GPU
+    peak_flops: float = 989e12  # H100 SXM bf16 dense
+    mfu: float = 0.4
+    tokens_per_gpu: int = 16 * 2048
+    layers_1b: int = 24
+    layers_7b: int = 32
+
+
+def ring(nbytes: float, world: int, rate: float, a: Assumptions, pieces: int) -> float:
+    """Ring all-gather or reduce-scatter of ``nbytes`` in ``pieces`` collectives."""
+    return pieces * (world - 1) * a.alpha_s + (world - 1) / world * nbytes / (a.eta * rate)
+
+
+def step_times(params: float, layers: int, world: int, rate: float, a: Assumptions) -> dict:
+    compute = 6 * params * a.tokens_per_gpu / (a.peak_flops * a.mfu)
+    gathers = 2 * ring(2 * params, world, rate, a, layers)
+    dense_rs = ring(4 * params, world, rate, a, layers)
+    compressed_rs = (
+        layers * (world - 1) * a.alpha_s
+        + (world - 1) / world * 4 * params / (a.rho * a.eta * rate)
+        + 2 * 4 * params / a.codec_bytes_per_s
+    )
+    dense_comm, compressed_comm = gathers + dense_rs, gathers + compressed_rs
+    return {
+        "compute": compute,
+        "dense": compute + dense_comm,
+        "compressed": compute + compressed_comm,
+        "dense_overlap": max(compute, dense_comm),
+        "compressed_overlap": max(compute, compressed_comm),
+    }
+
+
+def calibrate(path: Path) -> tuple[float, float, str]:
+    """``eta`` and the fixed step time from dense FSDP2 at two rates of the network benchmark."""
+    table = json.loads(path.read_text())
+    points = []
+    for rate_name, rows in table.items():
+        row = next(r for r in rows if r["strategy"] == "fsdp2")
+        # per rank per step on 2 ranks: 2 all-gathers + 1 reduce-scatter of fp32, half of each
+        nbytes = 3 * 0.5 * 4 * row["params"]
+        points.append((RATES[rate_name], row["median_step_s"], nbytes))
+    (r1, t1, nbytes), (r2, t2, _) = points[:2]
+    eta = nbytes * (1 / r1 - 1 / r2) / (t1 - t2)
+    fixed = t1 - nbytes / (eta * r1)
+    note = (
+        f"eta = {eta:.2f} from dense FSDP2 on 2 ranks at {8 * r1 / 1e6:.0f} and {8 * r2 / 1e6:.0f} "
+        f"Mbit/s ({t1:.2f} s and {t2:.2f} s per step, {nbytes / 1e6:.0f} MB per rank per step; "
+        f"fixed part {fixed:.2f} s)"
+    )
+    # check the model on the run it did not see: compressed FSDP2 (fp32 gathers, 1/rho of the
+    # reduce-scatter; the CPU codec time is left out)
+    for rate_name, rows in table.items():
+        row = next(r for r in rows if r["strategy"] == "fsdp2_compressed")
+        sent = 0.5 * 4 * row["params"] * (2 + 1 / Assumptions.rho)
+        predicted = fixed + sent / (eta * RATES[rate_name])
+        note += (
+            f"\ncheck, compressed FSDP2 at {rate_name}: model {predicted:.2f} s per step, "
+            f"measured {row['median_step_s']:.2f} s"
+        )
+    return eta, fixed, note
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calibration", type=Path, help="JSON from fsdp_compression.py network")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 128, 512])
+    parser.add_argument("--links-gbit", type=float, nargs="+", default=[100, 400])
+    args = parser.parse_args()
+    a = Assumptions()
+    if args.calibration:
+        a.eta, _, note = calibrate(args.calibration)
+        print(note)
+    models = {"1B": (1e9, a.layers_1b), "7B": (7e9, a.layers_7b)}
+    print(
+        "| model | GPUs | link Gbit/s | compute s | dense s | compressed s | speed-up | "
+        "speed-up, full overlap |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for model, (params, layers) in models.items():
+        for link in args.links_gbit:
+            for world in args.gpus:
+                t = step_times(params, layers, world, link * 1e9 / 8, a)
+                print(
+                    f"| {model} | {world} | {link:.0f} | {t['compute']:.2f} | {t['dense']:.2f} | "
+                    f"{t['compressed']:.2f} | {t['dense'] / t['compressed']:.2f}x | "
+                    f"{t['dense_overlap'] / t['compressed_overlap']:.2f}x |"
+                )
+    print(
+        f"\nAssumptions: alpha {a.alpha_s * 1e6:.0f} us per collective piece, eta {a.eta:.2f}, "
+        f"wire ratio {a.rho}, codec {a.codec_bytes_per_s / 1e12:.1f} TB/s of fp32 per GPU (not "
+        f"yet measured), {a.peak_flops / 1e12:.0f} TFLOP/s at {a.mfu:.0%} MFU, "
+        f"{a.tokens_per_gpu} tokens per GPU per step, bf16 parameters gathered twice per step, "
+        "fp32 gradients reduce-scattered once, one FSDP unit per layer, every GPU on its own link."
+    )
+
+
+if __name__ == "__main__":
+    main()
