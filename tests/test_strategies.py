@@ -73,7 +73,7 @@ def launch(scenarios: str, out: Path, timeout: float) -> list[subprocess.Complet
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("distributed")
-    scenarios = "parity,resume,ddp,feedback,reduce_ops"
+    scenarios = "parity,resume,ddp,feedback,reduce_ops,own_sharding"
     for rank, result in enumerate(launch(scenarios, out, timeout=1500)):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
     merged: list[dict[str, Any]] = [{}, {}]
@@ -107,6 +107,12 @@ def test_reduce_ops_and_uneven_shards_match_fsdp2(job):
         assert rank["difference_fp16_reduce"] == 0.0
         # PREMUL_SUM(1/3): gloo has no such op, so against the average times 2/3 (float rounding)
         assert rank["difference_divide_factor"] <= 1e-6
+
+
+def test_configure_model_sharding_wins(job):
+    _, (rank0, _) = job
+    assert rank0["units"] == ["body"]  # the policy would have made each Linear a unit too
+    assert rank0["calls"] == 3  # 3 steps, one compressed reduce-scatter each
 
 
 def test_compressed_run_stays_close_to_dense(job):

@@ -14,6 +14,7 @@ Scenarios:
   feedback: FSDP2 on a separable quadratic, compressed with and without error feedback, and dense.
   reduce_ops: our reduce-scatter sent dense against FSDP2's own, on odd shapes, for AVG, a
     gradient divide factor and fp16 reduction.
+  own_sharding: a LightningModule whose configure_model shards it; the strategy keeps that.
   die: rank 1 exits in its third step; rank 0 must stop with an error (not hang).
 """
 
@@ -294,6 +295,47 @@ def reduce_ops(out: Path) -> dict[str, Any]:
     }
 
 
+class SelfShardingModule(pl.LightningModule):
+    """Applies fully_shard itself in configure_model: the strategy must keep that sharding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.body, mesh=self.device_mesh["data_parallel"])  # one unit, not per layer
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.body(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def own_sharding(out: Path) -> dict[str, Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    module = SelfShardingModule()
+    data = torch.utils.data.TensorDataset(torch.randn(32, 64))
+    strategy = CompressedFSDPStrategy(min_numel=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=4))
+    units = [name for name, m in module.named_modules() if isinstance(m, FSDPModule)]
+    # one compressed reduce-scatter per step: the module's single unit, and nothing else
+    return {"units": units, "calls": strategy.comm_totals.calls}
+
+
 class DyingModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -332,6 +374,7 @@ SCENARIOS = {
     "ddp": ddp,
     "feedback": feedback,
     "reduce_ops": reduce_ops,
+    "own_sharding": own_sharding,
     "die": die,
 }
 
@@ -342,6 +385,9 @@ def main() -> None:
     for name in names:
         result = SCENARIOS[name](out)
         (out / f"{name}.rank{RANK}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()  # a live gloo group can abort the interpreter at exit
 
 
 if __name__ == "__main__":
