@@ -132,7 +132,8 @@ def main() -> None:
         f"wire ratio {a.rho}, codec {a.codec_bytes_per_s / 1e12:.1f} TB/s of fp32 per GPU (not "
         f"yet measured), {a.peak_flops / 1e12:.0f} TFLOP/s at {a.mfu:.0%} MFU, "
         f"{a.tokens_per_gpu} tokens per GPU per step, bf16 parameters gathered twice per step, "
-        "fp32 gradients reduce-scattered once, one FSDP unit per layer, every GPU on its own link."
+        "fp32 gradients reduce-scattered once (reduce_dtype=float32), one FSDP unit per layer, "
+        "every GPU on its own link, no host syncs in the codec."
     )
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,11 +49,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
-from lightning_3d.compression import CompressedTensor, GradientCompressor
+from lightning_3d.compression import CompressedTensor, GradientCompressor, NonFiniteError
 
 log = logging.getLogger(__name__)
 
 Exchange = Literal["auto", "all_to_all", "all_gather"]
+ReduceOpLike = dist.ReduceOp | dist.ReduceOp.RedOpType
 EXCHANGES = ("auto", "all_to_all", "all_gather")
 RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -70,7 +72,7 @@ class CollectiveError(RuntimeError):
     """A compressed collective failed, usually because another rank died or timed out."""
 
 
-def reduce_op_scale(op: Any, world_size: int) -> float:
+def reduce_op_scale(op: ReduceOpLike, world_size: int) -> float:
     """The factor a reduce-scatter applies to the sum for ``op`` (``SUM``, ``AVG``, ``PREMUL_SUM``).
 
     >>> reduce_op_scale(dist.ReduceOp.SUM, world_size=2)
@@ -93,14 +95,17 @@ class CommStats:
     Attributes:
         wire_bytes: bytes this rank put into collectives (fixed-size slots included).
         dense_bytes: bytes the uncompressed collective would have sent for the same gradients.
-        seconds: wall time spent in compression, exchange and decoding.
+        seconds: host wall time spent in compression, exchange and decoding (on a GPU this
+            includes the syncs the codec makes, not kernels still queued when it returns).
         calls: number of collective calls.
+        nonfinite: messages sent as NaN because the gradient held NaN/Inf.
     """
 
     wire_bytes: int = 0
     dense_bytes: int = 0
     seconds: float = 0.0
     calls: int = 0
+    nonfinite: int = 0
 
     def add(self, other: CommStats) -> None:
         """Add ``other``'s figures to these."""
@@ -108,6 +113,7 @@ class CommStats:
         self.dense_bytes += other.dense_bytes
         self.seconds += other.seconds
         self.calls += other.calls
+        self.nonfinite += other.nonfinite
 
 
 class CompressedCommState:
@@ -115,7 +121,7 @@ class CompressedCommState:
 
     One state serves a whole model (all of its FSDP modules, or all DDP buckets); residuals are
     keyed by a name per module or bucket and destination. ``step`` counts optimizer steps: the
-    Lightning strategy sets it, the DDP hook counts buckets.
+    Lightning strategy sets it, the DDP hook counts iterations.
 
     Args:
         compressor: the codec (density, value format, block size, selection, small-tensor cut).
@@ -188,7 +194,10 @@ class CompressedCommState:
 
     def residual_norm(self) -> float:
         """The 2-norm of all residuals of this rank together."""
-        return math.sqrt(sum(float(r.float().pow(2).sum()) for r in self.residuals.values()))
+        if not self.residuals:
+            return 0.0
+        squares = torch.stack([r.float().pow(2).sum().cpu() for r in self.residuals.values()])
+        return math.sqrt(float(squares.sum()))
 
     def take_stats(self) -> CommStats:
         """Return the statistics gathered since the last call and start new ones."""
@@ -251,6 +260,25 @@ def exchange_bytes_per_call(state: CompressedCommState, slot: int, world: int) -
     return slot * (world - 1)
 
 
+def compress_or_mark(
+    compressor: GradientCompressor,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    dense: bool,
+    state: CompressedCommState,
+) -> CompressedTensor:
+    """Compress ``x``; if it holds NaN/Inf, a marker that decodes to NaN (residual untouched).
+
+    Collectives never raise for non-finite gradients (a rank leaving a collective early would
+    hang the others); they pass NaN on, as an uncompressed reduction would, and count it.
+    """
+    try:
+        return compressor.compress(x, residual, dense=dense)
+    except NonFiniteError:
+        state.stats.nonfinite += 1
+        return compressor.nonfinite_marker(x.numel(), x.dtype, x.device)
+
+
 def compressed_reduce_scatter(
     chunks: torch.Tensor, group: dist.ProcessGroup | None, state: CompressedCommState, key: str
 ) -> torch.Tensor:
@@ -275,8 +303,9 @@ def compressed_reduce_scatter(
         if destination == rank:
             continue
         residual = state.residual(f"{key}/to{destination}", numel, chunks.device)
-        message = compressor.compress(chunks[destination], residual, dense=dense).to_bytes()
-        send[destination, : message.numel()] = message
+        message = compress_or_mark(compressor, chunks[destination], residual, dense, state)
+        wire = message.to_bytes()
+        send[destination, : wire.numel()] = wire
     received = exchange_slots(send, group, state)
     total = chunks[rank].to(torch.float32, copy=True)  # never write into the caller's input
     for source in range(world):
@@ -302,7 +331,9 @@ class CompressedReduceScatter(ReduceScatter):
         self.state = state
         self.name = name
 
-    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def allocate(
+        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(
@@ -310,7 +341,7 @@ class CompressedReduceScatter(ReduceScatter):
         output_tensor: torch.Tensor,
         input_tensor: torch.Tensor,
         group: dist.ProcessGroup,
-        op: Any,
+        op: ReduceOpLike,
         async_op: bool = False,
     ) -> None:
         world = dist.get_world_size(group)
@@ -326,9 +357,10 @@ class CompressedReduceScatter(ReduceScatter):
 class CompressedAllReduceState(CompressedCommState):
     """State of :func:`compressed_allreduce_hook`: worker and server residuals per bucket.
 
-    Arguments as :class:`CompressedCommState`; ``warmup_steps`` counts DDP iterations and should
-    be at least 2 with error feedback, because DDP rebuilds its buckets after the first one (as
-    for PowerSGD's ``start_powerSGD_iter``).
+    Arguments as :class:`CompressedCommState`; ``warmup_steps`` counts DDP iterations. The first
+    iteration after the hook is registered (``iterations_since_registered == 0``) is always sent
+    dense: DDP rebuilds its buckets after it, so residuals are only kept for the final layout
+    (a strategy resets the counter when it wraps a model again, e.g. on resume).
 
     Example::
 
@@ -336,6 +368,8 @@ class CompressedAllReduceState(CompressedCommState):
         state = CompressedAllReduceState(GradientCompressor(density=0.15), warmup_steps=10)
         strategy = DDPStrategy(ddp_comm_hook=compressed_allreduce_hook, ddp_comm_state=state)
     """
+
+    iterations_since_registered = 0
 
 
 def compressed_allreduce_hook(
@@ -349,9 +383,10 @@ def compressed_allreduce_hook(
     group = state.process_group
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    devices = [buffer.device] if buffer.is_cuda else None
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future(devices=devices)
     try:
-        if world == 1 or not state.compressing:
+        if world == 1 or not state.compressing or state.iterations_since_registered == 0:
             dist.all_reduce(buffer, group=group)
             buffer.div_(world)
             ring_bytes = 2 * (world - 1) * -(-buffer.numel() // world) * buffer.element_size()
@@ -365,6 +400,7 @@ def compressed_allreduce_hook(
         raise CollectiveError(_failure_message(group, error)) from error
     if bucket.is_last():
         state.step += 1
+        state.iterations_since_registered += 1
     future.set_result(buffer)
     return future
 
@@ -392,8 +428,8 @@ def _compressed_allreduce(
     slot = slot_nbytes(compressor, chunk, torch.float32, dense=False)
     send = torch.zeros(slot, dtype=torch.uint8, device=buffer.device)
     residual = state.residual(f"{key}/server", chunk, buffer.device)
-    message = compressor.compress(total, residual).to_bytes()
-    send[: message.numel()] = message
+    wire = compress_or_mark(compressor, total, residual, False, state).to_bytes()
+    send[: wire.numel()] = wire
     gathered = send.new_empty(world * slot)
     dist.all_gather_into_tensor(gathered, send, group=group)
     gathered = gathered.view(world, slot)

@@ -58,7 +58,7 @@ MAGIC = b"L3DC"
 WIRE_VERSION = 1
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
-# magic, version, value format, dtype, dense flag, numel, block size, count, reserved
+# magic, version, value format, dtype, dense flag, numel, block size, count, flags
 _HEADER = struct.Struct("<4sBBBBQIQI")
 assert _HEADER.size == HEADER_BYTES
 MIN_SAMPLE = 1024
@@ -82,6 +82,9 @@ class CompressedTensor:
         bitmap: uint8 ``[ceil(numel / 8)]``; bit ``i % 8`` of byte ``i // 8`` marks entry i kept.
         values: uint8 ``[count]``, the raw int8/fp8 codes of the kept entries in index order.
         dense: the whole tensor in ``dtype`` when it was sent dense (then the others are empty).
+        nonfinite: the sender's input held NaN/Inf and nothing was encoded: the message decodes
+            to NaN everywhere (header flag bit 0), so a collective propagates it as an
+            uncompressed one would.
     """
 
     numel: int
@@ -93,6 +96,7 @@ class CompressedTensor:
     bitmap: torch.Tensor
     values: torch.Tensor
     dense: torch.Tensor | None = None
+    nonfinite: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -116,7 +120,7 @@ class CompressedTensor:
             self.numel,
             self.block_size,
             self.count,
-            0,
+            int(self.nonfinite),
         )
         head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device)
         if self.dense is not None:
@@ -135,7 +139,7 @@ class CompressedTensor:
         if buffer.numel() < HEADER_BYTES:
             raise ValueError(f"buffer of {buffer.numel()} bytes is shorter than the header")
         fields = _HEADER.unpack(bytes(buffer[:HEADER_BYTES].cpu().numpy()))
-        magic, version, fmt, dtype_code, dense, numel, block_size, count, _ = fields
+        magic, version, fmt, dtype_code, dense, numel, block_size, count, flags = fields
         if magic != MAGIC or version != WIRE_VERSION:
             raise ValueError(f"not a lightning-3d compressed buffer (magic {magic!r}, v{version})")
         dtype, value_format = _CODE_DTYPES[dtype_code], VALUE_FORMATS[fmt]
@@ -152,7 +156,18 @@ class CompressedTensor:
         scales = body[: 4 * blocks].view(torch.float32)
         bitmap = body[4 * blocks : 4 * blocks + bitmap_bytes]
         values = body[4 * blocks + bitmap_bytes :]
-        return cls(numel, dtype, block_size, value_format, count, scales, bitmap, values)
+        return cls(
+            numel,
+            dtype,
+            block_size,
+            value_format,
+            count,
+            scales,
+            bitmap,
+            values,
+            None,
+            bool(flags & 1),
+        )
 
 
 def wire_nbytes(numel: int, block_size: int, count: int) -> int:
@@ -431,7 +446,9 @@ class GradientCompressor:
         if out.numel() != message.numel:
             raise ValueError(f"out has {out.numel()} entries, the message {message.numel}")
         flat = out.view(-1)
-        if message.dense is not None:
+        if message.nonfinite:
+            flat.fill_(float("nan"))
+        elif message.dense is not None:
             dense = message.dense.reshape(-1).float()
             flat.copy_(flat.float() + dense if accumulate else dense)
         elif message.numel:
@@ -443,6 +460,28 @@ class GradientCompressor:
 
                 ops.decode(message, flat, accumulate)
         return out
+
+    def nonfinite_marker(
+        self, numel: int, dtype: torch.dtype, device: torch.device
+    ) -> CompressedTensor:
+        """An empty message flagged non-finite: it decodes to NaN. A collective sends it for an
+        input with NaN/Inf, so receivers see NaN as an uncompressed exchange would show it."""
+        return self._empty(numel, dtype, device, nonfinite=True)
+
+    def _empty(
+        self, numel: int, dtype: torch.dtype, device: torch.device, nonfinite: bool = False
+    ) -> CompressedTensor:
+        return CompressedTensor(
+            numel,
+            dtype,
+            self.block_size,
+            self.value_format,
+            0,
+            torch.zeros(-(-numel // self.block_size), dtype=torch.float32, device=device),
+            torch.zeros(-(-numel // 8), dtype=torch.uint8, device=device),
+            torch.empty(0, dtype=torch.uint8, device=device),
+            nonfinite=nonfinite,
+        )
 
     def _dense(self, x: torch.Tensor, residual: torch.Tensor | None) -> CompressedTensor:
         e = x.reshape(-1).float()
@@ -467,18 +506,7 @@ class GradientCompressor:
                 "unchanged (pass nonfinite='skip' to send zeros and count the step instead)"
             )
         self.skipped_steps += 1
-        numel = x.numel()
-        blocks = -(-numel // self.block_size)
-        return CompressedTensor(
-            numel,
-            x.dtype,
-            self.block_size,
-            self.value_format,
-            0,
-            torch.zeros(blocks, dtype=torch.float32, device=x.device),
-            torch.zeros(-(-numel // 8), dtype=torch.uint8, device=x.device),
-            x.new_empty(0, dtype=torch.uint8),
-        )
+        return self._empty(x.numel(), x.dtype, x.device)
 
 
 class ErrorFeedback:

@@ -13,10 +13,38 @@ import torch.distributed as dist
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
 
 from lightning_3d.collectives import CollectiveError, CommStats, CompressedCommState
+from lightning_3d.compression import GradientCompressor
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "lightning_3d_compression"
+NONFINITE = ("propagate", "skip")
+
+
+def make_compressor(
+    density: float,
+    value_format: str,
+    block_size: int,
+    selection: str,
+    min_numel: int,
+    nonfinite: str,
+) -> GradientCompressor:
+    """The codec a strategy's arguments describe (each argument checked, by name).
+
+    ``nonfinite="propagate"`` passes NaN on to the receiving ranks, as an uncompressed reduction
+    would (GradScaler and anomaly checks then see it); ``"skip"`` sends zeros instead and counts
+    the message. Either way the residual is left untouched.
+    """
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    return GradientCompressor(
+        density=density,
+        block_size=block_size,
+        value_format=value_format,
+        selection=selection,
+        min_numel=min_numel,
+        nonfinite="raise" if nonfinite == "propagate" else "skip",
+    )
 
 
 class CompressionStrategyMixin:
@@ -24,7 +52,8 @@ class CompressionStrategyMixin:
 
     Logs, every ``log_every_n_steps`` optimizer steps, summed over ranks: ``comm/wire_bytes``,
     ``comm/dense_bytes``, ``comm/compression_ratio`` (dense / wire), ``comm/residual_norm``,
-    ``comm/seconds`` (mean per rank) and ``comm/compressing`` (0 during warm-up).
+    ``comm/seconds`` (mean per rank), ``comm/compressing`` (0 during warm-up) and
+    ``comm/nonfinite_messages``.
     ``comm_totals`` keeps this rank's figures over the whole run.
     """
 
@@ -39,7 +68,9 @@ class CompressionStrategyMixin:
         self.comm_totals.add(stats)
         self._comm_window.add(stats)
         trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
-        if not trainer.loggers or trainer.global_step % max(1, trainer.log_every_n_steps):
+        every = trainer.log_every_n_steps
+        # as Lightning's own logging: every n-th step (counting from 1), never when n is 0
+        if not trainer.loggers or not every or (trainer.global_step + 1) % every:
             return
         window, self._comm_window = self._comm_window, CommStats()
         figures = torch.tensor(
@@ -48,13 +79,14 @@ class CompressionStrategyMixin:
                 window.dense_bytes,
                 window.seconds,
                 self.comm_state.residual_norm() ** 2,
+                window.nonfinite,
             ],
             dtype=torch.float64,
             device=self.root_device,  # type: ignore[attr-defined]
         )
         if _distributed_is_initialized():
             dist.all_reduce(figures, group=self.comm_state.process_group)
-        wire, dense, seconds, residual_sq = figures.tolist()
+        wire, dense, seconds, residual_sq, nonfinite = figures.tolist()
         metrics = {
             "comm/wire_bytes": wire,
             "comm/dense_bytes": dense,
@@ -62,6 +94,7 @@ class CompressionStrategyMixin:
             "comm/residual_norm": math.sqrt(residual_sq),
             "comm/seconds": seconds / self.world_size,  # type: ignore[attr-defined]
             "comm/compressing": float(self.comm_state.compressing),
+            "comm/nonfinite_messages": nonfinite,
         }
         if self.is_global_zero:  # type: ignore[attr-defined]
             for logger in trainer.loggers:
@@ -84,13 +117,14 @@ class CompressionStrategyMixin:
     def _local_comm_state(self) -> dict[str, Any]:
         return {"world_size": self.world_size, **self.comm_state.state_dict()}  # type: ignore[attr-defined]
 
-    def _gather_comm_states(self) -> list[dict[str, Any]]:
-        """Every rank's state (a collective; residuals travel through pickling, on the CPU)."""
+    def _gather_comm_states(self) -> list[dict[str, Any]] | None:
+        """Every rank's state on rank 0, ``None`` elsewhere (a collective; residuals travel
+        pickled, on the CPU, to rank 0 only)."""
         local = self._local_comm_state()
         if not _distributed_is_initialized():
             return [local]
-        states: list[Any] = [None] * self.world_size  # type: ignore[attr-defined]
-        dist.all_gather_object(states, local)
+        states: list[Any] | None = [None] * self.world_size if self.is_global_zero else None  # type: ignore[attr-defined]
+        dist.gather_object(local, states, dst=0)
         return states
 
     def _restore_comm_state(self, local: dict[str, Any] | None, source: Path) -> None:

@@ -8,8 +8,11 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_3d.collectives import CompressedAllReduceState, compressed_allreduce_hook
-from lightning_3d.compression import GradientCompressor
-from lightning_3d.strategies._compressed import STATE_KEY, CompressionStrategyMixin
+from lightning_3d.strategies._compressed import (
+    STATE_KEY,
+    CompressionStrategyMixin,
+    make_compressor,
+)
 
 
 class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
@@ -23,8 +26,8 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
     Args:
         density, value_format, block_size, selection, min_numel, residual_dtype, error_feedback,
             nonfinite: as for :class:`~lightning_3d.strategies.CompressedFSDPStrategy`.
-        warmup_steps: iterations sent dense first; at least 2 with error feedback, because DDP
-            rebuilds its gradient buckets after the first iteration.
+        warmup_steps: iterations sent dense first (the first iteration after DDP wraps the model
+            always is: DDP rebuilds its gradient buckets after it).
         **ddp_kwargs: passed to Lightning's ``DDPStrategy`` (``process_group_backend``,
             ``timeout``, ``find_unused_parameters``, ...).
 
@@ -41,11 +44,11 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
         value_format: str = "int8",
         block_size: int = 256,
         selection: str = "exact",
-        warmup_steps: int = 2,
+        warmup_steps: int = 0,
         min_numel: int = 4096,
         residual_dtype: str = "float32",
         error_feedback: bool = True,
-        nonfinite: str = "raise",
+        nonfinite: str = "propagate",
         **ddp_kwargs: Any,
     ) -> None:
         for taken in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper"):
@@ -53,13 +56,8 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
                 raise ValueError(
                     f"{taken} is set by CompressedDDPStrategy; use DDPStrategy instead"
                 )
-        compressor = GradientCompressor(
-            density=density,
-            block_size=block_size,
-            value_format=value_format,
-            selection=selection,
-            min_numel=min_numel,
-            nonfinite=nonfinite,
+        compressor = make_compressor(
+            density, value_format, block_size, selection, min_numel, nonfinite
         )
         self.comm_state = CompressedAllReduceState(
             compressor, warmup_steps, error_feedback, residual_dtype
@@ -70,6 +68,7 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
         self._init_comm_metrics()
 
     def configure_ddp(self) -> None:
+        self.comm_state.iterations_since_registered = 0  # a new DDP wrapper: buckets rebuilt
         super().configure_ddp()
         if self.root_device.type != "cuda":  # Lightning only registers hooks on CUDA
             self.model.register_comm_hook(self.comm_state, compressed_allreduce_hook)
@@ -84,7 +83,7 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
     ) -> None:
         """Save as ``DDPStrategy`` does (rank 0), with every rank's residuals in the file."""
         states = self._gather_comm_states()
-        if self.is_global_zero:
+        if states is not None:
             checkpoint[STATE_KEY] = states
         super().save_checkpoint(checkpoint, filepath, storage_options)
 

@@ -6,6 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -16,15 +17,19 @@ from torch.distributed.constants import default_pg_timeout
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
+    FullyShardedDataParallel,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
 )
 
 from lightning_3d.collectives import CompressedCommState, CompressedReduceScatter, Exchange
-from lightning_3d.compression import GradientCompressor
 from lightning_3d.sharding import shard_targets
-from lightning_3d.strategies._compressed import STATE_KEY, CompressionStrategyMixin
+from lightning_3d.strategies._compressed import (
+    STATE_KEY,
+    CompressionStrategyMixin,
+    make_compressor,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,7 +69,9 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         residual_dtype: ``"float32"`` or ``"bfloat16"``.
         error_feedback: carry what was not sent into the next step (keep on; off only to measure).
         exchange: ``"auto"``, ``"all_to_all"`` or ``"all_gather"``.
-        nonfinite: ``"raise"`` or ``"skip"`` when a gradient holds NaN/Inf.
+        nonfinite: when a gradient holds NaN/Inf: ``"propagate"`` (the receivers get NaN, as
+            with FSDP2's own reduce-scatter) or ``"skip"`` (send zeros and count it); the
+            residual is never touched.
         compress: ``False`` keeps FSDP2's own reduce-scatter (same sharding; a baseline).
         shard_modules: class names to shard as units (default: the transformer blocks).
         min_num_params: also shard every module with this many parameters not yet in a unit.
@@ -95,7 +102,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         residual_dtype: str = "float32",
         error_feedback: bool = True,
         exchange: Exchange = "auto",
-        nonfinite: str = "raise",
+        nonfinite: str = "propagate",
         compress: bool = True,
         shard_modules: list[str] | None = None,
         min_num_params: int | None = None,
@@ -112,13 +119,8 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        compressor = GradientCompressor(
-            density=density,
-            block_size=block_size,
-            value_format=value_format,
-            selection=selection,
-            min_numel=min_numel,
-            nonfinite=nonfinite,
+        compressor = make_compressor(
+            density, value_format, block_size, selection, min_numel, nonfinite
         )
         self.comm_state = CompressedCommState(
             compressor, warmup_steps, error_feedback, residual_dtype, exchange
@@ -143,10 +145,15 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
+        if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+            raise TypeError(
+                "found modules wrapped with FSDP1's FullyShardedDataParallel; "
+                f"{type(self).__name__} uses FSDP2 (fully_shard) only"
+            )
         if not any(isinstance(m, FSDPModule) for m in module.modules()):
             self._shard(module)
         if self.compress:
@@ -213,7 +220,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             self.barrier()
             return
         states = self._gather_comm_states()
-        if self.is_global_zero:
+        if states is not None:
             checkpoint[STATE_KEY] = states
         super().save_checkpoint(checkpoint, filepath, storage_options)
 

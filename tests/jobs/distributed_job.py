@@ -148,7 +148,6 @@ def parity(out: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     baseline, result["losses_fsdp"] = fit(CompressedFSDPStrategy(compress=False))
     reference = full_parameters(baseline)
-    result["rank_spread_fsdp"] = rank_spread(reference)
 
     dense, result["losses_dense"] = fit(CompressedFSDPStrategy(warmup_steps=10**6))
     result["dense_vs_fsdp"] = max_difference(full_parameters(dense), reference)
@@ -156,7 +155,6 @@ def parity(out: Path) -> dict[str, Any]:
     run = compressed_run(out)
     strategy = run["strategy"]
     result["losses_compressed"] = run["losses"]
-    result["rank_spread_compressed"] = rank_spread(run["params"])
     result["compressed_vs_fsdp"] = max_difference(run["params"], reference)
     result["wire_bytes"] = strategy.comm_totals.wire_bytes
     result["dense_bytes"] = strategy.comm_totals.dense_bytes
@@ -254,9 +252,10 @@ def feedback(out: Path) -> dict[str, Any]:
 
 
 def reduce_ops(out: Path) -> dict[str, Any]:
-    """Our reduce-scatter, sent dense, against FSDP2's own on odd shapes (uneven padding): the
-    default average, fp16 reduction (pre/post divide around a SUM), and a gradient divide factor
-    (PREMUL_SUM, which gloo itself refuses: compared with the average rescaled by hand)."""
+    """Our reduce-scatter against FSDP2's own on odd shapes (uneven padding): sent dense, for the
+    default average, fp16 reduction (pre/post divide around a SUM) and a gradient divide factor
+    (PREMUL_SUM, which gloo itself refuses: compared with the average rescaled by hand); then
+    compressed, the divide factor again, and a NaN on rank 1 reaching both ranks' shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -265,33 +264,53 @@ def reduce_ops(out: Path) -> dict[str, Any]:
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=RANK, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
+    nonfinite_messages = []
 
-    def gradients(ours: bool, reduce_dtype: torch.dtype | None, factor: float | None) -> list:
+    def gradients(
+        ours: bool,
+        reduce_dtype: torch.dtype | None = None,
+        factor: float | None = None,
+        compressing: bool = False,
+        poison: bool = False,
+    ) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+        compressor = GradientCompressor(density=0.5, block_size=8, min_numel=0)
+        state = CompressedCommState(compressor, warmup_steps=0 if compressing else 10**6)
         for index, layer in enumerate(model):
             fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
             if ours:
-                state = CompressedCommState(GradientCompressor(min_numel=0), warmup_steps=10**6)
                 layer.set_custom_reduce_scatter(CompressedReduceScatter(state, str(index)))
             if factor is not None:
                 layer.set_gradient_divide_factor(factor)
         x = torch.randn(4, 7, generator=torch.Generator().manual_seed(RANK))
+        if poison and RANK == 1:
+            x[0, 0] = float("nan")
         model(x).pow(2).sum().backward()
+        nonfinite_messages.append(state.stats.nonfinite)
         return [p.grad.to_local().clone() for p in model.parameters()]
 
     def difference(a: list, b: list) -> float:
         return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
-    average = gradients(False, None, None)
-    rescaled = [g * 2 / 3 for g in average]
+    average = gradients(False)
+    compressed = gradients(True, compressing=True)
+    poisoned = gradients(True, compressing=True, poison=True)
     return {
         "largest_gradient": max(float(g.abs().max()) for g in average),
-        "difference_avg": difference(gradients(True, None, None), average),
+        "difference_avg": difference(gradients(True), average),
         "difference_fp16_reduce": difference(
-            gradients(True, torch.float16, None), gradients(False, torch.float16, None)
+            gradients(True, torch.float16), gradients(False, torch.float16)
         ),
-        "difference_divide_factor": difference(gradients(True, None, 3.0), rescaled),
+        "difference_divide_factor": difference(
+            gradients(True, factor=3.0), [g * 2 / 3 for g in average]
+        ),
+        "compressed_vs_average": difference(compressed, average),
+        "difference_divide_factor_compressed": difference(
+            gradients(True, factor=3.0, compressing=True), [g * 2 / 3 for g in compressed]
+        ),
+        "poisoned_all_nan": all(bool(g.isnan().all()) for g in poisoned),
+        "poisoned_nonfinite_messages": nonfinite_messages[2],
     }
 
 
