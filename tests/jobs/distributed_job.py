@@ -202,6 +202,33 @@ def ddp(out: Path) -> dict[str, Any]:
         result[f"{tag}_iterations"] = strategy.comm_state.step
         result[f"{tag}_wire_bytes"] = strategy.comm_totals.wire_bytes
         result[f"{tag}_dense_bytes"] = strategy.comm_totals.dense_bytes
+        if tag == "ddp_hook":
+            uninterrupted = params
+
+    # resume: DDP checkpoints are one file from rank 0, holding every rank's residuals
+    folder = out / "checkpoints_ddp"
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="first", every_n_train_steps=3)
+    first_strategy = CompressedDDPStrategy(warmup_steps=2, process_group_backend="gloo")
+    _, first = fit(first_strategy, stop_at_step=3, callbacks=[checkpoint])
+    saved = first_strategy.comm_state.residual_norm()
+    resumed_strategy = CompressedDDPStrategy(warmup_steps=2, process_group_backend="gloo")
+    resumed_strategy.comm_state.residuals = {}  # filled only by the checkpoint
+    loader = resumed_strategy.load_checkpoint
+    restored: dict[str, float] = {}
+
+    def load_and_record(*args: Any, **kwargs: Any) -> Any:
+        loaded = loader(*args, **kwargs)
+        restored["residual_norm"] = resumed_strategy.comm_state.residual_norm()
+        restored["step"] = resumed_strategy.comm_state.step
+        return loaded
+
+    resumed_strategy.load_checkpoint = load_and_record  # type: ignore[method-assign]
+    resumed, second = fit(resumed_strategy, ckpt_path=str(folder / "first.ckpt"))
+    result["ddp_saved_residual_norm"] = saved
+    result["ddp_restored_residual_norm"] = restored["residual_norm"]
+    result["ddp_restored_step"] = restored["step"]
+    result["losses_ddp_resumed"] = first + second
+    result["ddp_resumed_vs_uninterrupted"] = max_difference(full_parameters(resumed), uninterrupted)
     return result
 
 
