@@ -13,6 +13,7 @@ MODULES = [
     "cli",
     "collectives",
     "compression",
+    "curriculum",
     "data",
     "loggers",
     "models",
