@@ -109,24 +109,23 @@ def run_accuracy(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-class StepTimer:
-    """Callback: wall time of every training step (forward, backward, communication, update)."""
+def step_timer() -> Any:
+    """A callback that keeps the wall time of every training step in ``.seconds`` (forward,
+    backward, communication, update); Lightning is imported only in the ranks."""
+    from lightning.pytorch.callbacks import Callback
 
-    def __init__(self) -> None:
-        from lightning.pytorch.callbacks import Callback
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.started = 0.0
+            self.seconds: list[float] = []
 
-        timer = self
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.started = time.perf_counter()
 
-        class _Timer(Callback):
-            def on_train_batch_start(self, *args: Any) -> None:
-                timer.started = time.perf_counter()
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.seconds.append(time.perf_counter() - self.started)
 
-            def on_train_batch_end(self, *args: Any) -> None:
-                timer.seconds.append(time.perf_counter() - timer.started)
-
-        self.callback = _Timer()
-        self.started = 0.0
-        self.seconds: list[float] = []
+    return StepTimer()
 
 
 def run_network(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -138,7 +137,7 @@ def run_network(name: str, args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     task = SequenceClassificationTask()
     data = RottenTomatoes(tokenizer=task.tokenizer, batch_size=args.batch_size)
-    timer = StepTimer()
+    timer = step_timer()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -146,7 +145,7 @@ def run_network(name: str, args: argparse.Namespace) -> dict[str, Any]:
         max_steps=args.warmup + args.steps,
         limit_val_batches=0,
         logger=False,
-        callbacks=[timer.callback],
+        callbacks=[timer],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

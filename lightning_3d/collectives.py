@@ -196,8 +196,9 @@ class CompressedCommState:
         """The 2-norm of all residuals of this rank together."""
         if not self.residuals:
             return 0.0
-        squares = torch.stack([r.float().pow(2).sum().cpu() for r in self.residuals.values()])
-        return math.sqrt(float(squares.sum()))
+        squares = [r.float().pow(2).sum() for r in self.residuals.values()]
+        device = squares[0].device  # one host sync for all residuals, not one each
+        return math.sqrt(float(torch.stack([s.to(device) for s in squares]).sum()))
 
     def take_stats(self) -> CommStats:
         """Return the statistics gathered since the last call and start new ones."""
