@@ -2,6 +2,11 @@
 
 Each callback is thin glue: it decides *when* (which hook, which step) and calls the algorithms in
 :mod:`lightning_3d` for *what*. The axes land here as they are built.
+
+* :class:`CurriculumSampler` (data): scores samples while training, paces them from easy to hard
+  and trains on a data budget.
 """
 
-__all__: list[str] = []
+from lightning_3d.callbacks.curriculum import CurriculumSampler
+
+__all__ = ["CurriculumSampler"]

@@ -2,8 +2,9 @@
 
 Scores (lower means easier; computed from what a normal training step already has):
 
-* **loss EMA**: ``s <- decay * s + (1 - decay) * l`` per sample, started at the first observed
-  loss (not at zero), so one noisy step does not decide a sample's place.
+* **loss EMA**: ``s <- decay * s + (1 - decay) * m`` per sample and epoch, ``m`` the sample's mean
+  loss in that epoch, started at the first observed value (not at zero), so one noisy epoch does
+  not decide a sample's place (:func:`fold_epoch_scores`).
 * **EL2N** (Paul et al. 2021): ``||softmax(z) - onehot(y)||_2``.
 * **GraNd, last layer**: the norm of the cross-entropy gradient with respect to the classifier's
   weight and bias, ``||p - y|| * sqrt(||h||^2 + 1)`` for penultimate features ``h`` (the gradient
@@ -28,32 +29,43 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 PACINGS = ("none", "linear", "root", "step", "exponential")
+BUDGET_DROPS = ("hardest", "easiest_random")
 
 
-def loss_ema(
+def fold_epoch_scores(
     scores: torch.Tensor,
     seen: torch.Tensor,
-    index: torch.Tensor,
-    losses: torch.Tensor,
+    epoch_sum: torch.Tensor,
+    epoch_count: torch.Tensor,
     decay: float,
 ) -> None:
-    """Fold per-sample ``losses`` of dataset items ``index`` into ``scores`` in place.
+    """Fold one epoch's observations into the per-sample EMA, in place.
 
-    ``seen`` (bool, like ``scores``) marks items observed before; a first observation sets the
-    score to the loss itself. Repeated indices in one call are applied in order.
+    For every item observed this epoch (``epoch_count > 0``) with mean value
+    ``m = epoch_sum / epoch_count``: ``s <- m`` on its first epoch (``seen`` false), else
+    ``s <- decay * s + (1 - decay) * m``. Items not observed keep their score.
+
+    Example:
+        >>> scores, seen = torch.tensor([2.0, 0.0, 5.0]), torch.tensor([True, False, True])
+        >>> fold_epoch_scores(scores, seen, torch.tensor([4.0, 3.0, 0.0]),
+        ...                   torch.tensor([2, 1, 0]), decay=0.5)
+        >>> scores.tolist(), seen.tolist()
+        ([2.0, 3.0, 5.0], [True, True, True])
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
-    for position, loss in zip(index.tolist(), losses.detach().float().cpu().tolist(), strict=True):
-        if seen[position]:
-            scores[position] = decay * scores[position] + (1.0 - decay) * loss
-        else:
-            scores[position] = loss
-            seen[position] = True
+    observed = epoch_count > 0
+    mean = epoch_sum[observed].double() / epoch_count[observed]
+    previous = scores[observed].double()
+    first = ~seen[observed]
+    folded = torch.where(first, mean, decay * previous + (1.0 - decay) * mean)
+    scores[observed] = folded.to(scores.dtype)
+    seen |= observed
 
 
 def el2n(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -121,9 +133,15 @@ def curriculum_order(
     Ranking is by score with ties broken by the lower index, and the shuffle uses its own seeded
     generator, so every rank computes the same order from the same scores and seed.
     """
-    count = scores.numel()
+    return shuffled_pool(scores, pool_size(fraction, scores.numel()), seed, hardest_first)
+
+
+def shuffled_pool(
+    scores: torch.Tensor, size: int, seed: int, hardest_first: bool = False
+) -> torch.Tensor:
+    """The ``size`` lowest-scoring items (highest with ``hardest_first``) in a seeded order."""
     ranked = ranking(-scores if hardest_first else scores)
-    pool = ranked[: pool_size(fraction, count)]
+    pool = ranked[:size]
     generator = torch.Generator().manual_seed(seed)
     return pool[torch.randperm(pool.numel(), generator=generator)]
 
@@ -155,3 +173,123 @@ def rank_shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     repeats = math.ceil(total / max(order.numel(), 1))
     extended = order.repeat(repeats)[:total]
     return extended[rank::world_size]
+
+
+def infobatch_keep(
+    difficulty: torch.Tensor, budget: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep ``ceil(budget * n)`` items by dropping well-learned ones at random (InfoBatch).
+
+    With ``D = n - ceil(budget * n)`` items to drop, the candidates are the ``m = min(n, 2D)``
+    easiest items (so half of them are dropped while ``budget >= 0.5``); ``D`` of them are
+    dropped uniformly at random. Each kept candidate gets the weight ``m / (m - D)`` and every
+    other kept item ``1``, so for any per-item values ``x``,
+    ``E[sum_kept w_i x_i] = sum_all x_i``: weighting kept losses this way leaves the expected
+    gradient of the epoch unchanged.
+
+    Returns:
+        ``(kept, weights)``: kept indices (ascending) and a weight per item (0 for dropped ones).
+
+    Example:
+        >>> kept, w = infobatch_keep(torch.tensor([0.1, 0.2, 0.9, 0.8]), 0.75,
+        ...                          torch.Generator().manual_seed(0))
+        >>> len(kept), float(w.sum())
+        (3, 4.0)
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    count = difficulty.numel()
+    drop = count - pool_size(budget, count)
+    weights = torch.ones(count, dtype=torch.float32)
+    if drop == 0:
+        return torch.arange(count), weights
+    candidates = ranking(difficulty)[: min(count, 2 * drop)]
+    dropped = candidates[torch.randperm(candidates.numel(), generator=generator)[:drop]]
+    weights[candidates] = candidates.numel() / (candidates.numel() - drop)
+    weights[dropped] = 0.0
+    return torch.nonzero(weights).flatten(), weights
+
+
+@dataclass(frozen=True)
+class CurriculumSchedule:
+    """What each epoch trains on: warm-up, data budget and pacing, as numbers only.
+
+    Epochs ``e < warmup_epochs`` see all ``n`` items in a seeded random order (that is where
+    loss-type scores come from). Afterwards, with progress ``t = (e - w) / (epochs - w)``:
+
+    1. the budget keeps ``k = ceil(budget * n)`` items: the lowest-difficulty ones
+       (``budget_drops="hardest"``) or all but a random draw of well-learned ones
+       (``"easiest_random"``, :func:`infobatch_keep`);
+    2. pacing keeps the easiest ``ceil(c(t) * k)`` of those (hardest with ``hardest_first``),
+       ``c`` from :func:`pacing_fraction`;
+    3. the epoch visits that pool once, shuffled by a generator seeded with ``(seed, e)``.
+
+    Sizes depend only on ``n`` and the epoch, never on scores, so the number of steps of a run
+    is known before it starts (:meth:`epoch_size`); the order depends on the scores.
+
+    Example:
+        >>> schedule = CurriculumSchedule(pacing="linear", start_fraction=0.5, full_at=1.0,
+        ...                               budget=0.5, warmup_epochs=1, epochs=3)
+        >>> [schedule.epoch_size(100, e) for e in range(3)]
+        [100, 25, 38]
+    """
+
+    pacing: str = "none"
+    start_fraction: float = 0.2
+    full_at: float = 0.5
+    stages: int = 4
+    hardest_first: bool = False
+    budget: float = 1.0
+    budget_drops: str = "hardest"
+    warmup_epochs: int = 1
+    epochs: int = 1
+
+    def __post_init__(self) -> None:
+        check_pacing(self.pacing, self.start_fraction, self.full_at, self.stages)
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.budget_drops not in BUDGET_DROPS:
+            raise ValueError(
+                f"budget_drops must be one of {BUDGET_DROPS}, got {self.budget_drops!r}"
+            )
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+    def progress(self, epoch: int) -> float:
+        """Pacing progress ``t`` of ``epoch`` in [0, 1] (0 during warm-up)."""
+        span = max(1, self.epochs - self.warmup_epochs)
+        return min(1.0, max(0, epoch - self.warmup_epochs) / span)
+
+    def kept_size(self, count: int, epoch: int) -> int:
+        """Items the budget keeps in ``epoch`` out of ``count``."""
+        return count if epoch < self.warmup_epochs else pool_size(self.budget, count)
+
+    def epoch_size(self, count: int, epoch: int) -> int:
+        """Items ``epoch`` visits out of ``count`` (budget, then pacing)."""
+        kept = self.kept_size(count, epoch)
+        if epoch < self.warmup_epochs:
+            return kept
+        fraction = pacing_fraction(
+            self.progress(epoch), self.pacing, self.start_fraction, self.full_at, self.stages
+        )
+        return pool_size(fraction, kept)
+
+    def plan(
+        self, difficulty: torch.Tensor, epoch: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The epoch's order (item indices) and, for ``"easiest_random"``, per-item weights."""
+        count = difficulty.numel()
+        epoch_seed = seed * 1_000_003 + epoch
+        generator = torch.Generator().manual_seed(epoch_seed)
+        if epoch < self.warmup_epochs:
+            return torch.randperm(count, generator=generator), None
+        weights = None
+        if self.budget_drops == "easiest_random":
+            kept, weights = infobatch_keep(difficulty, self.budget, generator)
+        else:
+            kept = budget_keep(difficulty, self.budget)
+        size = self.epoch_size(count, epoch)
+        pool = shuffled_pool(difficulty[kept], size, epoch_seed, self.hardest_first)
+        return kept[pool], weights

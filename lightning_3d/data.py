@@ -172,6 +172,61 @@ class IndexedDataset(Dataset):
         return {"input_ids": ids, "labels": labels, "index": index}
 
 
+class WithIndex(Dataset):
+    """Any map-style dataset whose dict items also carry their position under ``"index"``.
+
+    The data axis (``CurriculumSampler``) attaches scores to samples by that index.
+
+    Example:
+        >>> WithIndex([{"text": "a"}, {"text": "b"}])[1]
+        {'text': 'b', 'index': 1}
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(
+                f"WithIndex needs a map-style dataset (__len__ and __getitem__), got "
+                f"{type(dataset).__name__}"
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        if not isinstance(item, dict):
+            raise ValueError(
+                f"WithIndex adds an 'index' entry to dict items; item {index} is a "
+                f"{type(item).__name__}. Return a dict from your dataset, e.g. "
+                "{'input_ids': ..., 'labels': ...}."
+            )
+        return {**item, "index": index}
+
+
+def flip_labels(
+    labels: Sequence[int], fraction: float, num_labels: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """Give ``round(fraction * n)`` randomly chosen items a different, random label.
+
+    Returns the new labels and the flipped positions (sorted). For studying data selection under
+    label noise.
+
+    Example:
+        >>> flip_labels([0, 1, 0, 1], 0.5, num_labels=2, seed=0)[0].count(0)
+        2
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label noise fraction must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    flipped = np.sort(rng.choice(len(labels), size=round(fraction * len(labels)), replace=False))
+    noisy = [int(label) for label in labels]
+    for position in flipped:
+        shift = int(rng.integers(1, num_labels))  # any label but the true one
+        noisy[position] = (noisy[position] + shift) % num_labels
+    return noisy, flipped.tolist()
+
+
 @dataclass(frozen=True)
 class PaddingCollator:
     """Pad a list of items to the longest one and stack them into a batch.
@@ -387,6 +442,9 @@ class RottenTomatoes(TokenizedDataModule):
         max_length: tokens kept per text (longer texts are truncated).
         batch_size: training batch size per device; ``eval_batch_size`` defaults to twice it.
         val_fraction, test_fraction: shares of each label held out; ``split_seed`` fixes them.
+        train_label_noise: share of training labels replaced by another label (seeded by
+            ``split_seed``; positions in :attr:`flipped`), to study data selection under noise.
+            Validation and test labels stay clean.
         num_workers: data-loader worker processes.
         cache_dir: where tokenized splits are cached (default: the lightning-3d cache root).
 
@@ -410,6 +468,7 @@ class RottenTomatoes(TokenizedDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 1234,
+        train_label_noise: float = 0.0,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -418,9 +477,12 @@ class RottenTomatoes(TokenizedDataModule):
         )
         _check_positive(max_length=max_length)
         _check_source(dataset, data_files)
+        if not 0.0 <= train_label_noise < 1.0:
+            raise ValueError(f"train_label_noise must be in [0, 1), got {train_label_noise}")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.texts: dict[str, list[str]] = {}
         self.label_names: list[str] = list(label_names or [])
+        self.flipped: list[int] = []
 
     resolve_tokenizer = staticmethod(resolve_classifier)
 
@@ -487,6 +549,11 @@ class RottenTomatoes(TokenizedDataModule):
         if self.splits:
             return
         for split, (texts, labels) in self._load_splits().items():
+            if split == "train" and self.hparams.train_label_noise > 0:
+                num_labels = len(self.label_names) or 1 + max(labels)
+                labels, self.flipped = flip_labels(
+                    labels, self.hparams.train_label_noise, num_labels, self.hparams.split_seed
+                )
             ids = tokenize_cached(self.tokenizer, texts, self.hparams.max_length, self.cache_dir)
             self.texts[split] = texts
             self.splits[split] = IndexedDataset(ids, labels)
@@ -610,9 +677,11 @@ __all__ = [
     "PlainTextLM",
     "RottenTomatoes",
     "TokenizedDataModule",
+    "WithIndex",
     "chunk_blocks",
     "contiguous_split",
     "deduplicate",
+    "flip_labels",
     "stratified_split",
     "tokenize_cached",
 ]

@@ -87,6 +87,30 @@ class LoRASettings:
         )
 
 
+def total_training_steps(trainer: Any) -> int | float:
+    """Optimizer steps of the whole fit, for learning-rate schedules.
+
+    Lightning's ``trainer.estimated_stepping_batches`` assumes every epoch is as long as the first;
+    a callback that changes epoch lengths (``CurriculumSampler``) knows the exact total through a
+    ``planned_optimizer_steps(trainer)`` method, which wins when present.
+    """
+    for callback in trainer.callbacks:
+        planned = getattr(callback, "planned_optimizer_steps", None)
+        if callable(planned):
+            return planned(trainer)
+    return trainer.estimated_stepping_batches
+
+
+def weighted_mean(per_sample: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``mean_i(w_i * l_i)`` with ``w = batch["sample_weight"]`` when the batch has it (data
+    selection that drops samples at random puts it there to keep the gradient unbiased), else
+    the plain mean."""
+    weights = batch.get("sample_weight")
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights.to(per_sample.dtype)).mean()
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process in MiB: CUDA allocator peak on GPU, peak RSS on CPU."""
     if device.type == "cuda":
@@ -139,7 +163,7 @@ class PretrainedTask(LightningModule):
             },
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(total_training_steps(self.trainer)))
         scheduler = get_linear_schedule_with_warmup(
             optimizer, round(self.hparams.warmup_ratio * total), total
         )
@@ -168,7 +192,9 @@ class SequenceClassificationTask(PretrainedTask):
     Loss: ``L = (1/B) * sum_i l_i`` with ``l_i = -log softmax(z_i)[y_i]``. ``training_step`` returns
     ``{"loss": L, "per_sample_loss": l (detached, shape [B]), "index": dataset indices [B],
     "logits": z (detached)}``; Lightning hands that dict to every callback's
-    ``on_train_batch_end``. The optimized loss is exactly the mean of ``per_sample_loss``.
+    ``on_train_batch_end``. The optimized loss is exactly the mean of ``per_sample_loss``, or
+    ``(1/B) * sum_i w_i l_i`` when the batch carries ``sample_weight`` ``w`` (put there by
+    ``CurriculumSampler(rescale_loss=True)``).
 
     Args:
         model_name_or_path: local folder or Hub id; ``None`` is the packaged all-MiniLM-L6-v2.
@@ -225,7 +251,7 @@ class SequenceClassificationTask(PretrainedTask):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         logits, per_sample = self._losses(batch)
-        loss = per_sample.mean()
+        loss = weighted_mean(per_sample, batch)
         size = len(per_sample)
         self.train_accuracy(logits.detach(), batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -236,6 +262,11 @@ class SequenceClassificationTask(PretrainedTask):
             "index": batch["index"],
             "logits": logits.detach(),
         }
+
+    def score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What ``training_step`` returns for the data axis, without logging or metrics."""
+        logits, per_sample = self._losses(batch)
+        return {"per_sample_loss": per_sample, "index": batch["index"], "logits": logits}
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, accuracy) -> None:
         logits, per_sample = self._losses(batch)
@@ -282,7 +313,8 @@ class CausalLMTask(PretrainedTask):
 
     ``perplexity = exp(mean token loss)`` over the validation (or test) set, with the mean taken
     over tokens, not batches. ``training_step`` returns per-sequence losses and indices like
-    :class:`SequenceClassificationTask`.
+    :class:`SequenceClassificationTask`; a batch with ``sample_weight`` ``w`` optimizes
+    ``(1/B) * sum_i w_i l_i`` over per-sequence losses instead of the token mean.
 
     Args:
         model_name_or_path: local folder, ``.gguf`` file, or Hub id; ``None`` is the packaged
@@ -322,8 +354,17 @@ class CausalLMTask(PretrainedTask):
         loss, per_sequence = causal_lm_losses(
             self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
         )
+        if "sample_weight" in batch:
+            loss = weighted_mean(per_sequence, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(per_sequence))
         return {"loss": loss, "per_sample_loss": per_sequence.detach(), "index": batch["index"]}
+
+    def score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-sequence losses and indices, as ``training_step`` returns them, without logging."""
+        _, per_sequence = causal_lm_losses(
+            self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+        )
+        return {"per_sample_loss": per_sequence, "index": batch["index"]}
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
         loss, _ = causal_lm_losses(
@@ -358,4 +399,6 @@ __all__ = [
     "SequenceClassificationTask",
     "causal_lm_losses",
     "peak_memory_mb",
+    "total_training_steps",
+    "weighted_mean",
 ]

@@ -11,8 +11,8 @@ from lightning_3d.curriculum import (
     budget_keep,
     curriculum_order,
     el2n,
+    fold_epoch_scores,
     grand_last_layer,
-    loss_ema,
     pacing_fraction,
     rank_shard,
 )
@@ -83,14 +83,20 @@ def test_grand_equals_the_autograd_gradient_norm_of_the_classifier():
     assert grand_last_layer(logits, labels, features).tolist() == pytest.approx(expected, rel=1e-5)
 
 
-def test_loss_ema_starts_at_the_first_loss_and_decays():
+def test_epoch_scores_fold_into_an_ema_started_at_the_first_mean():
     scores, seen = torch.zeros(3), torch.zeros(3, dtype=torch.bool)
-    loss_ema(scores, seen, torch.tensor([0, 2]), torch.tensor([1.0, 4.0]), decay=0.5)
-    assert scores.tolist() == [1.0, 0.0, 4.0] and seen.tolist() == [True, False, True]
-    loss_ema(scores, seen, torch.tensor([0, 0]), torch.tensor([3.0, 5.0]), decay=0.5)
-    assert scores[0] == 0.5 * (0.5 * 1.0 + 0.5 * 3.0) + 0.5 * 5.0  # 3.5, applied in order
+    # epoch 1: item 0 seen twice (losses 1 and 3), item 2 once (4), item 1 not at all
+    fold_epoch_scores(
+        scores, seen, torch.tensor([4.0, 0.0, 4.0]), torch.tensor([2, 0, 1]), decay=0.5
+    )
+    assert scores.tolist() == [2.0, 0.0, 4.0] and seen.tolist() == [True, False, True]
+    # epoch 2: item 0 mean 6, item 1 first seen with 1
+    fold_epoch_scores(
+        scores, seen, torch.tensor([6.0, 1.0, 0.0]), torch.tensor([1, 1, 0]), decay=0.5
+    )
+    assert scores.tolist() == [0.5 * 2.0 + 0.5 * 6.0, 1.0, 4.0]
     with pytest.raises(ValueError, match="decay"):
-        loss_ema(scores, seen, torch.tensor([0]), torch.tensor([1.0]), decay=1.0)
+        fold_epoch_scores(scores, seen, scores, torch.ones(3), decay=1.0)
 
 
 def test_curriculum_order_takes_the_easiest_and_is_reproducible():
