@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -303,6 +304,8 @@ class CurriculumSampler(Callback):
                 "reloaded every epoch (reload_dataloaders_every_n_epochs=1)"
             )
             trainer.reload_dataloaders_every_n_epochs = 1
+        # Lightning cannot see that this callback's state resumes the sampler mid-epoch.
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
         self._trainer = trainer
         source = trainer.fit_loop._data_source
         request = source.dataloader

@@ -1,0 +1,348 @@
+"""CurriculumSampler in real Lightning runs: plans, budget, scores, resume, weights, errors.
+
+A small linear classifier on a fixed synthetic dataset keeps these runs to a second each; the
+Rotten Tomatoes label-noise test uses the real MiniLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_3d.callbacks import CurriculumSampler
+from lightning_3d.curriculum import CurriculumSchedule, infobatch_keep, pool_size
+from lightning_3d.data import WithIndex
+from lightning_3d.tasks import total_training_steps, weighted_mean
+
+COUNT, BATCH = 60, 4
+
+
+class Points(Dataset):
+    """Fixed 8-d points labelled by the sign of their first coordinate; ``quality`` is ``-i``."""
+
+    def __init__(self, count: int = COUNT, with_index: bool = True) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(count, 8, generator=generator)
+        self.y = (self.x[:, 0] > 0).long()
+        self.with_index = with_index
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {"x": self.x[i], "labels": self.y[i], "quality": -float(i)}
+        return {**item, "index": i} if self.with_index else item
+
+
+class Classifier(pl.LightningModule):
+    """Records the indices of every training batch, per epoch."""
+
+    def __init__(self, data: Dataset | None = None, weighted: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
+        )
+        self.data = data if data is not None else Points()
+        self.weighted = weighted
+        self.batches: list[tuple[int, list[int]]] = []
+        self.losses: dict[int, list[float]] = defaultdict(list)
+        self.feature_norms: dict[int, list[float]] = defaultdict(list)
+        self.validations = 0
+        self.total_steps: int | float | None = None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        logits = self.net(batch["x"])
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        self.batches.append((self.current_epoch, batch["index"].tolist()))
+        features = self.net[1](self.net[0](batch["x"]))  # the input of the last Linear
+        norms = features.pow(2).sum(1).sqrt().tolist()
+        for i, loss, norm in zip(batch["index"].tolist(), losses.tolist(), norms, strict=True):
+            self.losses[i].append(loss)
+            self.feature_norms[i].append(norm)
+        loss = weighted_mean(losses, batch) if self.weighted else losses.mean()
+        return {
+            "loss": loss,
+            "per_sample_loss": losses.detach(),
+            "index": batch["index"],
+            "logits": logits.detach(),
+        }
+
+    def score_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        logits = self.net(batch["x"])
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        return {"per_sample_loss": losses, "index": batch["index"], "logits": logits}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.validations += 1
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        self.total_steps = total_training_steps(self.trainer)
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=BATCH, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(Points(8), batch_size=BATCH)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        return [i for e, batch in self.batches if e == epoch for i in batch]
+
+
+def fit(
+    curriculum: CurriculumSampler,
+    module: Classifier | None = None,
+    epochs: int = 4,
+    callbacks: tuple[Callback, ...] = (),
+    ckpt_path: str | None = None,
+) -> tuple[Classifier, pl.Trainer]:
+    module = module or Classifier()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[curriculum, *callbacks],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+# -- the schedule (pure) ----------------------------------------------------------------------
+def test_schedule_sizes_follow_warmup_budget_and_pacing() -> None:
+    schedule = CurriculumSchedule(
+        pacing="linear", start_fraction=0.4, full_at=1.0, budget=0.6, warmup_epochs=1, epochs=4
+    )
+    # warm-up: all 60; then budget keeps 36 and pacing takes 0.4, 0.6, 0.8 of them (t = 0, 1/3, 2/3)
+    expected = [60, math.ceil(0.4 * 36), math.ceil((0.4 + 0.6 / 3) * 36), math.ceil(0.8 * 36)]
+    assert [schedule.epoch_size(60, e) for e in range(4)] == expected
+
+
+def test_schedule_plan_keeps_the_easiest_and_shuffles_reproducibly() -> None:
+    schedule = CurriculumSchedule(budget=0.5, warmup_epochs=1, epochs=3)
+    difficulty = torch.arange(10.0).flip(0)  # item 9 is easiest
+    warmup, _ = schedule.plan(difficulty, 0, seed=1)
+    assert sorted(warmup.tolist()) == list(range(10))
+    order, weights = schedule.plan(difficulty, 1, seed=1)
+    assert sorted(order.tolist()) == [5, 6, 7, 8, 9] and weights is None
+    assert torch.equal(order, schedule.plan(difficulty, 1, seed=1)[0])
+    assert not torch.equal(order, schedule.plan(difficulty, 2, seed=1)[0])  # new epoch, new shuffle
+    hard = CurriculumSchedule(pacing="step", start_fraction=0.5, stages=1, hardest_first=True)
+    assert sorted(hard.plan(difficulty, 1, seed=1)[0].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_infobatch_weights_keep_every_sum_unbiased() -> None:
+    difficulty = torch.rand(20)
+    values = torch.randn(20)
+    draws = []
+    for seed in range(4000):
+        kept, weights = infobatch_keep(difficulty, 0.7, torch.Generator().manual_seed(seed))
+        assert kept.numel() == pool_size(0.7, 20) == 14
+        assert torch.equal(weights.nonzero().flatten(), kept)
+        assert weights.sum() == pytest.approx(20.0)  # sum of w over kept = n, every draw
+        draws.append(float((weights * values).sum()))
+    # E[sum_kept w x] = sum x: the mean of 4000 draws is within 4 standard errors
+    mean, spread = torch.tensor(draws).mean(), torch.tensor(draws).std() / math.sqrt(len(draws))
+    assert abs(mean - values.sum()) < 4 * spread
+    # only well-learned samples (the 2 * 6 easiest) are ever dropped, at weight 12 / 6 = 2
+    _, weights = infobatch_keep(difficulty, 0.7, torch.Generator().manual_seed(0))
+    easiest = set(torch.argsort(difficulty)[:12].tolist())
+    assert {i for i in range(20) if weights[i] == 0} <= easiest
+    assert sorted(set(weights.tolist())) == [0.0, 1.0, 2.0]
+
+
+# -- the callback in Lightning runs ----------------------------------------------------------
+def test_epochs_visit_the_planned_pools_and_lightning_follows_their_lengths() -> None:
+    curriculum = CurriculumSampler(
+        score="quality", pacing="linear", start_fraction=0.4, full_at=1.0, budget=0.6
+    )
+    module, trainer = fit(curriculum)
+    for epoch in range(4):
+        seen = module.epoch_indices(epoch)
+        size = curriculum.schedule.epoch_size(COUNT, epoch)
+        assert len(seen) == len(set(seen)) == size  # each planned sample exactly once
+        assert sorted(seen) == list(range(size))  # quality = -index: the lowest indices are best
+    # validation ran after every epoch (2 batches each, plus the 2-batch sanity check)
+    assert module.validations == 2 + 4 * 2
+    # the planned number of optimizer steps is the number Lightning ran
+    assert (
+        module.total_steps
+        == trainer.global_step
+        == sum(math.ceil(curriculum.schedule.epoch_size(COUNT, e) / BATCH) for e in range(4))
+    )
+
+
+def test_loss_budget_keeps_exactly_the_lowest_ema_losses() -> None:
+    curriculum = CurriculumSampler(score="loss", budget=0.3, ema_decay=0.5, seed=3)
+    module, _ = fit(curriculum, epochs=3)
+    assert sorted(module.epoch_indices(0)) == list(range(COUNT))
+    # scores after epoch 0 are the losses seen in epoch 0; epoch 1 keeps the 18 lowest
+    epoch0 = torch.tensor([module.losses[i][0] for i in range(COUNT)])
+    kept = module.epoch_indices(1)
+    assert len(kept) == len(set(kept)) == pool_size(0.3, COUNT) == 18
+    assert set(kept) == set(torch.argsort(epoch0)[:18].tolist())
+    # after epoch 1: s = 0.5 * s0 + 0.5 * s1 for the kept ones, unchanged for the dropped ones
+    expected = epoch0.clone()
+    for i in kept:
+        expected[i] = 0.5 * module.losses[i][0] + 0.5 * module.losses[i][1]
+    epoch2 = module.epoch_indices(2)
+    assert set(epoch2) == set(torch.argsort(expected)[:18].tolist())
+
+
+@pytest.mark.parametrize("score", ["el2n", "grand"])
+def test_el2n_and_grand_scores_match_their_definitions(score: str) -> None:
+    curriculum = CurriculumSampler(score=score, budget=0.5, ema_decay=0.0)
+    module, _ = fit(curriculum, epochs=2)
+    # decay 0: a sample trained on in epoch 1 scores the value of its epoch-1 step. With 2 classes
+    # ||softmax(z) - onehot(y)|| = sqrt(2) (1 - p_y), p_y = exp(-loss); GraNd multiplies it by
+    # sqrt(||h||^2 + 1) with h the input of the last Linear (found without being named).
+    trained = module.epoch_indices(1)
+    assert len(trained) == 30
+    for i in trained:
+        expected = math.sqrt(2) * (1 - math.exp(-module.losses[i][1]))
+        if score == "grand":
+            expected *= math.sqrt(module.feature_norms[i][1] ** 2 + 1)
+        assert float(curriculum.scores[i]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_scoring_pass_rescores_dropped_samples() -> None:
+    class Snapshot(Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            if trainer.current_epoch == 1:
+                self.scores = curriculum.scores.clone()
+                with torch.no_grad():
+                    logits = module.net(module.data.x)
+                self.losses = F.cross_entropy(logits, module.data.y, reduction="none")
+
+    curriculum = CurriculumSampler(score="loss", budget=0.5, ema_decay=0.0, scoring_epochs=[1])
+    snapshot = Snapshot()  # runs after the curriculum's own epoch end
+    module, _ = fit(curriculum, epochs=3, callbacks=(snapshot,))
+    trained = set(module.epoch_indices(1))
+    for i in range(COUNT):
+        # decay 0: the epoch mean of the pass' loss and, for trained samples, their step loss
+        observed = [float(snapshot.losses[i])] + ([module.losses[i][1]] if i in trained else [])
+        expected = sum(observed) / len(observed)
+        assert float(snapshot.scores[i]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_rescale_loss_puts_unbiased_weights_in_the_batch() -> None:
+    class WeightRecorder(Callback):
+        def __init__(self) -> None:
+            self.weights: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if "sample_weight" in batch:
+                for i, w in zip(
+                    batch["index"].tolist(), batch["sample_weight"].tolist(), strict=True
+                ):
+                    self.weights[i] = w
+
+    curriculum = CurriculumSampler(budget=0.75, budget_drops="easiest_random", rescale_loss=True)
+    recorder = WeightRecorder()
+    module, _ = fit(curriculum, epochs=2, callbacks=(recorder,))
+    kept = module.epoch_indices(1)
+    assert len(kept) == pool_size(0.75, COUNT) == 45
+    assert set(recorder.weights) == set(kept)
+    # 15 dropped from the 30 easiest: those 15 kept weigh 30 / 15 = 2, the other 30 weigh 1
+    assert sorted(recorder.weights.values()) == [1.0] * 30 + [2.0] * 15
+    assert sum(recorder.weights.values()) == COUNT
+
+
+def test_rescale_loss_refuses_a_training_step_that_ignores_the_weights() -> None:
+    curriculum = CurriculumSampler(budget=0.5, budget_drops="easiest_random", rescale_loss=True)
+    with pytest.raises(RuntimeError, match="ignored batch\\['sample_weight'\\]"):
+        fit(curriculum, Classifier(weighted=False), epochs=2)
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("stop_step", [17, 21])  # mid epoch 1 and mid epoch 2
+def test_mid_epoch_resume_continues_the_same_order(tmp_path: Path, stop_step: int) -> None:
+    def settings() -> CurriculumSampler:
+        return CurriculumSampler(
+            score="loss", pacing="root", start_fraction=0.3, full_at=1.0, budget=0.8, seed=7
+        )
+
+    full, _ = fit(settings(), epochs=4)
+    checkpoints = ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=-1)
+    fit(settings(), epochs=4, callbacks=(checkpoints, StopAt(stop_step)))
+    path = next(tmp_path.glob(f"*step={stop_step}.ckpt"))
+    resumed, trainer = fit(settings(), epochs=4, ckpt_path=str(path))
+    assert resumed.batches == full.batches[stop_step:]
+    assert trainer.global_step == len(full.batches)
+    for a, b in zip(resumed.parameters(), full.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_items_without_an_index_get_a_clear_error_and_with_index_fixes_it() -> None:
+    module = Classifier(data=Points(with_index=False))
+    with pytest.raises(ValueError, match=r"'index' entry.*WithIndex"):
+        fit(CurriculumSampler(), module)
+    assert WithIndex(Points(with_index=False))[5]["index"] == 5
+
+
+def test_missing_per_sample_losses_get_a_clear_error() -> None:
+    class PlainLoss(Classifier):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch["x"]), batch["labels"])
+
+    with pytest.raises(RuntimeError, match="per_sample_loss"):
+        fit(CurriculumSampler(), PlainLoss())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"score": "entropy"}, "score must be one of"),
+        ({"pacing": "cosine"}, "pacing must be one of"),
+        ({"start_fraction": 0.0}, "start_fraction must be in"),
+        ({"full_at": 1.5}, "full_at must be in"),
+        ({"stages": 0}, "stages must be"),
+        ({"budget": 0.0}, "budget must be in"),
+        ({"budget": 1.2}, "budget must be in"),
+        ({"budget_drops": "random"}, "budget_drops must be one of"),
+        ({"rescale_loss": True}, "rescale_loss=True needs budget_drops='easiest_random'"),
+        ({"warmup_epochs": 0}, "warmup_epochs must be >= 1"),
+        ({"warmup_epochs": -1, "score": "quality"}, "warmup_epochs must be >= 0"),
+        ({"ema_decay": 1.0}, "ema_decay must be in"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"scoring_epochs": [-1]}, "scoring_epochs must be"),
+    ],
+)
+def test_bad_arguments_raise_a_clear_value_error(arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CurriculumSampler(**arguments)
+
+
+def test_settings_that_cannot_work_fail_before_training() -> None:
+    with pytest.raises(ValueError, match="leaves no epoch for the curriculum"):
+        fit(CurriculumSampler(budget=0.5, warmup_epochs=2), epochs=2)
+    with pytest.raises(ValueError, match="head='missing' is not a module"):
+        fit(CurriculumSampler(score="grand", head="missing"), epochs=2)
+    with pytest.raises(ValueError, match="reads each item's 'stars' value"):
+        fit(CurriculumSampler(score="quality", quality_key="stars"), epochs=2)
+
+    class NoScoring(Classifier):
+        score_batch = None
+
+    with pytest.raises(ValueError, match="score_batch"):
+        fit(CurriculumSampler(scoring_epochs=[0]), NoScoring(), epochs=2)
