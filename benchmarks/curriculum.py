@@ -6,7 +6,9 @@ MiniLM fine-tuned on Rotten Tomatoes, three set-ups side by side in one run, eac
 * ``curriculum``: ``CurriculumSampler(score="loss", pacing="linear")``: one warm-up epoch on all
   data, then the easiest share of the data, growing to all of it;
 * ``curriculum+budget``: the same plus ``budget=0.5`` (after warm-up, the half with the lowest
-  loss EMA).
+  loss EMA, class shares kept);
+* ``infobatch``: no pacing, ``budget=0.5`` reached by dropping well-learned samples at random,
+  the kept ones' losses reweighted so the gradient stays unbiased.
 
 With ``--noise 0.2`` the same runs repeat with 20% of the training labels flipped (validation and
 test labels stay clean). Training time excludes validation. Time-to-accuracy is the training time
@@ -29,17 +31,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-SETUPS = ("baseline", "curriculum", "curriculum+budget")
+SETUPS = ("baseline", "curriculum", "curriculum+budget", "infobatch")
 
 
 def make_curriculum(setup: str, seed: int) -> list[Any]:
     from lightning_3d.callbacks import CurriculumSampler
 
-    if setup == "baseline":
-        return []
-    budget = 0.5 if setup == "curriculum+budget" else 1.0
     pacing = {"pacing": "linear", "start_fraction": 0.5, "full_at": 1.0}
-    return [CurriculumSampler(score="loss", budget=budget, seed=seed, **pacing)]
+    if setup == "curriculum":
+        return [CurriculumSampler(score="loss", seed=seed, **pacing)]
+    if setup == "curriculum+budget":
+        return [CurriculumSampler(score="loss", budget=0.5, seed=seed, **pacing)]
+    if setup == "infobatch":
+        return [
+            CurriculumSampler(
+                budget=0.5, budget_drops="easiest_random", rescale_loss=True, seed=seed
+            )
+        ]
+    return []
 
 
 def training_clock() -> Any:

@@ -130,6 +130,9 @@ class CurriculumSampler(Callback):
             forward-only pass (``pl_module.score_batch``), so dropped samples are re-scored too.
         head: name of the classifier module whose input ``"grand"`` uses; default: the last
             ``torch.nn.Linear`` of the module.
+        balance_classes: choose the budget's and the pacing's samples within each class (from
+            one integer ``labels`` value per sample), keeping every class's share of the data;
+            choosing by loss alone can keep mostly one class. Ignored for other labels.
         seed: seeds every epoch's shuffle and random drop (with the epoch number).
 
     Example:
@@ -154,6 +157,7 @@ class CurriculumSampler(Callback):
         quality_key: str = "quality",
         scoring_epochs: Sequence[int] = (),
         head: str | None = None,
+        balance_classes: bool = True,
         seed: int = 0,
     ) -> None:
         if score not in SCORES:
@@ -188,6 +192,7 @@ class CurriculumSampler(Callback):
         self.quality_key = quality_key
         self.scoring_epochs = frozenset(scoring_epochs)
         self.head = head
+        self.balance_classes = balance_classes
         self.seed = seed
         self._epochs = epochs
         self._trainer: Trainer | None = None
@@ -212,6 +217,7 @@ class CurriculumSampler(Callback):
         self.seen = torch.zeros(count, dtype=torch.bool)
         self._epoch_sum = torch.zeros(count, dtype=torch.float64)
         self._epoch_count = torch.zeros(count, dtype=torch.int64)
+        self.labels = torch.full((count,), -1, dtype=torch.int64)  # -1: not known
 
     @property
     def consumed_samples(self) -> int:
@@ -237,7 +243,9 @@ class CurriculumSampler(Callback):
             raise RuntimeError("CurriculumSampler is not attached to a training run")
         epoch = self._trainer.current_epoch
         if self._plan is None or self._plan.epoch != epoch:
-            order, weights = self.schedule.plan(self.difficulty(), epoch, self.seed)
+            known = self.labels >= 0
+            groups = self.labels if self.balance_classes and known.any() else None
+            order, weights = self.schedule.plan(self.difficulty(), epoch, self.seed, groups)
             self._plan = EpochPlan(epoch, order, weights)
             self._batches_done = 0
             rank_zero_info(
@@ -257,6 +265,7 @@ class CurriculumSampler(Callback):
             "seen": self.seen.clone(),
             "epoch_sum": self._epoch_sum.clone(),
             "epoch_count": self._epoch_count.clone(),
+            "labels": self.labels.clone(),
             "plan": None if plan is None else (plan.epoch, plan.order, plan.weights),
             "batches_done": self._batches_done,
             "samples_seen": self.samples_seen,
@@ -270,6 +279,7 @@ class CurriculumSampler(Callback):
         self.seen.copy_(state_dict["seen"])
         self._epoch_sum.copy_(state_dict["epoch_sum"])
         self._epoch_count.copy_(state_dict["epoch_count"])
+        self.labels.copy_(state_dict["labels"])
         plan = state_dict["plan"]
         self._plan = None if plan is None else EpochPlan(*plan)
         self._batches_done = int(state_dict["batches_done"])
@@ -404,9 +414,11 @@ class CurriculumSampler(Callback):
                 f"score='quality' reads each item's {self.quality_key!r} value; the first item "
                 f"is {_describe(item)}. Set quality_key to the right column."
             )
-        values = [float(dataset[i][self.quality_key]) for i in range(len(dataset))]
-        self.scores.copy_(torch.tensor(values))
+        items = [dataset[i] for i in range(len(dataset))]
+        self.scores.copy_(torch.tensor([float(item[self.quality_key]) for item in items]))
         self.seen.fill_(True)
+        if all(_is_class_label(item.get("labels")) for item in items):
+            self.labels.copy_(torch.tensor([int(item["labels"]) for item in items]))
 
     # -- training -----------------------------------------------------------------------------
     def on_train_batch_start(
@@ -431,17 +443,21 @@ class CurriculumSampler(Callback):
         if self.rescale_loss and not self._weights_checked and "sample_weight" in batch:
             self._check_weighted_loss(outputs, batch, trainer.accumulate_grad_batches)
         if self.score != "quality":
-            index, values = self._values(outputs, batch)
-            self._record(trainer, index, values)
+            self._record(trainer, *self._values(outputs, batch))
         pl_module.log("curriculum/samples_seen", float(self.samples_seen), on_step=True)
 
-    def _values(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """This batch's sample indices and score values from ``training_step``'s outputs."""
+    def _values(
+        self, outputs: Any, batch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This batch's sample indices, score values and class labels (``None`` when the labels
+        are not one class per sample) from ``training_step``'s outputs and the batch."""
         outputs = outputs if isinstance(outputs, Mapping) else {}
         batch_map = batch if isinstance(batch, Mapping) else {}
         index = outputs.get("index", batch_map.get("index"))
         if index is None:
             raise RuntimeError(f"{_INDEX_HELP}; this batch has no 'index'")
+        labels = outputs.get("labels", batch_map.get("labels"))
+        classes = labels if _is_class_label(labels) and labels.shape == index.shape else None
         if self.score == "loss":
             values = outputs.get("per_sample_loss")
             if values is None:
@@ -450,30 +466,37 @@ class CurriculumSampler(Callback):
                     "'per_sample_loss': losses.detach(), 'index': batch['index']} from "
                     "training_step (the built-in tasks do)"
                 )
-            return index, values
+            return index, values, classes
         logits = outputs.get("logits")
-        labels = outputs.get("labels", batch_map.get("labels"))
         if logits is None or labels is None or logits.dim() != 2:
             raise RuntimeError(
                 f"score={self.score!r} needs [batch, classes] 'logits' in training_step's "
                 "output and 'labels' in the batch (classification only)"
             )
         if self.score == "el2n":
-            return index, el2n(logits, labels)
+            return index, el2n(logits, labels), classes
         if self._features is None:
             raise RuntimeError("score='grand': the head's forward hook saw no input")
-        return index, grand_last_layer(logits, labels, self._features)
+        return index, grand_last_layer(logits, labels, self._features), classes
 
-    def _record(self, trainer: Trainer, index: torch.Tensor, values: torch.Tensor) -> None:
-        """Add one batch's values from every rank to this epoch's per-sample sums."""
-        pair = torch.stack([index.detach().double(), values.detach().double()])
+    def _record(
+        self,
+        trainer: Trainer,
+        index: torch.Tensor,
+        values: torch.Tensor,
+        classes: torch.Tensor | None,
+    ) -> None:
+        """Add one batch's values (and class labels) from every rank to this epoch's sums."""
+        rows = [index, values, index.new_full(index.shape, -1) if classes is None else classes]
+        table = torch.stack([row.detach().double() for row in rows])
         if trainer.world_size > 1:
-            pair = trainer.strategy.all_gather(pair)  # [world, 2, B]
-            pair = pair.permute(1, 0, 2).reshape(2, -1)
-        pair = pair.cpu()
-        positions = pair[0].long()
-        self._epoch_sum.index_add_(0, positions, pair[1])
+            table = trainer.strategy.all_gather(table)  # [world, 3, B]
+            table = table.permute(1, 0, 2).reshape(3, -1)
+        table = table.cpu()
+        positions = table[0].long()
+        self._epoch_sum.index_add_(0, positions, table[1])
         self._epoch_count.index_add_(0, positions, torch.ones_like(positions))
+        self.labels[positions] = table[2].long()
 
     def _check_weighted_loss(self, outputs: Any, batch: Any, accumulate: int) -> None:
         losses = outputs.get("per_sample_loss") if isinstance(outputs, Mapping) else None
@@ -532,8 +555,7 @@ class CurriculumSampler(Callback):
             with torch.no_grad():
                 for batch in loader:
                     batch = trainer.strategy.batch_to_device(batch)
-                    index, values = self._values(pl_module.score_batch(batch), batch)
-                    self._record(trainer, index, values)
+                    self._record(trainer, *self._values(pl_module.score_batch(batch), batch))
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -574,6 +596,13 @@ def _batch_index(batch: Any) -> torch.Tensor:
     if not isinstance(batch, Mapping) or "index" not in batch:
         raise RuntimeError(f"{_INDEX_HELP}; the batch is {_describe(batch)}")
     return batch["index"]
+
+
+def _is_class_label(labels: Any) -> bool:
+    """One integer class per sample: a Python int, or an integer tensor of at most 1 dimension."""
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        return True
+    return torch.is_tensor(labels) and labels.dim() <= 1 and not labels.is_floating_point()
 
 
 def _describe(item: Any) -> str:

@@ -126,24 +126,72 @@ def pool_size(fraction: float, count: int) -> int:
 
 
 def curriculum_order(
-    scores: torch.Tensor, fraction: float, seed: int, hardest_first: bool = False
+    scores: torch.Tensor,
+    fraction: float,
+    seed: int,
+    hardest_first: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The easiest ``ceil(fraction * n)`` items (hardest with ``hardest_first``), shuffled.
 
     Ranking is by score with ties broken by the lower index, and the shuffle uses its own seeded
-    generator, so every rank computes the same order from the same scores and seed.
+    generator, so every rank computes the same order from the same scores and seed. With
+    ``groups`` (e.g. class labels) the items are chosen within each group, in proportion to its
+    size (:func:`lowest_per_group`).
     """
-    return shuffled_pool(scores, pool_size(fraction, scores.numel()), seed, hardest_first)
+    return shuffled_pool(scores, pool_size(fraction, scores.numel()), seed, hardest_first, groups)
 
 
 def shuffled_pool(
-    scores: torch.Tensor, size: int, seed: int, hardest_first: bool = False
+    scores: torch.Tensor,
+    size: int,
+    seed: int,
+    hardest_first: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``size`` lowest-scoring items (highest with ``hardest_first``) in a seeded order."""
-    ranked = ranking(-scores if hardest_first else scores)
-    pool = ranked[:size]
+    pool = lowest_per_group(-scores if hardest_first else scores, size, groups)
     generator = torch.Generator().manual_seed(seed)
     return pool[torch.randperm(pool.numel(), generator=generator)]
+
+
+def proportional_counts(group_sizes: torch.Tensor, total: int) -> torch.Tensor:
+    """Split ``total`` across groups in proportion to their sizes, summing exactly to ``total``.
+
+    Largest-remainder rule: each group gets ``floor(total * size / n)``, and the items left over
+    go one each to the groups with the largest fractional parts (ties to the lower group).
+
+    Example:
+        >>> proportional_counts(torch.tensor([5, 3, 2]), 5).tolist()
+        [3, 1, 1]
+    """
+    quota = group_sizes.double() * total / group_sizes.sum()
+    counts = quota.floor().long()
+    remainder = total - int(counts.sum())
+    by_fraction = torch.sort(-(quota - counts), stable=True).indices
+    counts[by_fraction[:remainder]] += 1
+    return counts
+
+
+def lowest_per_group(
+    scores: torch.Tensor, count: int, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices of the ``count`` lowest-scoring items, ascending by index.
+
+    Without ``groups`` the lowest overall (ties to the lower index); with ``groups`` (one integer
+    per item, e.g. its class label) each group contributes its lowest items, as many as
+    :func:`proportional_counts` gives it, so selection keeps the groups' shares of the data
+    (selecting by loss alone can keep mostly one class).
+    """
+    if groups is None:
+        return ranking(scores)[:count].sort().values
+    names, members_of = torch.unique(groups, return_inverse=True)
+    sizes = torch.bincount(members_of, minlength=names.numel())
+    chosen = []
+    for group, take in enumerate(proportional_counts(sizes, count).tolist()):
+        members = torch.nonzero(members_of == group).flatten()
+        chosen.append(members[ranking(scores[members])[:take]])
+    return torch.cat(chosen).sort().values
 
 
 def ranking(scores: torch.Tensor) -> torch.Tensor:
@@ -151,16 +199,18 @@ def ranking(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores.detach().float().cpu(), stable=True).indices
 
 
-def budget_keep(difficulty: torch.Tensor, budget: float) -> torch.Tensor:
-    """Indices of the ``ceil(budget * n)`` items with the lowest difficulty (sorted by index).
+def budget_keep(
+    difficulty: torch.Tensor, budget: float, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices of the ``ceil(budget * n)`` items with the lowest difficulty (sorted by index),
+    chosen within each of ``groups`` when given (:func:`lowest_per_group`).
 
     With loss-based difficulty this drops the samples the model fits worst, which is where
     mislabelled samples end up.
     """
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
-    kept = ranking(difficulty)[: pool_size(budget, difficulty.numel())]
-    return kept.sort().values
+    return lowest_per_group(difficulty, pool_size(budget, difficulty.numel()), groups)
 
 
 def rank_shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -277,9 +327,17 @@ class CurriculumSchedule:
         return pool_size(fraction, kept)
 
     def plan(
-        self, difficulty: torch.Tensor, epoch: int, seed: int
+        self,
+        difficulty: torch.Tensor,
+        epoch: int,
+        seed: int,
+        groups: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The epoch's order (item indices) and, for ``"easiest_random"``, per-item weights."""
+        """The epoch's order (item indices) and, for ``"easiest_random"``, per-item weights.
+
+        ``groups`` (class labels) make the budget's and the pacing's choices keep each group's
+        share; the random drop of ``"easiest_random"`` is unbiased without them.
+        """
         count = difficulty.numel()
         epoch_seed = seed * 1_000_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)
@@ -289,7 +347,8 @@ class CurriculumSchedule:
         if self.budget_drops == "easiest_random":
             kept, weights = infobatch_keep(difficulty, self.budget, generator)
         else:
-            kept = budget_keep(difficulty, self.budget)
+            kept = budget_keep(difficulty, self.budget, groups)
         size = self.epoch_size(count, epoch)
-        pool = shuffled_pool(difficulty[kept], size, epoch_seed, self.hardest_first)
+        kept_groups = None if groups is None else groups[kept]
+        pool = shuffled_pool(difficulty[kept], size, epoch_seed, self.hardest_first, kept_groups)
         return kept[pool], weights

@@ -1,10 +1,17 @@
-"""Shared fixtures: the real packaged model and data, loaded once per test session."""
+"""Shared fixtures: the real packaged model and data, loaded once per test session, and a
+launcher for the 2-process jobs in ``tests/jobs``."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+DISTRIBUTED_JOB = Path(__file__).parent / "jobs" / "distributed_job.py"
 
 # Tests never reach the Hugging Face Hub: every default comes from installed packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,3 +52,44 @@ def _seeded_torch():
     import torch
 
     torch.manual_seed(1234)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(scenarios: str, out: Path, timeout: float) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``tests/jobs/distributed_job.py SCENARIOS OUT`` on 2 CPU ranks the way Lightning
+    documents manually launched jobs (LOCAL_RANK, MASTER_ADDR/PORT); every rank writes
+    ``OUT/<scenario>.rank<r>.json``."""
+    port = str(_free_port())
+    processes = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "LOCAL_RANK": str(rank),
+            "NODE_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [sys.executable, str(DISTRIBUTED_JOB), scenarios, str(out)]
+        processes.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    results = []
+    for process in processes:
+        output, _ = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, output, ""))
+    return results
+
+
+@pytest.fixture(scope="session")
+def launch_two_ranks():
+    """``launch(scenarios, out, timeout)``: run distributed-job scenarios on 2 CPU ranks."""
+    return _launch

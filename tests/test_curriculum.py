@@ -13,7 +13,9 @@ from lightning_3d.curriculum import (
     el2n,
     fold_epoch_scores,
     grand_last_layer,
+    lowest_per_group,
     pacing_fraction,
+    proportional_counts,
     rank_shard,
 )
 
@@ -129,3 +131,18 @@ def test_rank_shards_have_equal_length_and_cover_everything(count):
     assert set(torch.cat(shards).tolist()) == set(order.tolist())
     with pytest.raises(ValueError, match="rank"):
         rank_shard(order, 2, 2)
+
+
+def test_proportional_counts_use_the_largest_remainder() -> None:
+    # 7 of 10 over sizes 5, 3, 2: quotas 3.5, 2.1, 1.4 -> floors 3, 2, 1, the spare to 3.5
+    assert proportional_counts(torch.tensor([5, 3, 2]), 7).tolist() == [4, 2, 1]
+    # quotas 1.5, 1.5: the tie goes to the lower group
+    assert proportional_counts(torch.tensor([3, 3]), 3).tolist() == [2, 1]
+    assert proportional_counts(torch.tensor([4, 6]), 0).tolist() == [0, 0]
+
+
+def test_lowest_per_group_keeps_each_groups_share() -> None:
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.8, 0.7, 0.6])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    assert lowest_per_group(scores, 4).tolist() == [0, 1, 2, 3]  # all from group 0
+    assert lowest_per_group(scores, 4, groups).tolist() == [0, 1, 6, 7]  # 2 + 2, lowest of each

@@ -10,10 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,50 +28,18 @@ from lightning_3d.compression import CompressedTensor, GradientCompressor
 from lightning_3d.sharding import shard_targets, transformer_block_classes
 from lightning_3d.strategies import CompressedDDPStrategy, CompressedFSDPStrategy
 
-JOB = Path(__file__).parent / "jobs" / "distributed_job.py"
 # The surviving rank must stop on its own long before this (it takes seconds); the bound only
 # turns a hang into a failure.
 DEATH_BOUND_S = 180
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(scenarios: str, out: Path, timeout: float) -> list[subprocess.CompletedProcess[str]]:
-    """Run the job on 2 ranks (Lightning's manual launch: LOCAL_RANK, MASTER_ADDR/PORT)."""
-    port = str(free_port())
-    processes = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            "LOCAL_RANK": str(rank),
-            "NODE_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-        }
-        command = [sys.executable, str(JOB), scenarios, str(out)]
-        processes.append(
-            subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    results = []
-    for process in processes:
-        output, _ = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, output, ""))
-    return results
-
-
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+def job(
+    tmp_path_factory: pytest.TempPathFactory, launch_two_ranks: Any
+) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("distributed")
     scenarios = "parity,resume,ddp,feedback,reduce_ops,own_sharding"
-    for rank, result in enumerate(launch(scenarios, out, timeout=1500)):
+    for rank, result in enumerate(launch_two_ranks(scenarios, out, timeout=1500)):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
     merged: list[dict[str, Any]] = [{}, {}]
     for rank in range(2):
@@ -227,9 +191,9 @@ def test_error_feedback_helps(job):
     assert rank0["error_feedback"] < 0.25 * rank0["error_no_feedback"]
 
 
-def test_a_dying_rank_stops_the_other(tmp_path):
+def test_a_dying_rank_stops_the_other(tmp_path, launch_two_ranks):
     started = time.monotonic()
-    survivor, dead = launch("die", tmp_path, timeout=DEATH_BOUND_S)
+    survivor, dead = launch_two_ranks("die", tmp_path, timeout=DEATH_BOUND_S)
     assert time.monotonic() - started < DEATH_BOUND_S
     assert dead.returncode == 3
     assert survivor.returncode != 0

@@ -16,6 +16,8 @@ Scenarios:
     gradient divide factor and fp16 reduction.
   own_sharding: a LightningModule whose configure_model shards it; the strategy keeps that.
   die: rank 1 exits in its third step; rank 0 must stop with an error (not hang).
+  curriculum: CurriculumSampler (loss scores, linear pacing, 80% budget) under DDP and under
+    CompressedFSDPStrategy: each rank's batches per epoch, the epoch plans and the final scores.
 """
 
 from __future__ import annotations
@@ -413,6 +415,82 @@ def die(out: Path) -> dict[str, Any]:
     return {"finished": True}
 
 
+class IndexedPoints(torch.utils.data.Dataset):
+    """60 fixed points (the same on both ranks) labelled by their first coordinate's sign."""
+
+    def __init__(self) -> None:
+        self.x = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.x[i], "labels": int(self.x[i, 0] > 0), "index": i}
+
+
+class CurriculumModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
+        )
+        self.seen: dict[int, list[int]] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        losses = torch.nn.functional.cross_entropy(
+            self.net(batch["x"]), batch["labels"], reduction="none"
+        )
+        self.seen.setdefault(self.current_epoch, []).extend(batch["index"].tolist())
+        return {"loss": losses.mean(), "per_sample_loss": losses.detach(), "index": batch["index"]}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class PlanRecorder(Callback):
+    def __init__(self, curriculum: Any) -> None:
+        self.curriculum = curriculum
+        self.plans: dict[int, list[int]] = {}
+
+    def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+        self.plans[trainer.current_epoch] = self.curriculum.current_plan().order.tolist()
+
+
+def curriculum(out: Path) -> dict[str, Any]:
+    from lightning_3d.callbacks import CurriculumSampler
+
+    result: dict[str, Any] = {}
+    for name, strategy in (
+        ("ddp", DDPStrategy(process_group_backend="gloo")),
+        ("fsdp_compressed", CompressedFSDPStrategy(min_numel=0)),
+    ):
+        sampler = CurriculumSampler(pacing="linear", start_fraction=0.4, full_at=1.0, budget=0.8)
+        plans = PlanRecorder(sampler)
+        module = CurriculumModule()
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_epochs=3,
+            callbacks=[sampler, plans],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(
+            module, train_dataloaders=DataLoader(IndexedPoints(), batch_size=4, shuffle=True)
+        )
+        result[name] = {
+            "seen": module.seen,
+            "plans": plans.plans,
+            "scores": sampler.scores.tolist(),
+            "steps": trainer.global_step,
+        }
+    return result
+
+
 SCENARIOS = {
     "parity": parity,
     "resume": resume,
@@ -421,6 +499,7 @@ SCENARIOS = {
     "reduce_ops": reduce_ops,
     "own_sharding": own_sharding,
     "die": die,
+    "curriculum": curriculum,
 }
 
 
