@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "examples" / "configs" / "rt_minilm_baseline.yaml"
 LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
 FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
+CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 
 
 def _cli() -> list[str]:
@@ -122,6 +123,57 @@ def test_cli_fits_with_the_compressed_fsdp_strategy_on_two_processes(tmp_path) -
     ]
 
 
+def test_cli_fits_with_the_curriculum_config_and_logs_its_metrics(tmp_path) -> None:
+    root = tmp_path / "run"
+    args = [
+        *_cli(),
+        "fit",
+        "--config",
+        str(CURRICULUM_CONFIG),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.limit_test_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_length",
+        "32",
+    ]
+    result = subprocess.run(
+        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    with open(next(root.glob("csv/version_*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    fractions = [
+        float(r["curriculum/fraction_in_play"])
+        for r in rows
+        if r.get("curriculum/fraction_in_play")
+    ]
+    # epoch 0: all of the data; epoch 1: the budget's half, paced to half of it
+    assert fractions[0] == 1.0 and fractions[1] == pytest.approx(0.25, abs=1e-3)
+    seen = [float(r["curriculum/samples_seen"]) for r in rows if r.get("curriculum/samples_seen")]
+    assert seen == [4.0 * step for step in range(1, 7)]  # 3 batches of 4 per epoch
+    wandb_run = next((root / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert b"curriculum/scores" in wandb_run.read_bytes()  # the score histogram reached W&B
+    quantiles = [r for r in rows if r.get("curriculum/score_q50")]
+    assert quantiles and all(
+        float(r["curriculum/score_q10"])
+        <= float(r["curriculum/score_q50"])
+        <= float(r["curriculum/score_q90"])
+        for r in quantiles
+    )
+
+
 def test_cli_help_lists_the_subcommands(tmp_path) -> None:
     result = subprocess.run(
         [*_cli(), "--help"], env=_offline_env(tmp_path), capture_output=True, text=True, timeout=300
@@ -133,11 +185,11 @@ def test_cli_help_lists_the_subcommands(tmp_path) -> None:
 
 def test_every_example_config_is_tested() -> None:
     assert sorted((REPO / "examples" / "configs").glob("*.yaml")) == sorted(
-        [BASELINE, LM_CONFIG, FSDP_CONFIG]
+        [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG]
     )
 
 
-@pytest.mark.parametrize("config", [BASELINE, LM_CONFIG, FSDP_CONFIG])
+@pytest.mark.parametrize("config", [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG])
 def test_example_configs_parse(config, tmp_path) -> None:
     result = subprocess.run(
         [*_cli(), "fit", "--config", str(config), "--print_config"],
