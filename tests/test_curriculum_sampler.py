@@ -402,3 +402,39 @@ def test_two_ranks_share_one_order_and_take_equal_disjoint_parts(
             assert set(parts[0]) | set(parts[1]) == set(order.tolist())
         sizes = [len(zero["plans"][str(e)]) for e in range(3)]
         assert sizes == [60, math.ceil(0.4 * 48), math.ceil(0.7 * 48)]
+
+
+def test_loss_budget_drops_mostly_flipped_labels_on_rotten_tomatoes(minilm_tokenizer) -> None:
+    """Real MiniLM, 800 Rotten Tomatoes reviews with 20% of their labels flipped: after two
+    warm-up epochs on all of them, the 80% budget keeps the lowest loss EMAs, and the 20% it
+    drops is far richer in flipped labels than a random 20% (precision 0.2)."""
+    from lightning_3d.data import IndexedDataset, RottenTomatoes, flip_labels
+    from lightning_3d.tasks import SequenceClassificationTask
+
+    pl.seed_everything(0, verbose=False)
+    task = SequenceClassificationTask(learning_rate=1e-4, warmup_ratio=0.0)
+    data = RottenTomatoes(tokenizer=minilm_tokenizer, batch_size=16, max_length=48)
+    data.setup("fit")
+    train = data.splits["train"]
+    labels, flipped = flip_labels(train.labels[:800], 0.2, 2, seed=0)
+    data.splits["train"] = IndexedDataset(train.input_ids[:800], labels)
+    curriculum = CurriculumSampler(score="loss", budget=0.8, warmup_epochs=2, epochs=3)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[curriculum],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(task, datamodule=data)
+    kept = set(curriculum.current_plan().order.tolist())  # the plan of epoch 2
+    dropped = set(range(800)) - kept
+    assert len(dropped) == 160
+    precision = len(dropped & set(flipped)) / len(dropped)
+    # Measured with this recipe: 0.55, 0.51, 0.46 for seeds 0, 1, 2 (labels flipped with the same
+    # seed); after a single warm-up epoch only 0.24-0.37. Half the dropped part being mislabelled
+    # where a fifth is mislabelled overall is the effect; 0.4 leaves room for numerics.
+    assert precision >= 0.4
