@@ -186,6 +186,8 @@ class CurriculumSampler(Callback):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if any(epoch < 0 for epoch in scoring_epochs):
             raise ValueError(f"scoring_epochs must be epoch numbers >= 0, got {scoring_epochs}")
+        if scoring_epochs and score == "quality":
+            raise ValueError("scoring_epochs re-scores from the model; score='quality' is static")
         self.score = score
         self.rescale_loss = rescale_loss
         self.ema_decay = ema_decay

@@ -361,6 +361,7 @@ def test_missing_per_sample_losses_get_a_clear_error() -> None:
         ({"ema_decay": 1.0}, "ema_decay must be in"),
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"scoring_epochs": [-1]}, "scoring_epochs must be"),
+        ({"scoring_epochs": [1], "score": "quality"}, "score='quality' is static"),
     ],
 )
 def test_bad_arguments_raise_a_clear_value_error(arguments: dict, message: str) -> None:

@@ -20,6 +20,7 @@ MODULES = [
     "ops",
     "sharding",
     "tasks",
+    "callbacks.curriculum",
 ]
 
 
