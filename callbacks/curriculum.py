@@ -50,6 +50,7 @@ from lightning_3d.curriculum import (
     fold_epoch_scores,
     grand_last_layer,
     rank_shard,
+    shard_length,
 )
 
 SCORES = ("loss", "el2n", "grand", "quality")
@@ -85,7 +86,7 @@ class CurriculumOrder(DistributedSampler):
         self.curriculum = curriculum
 
     def __len__(self) -> int:
-        return math.ceil(self.curriculum.current_epoch_size() / self.num_replicas)
+        return shard_length(self.curriculum.current_epoch_size(), self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
         # The body runs at the first ``next``, once the epoch has started and its plan is final.
@@ -233,17 +234,20 @@ class CurriculumSampler(Callback):
         seen_mean = self.scores[self.seen].mean() if self.seen.any() else torch.tensor(0.0)
         return torch.where(self.seen, self.scores, seen_mean)
 
-    def current_epoch_size(self) -> int:
-        """Samples the trainer's current epoch visits (known without scores)."""
+    def _current_epoch(self) -> int:
         if self._trainer is None or self._count is None:
             raise RuntimeError("CurriculumSampler is not attached to a training run")
-        return self.schedule.epoch_size(self._count, self._trainer.current_epoch)
+        return self._trainer.current_epoch
+
+    def current_epoch_size(self) -> int:
+        """Samples the trainer's current epoch visits (known without scores)."""
+        epoch = self._current_epoch()
+        assert self._count is not None  # checked by _current_epoch
+        return self.schedule.epoch_size(self._count, epoch)
 
     def current_plan(self) -> EpochPlan:
         """The plan of the trainer's current epoch, made on first request from current scores."""
-        if self._trainer is None or self._count is None:
-            raise RuntimeError("CurriculumSampler is not attached to a training run")
-        epoch = self._trainer.current_epoch
+        epoch = self._current_epoch()
         if self._plan is None or self._plan.epoch != epoch:
             known = self.labels >= 0
             groups = self.labels if self.balance_classes and known.any() else None
@@ -585,7 +589,7 @@ class CurriculumSampler(Callback):
             return estimated
         total, replicas, size = 0, self.sampler.num_replicas, self._batch_size
         for epoch in range(trainer.max_epochs):
-            part = math.ceil(self.schedule.epoch_size(self._count, epoch) / replicas)
+            part = shard_length(self.schedule.epoch_size(self._count, epoch), replicas)
             batches = part // size if self._drop_last else math.ceil(part / size)
             batches = _parse_num_batches(
                 RunningStage.TRAINING, batches, trainer.limit_train_batches

@@ -213,13 +213,18 @@ def budget_keep(
     return lowest_per_group(difficulty, pool_size(budget, difficulty.numel()), groups)
 
 
+def shard_length(count: int, world_size: int) -> int:
+    """Length of every rank's part of ``count`` items (:func:`rank_shard`): ``ceil(count / W)``."""
+    return math.ceil(count / world_size)
+
+
 def rank_shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's part of ``order``: every rank gets the same length (the order is extended by
     its own beginning to a multiple of ``world_size``, as ``DistributedSampler`` does), so no
     rank runs out of batches before the others and a collective never waits forever."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    total = math.ceil(order.numel() / world_size) * world_size
+    total = shard_length(order.numel(), world_size) * world_size
     repeats = math.ceil(total / max(order.numel(), 1))
     extended = order.repeat(repeats)[:total]
     return extended[rank::world_size]
