@@ -20,7 +20,9 @@ MODULES = [
     "ops",
     "sharding",
     "tasks",
+    "sensitivity",
     "callbacks.curriculum",
+    "callbacks.freezing",
 ]
 
 

@@ -1,0 +1,491 @@
+"""``SensitivityFreezer``: the parameter axis -- stop training what the loss cares least about.
+
+Life cycle (``global_step`` counts optimizer steps):
+
+1. ``setup``: the candidates are the parameters that require gradients, filtered by
+   ``include``/``exclude``; parameters matching ``head`` always stay trainable.
+2. ``on_fit_start``: optional layer-wise learning-rate decay splits the optimizer's groups; on
+   resume, the frozen set of the checkpoint is applied again before Lightning restores the
+   optimizer state, so the state matches the groups (no ``KeyError``).
+3. ``on_before_optimizer_step``: the gradients of the trainable candidates feed
+   :class:`~lightning_3d.sensitivity.GradientStatistics` (after DDP's all-reduce; under FSDP2 the
+   shards' sums are all-reduced).
+4. ``on_train_batch_end`` at ``warmup_steps`` (and, progressively, every ``interval`` steps after
+   it, ``stages`` times): rank units by sensitivity, keep the most sensitive ones within the
+   budget, freeze the rest: ``requires_grad=False``, gradients dropped, optimizer state released;
+   under DDP the wrapper is rebuilt so frozen tensors leave its buckets.
+
+Example:
+    >>> from lightning import Trainer
+    >>> freezer = SensitivityFreezer(target_trainable=0.1, warmup_steps=20)
+    >>> trainer = Trainer(callbacks=[freezer], max_steps=200)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_3d.sensitivity import (
+    DEFAULT_HEAD,
+    DEFAULT_LAYER_PATTERN,
+    GRANULARITIES,
+    METRICS,
+    SCHEDULES,
+    GradientStatistics,
+    add_to_optimizer,
+    baseline_scores,
+    composite_sensitivity,
+    drop_from_optimizer,
+    group_parameters,
+    layerwise_lr_scales,
+    local_part,
+    optimizer_state_bytes,
+    select_trainable,
+    sensitivity_heatmap,
+    split_param_groups,
+    trainable_fraction_at,
+    unit_scores,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _compile(argument: str, pattern: str | None, groups: int = 0) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{argument}={pattern!r} is not a valid regex: {error}") from None
+    if compiled.groups < groups:
+        raise ValueError(f"{argument}={pattern!r} needs a capture group for the layer number")
+    return compiled
+
+
+class SensitivityFreezer(Callback):
+    """Measure gradient sensitivity for a warm-up, then freeze the least sensitive tensors.
+
+    Args:
+        target_trainable: share of the initially trainable parameters (LoRA adapters and head,
+            under LoRA) left trainable at the end, in ``(0, 1]``. The head counts toward it.
+        metric: ``"fisher"`` (``E[g^2]``, default), ``"variance"``, ``"snr"`` (``mu^2/var``),
+            ``"composite"`` (``||g||^2 + alpha*Fisher + beta*||theta-theta_0||^2``), or the
+            baselines ``"random"`` and ``"depth"`` (lowest layers first). All per parameter.
+        warmup_steps: optimizer steps of measurement before the first freezing.
+        schedule: ``"once"`` (freeze to the target at ``warmup_steps``) or ``"progressive"``
+            (``stages`` events ``interval`` steps apart, the trainable share falling linearly).
+        stages, interval: the progressive schedule.
+        allow_unfreeze: at progressive events, frozen units may come back when their (last
+            measured) sensitivity beats a trainable one; otherwise freezing only grows.
+        granularity: statistics per ``"tensor"`` (default, O(tensors) memory), ``"row"`` or
+            ``"element"`` (see :mod:`lightning_3d.sensitivity`).
+        group_by: the units that freeze together: ``"tensor"``, ``"module"``, or a regex whose
+            match names a unit (``r"layer\\.\\d+\\."``).
+        include, exclude: regexes over parameter names: only names matching ``include`` (all by
+            default) and not matching ``exclude`` may be frozen.
+        head: regex of the task head, kept trainable unless ``freeze_head``; ``None``: no head.
+        alpha, beta: weights of the composite metric.
+        lr_decay: layer-wise learning-rate decay on what trains: layer ``i`` of ``L`` gets
+            ``lr * lr_decay^(L - i)``, embeddings ``lr_decay^(L + 1)``, the head ``lr``.
+        layer_pattern: regex with one group capturing the layer number in parameter names.
+        measure_every: measure every n-th optimizer step (statistics cost a pass over the
+            gradients).
+        seed: seed of the ``random`` baseline.
+
+    The statistics are public (``freezer.statistics``) so other callbacks read them instead of
+    measuring again; :func:`find_gradient_statistics` finds them on a trainer.
+
+    Example:
+        >>> SensitivityFreezer(target_trainable=0.03, schedule="progressive").schedule
+        'progressive'
+    """
+
+    def __init__(
+        self,
+        target_trainable: float = 0.1,
+        metric: str = "fisher",
+        warmup_steps: int = 50,
+        schedule: str = "once",
+        stages: int = 4,
+        interval: int = 50,
+        allow_unfreeze: bool = False,
+        granularity: str = "tensor",
+        group_by: str = "tensor",
+        include: str | None = None,
+        exclude: str | None = None,
+        head: str | None = DEFAULT_HEAD,
+        freeze_head: bool = False,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        lr_decay: float | None = None,
+        layer_pattern: str = DEFAULT_LAYER_PATTERN,
+        measure_every: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < target_trainable <= 1.0:
+            raise ValueError(f"target_trainable must be in (0, 1], got {target_trainable}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if warmup_steps < 0 or (warmup_steps == 0 and metric not in ("random", "depth")):
+            raise ValueError(
+                f"warmup_steps must be >= 1 for metric={metric!r} (it is measured from "
+                f"gradients), or >= 0 for the random/depth baselines; got {warmup_steps}"
+            )
+        if stages < 1 or interval < 1 or measure_every < 1:
+            raise ValueError(
+                "stages, interval and measure_every must be positive integers, got "
+                f"stages={stages}, interval={interval}, measure_every={measure_every}"
+            )
+        if allow_unfreeze and schedule != "progressive":
+            raise ValueError("allow_unfreeze needs schedule='progressive' (it acts at its events)")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+        if lr_decay is not None and not 0.0 < lr_decay <= 1.0:
+            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        if group_by not in ("tensor", "module"):
+            _compile("group_by", group_by)
+        self.include = _compile("include", include)
+        self.exclude = _compile("exclude", exclude)
+        self.head = _compile("head", head)
+        _compile("layer_pattern", layer_pattern, groups=1)
+        self.target_trainable = target_trainable
+        self.metric = metric
+        self.warmup_steps = warmup_steps
+        self.schedule = schedule
+        self.stages = stages if schedule == "progressive" else 1
+        self.interval = interval
+        self.allow_unfreeze = allow_unfreeze
+        self.group_by = group_by
+        self.freeze_head = freeze_head
+        self.alpha, self.beta = alpha, beta
+        self.lr_decay = lr_decay
+        self.layer_pattern = layer_pattern
+        self.measure_every = measure_every
+        self.seed = seed
+        self.statistics = GradientStatistics(granularity)
+        self.frozen: set[str] = set()
+        self.events_done = 0
+        self._sizes: dict[str, int] = {}  # initially trainable parameters, in model order
+        self._candidates: list[str] = []
+        self._home: dict[str, tuple[int, int]] = {}  # (optimizer, group) of a frozen parameter
+        self._reference: dict[str, torch.Tensor] = {}
+        self._last_measured = -1
+        self.last_scores: dict[str, float] = {}
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "statistics": self.statistics.state_dict(),
+            "frozen": sorted(self.frozen),
+            "events_done": self.events_done,
+            "home": dict(self._home),
+            "reference": {n: _full(t) for n, t in self._reference.items()},
+            "sizes": dict(self._sizes),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.statistics.load_state_dict(state_dict["statistics"])
+        self.frozen = set(state_dict["frozen"])
+        self.events_done = state_dict["events_done"]
+        self._home = {n: tuple(place) for n, place in state_dict["home"].items()}
+        self._reference = dict(state_dict["reference"])
+        self._sizes = dict(state_dict["sizes"])
+
+    # -- set-up -------------------------------------------------------------------------------
+    @property
+    def trainable_fraction(self) -> float:
+        """Share of the initially trainable parameters that still train."""
+        total = sum(self._sizes.values())
+        frozen = sum(self._sizes[n] for n in self.frozen)
+        return (total - frozen) / total if total else 1.0
+
+    def _is_head(self, name: str) -> bool:
+        return not self.freeze_head and self.head is not None and bool(self.head.search(name))
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not self._sizes:  # a resumed run knows them from the checkpoint
+            self._sizes = {n: p.numel() for n, p in pl_module.named_parameters() if p.requires_grad}
+        if not self._sizes:
+            raise ValueError("SensitivityFreezer: the model has no trainable parameters")
+        self._candidates = [
+            n
+            for n in self._sizes
+            if not self._is_head(n)
+            and (self.include is None or self.include.search(n))
+            and (self.exclude is None or not self.exclude.search(n))
+        ]
+        if not self._candidates:
+            raise ValueError(
+                "SensitivityFreezer: no parameter may be frozen (include/exclude/head leave none "
+                f"of the {len(self._sizes)} trainable tensors, e.g. {next(iter(self._sizes))!r})"
+            )
+        fixed = sum(size for n, size in self._sizes.items() if n not in self._candidates)
+        total = sum(self._sizes.values())
+        if fixed > self.target_trainable * total:
+            raise ValueError(
+                f"SensitivityFreezer: the parameters that must stay trainable (head and "
+                f"excluded ones) are {fixed / total:.1%} of the trainable parameters, above "
+                f"target_trainable={self.target_trainable}; raise the target, narrow `head`/"
+                "`exclude`, or set freeze_head=True"
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        missing = [n for n in self._sizes if n not in params]
+        if missing:
+            raise ValueError(
+                f"SensitivityFreezer: the checkpoint names parameters this model lacks: "
+                f"{missing[:3]}; resume with the same model (and LoRA settings)"
+            )
+        self.statistics.all_reduce = _shard_all_reduce(params.values())
+        if self.statistics.all_reduce is not None and self.statistics.granularity != "tensor":
+            raise ValueError(
+                f"granularity={self.statistics.granularity!r} keeps per-shard statistics that a "
+                "sharded checkpoint cannot hold; use granularity='tensor' with FSDP2"
+            )
+        if self.metric == "composite" and self.beta > 0:
+            for name in self._candidates:
+                saved = self._reference.get(name)
+                self._reference[name] = (
+                    params[name].detach().clone() if saved is None else _like(saved, params[name])
+                )
+        if self.lr_decay is not None:
+            scales = layerwise_lr_scales(list(params), self.lr_decay, self.layer_pattern)
+            scale_of = {id(p): scales[n] for n, p in params.items()}
+            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+            for optimizer in trainer.optimizers:
+                split_param_groups(optimizer, lambda p: scale_of[id(p)], schedulers)
+        if self.frozen:
+            self._apply(trainer, pl_module, freeze=self.frozen, unfreeze=set())
+
+    # -- measuring ----------------------------------------------------------------------------
+    def _last_event_step(self) -> int:
+        return self.warmup_steps + (self.stages - 1) * self.interval
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        if (
+            self.metric in ("random", "depth")
+            or step == self._last_measured
+            or step >= self._last_event_step()
+            or step % self.measure_every
+        ):
+            return
+        self._last_measured = step
+        watched = set(self._candidates) - self.frozen
+        self.statistics.update(
+            {
+                n: p.grad
+                for n, p in pl_module.named_parameters()
+                if n in watched and p.grad is not None
+            }
+        )
+
+    # -- freezing -----------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        next_event = self.warmup_steps + self.events_done * self.interval
+        if self.events_done < self.stages and trainer.global_step >= next_event:
+            self._freezing_event(trainer, pl_module)
+        pl_module.log("freezer/trainable_fraction", self.trainable_fraction, rank_zero_only=True)
+
+    def tensor_scores(self, pl_module: LightningModule) -> dict[str, float]:
+        """Sensitivity per parameter of every candidate (baselines: per unit, see below)."""
+        if self.metric == "composite":
+            fisher = self.statistics.tensor_metric("fisher")
+            drift = self._drift(pl_module)
+            return {
+                n: composite_sensitivity(
+                    self.statistics.last_sq_norm(n),
+                    fisher[n],
+                    drift.get(n, 0.0),
+                    self._sizes[n],
+                    self.alpha,
+                    self.beta,
+                )
+                for n in fisher
+            }
+        return self.statistics.tensor_metric(self.metric)
+
+    def _drift(self, pl_module: LightningModule) -> dict[str, float]:
+        """``||theta - theta_0||^2`` per candidate (summed over shards)."""
+        if not self._reference:
+            return {}
+        params = dict(pl_module.named_parameters())
+        names = list(self._reference)
+        local = torch.stack([_squared_distance(params[n], self._reference[n]) for n in names])
+        if self.statistics.all_reduce is not None:
+            local = self.statistics.all_reduce(local)
+        return dict(zip(names, local.tolist(), strict=True))
+
+    def _freezing_event(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        units = group_parameters(self._candidates, self.group_by)
+        unit_sizes = {u: sum(self._sizes[n] for n in members) for u, members in units.items()}
+        if self.metric in ("random", "depth"):
+            scores = baseline_scores(self.metric, list(units), self.seed)
+        else:
+            per_tensor = self.tensor_scores(pl_module)
+            missing = [n for n in self._candidates if n not in per_tensor]
+            if missing:
+                raise RuntimeError(
+                    f"SensitivityFreezer: no gradient was measured for {missing[:3]} before "
+                    f"step {trainer.global_step}; exclude parameters that get no gradient"
+                )
+            self.last_scores = per_tensor
+            scores = unit_scores(units, per_tensor, self._sizes)
+        eligible = {
+            u for u, members in units.items()
+            if self.allow_unfreeze or not self.frozen.intersection(members)
+        }  # fmt: skip
+        total = sum(self._sizes.values())
+        fixed = total - sum(unit_sizes.values())
+        fraction = trainable_fraction_at(self.events_done + 1, self.stages, self.target_trainable)
+        budget = int(fraction * total) - fixed
+        kept = select_trainable({u: scores[u] for u in units if u in eligible}, unit_sizes, budget)
+        kept = trainer.strategy.broadcast(kept)  # one decision for every rank
+        kept_names = {n for u in kept for n in units[u]}
+        freeze = set(self._candidates) - kept_names - self.frozen
+        unfreeze = self.frozen & kept_names
+        self._apply(trainer, pl_module, freeze, unfreeze)
+        self.events_done += 1
+        log.info(
+            "SensitivityFreezer: step %d, event %d/%d: froze %d and unfroze %d tensors; "
+            "%.2f%% of the parameters train",
+            trainer.global_step, self.events_done, self.stages, len(freeze), len(unfreeze),
+            100 * self.trainable_fraction,
+        )  # fmt: skip
+        self._log_event(trainer, scores, units)
+
+    def _apply(
+        self, trainer: Trainer, pl_module: LightningModule, freeze: set[str], unfreeze: set[str]
+    ) -> None:
+        """Freeze and unfreeze parameters, keep the optimizers' groups and state in step."""
+        params = dict(pl_module.named_parameters())
+        for name in freeze:
+            for o, optimizer in enumerate(trainer.optimizers):
+                for g, group in enumerate(optimizer.param_groups):
+                    if any(p is params[name] for p in group["params"]):
+                        self._home.setdefault(name, (o, g))
+        released = 0
+        for optimizer in trainer.optimizers:
+            released += drop_from_optimizer(optimizer, [params[n] for n in freeze])
+        for name in freeze:
+            params[name].requires_grad_(False)
+            params[name].grad = None
+        for name in unfreeze:
+            params[name].requires_grad_(True)
+            o, g = self._home.pop(name)
+            add_to_optimizer(trainer.optimizers[o], [(params[name], g)])
+        self.frozen = (self.frozen | freeze) - unfreeze
+        if released:
+            log.info("SensitivityFreezer: released %.1f MiB of optimizer state", released / 2**20)
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel) and (freeze or unfreeze):
+            # DDP fixes its buckets at construction: rebuild it so frozen tensors leave them.
+            strategy.model = strategy.model.module
+            strategy.configure_ddp()
+
+    # -- logging ------------------------------------------------------------------------------
+    def _log_event(
+        self, trainer: Trainer, scores: dict[str, float], units: dict[str, list[str]]
+    ) -> None:
+        state_mb = sum(optimizer_state_bytes(o) for o in trainer.optimizers) / 2**20
+        metrics = {
+            "freezer/trainable_fraction": self.trainable_fraction,
+            "freezer/optimizer_state_mb": state_mb,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if not trainer.is_global_zero:
+            return
+        rows = [
+            (unit, sum(self._sizes[n] for n in members), scores[unit],
+             not self.frozen.intersection(members))
+            for unit, members in units.items()
+        ]  # fmt: skip
+        figure = None
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                figure = figure or sensitivity_heatmap(scores, self.layer_pattern)
+                table = wandb.Table(columns=["unit", "numel", "score", "trainable"], data=rows)
+                logger.experiment.log(
+                    {
+                        "freezer/sensitivity": table,
+                        "freezer/heatmap": wandb.Image(figure),
+                        "trainer/global_step": trainer.global_step,
+                    }
+                )
+            elif isinstance(logger, TensorBoardLogger):
+                figure = figure or sensitivity_heatmap(scores, self.layer_pattern)
+                logger.experiment.add_figure("freezer/heatmap", figure, trainer.global_step)
+
+
+def find_gradient_statistics(trainer: Trainer) -> GradientStatistics | None:
+    """The gradient statistics a callback of ``trainer`` already measures (the freezer's), so a
+    second axis reads them instead of measuring again; ``None`` when no callback has them."""
+    for callback in trainer.callbacks:
+        statistics = getattr(callback, "statistics", None)
+        if isinstance(statistics, GradientStatistics):
+            return statistics
+    return None
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole CPU copy of a (possibly sharded) tensor: checkpoints hold replicated state."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else tensor).detach().cpu()
+
+
+def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``param`` (sharded the same way when it is a ``DTensor``)."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return full.to(param.device, param.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(local_part(param).device, param.dtype), mesh, param.placements)
+
+
+def _shard_all_reduce(params: Any) -> Any:
+    """A sum over the ranks that hold shards of the (FSDP2) parameters, or ``None``."""
+    for param in params:
+        placements = getattr(param, "placements", None)
+        if placements is None:
+            continue
+        shard_dims = [i for i, p in enumerate(placements) if p.is_shard()]
+        if not shard_dims:
+            return None
+        if len(shard_dims) > 1:
+            raise ValueError("SensitivityFreezer supports parameters sharded over one mesh dim")
+        return partial(_all_reduce_sum, group=param.device_mesh.get_group(shard_dims[0]))
+    return None
+
+
+def _all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _squared_distance(param: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``||theta - theta_0||^2`` of this rank's part, in float64."""
+    return (local_part(param.detach()) - local_part(reference)).double().square().sum()
