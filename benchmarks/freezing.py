@@ -11,7 +11,7 @@ a fresh process so its memory peak is its own:
   (what Composer's ``LayerFreezing`` does).
 
 All freezing happens at the same step. Columns: test accuracy on the whole test split; step time
-(mean over the steps after freezing, forward + backward + optimizer); peak training memory (peak
+(median over the steps after freezing, forward + backward + optimizer); peak training memory (peak
 resident memory after freezing minus the resident memory before training began, so the process,
 the model weights and the data are not counted); optimizer state bytes at the end.
 ``full`` gets the same measurements from the same step.
@@ -133,7 +133,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "seed": seed,
         "test_acc": test["test/acc"],
         "trainable_fraction": trainable / sum(p.numel() for p in task.parameters()),
-        "step_seconds": statistics.mean(measure.step_seconds),
+        "step_seconds": statistics.median(measure.step_seconds),
         "training_memory_mib": (measure.peak_kib - before_kib) / 1024,
         "peak_rss_mib": measure.peak_kib / 1024,
         "optimizer_state_mib": measure.optimizer_bytes / 2**20,

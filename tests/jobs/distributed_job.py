@@ -18,6 +18,9 @@ Scenarios:
   die: rank 1 exits in its third step; rank 0 must stop with an error (not hang).
   curriculum: CurriculumSampler (loss scores, linear pacing, 80% budget) under DDP and under
     CompressedFSDPStrategy: each rank's batches per epoch, the epoch plans and the final scores.
+  freezer: SensitivityFreezer (10% trainable after 2 steps) on the real MiniLM under DDP, FSDP2
+    and compressed FSDP2: the frozen set, the Fisher scores, what the frozen tensors did after
+    freezing, the ranks' parameter spread and the optimizer's state.
 """
 
 from __future__ import annotations
@@ -491,6 +494,68 @@ def curriculum(out: Path) -> dict[str, Any]:
     return result
 
 
+class Snapshot(Callback):
+    """Full copies of the parameters right after the freezer acted at ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.params: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            self.params = full_parameters(module)
+
+
+def freezer(out: Path) -> dict[str, Any]:
+    from lightning_3d.callbacks import SensitivityFreezer
+
+    result: dict[str, Any] = {}
+    for name, strategy in (
+        ("ddp", DDPStrategy(process_group_backend="gloo")),
+        ("fsdp", CompressedFSDPStrategy(compress=False)),
+        ("fsdp_compressed", CompressedFSDPStrategy(density=0.15)),
+    ):
+        sensitivity = SensitivityFreezer(target_trainable=0.1, warmup_steps=2)
+        snapshot = Snapshot(step=2)
+        task = make_task()
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_steps=5,
+            callbacks=[sensitivity, snapshot],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(task, train_dataloaders=make_loader(task))
+        final = full_parameters(task)
+        optimizer = trainer.optimizers[0]
+        in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = {id(p): n for n, p in task.named_parameters()}
+        result[name] = {
+            "frozen": sorted(sensitivity.frozen),
+            "fisher": sensitivity.statistics.tensor_metric("fisher"),
+            "trainable_fraction": sensitivity.trainable_fraction,
+            "frozen_moved": max(
+                float((final[n] - snapshot.params[n]).abs().max()) for n in sensitivity.frozen
+            ),
+            "trainable_moved": min(
+                float((final[n] - snapshot.params[n]).abs().max())
+                for n in snapshot.params
+                if n not in sensitivity.frozen
+            ),
+            "rank_spread": rank_spread(final),
+            "optimizer_params": sorted(names[i] for i in in_groups),
+            "state_params": sorted(names[id(p)] for p in optimizer.state),
+            "requires_grad": sorted(n for n, p in task.named_parameters() if p.requires_grad),
+            "steps": trainer.global_step,
+        }
+    return result
+
+
 SCENARIOS = {
     "parity": parity,
     "resume": resume,
@@ -500,6 +565,7 @@ SCENARIOS = {
     "own_sharding": own_sharding,
     "die": die,
     "curriculum": curriculum,
+    "freezer": freezer,
 }
 
 
