@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=1600, help="0: the whole split")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--data-seed", type=int, default=1234)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/freezing.json"))
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)

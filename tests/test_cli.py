@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_3d.loggers import default_loggers, wandb_credentials_available
 
@@ -18,6 +19,7 @@ BASELINE = REPO / "examples" / "configs" / "rt_minilm_baseline.yaml"
 LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
 FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
+FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
 
 
 def _cli() -> list[str]:
@@ -240,3 +242,46 @@ def test_default_loggers_go_offline_without_credentials(tmp_path, monkeypatch) -
     assert wandb_logger._offline is True
     assert wandb_logger.save_dir == str(tmp_path / "logs")
     assert Path(csv_logger.log_dir).parent.parent == tmp_path / "logs"
+
+
+def test_cli_fits_with_the_freezer_config_and_logs_its_table_and_heatmap(tmp_path) -> None:
+    root = tmp_path / "run"
+    config = yaml.safe_load(FREEZER_CONFIG.read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["warmup_steps"] = 2  # freeze after 2 steps
+    (tmp_path / "freezer.yaml").write_text(yaml.safe_dump(config))
+    args = [
+        *_cli(),
+        "fit",
+        "--config",
+        str(tmp_path / "freezer.yaml"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.limit_test_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_length",
+        "32",
+    ]
+    result = subprocess.run(
+        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    with open(next(root.glob("csv/version_*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    fractions = [
+        float(r["freezer/trainable_fraction"]) for r in rows if r.get("freezer/trainable_fraction")
+    ]
+    assert fractions[0] == 1.0 and 0.05 < fractions[-1] <= 0.1  # frozen after 2 steps
+    key = "freezer/optimizer_state_mb"
+    states = [float(r[key]) for r in rows if r.get(key)]
+    assert len(states) == 1 and states[0] < 0.11 * 173  # AdamW state of 10% of 22.7M parameters
+    wandb_run = next((root / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"freezer/sensitivity" in wandb_run and b"freezer/heatmap" in wandb_run
