@@ -79,7 +79,8 @@ class SensitivityFreezer(Callback):
             under LoRA) left trainable at the end, in ``(0, 1]``. The head counts toward it.
         metric: ``"fisher"`` (``E[g^2]``, default), ``"variance"``, ``"snr"`` (``mu^2/var``),
             ``"composite"`` (``||g||^2 + alpha*Fisher + beta*||theta-theta_0||^2``), or the
-            baselines ``"random"`` and ``"depth"`` (lowest layers first). All per parameter.
+            baselines ``"random"`` and ``"depth"`` (the top of the network trains, everything
+            below the first unit that does not fit freezes). All per parameter.
         warmup_steps: optimizer steps of measurement before the first freezing.
         schedule: ``"once"`` (freeze to the target at ``warmup_steps``) or ``"progressive"``
             (``stages`` events ``interval`` steps apart, the trainable share falling linearly).

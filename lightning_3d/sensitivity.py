@@ -295,16 +295,18 @@ def baseline_scores(metric: str, units: Sequence[str], seed: int = 0) -> dict[st
 
 
 def select_trainable(
-    scores: Mapping[str, float], sizes: Mapping[str, int], budget: int
+    scores: Mapping[str, float], sizes: Mapping[str, int], budget: int, contiguous: bool = False
 ) -> list[str]:
     """The units to keep trainable: most sensitive per parameter first, each one taken while the
     kept parameters stay within ``budget`` (a greedy knapsack by score density; a unit too big
-    for what is left is skipped and smaller ones still fill the budget). Ties go to the earlier
-    unit.
+    for what is left is skipped and smaller ones still fill the budget). With ``contiguous`` the
+    choice stops at the first unit that does not fit, so it is a prefix of the ranking (the
+    ``depth`` baseline keeps whole top layers, nothing below them). Ties go to the earlier unit.
 
     Example:
-        >>> select_trainable({"a": 3.0, "b": 2.0, "c": 1.0}, {"a": 6, "b": 6, "c": 2}, budget=8)
-        ['a', 'c']
+        >>> scores, sizes = {"a": 3.0, "b": 2.0, "c": 1.0}, {"a": 6, "b": 6, "c": 2}
+        >>> select_trainable(scores, sizes, budget=8), select_trainable(scores, sizes, 8, True)
+        (['a', 'c'], ['a'])
     """
     order = sorted(scores, key=lambda unit: -scores[unit])
     kept, used = [], 0
@@ -312,6 +314,8 @@ def select_trainable(
         if used + sizes[unit] <= budget:
             kept.append(unit)
             used += sizes[unit]
+        elif contiguous:
+            break
     return kept
 
 

@@ -118,6 +118,8 @@ def test_units_scores_and_the_greedy_budget() -> None:
     assert select_trainable(per_unit, unit_sizes, 85) == ["head.w", "l.1.", "l.0."]
     # 50 fits head and l.1 (45); l.0 no longer fits and emb never does
     assert select_trainable(per_unit, unit_sizes, 50) == ["head.w", "l.1."]
+    assert select_trainable(per_unit, unit_sizes, 50, contiguous=True) == ["head.w", "l.1."]
+    assert select_trainable(per_unit, unit_sizes, 60, contiguous=True) == ["head.w", "l.1."]
     assert select_trainable(per_unit, unit_sizes, 0) == []
 
 
