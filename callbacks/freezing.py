@@ -2,15 +2,15 @@
 
 Life cycle (``global_step`` counts optimizer steps):
 
-1. ``setup``: the candidates are the parameters that require gradients, filtered by
-   ``include``/``exclude``; parameters matching ``head`` always stay trainable.
-2. ``on_fit_start``: optional layer-wise learning-rate decay splits the optimizer's groups; on
-   resume, the frozen set of the checkpoint is applied again before Lightning restores the
-   optimizer state, so the state matches the groups (no ``KeyError``).
-3. ``on_before_optimizer_step``: the gradients of the trainable candidates feed
+1. ``on_fit_start`` (after ``configure_model``, LoRA wrapping and sharding): the candidates are
+   the parameters that require gradients, filtered by ``include``/``exclude``; parameters
+   matching ``head`` always stay trainable. Optional layer-wise learning-rate decay splits the
+   optimizer's groups; on resume, the checkpoint's frozen set is applied again before Lightning
+   restores the optimizer state, so the state matches the groups (no ``KeyError``).
+2. ``on_before_optimizer_step``: the gradients of the trainable candidates feed
    :class:`~lightning_3d.sensitivity.GradientStatistics` (after DDP's all-reduce; under FSDP2 the
    shards' sums are all-reduced).
-4. ``on_train_batch_end`` at ``warmup_steps`` (and, progressively, every ``interval`` steps after
+3. ``on_train_batch_end`` at ``warmup_steps`` (and, progressively, every ``interval`` steps after
    it, ``stages`` times): rank units by sensitivity, keep the most sensitive ones within the
    budget, freeze the rest: ``requires_grad=False``, gradients dropped, optimizer state released;
    under DDP the wrapper is rebuilt so frozen tensors leave its buckets.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,6 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_3d.sensitivity import (
     DEFAULT_HEAD,
     DEFAULT_LAYER_PATTERN,
-    GRANULARITIES,
     METRICS,
     SCHEDULES,
     GradientStatistics,
@@ -150,8 +150,6 @@ class SensitivityFreezer(Callback):
             )
         if allow_unfreeze and schedule != "progressive":
             raise ValueError("allow_unfreeze needs schedule='progressive' (it acts at its events)")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
         if lr_decay is not None and not 0.0 < lr_decay <= 1.0:
@@ -184,7 +182,7 @@ class SensitivityFreezer(Callback):
         self._home: dict[str, tuple[int, int]] = {}  # (optimizer, group) of a frozen parameter
         self._reference: dict[str, torch.Tensor] = {}
         self._last_measured = -1
-        self.last_scores: dict[str, float] = {}
+        self._position: dict[str, int] = {}  # model order, for putting unfrozen tensors back
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -216,13 +214,26 @@ class SensitivityFreezer(Callback):
     def _is_head(self, name: str) -> bool:
         return not self.freeze_head and self.head is not None and bool(self.head.search(name))
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not self._sizes:  # a resumed run knows them from the checkpoint
-            self._sizes = {n: p.numel() for n, p in pl_module.named_parameters() if p.requires_grad}
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Find the candidates (after ``configure_model``, LoRA and sharding), check the budget,
+        apply layer-wise learning rates and, on resume, the checkpoint's frozen set."""
+        strategy = trainer.strategy
+        if strategy.restore_checkpoint_after_setup and trainer.ckpt_path:
+            # FSDP-style strategies restore callbacks only after this hook, and the optimizer
+            # with them: the frozen set must be in place before, so read it here.
+            self.load_state_dict(_saved_state(trainer.ckpt_path, self.state_key))
+        params = dict(pl_module.named_parameters())
+        self._position = {n: i for i, n in enumerate(params)}
+        if not self._sizes:
+            self._sizes = {n: p.numel() for n, p in params.items() if p.requires_grad}
         if not self._sizes:
             raise ValueError("SensitivityFreezer: the model has no trainable parameters")
+        missing = [n for n in self._sizes if n not in params]
+        if missing:
+            raise ValueError(
+                f"SensitivityFreezer: the checkpoint names parameters this model lacks: "
+                f"{missing[:3]}; resume with the same model (and LoRA settings)"
+            )
         self._candidates = [
             n
             for n in self._sizes
@@ -244,27 +255,15 @@ class SensitivityFreezer(Callback):
                 f"target_trainable={self.target_trainable}; raise the target, narrow `head`/"
                 "`exclude`, or set freeze_head=True"
             )
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
-        missing = [n for n in self._sizes if n not in params]
-        if missing:
-            raise ValueError(
-                f"SensitivityFreezer: the checkpoint names parameters this model lacks: "
-                f"{missing[:3]}; resume with the same model (and LoRA settings)"
-            )
         self.statistics.all_reduce = _shard_all_reduce(params.values())
         if self.statistics.all_reduce is not None and self.statistics.granularity != "tensor":
             raise ValueError(
                 f"granularity={self.statistics.granularity!r} keeps per-shard statistics that a "
                 "sharded checkpoint cannot hold; use granularity='tensor' with FSDP2"
             )
-        if self.metric == "composite" and self.beta > 0:
+        if self.metric == "composite" and self.beta > 0 and self.events_done < self.stages:
             for name in self._candidates:
-                saved = self._reference.get(name)
-                self._reference[name] = (
-                    params[name].detach().clone() if saved is None else _like(saved, params[name])
-                )
+                self._reference.setdefault(name, params[name].detach().clone())
         if self.lr_decay is not None:
             scales = layerwise_lr_scales(list(params), self.lr_decay, self.layer_pattern)
             scale_of = {id(p): scales[n] for n, p in params.items()}
@@ -273,6 +272,10 @@ class SensitivityFreezer(Callback):
                 split_param_groups(optimizer, lambda p: scale_of[id(p)], schedulers)
         if self.frozen:
             self._apply(trainer, pl_module, freeze=self.frozen, unfreeze=set())
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.warmup_steps == 0 and self.events_done == 0:  # baselines: freeze before step 1
+            self._freezing_event(trainer, pl_module)
 
     # -- measuring ----------------------------------------------------------------------------
     def _last_event_step(self) -> int:
@@ -291,11 +294,12 @@ class SensitivityFreezer(Callback):
             return
         self._last_measured = step
         watched = set(self._candidates) - self.frozen
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.statistics.update(
             {
                 n: p.grad
                 for n, p in pl_module.named_parameters()
-                if n in watched and p.grad is not None
+                if n in watched and id(p) in stepped and p.grad is not None
             }
         )
 
@@ -332,6 +336,11 @@ class SensitivityFreezer(Callback):
             return {}
         params = dict(pl_module.named_parameters())
         names = list(self._reference)
+        for name in names:  # a checkpoint holds whole CPU tensors: lay them out like the weights
+            reference, param = self._reference[name], params[name]
+            sharded = hasattr(param, "device_mesh")
+            if sharded != hasattr(reference, "device_mesh") or reference.device != param.device:
+                self._reference[name] = _like(reference, param)
         local = torch.stack([_squared_distance(params[n], self._reference[n]) for n in names])
         if self.statistics.all_reduce is not None:
             local = self.statistics.all_reduce(local)
@@ -350,7 +359,6 @@ class SensitivityFreezer(Callback):
                     f"SensitivityFreezer: no gradient was measured for {missing[:3]} before "
                     f"step {trainer.global_step}; exclude parameters that get no gradient"
                 )
-            self.last_scores = per_tensor
             scores = unit_scores(units, per_tensor, self._sizes)
         eligible = {
             u for u, members in units.items()
@@ -360,13 +368,16 @@ class SensitivityFreezer(Callback):
         fixed = total - sum(unit_sizes.values())
         fraction = trainable_fraction_at(self.events_done + 1, self.stages, self.target_trainable)
         budget = int(fraction * total) - fixed
-        kept = select_trainable({u: scores[u] for u in units if u in eligible}, unit_sizes, budget)
+        eligible_scores = {u: scores[u] for u in units if u in eligible}
+        kept = select_trainable(eligible_scores, unit_sizes, budget, self.metric == "depth")
         kept = trainer.strategy.broadcast(kept)  # one decision for every rank
         kept_names = {n for u in kept for n in units[u]}
         freeze = set(self._candidates) - kept_names - self.frozen
         unfreeze = self.frozen & kept_names
         self._apply(trainer, pl_module, freeze, unfreeze)
         self.events_done += 1
+        if self.events_done == self.stages:
+            self._reference = {}  # theta_0 served the last event
         log.info(
             "SensitivityFreezer: step %d, event %d/%d: froze %d and unfroze %d tensors; "
             "%.2f%% of the parameters train",
@@ -380,6 +391,7 @@ class SensitivityFreezer(Callback):
     ) -> None:
         """Freeze and unfreeze parameters, keep the optimizers' groups and state in step."""
         params = dict(pl_module.named_parameters())
+        freeze, unfreeze = sorted(freeze), sorted(unfreeze)  # the same order on every rank
         for name in freeze:
             for o, optimizer in enumerate(trainer.optimizers):
                 for g, group in enumerate(optimizer.param_groups):
@@ -391,16 +403,23 @@ class SensitivityFreezer(Callback):
         for name in freeze:
             params[name].requires_grad_(False)
             params[name].grad = None
+        order = {id(p): self._position[n] for n, p in params.items()}
         for name in unfreeze:
             params[name].requires_grad_(True)
-            o, g = self._home.pop(name)
-            add_to_optimizer(trainer.optimizers[o], [(params[name], g)])
-        self.frozen = (self.frozen | freeze) - unfreeze
+            home = self._home.pop(name, None)
+            if home is not None:  # it was in an optimizer: back into its group, in model order
+                o, g = home
+                add_to_optimizer(trainer.optimizers[o], [(params[name], g)], _position_in(order))
+        self.frozen = (self.frozen | set(freeze)) - set(unfreeze)
         if released:
             log.info("SensitivityFreezer: released %.1f MiB of optimizer state", released / 2**20)
         strategy = trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel) and (freeze or unfreeze):
             # DDP fixes its buckets at construction: rebuild it so frozen tensors leave them.
+            # A compressed hook's residuals belong to the old buckets: they restart at zero.
+            residuals = getattr(getattr(strategy, "comm_state", None), "residuals", None)
+            if residuals is not None:
+                residuals.clear()
             strategy.model = strategy.model.module
             strategy.configure_ddp()
 
@@ -467,6 +486,24 @@ def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(local_part(param).device, param.dtype), mesh, param.placements)
 
 
+def _position_in(order: dict[int, int]) -> Any:
+    """A sort key: a parameter's place in the model."""
+    return lambda param: order[id(param)]
+
+
+def _saved_state(ckpt_path: Any, key: str) -> dict[str, Any]:
+    """This callback's state in a Lightning checkpoint: one file, or a distributed checkpoint
+    folder whose ``meta.pt`` holds the callbacks."""
+    path = Path(ckpt_path)
+    checkpoint = torch.load(
+        path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False
+    )
+    try:
+        return checkpoint["callbacks"][key]
+    except KeyError:
+        raise ValueError(f"the checkpoint {path} holds no {key} state") from None
+
+
 def _shard_all_reduce(params: Any) -> Any:
     """A sum over the ranks that hold shards of the (FSDP2) parameters, or ``None``."""
     for param in params:
@@ -489,4 +526,4 @@ def _all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
 
 def _squared_distance(param: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``||theta - theta_0||^2`` of this rank's part, in float64."""
-    return (local_part(param.detach()) - local_part(reference)).double().square().sum()
+    return (local_part(param.detach()).double() - local_part(reference).double()).square().sum()

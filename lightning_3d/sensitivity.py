@@ -14,16 +14,21 @@ follow from that state (population variance, ``ddof=0``):
 
 * ``variance``: ``var = M2 / n``;
 * ``snr`` (signal-to-noise): ``mu^2 / var``;
-* ``fisher`` (empirical Fisher information): ``E[g^2] = var + mu^2``;
-* ``composite``: ``I = ||g||^2 + alpha * Fisher + beta * ||theta - theta_0||^2``, with ``||g||^2``
-  the latest step's squared gradient norm and ``theta_0`` the weights when watching began; all
-  three terms are divided by the tensor's size so tensors of different sizes compare.
+* ``fisher``: ``E[g^2] = var + mu^2``, the Fisher information estimated from the mini-batch
+  gradients the optimizer sees (so it depends on the batch size and, under data parallelism, on
+  the global batch);
+* ``composite``: ``I = ||g||^2 + alpha * numel * Fisher + beta * ||theta - theta_0||^2``, with
+  ``||g||^2`` the latest step's squared gradient norm and ``theta_0`` the weights when watching
+  began, divided by the tensor's size so tensors of different sizes compare.
 
 With ``granularity="element"`` every element is its own stream across steps (the textbook
 per-coordinate mean and variance, memory the size of the model); ``"row"`` pools each output row
 (dim 0) and ``"tensor"`` (the default) pools the whole tensor, so memory is O(number of tensors).
-Fisher is the same at every granularity (a mean of ``g^2``); variance and SNR measure the spread
-of the pooled values.
+Fisher is the same at every granularity (a mean of ``g^2``); at ``"tensor"`` and ``"row"``
+granularity variance and SNR measure the spread of the pooled values (across elements and steps),
+not the noise of each coordinate over time, which only ``"element"`` measures. A step's own
+``M2_b`` is ``sum(x^2) - (sum x)^2 / n_b``, exact enough in the float64 state of tensor and row
+groups (one pass, and one all-reduce under sharding).
 
 Freezing picks a set of *units* (tensors, modules or regex-named groups, see
 :func:`group_parameters`) to keep trainable under a parameter budget, the most sensitive per
@@ -33,8 +38,8 @@ baselines with the same budget.
 
 Example:
     >>> stats = GradientStatistics()
-    >>> stats.update({"w": torch.tensor([1.0, 3.0])})
-    >>> stats.update({"w": torch.tensor([5.0, 7.0])})
+    >>> stats.update({"w": torch.tensor([1.0, 3.0])}), stats.update({"w": torch.tensor([5.0, 7.0])})
+    (True, True)
     >>> stats.mean("w").item(), stats.variance("w").item(), stats.fisher("w").item()
     (4.0, 5.0, 21.0)
 """
@@ -55,7 +60,7 @@ SCHEDULES = ("once", "progressive")
 #: Parameter names of task heads (sequence classifiers, poolers, language-model heads).
 DEFAULT_HEAD = r"(^|\.)(classifier|score|lm_head|pooler)\."
 #: The layer number inside transformer parameter names (``encoder.layer.3.``, ``layers.11.``).
-DEFAULT_LAYER_PATTERN = r"\.(?:layer|layers|h|blocks|block)\.(\d+)\."
+DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)\."
 #: Added to variances before dividing, so a constant gradient has a finite SNR.
 EPSILON = 1e-30
 
@@ -125,17 +130,20 @@ class GradientStatistics:
         self._mean: dict[str, torch.Tensor] = {}
         self._m2: dict[str, torch.Tensor] = {}
         self._last_sq_norm: dict[str, float] = {}
-        self._numel: dict[str, int] = {}
 
     @property
     def names(self) -> list[str]:
         """Tensors with statistics, in the order first seen."""
         return list(self._mean)
 
-    def update(self, gradients: Mapping[str, torch.Tensor]) -> None:
-        """Merge one step's gradients (``name -> gradient``; local shards for ``DTensor``s)."""
+    def update(self, gradients: Mapping[str, torch.Tensor]) -> bool:
+        """Merge one step's gradients (``name -> gradient``; local shards for ``DTensor``s).
+
+        A step whose gradients hold ``inf``/``NaN`` (an fp16 loss-scale overflow, which the
+        optimizer skips too) is not merged; returns whether the step was merged.
+        """
         if not gradients:
-            return
+            return False
         dtype = torch.float32 if self.granularity == "element" else torch.float64
         names = list(gradients)
         values = [grouped(local_part(gradients[n]).detach(), self.granularity) for n in names]
@@ -143,13 +151,17 @@ class GradientStatistics:
         counts = torch.tensor([float(v.shape[1]) for v in values], dtype=torch.float64)
         sums = [v.to(dtype).sum(1) for v in values]
         squares = [v.to(dtype).square().sum(1) for v in values]
+        device = sums[0].device
         if self.granularity == "tensor" and self.all_reduce is not None:
-            packed = torch.stack([counts, torch.cat(sums).cpu(), torch.cat(squares).cpu()])
-            counts, summed, squared = self.all_reduce(packed.to(sums[0].device)).cpu()
+            packed = torch.stack([counts.to(device), torch.cat(sums), torch.cat(squares)])
+            counts, summed, squared = self.all_reduce(packed).cpu()
             sums, squares = list(summed.split(1)), list(squared.split(1))
-        sq_norms = torch.stack([s.sum().double().cpu() for s in squares])
+        sq_norms = torch.stack([s.sum().double() for s in squares])
         if self.all_reduce is not None and self.granularity != "tensor":
-            sq_norms = self.all_reduce(sq_norms.to(sums[0].device)).cpu()
+            sq_norms = self.all_reduce(sq_norms)
+        if not torch.isfinite(sq_norms).all():  # the same verdict on every rank
+            return False
+        sq_norms = sq_norms.cpu()
         for i, name in enumerate(names):
             count = counts[i].item()
             batch_mean = sums[i] / count
@@ -158,12 +170,15 @@ class GradientStatistics:
                 self._count[name] = torch.tensor(0.0, dtype=torch.float64)
                 self._mean[name] = torch.zeros_like(batch_mean)
                 self._m2[name] = torch.zeros_like(batch_m2)
-                self._numel[name] = gradients[name].numel()
+            elif self._mean[name].device != batch_mean.device:  # restored from a checkpoint
+                self._mean[name] = self._mean[name].to(batch_mean.device)
+                self._m2[name] = self._m2[name].to(batch_mean.device)
             self._count[name], self._mean[name], self._m2[name] = welford_merge(
                 self._count[name], self._mean[name], self._m2[name], count, batch_mean, batch_m2
             )
             self._last_sq_norm[name] = sq_norms[i].item()
         self.steps += 1
+        return True
 
     # -- the statistics and metrics, per group --------------------------------------------------
     def count(self, name: str) -> float:
@@ -190,10 +205,6 @@ class GradientStatistics:
         """``||g||^2`` of the latest step (the whole tensor, over all shards)."""
         return self._last_sq_norm[name]
 
-    def numel(self, name: str) -> int:
-        """The number of elements of tensor ``name`` (all shards)."""
-        return self._numel[name]
-
     def tensor_metric(self, metric: str) -> dict[str, float]:
         """``metric`` (``fisher``, ``variance`` or ``snr``) per tensor: the mean over its groups,
         weighted by group size (groups of one tensor have equal sizes, so a plain mean)."""
@@ -219,7 +230,6 @@ class GradientStatistics:
             "mean": {n: t.cpu() for n, t in self._mean.items()},
             "m2": {n: t.cpu() for n, t in self._m2.items()},
             "last_sq_norm": dict(self._last_sq_norm),
-            "numel": dict(self._numel),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -233,7 +243,6 @@ class GradientStatistics:
         self._mean = dict(state["mean"])
         self._m2 = dict(state["m2"])
         self._last_sq_norm = dict(state["last_sq_norm"])
-        self._numel = dict(state["numel"])
 
 
 def composite_sensitivity(
@@ -367,13 +376,15 @@ def layerwise_lr_scales(
 
 # -- optimizer surgery ---------------------------------------------------------------------------
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's per-parameter state tensors (moments, quantization maps)."""
-    return sum(
-        local_part(value).numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor)
-    )
+    """Bytes held by the optimizer's per-parameter state tensors (moments, quantization maps),
+    each storage counted once (bitsandbytes shares one quantization map among parameters)."""
+    storages: dict[int, int] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = local_part(value)
+                storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def drop_from_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
@@ -392,13 +403,30 @@ def drop_from_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[torch
 
 
 def add_to_optimizer(
-    optimizer: torch.optim.Optimizer, params: Iterable[tuple[torch.Tensor, int]]
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[tuple[torch.Tensor, int]],
+    position: Callable[[torch.Tensor], int],
 ) -> None:
-    """Put ``(param, group index)`` pairs back into their groups (unfreezing), with fresh state."""
+    """Put ``(param, group index)`` pairs back into their groups (unfreezing), with fresh state,
+    each group kept sorted by ``position`` (the parameters' original order), so that a resumed
+    run that rebuilds the groups lines its saved state up with the same parameters."""
+    touched = set()
     for param, index in params:
         group = optimizer.param_groups[index]["params"]
         if all(p is not param for p in group):
             group.append(param)
+            touched.add(index)
+    for index in touched:
+        optimizer.param_groups[index]["params"].sort(key=position)
+
+
+#: Schedulers whose per-group settings live outside ``base_lrs``: layer-wise groups cannot be
+#: added to them after the fact.
+UNSPLITTABLE_SCHEDULERS = (
+    torch.optim.lr_scheduler.OneCycleLR,
+    torch.optim.lr_scheduler.CyclicLR,
+    torch.optim.lr_scheduler.ReduceLROnPlateau,
+)
 
 
 def split_param_groups(
@@ -409,8 +437,19 @@ def split_param_groups(
     """Split every group into one group per learning-rate scale, multiplying ``lr`` (and
     ``initial_lr``) by the scale; schedulers of the optimizer get matching ``base_lrs``.
 
-    Schedulers that keep one function per group (``LambdaLR``) repeat the group's function.
+    Schedulers that keep one function per group (``LambdaLR``, ``MultiplicativeLR``) repeat the
+    group's function; ``SequentialLR`` and ``ChainedScheduler`` are split through. Schedulers with
+    other per-group settings (``OneCycleLR``, ``CyclicLR``, ``ReduceLROnPlateau``) are refused
+    before anything changes.
     """
+    mine = [s for s in schedulers if getattr(s, "optimizer", None) is optimizer]
+    for scheduler in _flatten_schedulers(mine):
+        if isinstance(scheduler, UNSPLITTABLE_SCHEDULERS):
+            raise ValueError(
+                f"lr_decay cannot split the groups of a {type(scheduler).__name__} scheduler; "
+                "use LambdaLR, StepLR, CosineAnnealingLR, LinearLR or SequentialLR of those, or "
+                "build layer-wise groups in configure_optimizers"
+            )
     new_groups, origin = [], []
     for index, group in enumerate(optimizer.param_groups):
         by_scale: dict[float, list[torch.Tensor]] = {}
@@ -423,13 +462,20 @@ def split_param_groups(
             new_groups.append(split)
             origin.append(index)
     optimizer.param_groups = new_groups
-    for scheduler in schedulers:
-        if getattr(scheduler, "optimizer", None) is not optimizer:
-            continue
+    for scheduler in _flatten_schedulers(mine):
         if hasattr(scheduler, "lr_lambdas"):
             scheduler.lr_lambdas = [scheduler.lr_lambdas[i] for i in origin]
         scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in new_groups]
         scheduler._last_lr = [g["lr"] for g in new_groups]
+
+
+def _flatten_schedulers(schedulers: Iterable[Any]) -> list[Any]:
+    """The schedulers and, for ``SequentialLR``/``ChainedScheduler``, the ones inside them."""
+    flat = []
+    for scheduler in schedulers:
+        flat.append(scheduler)
+        flat.extend(_flatten_schedulers(getattr(scheduler, "_schedulers", ())))
+    return flat
 
 
 def sensitivity_heatmap(
@@ -448,7 +494,7 @@ def sensitivity_heatmap(
 
     cells: dict[tuple[str, str], float] = {}
     for name, score in scores.items():
-        match = re.search(layer_pattern, name)
+        match = re.search(layer_pattern, name)  # the layer number and where the role starts
         row, role = (match.group(1), name[match.end() :]) if match else ("other", name)
         cells[(row, role)] = math.log10(score) if score > 0 else float("nan")
     layers = sorted({int(r) for r, _ in cells if r != "other"})
@@ -474,6 +520,7 @@ __all__ = [
     "GRANULARITIES",
     "METRICS",
     "SCHEDULES",
+    "UNSPLITTABLE_SCHEDULERS",
     "GradientStatistics",
     "add_to_optimizer",
     "baseline_scores",
