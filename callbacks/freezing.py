@@ -183,6 +183,7 @@ class SensitivityFreezer(Callback):
         self._reference: dict[str, torch.Tensor] = {}
         self._last_measured = -1
         self._position: dict[str, int] = {}  # model order, for putting unfrozen tensors back
+        self._unpatch: Any = None
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -214,14 +215,32 @@ class SensitivityFreezer(Callback):
     def _is_head(self, name: str) -> bool:
         return not self.freeze_head and self.head is not None and bool(self.head.search(name))
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if stage != "fit" or not strategy.restore_checkpoint_after_setup:
+            return
+        # FSDP-style strategies load the optimizer state, and only then this callback's state,
+        # after ``on_fit_start``: the frozen set must shape the optimizer's groups first, so read
+        # it from the checkpoint just before the strategy loads it.
+        load_checkpoint = strategy.load_checkpoint
+
+        def load_frozen_set_first(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            self.load_state_dict(_saved_state(checkpoint_path, self.state_key))
+            if self.frozen:
+                self._apply(trainer, pl_module, freeze=self.frozen, unfreeze=set())
+            return load_checkpoint(checkpoint_path, *args, **kwargs)
+
+        strategy.load_checkpoint = load_frozen_set_first
+        self._unpatch = lambda: setattr(strategy, "load_checkpoint", load_checkpoint)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._unpatch is not None:
+            self._unpatch()
+            self._unpatch = None
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the candidates (after ``configure_model``, LoRA and sharding), check the budget,
         apply layer-wise learning rates and, on resume, the checkpoint's frozen set."""
-        strategy = trainer.strategy
-        if strategy.restore_checkpoint_after_setup and trainer.ckpt_path:
-            # FSDP-style strategies restore callbacks only after this hook, and the optimizer
-            # with them: the frozen set must be in place before, so read it here.
-            self.load_state_dict(_saved_state(trainer.ckpt_path, self.state_key))
         params = dict(pl_module.named_parameters())
         self._position = {n: i for i, n in enumerate(params)}
         if not self._sizes:

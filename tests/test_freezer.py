@@ -281,10 +281,10 @@ def test_set_up_errors_name_the_problem_before_training() -> None:
         trainer_for([freezer], steps=1).fit(Layered(), points())
 
 
-def test_two_ranks_ddp_and_fsdp2_agree_on_the_frozen_set(
+def test_two_ranks_ddp_and_fsdp2_agree_on_the_frozen_set_and_fsdp2_resumes(
     tmp_path: Path, launch_two_ranks: Any
 ) -> None:
-    for rank, result in enumerate(launch_two_ranks("freezer", tmp_path, 900)):
+    for rank, result in enumerate(launch_two_ranks("freezer,freezer_resume", tmp_path, 900)):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
     ranks = [json.loads((tmp_path / f"freezer.rank{r}.json").read_text()) for r in range(2)]
     ddp = ranks[0]["ddp"]
@@ -301,6 +301,9 @@ def test_two_ranks_ddp_and_fsdp2_agree_on_the_frozen_set(
     assert fsdp["frozen"] == ddp["frozen"]  # the same gradients, sharded or not
     for name, value in ddp["fisher"].items():
         assert fsdp["fisher"][name] == pytest.approx(value, rel=1e-4)
+    resume = json.loads((tmp_path / "freezer_resume.rank0.json").read_text())
+    assert resume["frozen_resumed"] == resume["frozen_whole"] and resume["frozen_whole"]
+    assert resume["steps"] == 6 and resume["difference"] == 0.0  # FSDP2 resume, bit for bit
 
 
 def test_minilm_full_weights_and_lora(rotten_tomatoes: Any) -> None:

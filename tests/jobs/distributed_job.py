@@ -20,9 +20,9 @@ Scenarios:
     CompressedFSDPStrategy: each rank's batches per epoch, the epoch plans and the final scores.
   freezer: SensitivityFreezer (10% trainable after 2 steps) on the real MiniLM under DDP, FSDP2
     and compressed FSDP2: the frozen set, the Fisher scores, what the frozen tensors did after
-    freezing, the ranks' parameter spread and the optimizer's state; then, under FSDP2, a run
-    checkpointed after its first epoch (frozen after 2 steps) and resumed, against the
-    uninterrupted run.
+    freezing, the ranks' parameter spread and the optimizer's state.
+  freezer_resume: under FSDP2, a run frozen after 2 steps, checkpointed (sharded) and stopped
+    after 3, then resumed, against the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -561,33 +561,24 @@ def freezer(out: Path) -> dict[str, Any]:
 def freezer_resume(out: Path) -> dict[str, Any]:
     from lightning_3d.callbacks import SensitivityFreezer
 
-    def run(epochs: int, callbacks: list[Callback], ckpt_path: str | None = None) -> Any:
-        task = make_task()
-        freezer = SensitivityFreezer(target_trainable=0.1, warmup_steps=2)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=CompressedFSDPStrategy(compress=False),
-            max_epochs=epochs,
-            callbacks=[freezer, *callbacks],
-            logger=False,
-            enable_checkpointing=bool(callbacks),
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
-        trainer.fit(task, train_dataloaders=make_loader(task), ckpt_path=ckpt_path)
-        return task, freezer, trainer
+    def freezer() -> SensitivityFreezer:
+        return SensitivityFreezer(target_trainable=0.1, warmup_steps=2)
 
-    whole, whole_freezer, _ = run(EPOCHS, [])
-    checkpoint = ModelCheckpoint(dirpath=out / "freezer_ckpt", save_on_train_epoch_end=True)
-    run(1, [checkpoint])
-    resumed, resumed_freezer, trainer = run(EPOCHS, [], checkpoint.best_model_path)
+    whole_freezer, resumed_freezer = freezer(), freezer()
+    whole, _ = fit(CompressedFSDPStrategy(compress=False), callbacks=[whole_freezer])
+    folder = out / "freezer_checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="first", every_n_train_steps=3)
+    fit(CompressedFSDPStrategy(compress=False), stop_at_step=3, callbacks=[freezer(), checkpoint])
+    resumed, _ = fit(
+        CompressedFSDPStrategy(compress=False),
+        ckpt_path=str(folder / "first.ckpt"),
+        callbacks=[resumed_freezer],
+    )
     return {
         "difference": max_difference(full_parameters(whole), full_parameters(resumed)),
         "frozen_whole": sorted(whole_freezer.frozen),
         "frozen_resumed": sorted(resumed_freezer.frozen),
-        "steps": trainer.global_step,
+        "steps": resumed.trainer.global_step,
     }
 
 
