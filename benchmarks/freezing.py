@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/freezing.py            # the figures in BENCHMARKS.md
     python benchmarks/freezing.py --seeds 0 --setups full sensitivity@0.1
+    python benchmarks/freezing.py --summarize benchmarks/results/freezing*.json  # one table
 
 Results are printed as a Markdown table and written as JSON to ``--out``.
 """
@@ -143,7 +144,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def summarize(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| set-up | trainable % | test acc % (mean ± sd) | step s | speed-up vs full | "
+        "| set-up | trainable % | test acc % (mean ± sd) (runs) | step s | speed-up vs full | "
         "training memory MiB | vs full | optimizer state MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -157,14 +158,21 @@ def summarize(results: list[dict[str, Any]]) -> str:
         step = statistics.mean(r["step_seconds"] for r in runs)
         memory = statistics.mean(r["training_memory_mib"] for r in runs)
         paired = [r for r in runs if r["seed"] in full]
-        speed = statistics.mean(full[r["seed"]]["step_seconds"] / r["step_seconds"] for r in paired)
-        ratio = statistics.mean(
-            r["training_memory_mib"] / full[r["seed"]]["training_memory_mib"] for r in paired
-        )
+        speed = ratio = "-"
+        if paired:  # ratios to the same seed's full fine-tuning
+            speed = "{:.2f}x".format(
+                statistics.mean(full[r["seed"]]["step_seconds"] / r["step_seconds"] for r in paired)
+            )
+            ratio = "{:.2f}x".format(
+                statistics.mean(
+                    r["training_memory_mib"] / full[r["seed"]]["training_memory_mib"]
+                    for r in paired
+                )
+            )
         lines.append(
             f"| {setup} | {100 * statistics.mean(r['trainable_fraction'] for r in runs):.1f} | "
-            f"{statistics.mean(accs):.2f} ± {spread:.2f} | {step:.3f} | {speed:.2f}x | "
-            f"{memory:.0f} | {ratio:.2f}x | "
+            f"{statistics.mean(accs):.2f} ± {spread:.2f} ({len(runs)}) | {step:.3f} | {speed} | "
+            f"{memory:.0f} | {ratio} | "
             f"{statistics.mean(r['optimizer_state_mib'] for r in runs):.1f} |"
         )
     return "\n".join(lines)
@@ -182,8 +190,15 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--data-seed", type=int, default=1234)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/freezing.json"))
+    parser.add_argument(
+        "--summarize", type=Path, nargs="+", help="only print the table of these result files"
+    )
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.summarize:
+        runs = [r for path in args.summarize for r in json.loads(path.read_text())["runs"]]
+        print(summarize(runs))
+        return
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)
 
     if args.one:  # a child process: one run, one JSON line
