@@ -187,11 +187,13 @@ def test_cli_help_lists_the_subcommands(tmp_path) -> None:
 
 def test_every_example_config_is_tested() -> None:
     assert sorted((REPO / "examples" / "configs").glob("*.yaml")) == sorted(
-        [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG]
+        [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG, FREEZER_CONFIG]
     )
 
 
-@pytest.mark.parametrize("config", [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG])
+@pytest.mark.parametrize(
+    "config", [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG, FREEZER_CONFIG]
+)
 def test_example_configs_parse(config, tmp_path) -> None:
     result = subprocess.run(
         [*_cli(), "fit", "--config", str(config), "--print_config"],
