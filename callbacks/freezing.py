@@ -225,7 +225,9 @@ class SensitivityFreezer(Callback):
         load_checkpoint = strategy.load_checkpoint
 
         def load_frozen_set_first(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-            self.load_state_dict(_saved_state(checkpoint_path, self.state_key))
+            state = _saved_state(checkpoint_path, self.state_key)
+            if state is not None:  # None: the checkpoint was made without this callback
+                self.load_state_dict(state)
             if self.frozen:
                 self._apply(trainer, pl_module, freeze=self.frozen, unfreeze=set())
             return load_checkpoint(checkpoint_path, *args, **kwargs)
@@ -510,17 +512,14 @@ def _position_in(order: dict[int, int]) -> Any:
     return lambda param: order[id(param)]
 
 
-def _saved_state(ckpt_path: Any, key: str) -> dict[str, Any]:
-    """This callback's state in a Lightning checkpoint: one file, or a distributed checkpoint
-    folder whose ``meta.pt`` holds the callbacks."""
+def _saved_state(ckpt_path: Any, key: str) -> dict[str, Any] | None:
+    """This callback's state in a Lightning checkpoint (one file, or a distributed checkpoint
+    folder whose ``meta.pt`` holds the callbacks), or ``None`` when it has none."""
     path = Path(ckpt_path)
     checkpoint = torch.load(
         path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False
     )
-    try:
-        return checkpoint["callbacks"][key]
-    except KeyError:
-        raise ValueError(f"the checkpoint {path} holds no {key} state") from None
+    return checkpoint.get("callbacks", {}).get(key)
 
 
 def _shard_all_reduce(params: Any) -> Any:
