@@ -126,7 +126,9 @@ def fit(
         logger=logger,
         log_every_n_steps=1,
         callbacks=[recorder, *(callbacks or [])],
-        enable_checkpointing=bool(callbacks),
+        # only the caller's own ModelCheckpoint writes checkpoints (Lightning's default one
+        # would write into the working directory)
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
@@ -519,22 +521,9 @@ def freezer(out: Path) -> dict[str, Any]:
     ):
         sensitivity = SensitivityFreezer(target_trainable=0.1, warmup_steps=2)
         snapshot = Snapshot(step=2)
-        task = make_task()
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=strategy,
-            max_steps=5,
-            callbacks=[sensitivity, snapshot],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
-        trainer.fit(task, train_dataloaders=make_loader(task))
+        task, _ = fit(strategy, callbacks=[sensitivity, snapshot])
         final = full_parameters(task)
-        optimizer = trainer.optimizers[0]
+        optimizer = task.trainer.optimizers[0]
         in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
         names = {id(p): n for n, p in task.named_parameters()}
         result[name] = {
@@ -553,7 +542,7 @@ def freezer(out: Path) -> dict[str, Any]:
             "optimizer_params": sorted(names[i] for i in in_groups),
             "state_params": sorted(names[id(p)] for p in optimizer.state),
             "requires_grad": sorted(n for n, p in task.named_parameters() if p.requires_grad),
-            "steps": trainer.global_step,
+            "steps": task.trainer.global_step,
         }
     return result
 
