@@ -40,15 +40,33 @@ def _offline_env(home: Path) -> dict[str, str]:
     return env
 
 
-def test_cli_fit_writes_offline_wandb_run_and_csv_metrics(tmp_path) -> None:
+def _fit(tmp_path: Path, config: Path, *overrides: str) -> tuple[Path, str]:
+    """``lightning-3d fit --config CONFIG`` into ``tmp_path/run`` with ``overrides``, offline;
+    returns the run folder and the output, after checking that the command succeeded."""
     root = tmp_path / "run"
-    args = [
-        *_cli(),
-        "fit",
-        "--config",
-        str(BASELINE),
-        "--trainer.default_root_dir",
-        str(root),
+    args = [*_cli(), "fit", "--config", str(config), "--trainer.default_root_dir", str(root)]
+    result = subprocess.run(
+        [*args, *overrides],
+        env=_offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return root, output
+
+
+def _csv_rows(root: Path) -> list[dict[str, str]]:
+    with open(next(root.glob("csv/version_*/metrics.csv"))) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_fit_writes_offline_wandb_run_and_csv_metrics(tmp_path) -> None:
+    root, output = _fit(
+        tmp_path,
+        BASELINE,
         "--trainer.max_steps",
         "3",
         "--trainer.val_check_interval",
@@ -61,17 +79,11 @@ def test_cli_fit_writes_offline_wandb_run_and_csv_metrics(tmp_path) -> None:
         "1",
         "--data.init_args.batch_size",
         "4",
-    ]
-    result = subprocess.run(
-        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
     assert output.count("W&B: no credentials found") == 1
     runs = list((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-    with open(next(root.glob("csv/version_*/metrics.csv"))) as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _csv_rows(root)
     train_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(train_losses) == 3 and all(0 < loss < 5 for loss in train_losses)
     assert any(r.get("val/acc") for r in rows)
@@ -126,14 +138,9 @@ def test_cli_fits_with_the_compressed_fsdp_strategy_on_two_processes(tmp_path) -
 
 
 def test_cli_fits_with_the_curriculum_config_and_logs_its_metrics(tmp_path) -> None:
-    root = tmp_path / "run"
-    args = [
-        *_cli(),
-        "fit",
-        "--config",
-        str(CURRICULUM_CONFIG),
-        "--trainer.default_root_dir",
-        str(root),
+    root, _ = _fit(
+        tmp_path,
+        CURRICULUM_CONFIG,
         "--trainer.max_epochs",
         "2",
         "--trainer.limit_train_batches",
@@ -148,14 +155,8 @@ def test_cli_fits_with_the_curriculum_config_and_logs_its_metrics(tmp_path) -> N
         "4",
         "--data.init_args.max_length",
         "32",
-    ]
-    result = subprocess.run(
-        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    with open(next(root.glob("csv/version_*/metrics.csv"))) as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _csv_rows(root)
     fractions = [
         float(r["curriculum/fraction_in_play"])
         for r in rows
@@ -247,17 +248,12 @@ def test_default_loggers_go_offline_without_credentials(tmp_path, monkeypatch) -
 
 
 def test_cli_fits_with_the_freezer_config_and_logs_its_table_and_heatmap(tmp_path) -> None:
-    root = tmp_path / "run"
     config = yaml.safe_load(FREEZER_CONFIG.read_text())
     config["trainer"]["callbacks"][0]["init_args"]["warmup_steps"] = 2  # freeze after 2 steps
     (tmp_path / "freezer.yaml").write_text(yaml.safe_dump(config))
-    args = [
-        *_cli(),
-        "fit",
-        "--config",
-        str(tmp_path / "freezer.yaml"),
-        "--trainer.default_root_dir",
-        str(root),
+    root, _ = _fit(
+        tmp_path,
+        tmp_path / "freezer.yaml",
         "--trainer.max_steps",
         "4",
         "--trainer.limit_val_batches",
@@ -270,14 +266,8 @@ def test_cli_fits_with_the_freezer_config_and_logs_its_table_and_heatmap(tmp_pat
         "4",
         "--data.init_args.max_length",
         "32",
-    ]
-    result = subprocess.run(
-        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    with open(next(root.glob("csv/version_*/metrics.csv"))) as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _csv_rows(root)
     fractions = [
         float(r["freezer/trainable_fraction"]) for r in rows if r.get("freezer/trainable_fraction")
     ]
