@@ -212,6 +212,11 @@ class SensitivityFreezer(Callback):
         frozen = sum(self._sizes[n] for n in self.frozen)
         return (total - frozen) / total if total else 1.0
 
+    def _always_trainable(self) -> int:
+        """Parameters that never freeze: the head and what ``include``/``exclude`` leave out."""
+        candidates = set(self._candidates)
+        return sum(size for n, size in self._sizes.items() if n not in candidates)
+
     def _is_head(self, name: str) -> bool:
         return not self.freeze_head and self.head is not None and bool(self.head.search(name))
 
@@ -267,8 +272,7 @@ class SensitivityFreezer(Callback):
                 "SensitivityFreezer: no parameter may be frozen (include/exclude/head leave none "
                 f"of the {len(self._sizes)} trainable tensors, e.g. {next(iter(self._sizes))!r})"
             )
-        fixed = sum(size for n, size in self._sizes.items() if n not in self._candidates)
-        total = sum(self._sizes.values())
+        fixed, total = self._always_trainable(), sum(self._sizes.values())
         if fixed > self.target_trainable * total:
             raise ValueError(
                 f"SensitivityFreezer: the parameters that must stay trainable (head and "
@@ -386,7 +390,7 @@ class SensitivityFreezer(Callback):
             if self.allow_unfreeze or not self.frozen.intersection(members)
         }  # fmt: skip
         total = sum(self._sizes.values())
-        fixed = total - sum(unit_sizes.values())
+        fixed = self._always_trainable()
         fraction = trainable_fraction_at(self.events_done + 1, self.stages, self.target_trainable)
         budget = int(fraction * total) - fixed
         eligible_scores = {u: scores[u] for u in units if u in eligible}
@@ -413,11 +417,15 @@ class SensitivityFreezer(Callback):
         """Freeze and unfreeze parameters, keep the optimizers' groups and state in step."""
         params = dict(pl_module.named_parameters())
         freeze, unfreeze = sorted(freeze), sorted(unfreeze)  # the same order on every rank
+        place = {
+            id(p): (o, g)
+            for o, optimizer in enumerate(trainer.optimizers)
+            for g, group in enumerate(optimizer.param_groups)
+            for p in group["params"]
+        }
         for name in freeze:
-            for o, optimizer in enumerate(trainer.optimizers):
-                for g, group in enumerate(optimizer.param_groups):
-                    if any(p is params[name] for p in group["params"]):
-                        self._home.setdefault(name, (o, g))
+            if id(params[name]) in place:
+                self._home.setdefault(name, place[id(params[name])])
         released = 0
         for optimizer in trainer.optimizers:
             released += drop_from_optimizer(optimizer, [params[n] for n in freeze])
@@ -516,8 +524,12 @@ def _saved_state(ckpt_path: Any, key: str) -> dict[str, Any] | None:
     """This callback's state in a Lightning checkpoint (one file, or a distributed checkpoint
     folder whose ``meta.pt`` holds the callbacks), or ``None`` when it has none."""
     path = Path(ckpt_path)
+    # memory-mapped: a single-file checkpoint's weights are not read just to find this entry
     checkpoint = torch.load(
-        path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False
+        path / "meta.pt" if path.is_dir() else path,
+        map_location="cpu",
+        weights_only=False,
+        mmap=True,
     )
     return checkpoint.get("callbacks", {}).get(key)
 
