@@ -7,9 +7,17 @@ Each callback is thin glue: it decides *when* (which hook, which step) and calls
   and trains on a data budget.
 * :class:`SensitivityFreezer` (parameters): measures gradient sensitivity, freezes the least
   sensitive tensors and releases their optimizer state.
+* :class:`ProgressivePruner` (model): prunes gradually to a target sparsity (unstructured, N:M,
+  rows, attention heads, FFN neurons) and keeps pruned weights at zero.
 """
 
 from lightning_3d.callbacks.curriculum import CurriculumSampler
 from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
+from lightning_3d.callbacks.pruning import ProgressivePruner
 
-__all__ = ["CurriculumSampler", "SensitivityFreezer", "find_gradient_statistics"]
+__all__ = [
+    "CurriculumSampler",
+    "ProgressivePruner",
+    "SensitivityFreezer",
+    "find_gradient_statistics",
+]

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
@@ -52,6 +51,7 @@ from lightning_3d.curriculum import (
     rank_shard,
     shard_length,
 )
+from lightning_3d.loggers import log_histogram
 
 SCORES = ("loss", "el2n", "grand", "quality")
 STATE_VERSION = 1
@@ -542,7 +542,7 @@ class CurriculumSampler(Callback):
             quantiles = torch.quantile(scored.double(), torch.tensor([0.1, 0.5, 0.9]).double())
             for name, value in zip(("q10", "q50", "q90"), quantiles.tolist(), strict=True):
                 metrics[f"curriculum/score_{name}"] = value
-            self._log_histogram(trainer, scored)
+            log_histogram(trainer, "curriculum/scores", scored.float().numpy())
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 
     def _scoring_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -565,20 +565,6 @@ class CurriculumSampler(Callback):
         finally:
             for module, training in modes.items():
                 module.training = training
-
-    def _log_histogram(self, trainer: Trainer, scores: torch.Tensor) -> None:
-        if not trainer.is_global_zero:
-            return
-        values = scores.float().numpy()
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                histogram = wandb.Histogram(values)
-                step = trainer.global_step
-                logger.experiment.log({"curriculum/scores": histogram, "trainer/global_step": step})
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram("curriculum/scores", values, trainer.global_step)
 
     # -- planning help ------------------------------------------------------------------------
     def planned_optimizer_steps(self, trainer: Trainer) -> int | float:

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import logging
 import re
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch.nn.parallel import DistributedDataParallel
@@ -55,6 +53,7 @@ from lightning_3d.sensitivity import (
     trainable_fraction_at,
     unit_scores,
 )
+from lightning_3d.sharding import full_copy, laid_out_like, shard_all_reduce
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +191,7 @@ class SensitivityFreezer(Callback):
             "frozen": sorted(self.frozen),
             "events_done": self.events_done,
             "home": dict(self._home),
-            "reference": {n: _full(t) for n, t in self._reference.items()},
+            "reference": {n: full_copy(t) for n, t in self._reference.items()},
             "sizes": dict(self._sizes),
         }
 
@@ -280,7 +279,7 @@ class SensitivityFreezer(Callback):
                 f"target_trainable={self.target_trainable}; raise the target, narrow `head`/"
                 "`exclude`, or set freeze_head=True"
             )
-        self.statistics.all_reduce = _shard_all_reduce(params.values())
+        self.statistics.all_reduce = shard_all_reduce(params.values())
         if self.statistics.all_reduce is not None and self.statistics.granularity != "tensor":
             raise ValueError(
                 f"granularity={self.statistics.granularity!r} keeps per-shard statistics that a "
@@ -365,7 +364,7 @@ class SensitivityFreezer(Callback):
             reference, param = self._reference[name], params[name]
             sharded = hasattr(param, "device_mesh")
             if sharded != hasattr(reference, "device_mesh") or reference.device != param.device:
-                self._reference[name] = _like(reference, param)
+                self._reference[name] = laid_out_like(reference, param)
         local = torch.stack([_squared_distance(params[n], self._reference[n]) for n in names])
         if self.statistics.all_reduce is not None:
             local = self.statistics.all_reduce(local)
@@ -489,30 +488,19 @@ class SensitivityFreezer(Callback):
                 logger.experiment.add_figure("freezer/heatmap", figure, trainer.global_step)
 
 
-def find_gradient_statistics(trainer: Trainer) -> GradientStatistics | None:
-    """The gradient statistics a callback of ``trainer`` already measures (the freezer's), so a
-    second axis reads them instead of measuring again; ``None`` when no callback has them."""
+def find_gradient_statistics(
+    trainer: Trainer, exclude: Callback | None = None
+) -> GradientStatistics | None:
+    """The gradient statistics a callback of ``trainer`` (other than ``exclude``) already
+    measures (the freezer's), so a second axis reads them instead of measuring again; ``None``
+    when no callback has them."""
     for callback in trainer.callbacks:
+        if callback is exclude:
+            continue
         statistics = getattr(callback, "statistics", None)
         if isinstance(statistics, GradientStatistics):
             return statistics
     return None
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """A whole CPU copy of a (possibly sharded) tensor: checkpoints hold replicated state."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return (full_tensor() if callable(full_tensor) else tensor).detach().cpu()
-
-
-def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out like ``param`` (sharded the same way when it is a ``DTensor``)."""
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is None:
-        return full.to(param.device, param.dtype)
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(local_part(param).device, param.dtype), mesh, param.placements)
 
 
 def _position_in(order: dict[int, int]) -> Any:
@@ -532,26 +520,6 @@ def _saved_state(ckpt_path: Any, key: str) -> dict[str, Any] | None:
         mmap=True,
     )
     return checkpoint.get("callbacks", {}).get(key)
-
-
-def _shard_all_reduce(params: Any) -> Any:
-    """A sum over the ranks that hold shards of the (FSDP2) parameters, or ``None``."""
-    for param in params:
-        placements = getattr(param, "placements", None)
-        if placements is None:
-            continue
-        shard_dims = [i for i, p in enumerate(placements) if p.is_shard()]
-        if not shard_dims:
-            return None
-        if len(shard_dims) > 1:
-            raise ValueError("SensitivityFreezer supports parameters sharded over one mesh dim")
-        return partial(_all_reduce_sum, group=param.device_mesh.get_group(shard_dims[0]))
-    return None
-
-
-def _all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
-    dist.all_reduce(tensor, group=group)
-    return tensor
 
 
 def _squared_distance(param: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -70,3 +70,21 @@ def default_loggers(
     save_dir = os.fspath(save_dir)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return [WandbLogger(project=project, save_dir=save_dir), CSVLogger(save_dir, name="csv")]
+
+
+def log_histogram(trainer: Any, tag: str, values: Any) -> None:
+    """Log a histogram of ``values`` (array-like) under ``tag`` at the trainer's global step to
+    every W&B and TensorBoard logger of ``trainer`` (others cannot hold one); rank 0 only."""
+    if not trainer.is_global_zero:
+        return
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import WandbLogger as AnyWandbLogger
+
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        if isinstance(logger, AnyWandbLogger):
+            import wandb
+
+            logger.experiment.log({tag: wandb.Histogram(values), "trainer/global_step": step})
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram(tag, values, step)

@@ -1,4 +1,5 @@
-"""Which submodules to shard with FSDP2: a policy by class name, size, or the model's own blocks.
+"""Which submodules to shard with FSDP2 (a policy by class name, size, or the model's own
+blocks), and helpers for state kept beside sharded parameters.
 
 FSDP2's ``fully_shard`` turns a module into one communication unit: its parameters are
 all-gathered before its forward and its gradients reduce-scattered together after its backward.
@@ -24,8 +25,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -86,3 +91,55 @@ def shard_targets(
         if child not in targets and uncovered(child):
             claim(child)
     return targets
+
+
+def full_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole, detached CPU copy of a tensor, gathering the shards of a ``DTensor`` (a
+    collective: every rank must call it). Checkpoints hold such replicated copies."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else tensor).detach().cpu()
+
+
+def laid_out_like(
+    full: torch.Tensor, param: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``full`` on ``param``'s device (as ``dtype``, default ``param.dtype``), sharded the same
+    way when ``param`` is a ``DTensor``: rank 0's values are scattered, so every rank holds
+    its part of one and the same tensor."""
+    dtype = dtype or param.dtype
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return full.to(param.device, dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    local = param.to_local()
+    return distribute_tensor(full.to(local.device, dtype), mesh, param.placements)
+
+
+def shard_all_reduce(
+    params: Iterable[torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """An in-place sum over the ranks that hold shards of these (FSDP2) parameters, or ``None``
+    when they are not sharded.
+
+    Raises:
+        ValueError: the parameters are sharded over more than one mesh dimension.
+    """
+    for param in params:
+        placements = getattr(param, "placements", None)
+        if placements is None:
+            continue
+        shard_dims = [i for i, p in enumerate(placements) if p.is_shard()]
+        if not shard_dims:
+            return None
+        if len(shard_dims) > 1:
+            raise ValueError(
+                "parameters sharded over more than one mesh dimension are not supported"
+            )
+        return partial(_all_reduce_sum, group=param.device_mesh.get_group(shard_dims[0]))
+    return None
+
+
+def _all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    dist.all_reduce(tensor, group=group)
+    return tensor

@@ -1,0 +1,462 @@
+"""``ProgressivePruner``: the model axis -- prune gradually to a target sparsity while training.
+
+Life cycle (``global_step`` counts optimizer steps):
+
+1. ``on_fit_start`` (after ``configure_model``, LoRA and sharding): the targets are the weights
+   of the linear layers (filtered by ``include``/``exclude``; the task head is excluded by
+   default), or the attention heads / FFN neurons of the transformer blocks; arguments that
+   cannot work with this model fail here, before the first step.
+2. ``on_before_optimizer_step``: movement scores accumulate ``-theta * g``; the gradients of
+   pruned weights are zeroed, so they neither count in gradient clipping nor feed the optimizer.
+3. ``on_train_batch_end``: the weights are multiplied by their masks (after every optimizer
+   step: momentum or weight decay cannot bring a pruned weight back); when the schedule's
+   sparsity rises (every ``frequency`` steps from ``start_step`` to ``end_step``) the masks are
+   recomputed from the scores on rank 0's data, shared with every rank, and the optimizer state
+   of newly pruned weights is zeroed.
+4. After ``fit``: the weights are plain tensors with zeros (nothing to remove);
+   :meth:`ProgressivePruner.export` makes structured pruning physically smaller.
+
+Example:
+    >>> from lightning import Trainer
+    >>> pruner = ProgressivePruner(target_sparsity=0.5, end_step=200)
+    >>> trainer = Trainer(callbacks=[pruner], max_steps=300)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from lightning_3d.callbacks.freezing import find_gradient_statistics
+from lightning_3d.loggers import log_histogram
+from lightning_3d.pruning import (
+    SCHEDULES,
+    SCOPES,
+    SCORES,
+    StructureGroup,
+    allocate_sparsity,
+    export_structured,
+    find_structures,
+    mask_optimizer_state,
+    mask_sparsity,
+    n_m_mask,
+    parse_pattern,
+    row_groups,
+    sparsity_at,
+    structured_masks,
+    unstructured_masks,
+)
+from lightning_3d.sensitivity import (
+    DEFAULT_HEAD,
+    DEFAULT_LAYER_PATTERN,
+    GradientStatistics,
+    layer_index,
+    local_part,
+)
+from lightning_3d.sharding import full_copy, laid_out_like, shard_all_reduce
+
+log = logging.getLogger(__name__)
+LAYER_SPARSITY = ("uniform", "sensitivity")
+HISTOGRAM_VALUES = 1 << 20  # a strided sample of at most this many scores per histogram
+
+
+def _regex(argument: str, pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{argument}={pattern!r} is not a valid regex: {error}") from None
+
+
+class ProgressivePruner(Callback):
+    """Prune gradually to ``target_sparsity`` along a schedule and keep pruned weights at zero.
+
+    Args:
+        target_sparsity: share of the targeted weights (or heads/neurons/rows) pruned at
+            ``end_step``, in ``[0, 1)``; ``None`` with ``N:M`` means ``1 - N/M``.
+        pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``: at most N non-zeros in every M
+            consecutive weights of a row), ``"rows"`` (output rows of each weight),
+            ``"heads"``, ``"neurons"`` or ``"heads+neurons"`` (BERT-family attention heads,
+            BERT/Llama-family FFN neurons; the same share in every block).
+        score: ``"magnitude"`` (``|theta|``) or ``"movement"`` (``-sum_t theta_t * g_t``, Sanh et
+            al. 2020; needs trainable targets).
+        schedule: ``"cubic"`` (Zhu and Gupta 2017), ``"linear"``, ``"exponential"``, ``"cosine"``
+            (formulas in :mod:`lightning_3d.pruning`).
+        start_step, end_step: the pruning window in optimizer steps; ``end_step=None`` ends it
+            at 75% of the run (``trainer.estimated_stepping_batches``), leaving the rest to
+            recover.
+        frequency: steps between mask updates.
+        initial_sparsity: the schedule's value at ``start_step``.
+        scope: unstructured only: ``"layer"`` (each tensor to the same sparsity) or
+            ``"global"`` (one score threshold over all targets).
+        layer_sparsity: unstructured per-layer only: ``"uniform"``, or ``"sensitivity"``
+            (less sensitive tensors pruned harder, from Fisher ``E[g^2]`` times ``mean(theta^2)``
+            of the freezer's gradient statistics when a ``SensitivityFreezer`` runs, else
+            measured here before the first update; see
+            :func:`~lightning_3d.pruning.allocate_sparsity`).
+        sensitivity_power: exponent of that allocation (0: uniform).
+        include, exclude: regexes over parameter names; by default every linear weight except
+            the task head. For structures, a unit is pruned when all its tensors pass.
+        layer_pattern: regex with one group capturing the layer number, for per-layer logs.
+        log_histograms: log a histogram of the scores at every mask update (W&B, TensorBoard).
+
+    Example:
+        >>> ProgressivePruner(pattern="2:4").target_sparsity
+        0.5
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float | None = 0.5,
+        pattern: str = "unstructured",
+        score: str = "magnitude",
+        schedule: str = "cubic",
+        start_step: int = 0,
+        end_step: int | None = None,
+        frequency: int = 10,
+        initial_sparsity: float = 0.0,
+        scope: str = "layer",
+        layer_sparsity: str = "uniform",
+        sensitivity_power: float = 0.5,
+        include: str | None = None,
+        exclude: str | None = DEFAULT_HEAD,
+        layer_pattern: str = DEFAULT_LAYER_PATTERN,
+        log_histograms: bool = True,
+    ) -> None:
+        self.kind, self.n_m = parse_pattern(pattern)
+        if self.n_m is not None:
+            implied = 1.0 - self.n_m[0] / self.n_m[1]
+            if target_sparsity is None:
+                target_sparsity = implied
+            elif abs(target_sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"pattern={pattern!r} prunes exactly {implied:g} of the weights; set "
+                    f"target_sparsity=None or {implied:g}, got {target_sparsity}"
+                )
+        if target_sparsity is None or not 0.0 <= target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
+        if not 0.0 <= initial_sparsity <= target_sparsity:
+            raise ValueError(
+                f"initial_sparsity must be in [0, target_sparsity={target_sparsity}], got "
+                f"{initial_sparsity}"
+            )
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if scope == "global" and self.kind != "unstructured":
+            raise ValueError(f"scope='global' needs pattern='unstructured', got {pattern!r}")
+        if layer_sparsity not in LAYER_SPARSITY:
+            raise ValueError(
+                f"layer_sparsity must be one of {LAYER_SPARSITY}, got {layer_sparsity!r}"
+            )
+        if layer_sparsity == "sensitivity" and (self.kind != "unstructured" or scope != "layer"):
+            raise ValueError(
+                "layer_sparsity='sensitivity' needs pattern='unstructured' and scope='layer' "
+                f"(got pattern={pattern!r}, scope={scope!r})"
+            )
+        if start_step < 0 or frequency < 1 or (end_step is not None and end_step <= start_step):
+            raise ValueError(
+                "need start_step >= 0, frequency >= 1 and end_step > start_step; got "
+                f"start_step={start_step}, end_step={end_step}, frequency={frequency}"
+            )
+        if sensitivity_power < 0:
+            raise ValueError(f"sensitivity_power must be >= 0, got {sensitivity_power}")
+        self.include = _regex("include", include)
+        self.exclude = _regex("exclude", exclude)
+        self.layer_pattern = layer_pattern
+        if (_regex("layer_pattern", layer_pattern) or re.compile("")).groups < 1:
+            raise ValueError(f"layer_pattern={layer_pattern!r} needs a group for the layer number")
+        self.pattern = pattern
+        self.target_sparsity = target_sparsity
+        self.score = score
+        self.schedule = schedule
+        self.start_step = start_step
+        self.end_step = end_step
+        self.frequency = frequency
+        self.initial_sparsity = initial_sparsity
+        self.scope = scope
+        self.layer_sparsity = layer_sparsity
+        self.sensitivity_power = sensitivity_power
+        self.log_histograms = log_histograms
+        self.masks: dict[str, torch.Tensor] = {}  # laid out like the parameters
+        self.movement: dict[str, torch.Tensor] = {}
+        self.sparsity = 0.0  # the schedule's value at the last mask update
+        self.layer_targets: dict[str, float] = {}  # final sparsity per tensor (sensitivity)
+        self.statistics: GradientStatistics | None = None  # own measurement, without a freezer
+        self.groups: list[StructureGroup] = []
+        self.targets: list[str] = []  # every tensor a mask covers
+        self._end = end_step or 0
+        self._pending: dict[str, Any] = {}  # checkpoint tensors to lay out at on_train_start
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {n: full_copy(m) for n, m in self.masks.items()},
+            "movement": {n: full_copy(s) for n, s in self.movement.items()},
+            "sparsity": self.sparsity,
+            "layer_targets": dict(self.layer_targets),
+            "end_step": self._end,
+            "statistics": None if self.statistics is None else self.statistics.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = {"masks": state_dict["masks"], "movement": state_dict["movement"]}
+        self.sparsity = state_dict["sparsity"]
+        self.layer_targets = dict(state_dict["layer_targets"])
+        self._end = state_dict["end_step"]
+        if state_dict["statistics"] is not None:
+            self.statistics = GradientStatistics()
+            self.statistics.load_state_dict(state_dict["statistics"])
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _selected(self, name: str) -> bool:
+        return (self.include is None or bool(self.include.search(name))) and (
+            self.exclude is None or not self.exclude.search(name)
+        )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Find the targets and check that the arguments fit the model."""
+        params = dict(pl_module.named_parameters())
+        if self.kind in ("heads", "neurons", "heads+neurons"):
+            kinds = self.kind.split("+")
+            self.groups = [
+                g
+                for g in find_structures(pl_module, kinds)
+                if all(self._selected(p) for p, _ in g.members)
+            ]
+            if not self.groups:
+                raise ValueError(
+                    f"ProgressivePruner: pattern={self.pattern!r} found no {' or '.join(kinds)} "
+                    "(BERT-family attention with query/key/value; BERT or Llama-family FFN "
+                    "blocks) whose tensors pass include/exclude"
+                )
+            self.targets = list(dict.fromkeys(p for g in self.groups for p, _ in g.members))
+        else:
+            linear_weights = [
+                f"{name}.weight".lstrip(".")
+                for name, module in pl_module.named_modules()
+                if isinstance(module, nn.Linear)
+            ]
+            self.targets = [n for n in linear_weights if n in params and self._selected(n)]
+            if not self.targets:
+                raise ValueError(
+                    "ProgressivePruner: no linear weight passes include/exclude "
+                    f"(include={_source(self.include)}, exclude={_source(self.exclude)})"
+                )
+            if self.kind == "rows":
+                self.groups = row_groups({n: params[n].shape for n in self.targets})
+        if self.n_m is not None:
+            m = self.n_m[1]
+            odd = [n for n in self.targets if params[n].shape[-1] % m]
+            if odd:
+                raise ValueError(
+                    f"ProgressivePruner: pattern={self.pattern!r} needs input widths divisible "
+                    f"by {m}; {odd[0]} has shape {tuple(params[odd[0]].shape)} (exclude it)"
+                )
+        if self.score == "movement":
+            frozen = [n for n in self.targets if not params[n].requires_grad]
+            if frozen:
+                raise ValueError(
+                    f"ProgressivePruner: score='movement' needs gradients, but {frozen[0]} (and "
+                    f"{len(frozen) - 1} more) do not train; use score='magnitude' or exclude them"
+                )
+            if not self.movement:
+                self.movement = {n: torch.zeros_like(params[n]) for n in self.targets}
+        if not self._end:
+            self._end = max(self.start_step + 1, int(0.75 * trainer.estimated_stepping_batches))
+        shared = find_gradient_statistics(trainer, exclude=self)
+        if self.layer_sparsity == "sensitivity" and self.statistics is None and shared is None:
+            self.statistics = GradientStatistics()
+        if self.statistics is not None:
+            self.statistics.all_reduce = shard_all_reduce(params.values())
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lay out a checkpoint's masks and scores like the parameters, then prune to the
+        schedule's value (``start_step=0`` with ``initial_sparsity > 0`` prunes before step 1)."""
+        params = dict(pl_module.named_parameters())
+        pending, self._pending = self._pending, {}
+        self.masks.update(
+            {
+                n: laid_out_like(m, params[n], torch.bool)
+                for n, m in pending.get("masks", {}).items()
+            }
+        )
+        self.movement.update(
+            {n: laid_out_like(s, params[n]) for n, s in pending.get("movement", {}).items()}
+        )
+        self._apply_masks(pl_module)
+        self._update_if_due(trainer, pl_module)
+
+    # -- every step ---------------------------------------------------------------------------
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = {
+            n: p
+            for n, p in pl_module.named_parameters()
+            if n in self.targets and id(p) in stepped and p.grad is not None
+        }
+        pruning = trainer.global_step < self._end
+        with torch.no_grad():
+            if self.statistics is not None and pruning and not self.layer_targets:
+                self.statistics.update({n: p.grad for n, p in params.items()})
+            for name, param in params.items():
+                if self.movement and pruning:
+                    self.movement[name].sub_(param.detach() * param.grad)
+                if name in self.masks:
+                    param.grad.mul_(self.masks[name])
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self._apply_masks(pl_module)
+        self._update_if_due(trainer, pl_module)
+        pl_module.log("pruner/sparsity", self.sparsity, rank_zero_only=True)
+
+    def _apply_masks(self, pl_module: LightningModule) -> None:
+        with torch.no_grad():
+            for name, param in pl_module.named_parameters():
+                mask = self.masks.get(name)
+                if mask is not None:
+                    local_part(param).mul_(local_part(mask))
+
+    # -- mask updates -------------------------------------------------------------------------
+    def sparsity_at(self, step: int) -> float:
+        """The schedule's target sparsity after ``step`` optimizer steps."""
+        return sparsity_at(
+            step,
+            start=self.start_step,
+            end=self._end,
+            final=self.target_sparsity,
+            initial=self.initial_sparsity,
+            schedule=self.schedule,
+            frequency=self.frequency,
+        )
+
+    def _update_if_due(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        target = self.sparsity_at(trainer.global_step)
+        if target <= self.sparsity + 1e-12:
+            return
+        self._update_masks(trainer, pl_module, target)
+
+    def _scores(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole score tensors of the targets (a collective under FSDP2)."""
+        if self.score == "movement":
+            return {n: full_copy(self.movement[n]) for n in self.targets}
+        return {n: full_copy(params[n]).abs() for n in self.targets}
+
+    def _update_masks(self, trainer: Trainer, pl_module: LightningModule, target: float) -> None:
+        params = dict(pl_module.named_parameters())
+        scores = self._scores(params)
+        current = {n: full_copy(m) for n, m in self.masks.items()}
+        if self.kind == "unstructured":
+            sparsity: float | dict[str, float] = target
+            if self.layer_sparsity == "sensitivity":
+                if not self.layer_targets:
+                    self.layer_targets = self._allocate(trainer, params)
+                share = target / self.target_sparsity
+                sparsity = {n: s * share for n, s in self.layer_targets.items()}
+            masks = unstructured_masks(scores, sparsity, self.scope, current)
+        elif self.n_m is not None:
+            masks = {n: n_m_mask(s, *self.n_m, target, current.get(n)) for n, s in scores.items()}
+        else:
+            masks = structured_masks(self.groups, scores, target, current)
+        if not any(hasattr(params[n], "device_mesh") for n in masks):
+            masks = trainer.strategy.broadcast(masks)  # every rank takes rank 0's masks
+        for name, mask in masks.items():  # sharded: rank 0's whole mask is scattered
+            self.masks[name] = laid_out_like(mask, params[name], torch.bool)
+        for optimizer in trainer.optimizers:
+            mask_optimizer_state(optimizer, [(params[n], m) for n, m in self.masks.items()])
+        self._apply_masks(pl_module)
+        self.sparsity = target
+        achieved = mask_sparsity(masks)
+        log.info(
+            "ProgressivePruner: step %d: %.2f%% of the targeted weights pruned (schedule %.2f%%)",
+            trainer.global_step, 100 * achieved, 100 * target,
+        )  # fmt: skip
+        self._log_update(trainer, masks, scores, achieved)
+
+    def _allocate(self, trainer: Trainer, params: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Final sparsity per target from Fisher x mean(theta^2) (see ``layer_sparsity``)."""
+        statistics = self.statistics or find_gradient_statistics(trainer, exclude=self)
+        fisher = statistics.tensor_metric("fisher") if statistics is not None else {}
+        missing = [n for n in self.targets if n not in fisher]
+        if missing:
+            raise RuntimeError(
+                f"ProgressivePruner: layer_sparsity='sensitivity' has no gradient statistics "
+                f"for {missing[:3]} at step {trainer.global_step}; start pruning later "
+                "(start_step) or exclude tensors that get no gradient"
+            )
+        sizes = {n: params[n].numel() for n in self.targets}
+        squares = torch.stack(
+            [local_part(params[n].detach()).double().square().sum() for n in sizes]
+        )
+
+        if statistics is not None and statistics.all_reduce is not None:
+            squares = statistics.all_reduce(squares)
+        sensitivity = {
+            n: fisher[n] * float(sq) / sizes[n] for n, sq in zip(sizes, squares, strict=True)
+        }
+        allocation = allocate_sparsity(
+            sizes, sensitivity, self.target_sparsity, self.sensitivity_power
+        )
+        return trainer.strategy.broadcast(allocation)
+
+    # -- logging ------------------------------------------------------------------------------
+    def _log_update(
+        self,
+        trainer: Trainer,
+        masks: dict[str, torch.Tensor],
+        scores: dict[str, torch.Tensor],
+        achieved: float,
+    ) -> None:
+        layers: dict[str, list[torch.Tensor]] = {}
+        for name, mask in masks.items():
+            index = layer_index(name, self.layer_pattern)
+            layers.setdefault("other" if index is None else f"layer_{index}", []).append(mask)
+        metrics = {"pruner/sparsity": achieved}
+        for layer, layer_masks in layers.items():
+            metrics[f"pruner/sparsity_{layer}"] = mask_sparsity(dict(enumerate(layer_masks)))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.log_histograms and trainer.is_global_zero:
+            kept = torch.cat([s[masks[n]].flatten() for n, s in scores.items()])
+            stride = max(1, kept.numel() // HISTOGRAM_VALUES)
+            log_histogram(trainer, "pruner/kept_scores", kept[::stride].numpy())
+
+    # -- after training -----------------------------------------------------------------------
+    def export(self, pl_module: nn.Module, path: str | Path | None = None) -> nn.Module:
+        """The pruned model, physically smaller for heads/neurons, saved with
+        ``save_pretrained`` when ``path`` is given. The Hugging Face model is
+        ``pl_module.model`` when there is one.
+
+        Example:
+            >>> model = pruner.export(task, "pruned")  # doctest: +SKIP
+        """
+        model = getattr(pl_module, "model", pl_module)
+        prefix = next(f"{n}." for n, m in pl_module.named_modules() if m is model).lstrip(".")
+        masks = {n.removeprefix(prefix): full_copy(m) for n, m in self.masks.items()}
+        structures = [g for g in self.groups if g.kind in ("heads", "neurons")]
+        if structures:
+            kinds = sorted({g.kind for g in structures})
+            names = {g.name.removeprefix(prefix) for g in structures}
+            groups = [g for g in find_structures(model, kinds) if g.name in names]
+            return export_structured(model, groups, masks, path)
+        if path is not None:
+            model.save_pretrained(path)
+        return model
+
+
+def _source(pattern: re.Pattern[str] | None) -> str | None:
+    return None if pattern is None else pattern.pattern

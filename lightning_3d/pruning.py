@@ -1,0 +1,517 @@
+"""Gradual pruning: sparsity schedules, weight scores, mask patterns and structured export.
+
+Everything here works on plain tensors and modules (no Lightning); the
+:class:`~lightning_3d.callbacks.ProgressivePruner` callback decides when to call it.
+
+* **Schedules** (:func:`sparsity_at`): the share of weights pruned after ``t`` optimizer steps,
+  rising from ``s_i`` at ``start`` to ``s_f`` at ``end`` with progress ``p = (t - start) / (end -
+  start)``, held between mask updates every ``frequency`` steps:
+
+  - ``cubic`` (Zhu and Gupta 2017): ``s_f + (s_i - s_f) * (1 - p)^3``, fast early, gentle late;
+  - ``linear``: ``s_i + (s_f - s_i) * p``;
+  - ``exponential``: the density ``1 - s`` falls geometrically,
+    ``1 - s = (1 - s_i) * ((1 - s_f) / (1 - s_i))^p`` (the same share of survivors per update);
+  - ``cosine``: ``s_i + (s_f - s_i) * (1 - cos(pi * p)) / 2``.
+
+* **Scores** (higher means keep): ``magnitude`` ``|theta|``; ``movement`` (Sanh et al. 2020)
+  accumulates ``S = -sum_t theta_t * g_t`` over optimizer steps, large when a weight moves away
+  from zero. A structure's score is the sum of its weights' scores.
+* **Patterns**: unstructured (per tensor, or one global threshold), ``N:M`` (at most ``N``
+  non-zeros in every ``M`` consecutive weights of a row, 2:4 for GPU sparse kernels), and
+  structured units (:class:`StructureGroup`): rows of a weight, attention heads, FFN neurons.
+* Masks are **monotone**: a pruned weight stays pruned (its score counts as ``-inf``), so the
+  achieved sparsity is exactly the schedule's, and **deterministic**: ties go to the lower flat
+  index (:func:`keep_top`), so every rank computes the same mask from the same scores.
+
+Example:
+    >>> round(sparsity_at(50, start=0, end=100, final=0.8), 4)  # cubic, half-way: 0.8 * 7/8
+    0.7
+    >>> keep_top(torch.tensor([0.3, -1.0, 0.3, 2.0]), 2)
+    tensor([ True, False, False,  True])
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SCHEDULES = ("cubic", "linear", "exponential", "cosine")
+SCORES = ("magnitude", "movement")
+STRUCTURED_PATTERNS = ("rows", "heads", "neurons", "heads+neurons")
+SCOPES = ("layer", "global")
+_N_M = re.compile(r"^(\d+):(\d+)$")
+
+
+def sparsity_at(
+    step: int,
+    *,
+    start: int,
+    end: int,
+    final: float,
+    initial: float = 0.0,
+    schedule: str = "cubic",
+    frequency: int = 1,
+) -> float:
+    """Target sparsity after ``step`` optimizer steps (see the module docstring).
+
+    Before ``start`` nothing is pruned (0.0); from ``end`` on it is ``final``. Between, the value
+    is the schedule's at the last update step ``start + k * frequency``.
+
+    Example:
+        >>> [round(sparsity_at(t, start=10, end=20, final=0.5, schedule="linear", frequency=5), 2)
+        ...  for t in (9, 10, 14, 15, 20, 99)]
+        [0.0, 0.0, 0.0, 0.25, 0.5, 0.5]
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if step < start:
+        return 0.0
+    if step >= end:
+        return final
+    updated = start + (step - start) // frequency * frequency
+    progress = (updated - start) / (end - start)
+    if schedule == "cubic":
+        return final + (initial - final) * (1.0 - progress) ** 3
+    if schedule == "linear":
+        return initial + (final - initial) * progress
+    if schedule == "exponential":
+        return 1.0 - (1.0 - initial) * ((1.0 - final) / (1.0 - initial)) ** progress
+    return initial + (final - initial) * (1.0 - math.cos(math.pi * progress)) / 2.0
+
+
+def parse_pattern(pattern: str) -> tuple[str, tuple[int, int] | None]:
+    """``("unstructured", None)``, ``("n:m", (n, m))`` or ``(structured pattern, None)``.
+
+    Raises:
+        ValueError: an unknown pattern, or ``N:M`` without ``0 < N < M``.
+    """
+    if pattern == "unstructured" or pattern in STRUCTURED_PATTERNS:
+        return pattern, None
+    match = _N_M.match(pattern)
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        if 0 < n < m:
+            return "n:m", (n, m)
+    raise ValueError(
+        f"pattern must be 'unstructured', 'N:M' with 0 < N < M (e.g. '2:4'), or one of "
+        f"{STRUCTURED_PATTERNS}; got {pattern!r}"
+    )
+
+
+def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask (shape of ``scores``) of the ``keep`` highest scores; ties go to the lower
+    flat index and NaN counts as ``-inf``, so the result is a pure function of the values."""
+    flat = torch.nan_to_num(scores.detach().flatten().float(), nan=-math.inf)
+    numel = flat.numel()
+    if keep >= numel:
+        return torch.ones_like(scores, dtype=torch.bool)
+    mask = torch.zeros(numel, dtype=torch.bool, device=flat.device)
+    if keep > 0:
+        threshold = torch.kthvalue(flat.cpu(), numel - keep + 1).values.to(flat.device)
+        mask = flat > threshold
+        missing = keep - int(mask.sum())
+        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        mask[ties] = True
+    return mask.view_as(scores)
+
+
+def _alive_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scores with already pruned weights at ``-inf`` (masks only grow)."""
+    scores = scores.detach().float()
+    return scores if mask is None else scores.masked_fill(~mask, -math.inf)
+
+
+def _kept_count(numel: int, sparsity: float) -> int:
+    return numel - round(sparsity * numel)
+
+
+def unstructured_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float | Mapping[str, float],
+    scope: str = "layer",
+    current: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep the highest scores: per tensor (``scope="layer"``, ``sparsity`` a number or one per
+    tensor) or against one threshold over all tensors (``"global"``, one number).
+
+    Example:
+        >>> masks = unstructured_masks({"w": torch.tensor([[1.0, -3.0], [0.5, 2.0]])}, 0.5)
+        >>> masks["w"].tolist()
+        [[True, False], [False, True]]
+    """
+    current = current or {}
+    alive = {n: _alive_scores(s, current.get(n)) for n, s in scores.items()}
+    if scope == "layer":
+        return {
+            n: keep_top(s, _kept_count(s.numel(), _value(sparsity, n))) for n, s in alive.items()
+        }
+    if scope != "global" or isinstance(sparsity, Mapping):
+        raise ValueError(f"scope must be 'layer' or 'global' (with one sparsity), got {scope!r}")
+    names = list(alive)
+    flat = torch.cat([alive[n].flatten().cpu() for n in names])
+    kept = keep_top(flat, _kept_count(flat.numel(), sparsity))
+    parts = kept.split([alive[n].numel() for n in names])
+    return {n: p.view_as(alive[n]).to(alive[n].device) for n, p in zip(names, parts, strict=True)}
+
+
+def _value(sparsity: float | Mapping[str, float], name: str) -> float:
+    return sparsity[name] if isinstance(sparsity, Mapping) else sparsity
+
+
+def n_m_mask(
+    scores: torch.Tensor,
+    n: int,
+    m: int,
+    sparsity: float,
+    current: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mask on the way to ``N:M``: in every group of ``m`` consecutive weights along the last
+    dimension, the ``m - n`` lowest scores are candidates; the lowest candidates are pruned
+    until ``sparsity`` (at most ``1 - n/m``, where every group keeps exactly ``n``).
+
+    Example:
+        >>> n_m_mask(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 2, 4, 0.5).tolist()
+        [[True, False, True, False]]
+    """
+    if scores.shape[-1] % m:
+        raise ValueError(
+            f"N:M needs the last dimension divisible by {m}, got {tuple(scores.shape)}"
+        )
+    groups = _alive_scores(scores, current).reshape(-1, m)
+    order = torch.argsort(groups, dim=1, stable=True)  # lowest first; ties: lower index first
+    candidate = torch.zeros_like(groups, dtype=torch.bool)
+    candidate.scatter_(1, order[:, : m - n], True)
+    pruned_count = min(round(sparsity * groups.numel()), int(candidate.sum()))
+    # prune the lowest candidates: the highest of their negated scores (pruned ones are +inf)
+    negated = torch.where(candidate, -groups, torch.tensor(-math.inf, device=groups.device))
+    return ~keep_top(negated, pruned_count).view_as(scores)
+
+
+@dataclass(frozen=True)
+class StructureGroup:
+    """Parameters whose slices form ``units`` prunable structures that go together.
+
+    Unit ``i`` covers, in every member ``(parameter name, dim)``, the block
+    ``[i * b, (i + 1) * b)`` along ``dim`` with ``b = shape[dim] // units``: for an attention
+    head, its rows of the query/key/value weights and biases and its columns of the output
+    projection; for an FFN neuron, its row (and bias) of the up projection and its column of
+    the down projection; for ``rows``, the rows of one weight.
+
+    Example:
+        >>> members = (("up.weight", 0), ("down.weight", 1))
+        >>> group = StructureGroup("layer.0.neurons", "neurons", 4, members)
+        >>> group.unit_scores({"up.weight": torch.ones(4, 2), "down.weight": torch.ones(2, 4)})
+        tensor([4., 4., 4., 4.])
+    """
+
+    name: str
+    kind: str
+    units: int
+    members: tuple[tuple[str, int], ...]
+
+    def _per_unit(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        return tensor.movedim(dim, 0).reshape(self.units, -1)
+
+    def unit_scores(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the members' scores per unit."""
+        return sum(self._per_unit(scores[p].float(), d).sum(1) for p, d in self.members)
+
+    def alive(self, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Units with any weight left in the first member."""
+        parameter, dim = self.members[0]
+        return self._per_unit(masks[parameter], dim).any(1)
+
+    def element_masks(
+        self, kept: torch.Tensor, shapes: Mapping[str, torch.Size]
+    ) -> dict[str, torch.Tensor]:
+        """Per-weight masks of the members from a per-unit mask."""
+        out = {}
+        for parameter, dim in self.members:
+            shape = shapes[parameter]
+            block = kept.repeat_interleave(shape[dim] // self.units)
+            view = [1] * len(shape)
+            view[dim] = shape[dim]
+            out[parameter] = block.view(view).expand(shape).clone()
+        return out
+
+
+def structured_masks(
+    groups: Sequence[StructureGroup],
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    current: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Prune ``round(sparsity * units)`` units of every group, the lowest-scoring first."""
+    current = current or {}
+    masks: dict[str, torch.Tensor] = {}
+    for group in groups:
+        unit_scores = group.unit_scores(scores)
+        if all(p in current for p, _ in group.members):
+            unit_scores = unit_scores.masked_fill(~group.alive(current), -math.inf)
+        kept = keep_top(unit_scores, _kept_count(group.units, sparsity))
+        for name, mask in group.element_masks(
+            kept, {p: scores[p].shape for p, _ in group.members}
+        ).items():
+            masks[name] = masks[name] & mask if name in masks else mask
+    return masks
+
+
+def row_groups(shapes: Mapping[str, torch.Size]) -> list[StructureGroup]:
+    """One group per 2-D weight whose units are its rows (output features)."""
+    return [
+        StructureGroup(name, "rows", shape[0], ((name, 0),))
+        for name, shape in shapes.items()
+        if len(shape) == 2
+    ]
+
+
+def find_structures(model: nn.Module, kinds: Sequence[str]) -> list[StructureGroup]:
+    """Attention heads and FFN neurons of the transformer blocks of ``model``.
+
+    Recognized layouts (parameter names relative to ``model``):
+
+    * heads, BERT family: a module with ``query``/``key``/``value`` linears and
+      ``num_attention_heads``; the output projection is ``<parent>.output.dense``;
+    * neurons, BERT family: a block with ``intermediate.dense`` (up) and ``output.dense`` (down);
+    * neurons, Llama family: a block with ``gate_proj``/``up_proj`` (up) and ``down_proj``.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> tiny = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                             intermediate_size=6))
+        >>> [(g.kind, g.units) for g in find_structures(tiny, ["heads", "neurons"])]
+        [('neurons', 6), ('heads', 2)]
+    """
+    groups = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if "heads" in kinds and _is_linear(module, "query", "key", "value"):
+            heads = int(getattr(module, "num_attention_heads", 0))
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            output = model.get_submodule(f"{parent}.output.dense".lstrip("."))
+            if heads and isinstance(output, nn.Linear):
+                members = [
+                    (f"{prefix}{proj}.{kind}", 0)
+                    for proj in ("query", "key", "value")
+                    for kind in ("weight", "bias")
+                    if getattr(getattr(module, proj), kind) is not None
+                ]
+                members.append(
+                    (f"{parent}.output.dense.weight" if parent else "output.dense.weight", 1)
+                )
+                groups.append(StructureGroup(f"{prefix}heads", "heads", heads, tuple(members)))
+        if "neurons" in kinds:
+            up, down = _ffn(module)
+            if up:
+                width = module.get_submodule(up[0]).out_features
+                members = [
+                    (f"{prefix}{path}.{kind}", 0)
+                    for path in up
+                    for kind in ("weight", "bias")
+                    if getattr(module.get_submodule(path), kind) is not None
+                ]
+                members.append((f"{prefix}{down}.weight", 1))
+                groups.append(StructureGroup(f"{prefix}neurons", "neurons", width, tuple(members)))
+    return groups
+
+
+def _is_linear(module: nn.Module, *names: str) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
+
+
+def _ffn(module: nn.Module) -> tuple[list[str], str]:
+    """The up projections and the down projection of an FFN block, or ``([], "")``."""
+    intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
+    if _is_linear(intermediate, "dense") and _is_linear(output, "dense"):
+        return ["intermediate.dense"], "output.dense"
+    if _is_linear(module, "gate_proj", "up_proj", "down_proj"):
+        return ["gate_proj", "up_proj"], "down_proj"
+    return [], ""
+
+
+def allocate_sparsity(
+    sizes: Mapping[str, int],
+    sensitivity: Mapping[str, float],
+    target: float,
+    power: float = 0.5,
+    max_sparsity: float = 0.98,
+) -> dict[str, float]:
+    """Per-tensor sparsities averaging ``target`` (weighted by size), pruning the less sensitive
+    tensors harder: density ``d_i = c * s_i^power`` with ``c`` chosen so that
+    ``sum_i n_i d_i = (1 - target) * sum_i n_i``, each ``d_i`` clipped to
+    ``[1 - max_sparsity, 1]`` (water-filling: clipped tensors are fixed and ``c`` is solved again).
+
+    Example:
+        >>> s = allocate_sparsity({"a": 100, "b": 100}, {"a": 4.0, "b": 1.0}, 0.5, power=1.0)
+        >>> round(s["a"], 3), round(s["b"], 3)
+        (0.2, 0.8)
+    """
+    if not 0.0 <= target <= max_sparsity < 1.0:
+        raise ValueError(f"need 0 <= target <= max_sparsity < 1, got {target}, {max_sparsity}")
+    weights = {n: max(float(sensitivity[n]), 1e-30) ** power for n in sizes}
+    budget = (1.0 - target) * sum(sizes.values())
+    fixed: dict[str, float] = {}
+    while True:
+        free = [n for n in sizes if n not in fixed]
+        left = budget - sum(sizes[n] * d for n, d in fixed.items())
+        scale = left / sum(sizes[n] * weights[n] for n in free) if free else 0.0
+        density = {n: scale * weights[n] for n in free}
+        clipped = {
+            n: min(max(d, 1.0 - max_sparsity), 1.0)
+            for n, d in density.items()
+            if not 1.0 - max_sparsity <= d <= 1.0
+        }
+        if not clipped:
+            return {n: 1.0 - fixed.get(n, density.get(n, 0.0)) for n in sizes}
+        fixed.update(clipped)
+
+
+def mask_optimizer_state(
+    optimizer: torch.optim.Optimizer, masked: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Zero the per-weight optimizer state (AdamW moments, momentum) of pruned weights, so it
+    cannot push them back; state of another shape (8-bit blocks) is left alone."""
+    with torch.no_grad():
+        for param, mask in masked:
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.mul_(mask)
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """Share of pruned weights over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / total if total else 0.0
+
+
+def remove_pruned_structures(
+    model: nn.Module, groups: Sequence[StructureGroup], masks: Mapping[str, torch.Tensor]
+) -> dict[str, int]:
+    """Physically remove pruned heads and neurons from ``model`` (in place): the linears
+    become smaller, so the model computes the same function as the masked one with fewer
+    weights. Returns the units kept per group. Updates ``config.intermediate_size`` when every
+    neuron group keeps the same count, and records the kept counts as
+    ``config.pruned_structures`` (read by :func:`load_pruned`).
+    """
+    kept_counts = {}
+    for group in groups:
+        kept = group.alive(masks)
+        _shrink(model, group, torch.nonzero(kept).squeeze(1))
+        kept_counts[group.name] = int(kept.sum())
+    config = getattr(model, "config", None)
+    if config is not None:
+        neurons = {kept_counts[g.name] for g in groups if g.kind == "neurons"}
+        if len(neurons) == 1:
+            config.intermediate_size = neurons.pop()
+        config.pruned_structures = kept_counts
+    return kept_counts
+
+
+def _shrink(model: nn.Module, group: StructureGroup, units: torch.Tensor) -> None:
+    """Keep only ``units`` of ``group``: replace every member's linear by a smaller copy."""
+    for parameter, dim in group.members:
+        module_name, kind = parameter.rsplit(".", 1)
+        linear = model.get_submodule(module_name)
+        block = getattr(linear, kind).shape[dim] // group.units
+        index = (units[:, None] * block + torch.arange(block)).flatten()
+        with torch.no_grad():
+            if kind == "bias":
+                linear.bias = nn.Parameter(linear.bias.index_select(0, index))
+                continue
+            weight = linear.weight.index_select(dim, index)
+            linear.weight = nn.Parameter(weight)
+        linear.out_features, linear.in_features = weight.shape
+    if group.kind == "heads":
+        attention = model.get_submodule(group.name.removesuffix("heads").rstrip("."))
+        attention.num_attention_heads = len(units)
+        attention.all_head_size = len(units) * attention.attention_head_size
+
+
+def export_structured(
+    model: nn.Module,
+    groups: Sequence[StructureGroup],
+    masks: Mapping[str, torch.Tensor],
+    path: str | Path | None = None,
+) -> nn.Module:
+    """Remove the pruned structures (:func:`remove_pruned_structures`) and, with ``path``, save
+    the Hugging Face model there with ``save_pretrained``. Neuron-only exports load with
+    ``from_pretrained``; exports with removed heads load with :func:`load_pruned`, because the
+    configs of the BERT family derive the head size from the head count."""
+    remove_pruned_structures(model, groups, masks)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def load_pruned(path: str | Path, **kwargs: Any) -> nn.Module:
+    """Load a model saved by :func:`export_structured`: build it from its config, shrink the
+    recorded structures, then load the saved weights."""
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    model_class = getattr(transformers, config.architectures[0])
+    model = model_class(config)
+    counts = getattr(config, "pruned_structures", {}) or {}
+    kinds = ("heads", "neurons")
+    for group in find_structures(model, kinds):
+        if group.name in counts:
+            _shrink(model, group, torch.arange(counts[group.name]))
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if k not in _tied_names(model)]
+    if real_missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit: missing {real_missing}, unexpected {unexpected}"
+        )
+    return model.eval()
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share storage with an earlier one (tied embeddings)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.setdefault(id(param), name)
+    return tied
+
+
+def to_semi_structured(model: nn.Module) -> nn.Module:
+    """Convert every linear weight that obeys 2:4 to ``torch.sparse.to_sparse_semi_structured``
+    (cuSPARSELt/CUTLASS kernels; needs a CUDA GPU and fp16/bf16 weights), in place.
+
+    Raises:
+        RuntimeError: the weights are not on a CUDA device.
+    """
+    from torch.sparse import to_sparse_semi_structured
+
+    converted = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or not obeys_n_m(module.weight, 2, 4):
+            continue
+        if module.weight.device.type != "cuda":
+            raise RuntimeError("2:4 semi-structured weights need a CUDA GPU; move the model first")
+        module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), False)
+        converted += 1
+    if not converted:
+        raise ValueError("no linear weight obeys 2:4; prune with pattern='2:4' first")
+    return model
+
+
+def obeys_n_m(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every ``m`` consecutive weights of a row hold at most ``n`` non-zeros."""
+    if weight.shape[-1] % m:
+        return False
+    return bool(((weight.detach().reshape(-1, m) != 0).sum(1) <= n).all())
