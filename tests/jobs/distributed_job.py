@@ -23,6 +23,11 @@ Scenarios:
     freezing, the ranks' parameter spread and the optimizer's state.
   freezer_resume: under FSDP2, a run frozen after 2 steps, checkpointed (sharded) and stopped
     after 3, then resumed, against the uninterrupted run.
+  pruner: ProgressivePruner (50%, movement scores, masks updated at steps 2 and 4) on the real
+    MiniLM under DDP and FSDP2: each rank's masks, the sparsity, the pruned weights' values and
+    the ranks' parameter spread.
+  pruner_resume: under FSDP2, a pruning run checkpointed (sharded) and stopped after 3 steps,
+    then resumed, against the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -571,6 +576,59 @@ def freezer_resume(out: Path) -> dict[str, Any]:
     }
 
 
+def pruner_masks(pruner: Any) -> dict[str, torch.Tensor]:
+    from lightning_3d.sharding import full_copy
+
+    return {n: full_copy(m) for n, m in pruner.masks.items()}  # a collective under FSDP2
+
+
+def pruner(out: Path) -> dict[str, Any]:
+    import hashlib
+
+    from lightning_3d.callbacks import ProgressivePruner
+    from lightning_3d.pruning import mask_sparsity
+
+    result: dict[str, Any] = {}
+    for name, strategy in (
+        ("ddp", DDPStrategy(process_group_backend="gloo")),
+        ("fsdp", CompressedFSDPStrategy(compress=False)),
+    ):
+        pruning = ProgressivePruner(0.5, score="movement", start_step=2, end_step=4, frequency=2)
+        task, _ = fit(strategy, callbacks=[pruning])
+        params, masks = full_parameters(task), pruner_masks(pruning)
+        result[name] = {
+            "masks": {n: hashlib.sha1(m.numpy().tobytes()).hexdigest() for n, m in masks.items()},
+            "sparsity": mask_sparsity(masks),
+            "pruned_nonzero": sum(int(params[n][~m].count_nonzero()) for n, m in masks.items()),
+            "rank_spread": rank_spread(params),
+        }
+    return result
+
+
+def pruner_resume(out: Path) -> dict[str, Any]:
+    from lightning_3d.callbacks import ProgressivePruner
+
+    def pruner() -> ProgressivePruner:
+        return ProgressivePruner(0.5, score="movement", start_step=2, end_step=5, frequency=1)
+
+    whole_pruner, resumed_pruner = pruner(), pruner()
+    whole, _ = fit(CompressedFSDPStrategy(compress=False), callbacks=[whole_pruner])
+    folder = out / "pruner_checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="first", every_n_train_steps=3)
+    fit(CompressedFSDPStrategy(compress=False), stop_at_step=3, callbacks=[pruner(), checkpoint])
+    resumed, _ = fit(
+        CompressedFSDPStrategy(compress=False),
+        ckpt_path=str(folder / "first.ckpt"),
+        callbacks=[resumed_pruner],
+    )
+    whole_masks, resumed_masks = pruner_masks(whole_pruner), pruner_masks(resumed_pruner)
+    return {
+        "difference": max_difference(full_parameters(whole), full_parameters(resumed)),
+        "masks_equal": all(torch.equal(whole_masks[n], resumed_masks[n]) for n in whole_masks),
+        "steps": resumed.trainer.global_step,
+    }
+
+
 SCENARIOS = {
     "parity": parity,
     "resume": resume,
@@ -582,6 +640,8 @@ SCENARIOS = {
     "curriculum": curriculum,
     "freezer": freezer,
     "freezer_resume": freezer_resume,
+    "pruner": pruner,
+    "pruner_resume": pruner_resume,
 }
 
 
