@@ -20,6 +20,7 @@ LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
 FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
+PRUNER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner.yaml"
 
 
 def _cli() -> list[str]:
@@ -277,3 +278,33 @@ def test_cli_fits_with_the_freezer_config_and_logs_its_table_and_heatmap(tmp_pat
     assert len(states) == 1 and states[0] < 0.11 * 173  # AdamW state of 10% of 22.7M parameters
     wandb_run = next((root / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     assert b"freezer/sensitivity" in wandb_run and b"freezer/heatmap" in wandb_run
+
+
+def test_cli_fits_with_the_pruner_config_and_logs_sparsity_and_histograms(tmp_path) -> None:
+    config = yaml.safe_load(PRUNER_CONFIG.read_text())
+    config["trainer"]["callbacks"][0]["init_args"].update(start_step=1, end_step=3, frequency=1)
+    (tmp_path / "pruner.yaml").write_text(yaml.safe_dump(config))
+    root, _ = _fit(
+        tmp_path,
+        tmp_path / "pruner.yaml",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.limit_test_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_length",
+        "32",
+    )
+    rows = _csv_rows(root)
+    sparsity = [float(r["pruner/sparsity"]) for r in rows if r.get("pruner/sparsity")]
+    assert sparsity[0] == 0.0 and sparsity[-1] == pytest.approx(0.5)
+    assert float(
+        [r for r in rows if r.get("pruner/sparsity_layer_5")][-1]["pruner/sparsity_layer_5"]
+    ) == pytest.approx(0.5)
+    wandb_run = next((root / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"pruner/kept_scores" in wandb_run

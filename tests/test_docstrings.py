@@ -23,6 +23,8 @@ MODULES = [
     "sensitivity",
     "callbacks.curriculum",
     "callbacks.freezing",
+    "pruning",
+    "callbacks.pruning",
 ]
 
 
