@@ -346,7 +346,7 @@ def allocate_sparsity(
     """Per-tensor sparsities averaging ``target`` (weighted by size), pruning the less sensitive
     tensors harder: density ``d_i = c * s_i^power`` with ``c`` chosen so that
     ``sum_i n_i d_i = (1 - target) * sum_i n_i``, each ``d_i`` clipped to
-    ``[1 - max_sparsity, 1]`` (water-filling: clipped tensors are fixed and ``c`` is solved again).
+    ``[1 - max_sparsity, 1]`` (``c`` found by bisection: the kept total rises with it).
 
     Example:
         >>> s = allocate_sparsity({"a": 100, "b": 100}, {"a": 4.0, "b": 1.0}, 0.5, power=1.0)
@@ -356,21 +356,18 @@ def allocate_sparsity(
     if not 0.0 <= target <= max_sparsity < 1.0:
         raise ValueError(f"need 0 <= target <= max_sparsity < 1, got {target}, {max_sparsity}")
     weights = {n: max(float(sensitivity[n]), 1e-30) ** power for n in sizes}
-    budget = (1.0 - target) * sum(sizes.values())
-    fixed: dict[str, float] = {}
-    while True:
-        free = [n for n in sizes if n not in fixed]
-        left = budget - sum(sizes[n] * d for n, d in fixed.items())
-        scale = left / sum(sizes[n] * weights[n] for n in free) if free else 0.0
-        density = {n: scale * weights[n] for n in free}
-        clipped = {
-            n: min(max(d, 1.0 - max_sparsity), 1.0)
-            for n, d in density.items()
-            if not 1.0 - max_sparsity <= d <= 1.0
-        }
-        if not clipped:
-            return {n: 1.0 - fixed.get(n, density.get(n, 0.0)) for n in sizes}
-        fixed.update(clipped)
+    floor, budget = 1.0 - max_sparsity, (1.0 - target) * sum(sizes.values())
+
+    def densities(scale: float) -> dict[str, float]:
+        return {n: min(max(scale * w, floor), 1.0) for n, w in weights.items()}
+
+    # the kept total rises with the scale: bisect (in log space) for the one that meets budget
+    low, high = math.log(floor / max(weights.values())), math.log(1.0 / min(weights.values()))
+    for _ in range(200):
+        middle = (low + high) / 2
+        kept = sum(sizes[n] * d for n, d in densities(math.exp(middle)).items())
+        low, high = (middle, high) if kept < budget else (low, middle)
+    return {n: 1.0 - d for n, d in densities(math.exp((low + high) / 2)).items()}
 
 
 def mask_optimizer_state(
