@@ -194,7 +194,7 @@ class ProgressivePruner(Callback):
         self.layer_targets: dict[str, float] = {}  # final sparsity per tensor (sensitivity)
         self.statistics: GradientStatistics | None = None  # own measurement, without a freezer
         self.groups: list[StructureGroup] = []
-        self.targets: list[str] = []  # every tensor a mask covers
+        self.targets: list[str] = []  # every tensor a mask covers, in model order
         self._end = end_step or 0
         self._pending: dict[str, Any] = {}  # checkpoint tensors to lay out at on_train_start
 
@@ -302,10 +302,11 @@ class ProgressivePruner(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        targets = set(self.targets)
         params = {
             n: p
             for n, p in pl_module.named_parameters()
-            if n in self.targets and id(p) in stepped and p.grad is not None
+            if n in targets and id(p) in stepped and p.grad is not None
         }
         pruning = trainer.global_step < self._end
         with torch.no_grad():
