@@ -21,6 +21,15 @@ FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
 PRUNER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner.yaml"
+# 4 steps of 4 reviews of up to 32 tokens, one validation and one test batch, every step logged
+SHORT_RUN = (
+    "--trainer.max_steps=4",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.max_length=32",
+)
 
 
 def _cli() -> list[str]:
@@ -255,18 +264,7 @@ def test_cli_fits_with_the_freezer_config_and_logs_its_table_and_heatmap(tmp_pat
     root, _ = _fit(
         tmp_path,
         tmp_path / "freezer.yaml",
-        "--trainer.max_steps",
-        "4",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.limit_test_batches",
-        "1",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.max_length",
-        "32",
+        *SHORT_RUN,
     )
     rows = _csv_rows(root)
     fractions = [
@@ -287,18 +285,7 @@ def test_cli_fits_with_the_pruner_config_and_logs_sparsity_and_histograms(tmp_pa
     root, _ = _fit(
         tmp_path,
         tmp_path / "pruner.yaml",
-        "--trainer.max_steps",
-        "4",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.limit_test_batches",
-        "1",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.max_length",
-        "32",
+        *SHORT_RUN,
     )
     rows = _csv_rows(root)
     sparsity = [float(r["pruner/sparsity"]) for r in rows if r.get("pruner/sparsity")]

@@ -552,22 +552,30 @@ def freezer(out: Path) -> dict[str, Any]:
     return result
 
 
+def whole_and_resumed(make: Any, out: Path, name: str) -> tuple[Any, Any, Any, Any]:
+    """Under FSDP2: a run with the callback ``make()``, and one checkpointed (sharded) and
+    stopped after 3 steps, then resumed with a fresh ``make()``; returns (whole task, its
+    callback, resumed task, its callback)."""
+    whole_callback, resumed_callback = make(), make()
+    whole, _ = fit(CompressedFSDPStrategy(compress=False), callbacks=[whole_callback])
+    folder = out / f"{name}_checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="first", every_n_train_steps=3)
+    fit(CompressedFSDPStrategy(compress=False), stop_at_step=3, callbacks=[make(), checkpoint])
+    resumed, _ = fit(
+        CompressedFSDPStrategy(compress=False),
+        ckpt_path=str(folder / "first.ckpt"),
+        callbacks=[resumed_callback],
+    )
+    return whole, whole_callback, resumed, resumed_callback
+
+
 def freezer_resume(out: Path) -> dict[str, Any]:
     from lightning_3d.callbacks import SensitivityFreezer
 
     def freezer() -> SensitivityFreezer:
         return SensitivityFreezer(target_trainable=0.1, warmup_steps=2)
 
-    whole_freezer, resumed_freezer = freezer(), freezer()
-    whole, _ = fit(CompressedFSDPStrategy(compress=False), callbacks=[whole_freezer])
-    folder = out / "freezer_checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=folder, filename="first", every_n_train_steps=3)
-    fit(CompressedFSDPStrategy(compress=False), stop_at_step=3, callbacks=[freezer(), checkpoint])
-    resumed, _ = fit(
-        CompressedFSDPStrategy(compress=False),
-        ckpt_path=str(folder / "first.ckpt"),
-        callbacks=[resumed_freezer],
-    )
+    whole, whole_freezer, resumed, resumed_freezer = whole_and_resumed(freezer, out, "freezer")
     return {
         "difference": max_difference(full_parameters(whole), full_parameters(resumed)),
         "frozen_whole": sorted(whole_freezer.frozen),
@@ -611,16 +619,7 @@ def pruner_resume(out: Path) -> dict[str, Any]:
     def pruner() -> ProgressivePruner:
         return ProgressivePruner(0.5, score="movement", start_step=2, end_step=5, frequency=1)
 
-    whole_pruner, resumed_pruner = pruner(), pruner()
-    whole, _ = fit(CompressedFSDPStrategy(compress=False), callbacks=[whole_pruner])
-    folder = out / "pruner_checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=folder, filename="first", every_n_train_steps=3)
-    fit(CompressedFSDPStrategy(compress=False), stop_at_step=3, callbacks=[pruner(), checkpoint])
-    resumed, _ = fit(
-        CompressedFSDPStrategy(compress=False),
-        ckpt_path=str(folder / "first.ckpt"),
-        callbacks=[resumed_pruner],
-    )
+    whole, whole_pruner, resumed, resumed_pruner = whole_and_resumed(pruner, out, "pruner")
     whole_masks, resumed_masks = pruner_masks(whole_pruner), pruner_masks(resumed_pruner)
     return {
         "difference": max_difference(full_parameters(whole), full_parameters(resumed)),
