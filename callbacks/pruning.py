@@ -36,6 +36,7 @@ from torch import nn
 from lightning_3d.callbacks.freezing import find_gradient_statistics
 from lightning_3d.loggers import log_histogram
 from lightning_3d.pruning import (
+    DEFAULT_EXCLUDE,
     SCHEDULES,
     SCOPES,
     SCORES,
@@ -53,7 +54,6 @@ from lightning_3d.pruning import (
     unstructured_masks,
 )
 from lightning_3d.sensitivity import (
-    DEFAULT_HEAD,
     DEFAULT_LAYER_PATTERN,
     GradientStatistics,
     layer_index,
@@ -63,6 +63,7 @@ from lightning_3d.sharding import full_copy, laid_out_like, shard_all_reduce
 
 log = logging.getLogger(__name__)
 LAYER_SPARSITY = ("uniform", "sensitivity")
+MAX_TENSOR_SPARSITY = 0.98  # the most a tensor is pruned under layer_sparsity="sensitivity"
 HISTOGRAM_VALUES = 1 << 20  # a strided sample of at most this many scores per histogram
 
 
@@ -103,7 +104,8 @@ class ProgressivePruner(Callback):
             :func:`~lightning_3d.pruning.allocate_sparsity`).
         sensitivity_power: exponent of that allocation (0: uniform).
         include, exclude: regexes over parameter names; by default every linear weight except
-            the task head. For structures, a unit is pruned when all its tensors pass.
+            the task head and LoRA adapters. For structures, a unit is pruned when all its
+            tensors pass.
         layer_pattern: regex with one group capturing the layer number, for per-layer logs.
         log_histograms: log a histogram of the scores at every mask update (W&B, TensorBoard).
 
@@ -126,7 +128,7 @@ class ProgressivePruner(Callback):
         layer_sparsity: str = "uniform",
         sensitivity_power: float = 0.5,
         include: str | None = None,
-        exclude: str | None = DEFAULT_HEAD,
+        exclude: str | None = DEFAULT_EXCLUDE,
         layer_pattern: str = DEFAULT_LAYER_PATTERN,
         log_histograms: bool = True,
     ) -> None:
@@ -159,10 +161,18 @@ class ProgressivePruner(Callback):
             raise ValueError(
                 f"layer_sparsity must be one of {LAYER_SPARSITY}, got {layer_sparsity!r}"
             )
-        if layer_sparsity == "sensitivity" and (self.kind != "unstructured" or scope != "layer"):
+        if layer_sparsity == "sensitivity" and (
+            self.kind != "unstructured"
+            or scope != "layer"
+            or target_sparsity > MAX_TENSOR_SPARSITY
+            or (start_step == 0 and initial_sparsity > 0)
+        ):
             raise ValueError(
-                "layer_sparsity='sensitivity' needs pattern='unstructured' and scope='layer' "
-                f"(got pattern={pattern!r}, scope={scope!r})"
+                "layer_sparsity='sensitivity' needs pattern='unstructured', scope='layer', "
+                f"target_sparsity <= {MAX_TENSOR_SPARSITY} and gradients measured before the "
+                f"first pruning (not start_step=0 with initial_sparsity > 0); got "
+                f"pattern={pattern!r}, scope={scope!r}, target_sparsity={target_sparsity}, "
+                f"start_step={start_step}, initial_sparsity={initial_sparsity}"
             )
         if start_step < 0 or frequency < 1 or (end_step is not None and end_step <= start_step):
             raise ValueError(
@@ -191,6 +201,7 @@ class ProgressivePruner(Callback):
         self.masks: dict[str, torch.Tensor] = {}  # laid out like the parameters
         self.movement: dict[str, torch.Tensor] = {}
         self.sparsity = 0.0  # the schedule's value at the last mask update
+        self.achieved_sparsity = 0.0  # the share of the targeted weights pruned
         self.layer_targets: dict[str, float] = {}  # final sparsity per tensor (sensitivity)
         self.statistics: GradientStatistics | None = None  # own measurement, without a freezer
         self.groups: list[StructureGroup] = []
@@ -204,6 +215,7 @@ class ProgressivePruner(Callback):
             "masks": {n: full_copy(m) for n, m in self.masks.items()},
             "movement": {n: full_copy(s) for n, s in self.movement.items()},
             "sparsity": self.sparsity,
+            "achieved_sparsity": self.achieved_sparsity,
             "layer_targets": dict(self.layer_targets),
             "end_step": self._end,
             "statistics": None if self.statistics is None else self.statistics.state_dict(),
@@ -212,6 +224,7 @@ class ProgressivePruner(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = {"masks": state_dict["masks"], "movement": state_dict["movement"]}
         self.sparsity = state_dict["sparsity"]
+        self.achieved_sparsity = state_dict["achieved_sparsity"]
         self.layer_targets = dict(state_dict["layer_targets"])
         self._end = state_dict["end_step"]
         if state_dict["statistics"] is not None:
@@ -271,7 +284,9 @@ class ProgressivePruner(Callback):
                     f"{len(frozen) - 1} more) do not train; use score='magnitude' or exclude them"
                 )
             if not self.movement:
-                self.movement = {n: torch.zeros_like(params[n]) for n in self.targets}
+                self.movement = {
+                    n: torch.zeros_like(params[n], dtype=torch.float32) for n in self.targets
+                }
         if not self._end:
             self._end = max(self.start_step + 1, int(0.75 * trainer.estimated_stepping_batches))
         shared = find_gradient_statistics(trainer, exclude=self)
@@ -292,7 +307,10 @@ class ProgressivePruner(Callback):
             }
         )
         self.movement.update(
-            {n: laid_out_like(s, params[n]) for n, s in pending.get("movement", {}).items()}
+            {
+                n: laid_out_like(s, params[n], torch.float32)
+                for n, s in pending.get("movement", {}).items()
+            }
         )
         self._apply_masks(pl_module)
         self._update_if_due(trainer, pl_module)
@@ -312,9 +330,10 @@ class ProgressivePruner(Callback):
         with torch.no_grad():
             if self.statistics is not None and pruning and not self.layer_targets:
                 self.statistics.update({n: p.grad for n, p in params.items()})
+            moving = self.movement and pruning and _finite([p.grad for p in params.values()])
             for name, param in params.items():
-                if self.movement and pruning:
-                    self.movement[name].sub_(param.detach() * param.grad)
+                if moving:  # skipped when an fp16 overflow made the gradients inf/NaN
+                    self.movement[name].sub_(param.detach().float() * param.grad.float())
                 if name in self.masks:
                     param.grad.mul_(self.masks[name])
 
@@ -323,7 +342,7 @@ class ProgressivePruner(Callback):
     ) -> None:
         self._apply_masks(pl_module)
         self._update_if_due(trainer, pl_module)
-        pl_module.log("pruner/sparsity", self.sparsity, rank_zero_only=True)
+        pl_module.log("pruner/sparsity", self.achieved_sparsity, rank_zero_only=True)
 
     def _apply_masks(self, pl_module: LightningModule) -> None:
         with torch.no_grad():
@@ -381,7 +400,7 @@ class ProgressivePruner(Callback):
             mask_optimizer_state(optimizer, [(params[n], m) for n, m in self.masks.items()])
         self._apply_masks(pl_module)
         self.sparsity = target
-        achieved = mask_sparsity(masks)
+        self.achieved_sparsity = achieved = mask_sparsity(masks)
         log.info(
             "ProgressivePruner: step %d: %.2f%% of the targeted weights pruned (schedule %.2f%%)",
             trainer.global_step, 100 * achieved, 100 * target,
@@ -410,7 +429,7 @@ class ProgressivePruner(Callback):
             n: fisher[n] * float(sq) / sizes[n] for n, sq in zip(sizes, squares, strict=True)
         }
         allocation = allocate_sparsity(
-            sizes, sensitivity, self.target_sparsity, self.sensitivity_power
+            sizes, sensitivity, self.target_sparsity, self.sensitivity_power, MAX_TENSOR_SPARSITY
         )
         return trainer.strategy.broadcast(allocation)
 
@@ -431,10 +450,10 @@ class ProgressivePruner(Callback):
             metrics[f"pruner/sparsity_{layer}"] = mask_sparsity(dict(enumerate(layer_masks)))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        if self.log_histograms and trainer.is_global_zero:
+        if self.log_histograms and trainer.loggers and trainer.is_global_zero:
             kept = torch.cat([s[masks[n]].flatten() for n, s in scores.items()])
             stride = max(1, kept.numel() // HISTOGRAM_VALUES)
-            log_histogram(trainer, "pruner/kept_scores", kept[::stride].numpy())
+            log_histogram(trainer, "pruner/kept_scores", kept[::stride].float().numpy())
 
     # -- after training -----------------------------------------------------------------------
     def export(self, pl_module: nn.Module, path: str | Path | None = None) -> nn.Module:
@@ -457,6 +476,12 @@ class ProgressivePruner(Callback):
         if path is not None:
             model.save_pretrained(path)
         return model
+
+
+def _finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of these (local parts of) tensors is finite, with one host sync."""
+    checks = [torch.isfinite(local_part(t)).all() for t in tensors]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _source(pattern: re.Pattern[str] | None) -> str | None:

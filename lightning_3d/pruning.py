@@ -47,6 +47,9 @@ SCORES = ("magnitude", "movement")
 STRUCTURED_PATTERNS = ("rows", "heads", "neurons", "heads+neurons")
 SCOPES = ("layer", "global")
 _N_M = re.compile(r"^(\d+):(\d+)$")
+# never pruned by default: the task head, and LoRA adapters (their dense update B @ A would be
+# added to a pruned base weight anyway)
+DEFAULT_EXCLUDE = r"(^|\.)(classifier|score|lm_head|pooler)\.|lora_"
 
 
 def sparsity_at(
@@ -71,6 +74,11 @@ def sparsity_at(
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if frequency < 1 or end <= start or not 0.0 <= initial <= final < 1.0:
+        raise ValueError(
+            "need frequency >= 1, end > start and 0 <= initial <= final < 1; got "
+            f"frequency={frequency}, start={start}, end={end}, initial={initial}, final={final}"
+        )
     if step < start:
         return 0.0
     if step >= end:
@@ -108,7 +116,8 @@ def parse_pattern(pattern: str) -> tuple[str, tuple[int, int] | None]:
 def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Boolean mask (shape of ``scores``) of the ``keep`` highest scores; ties go to the lower
     flat index and NaN counts as ``-inf``, so the result is a pure function of the values."""
-    flat = torch.nan_to_num(scores.detach().flatten().float(), nan=-math.inf)
+    flat = scores.detach().flatten().float()
+    flat = torch.nan_to_num(flat, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     numel = flat.numel()
     if keep >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
@@ -149,16 +158,25 @@ def unstructured_masks(
     current = current or {}
     alive = {n: _alive_scores(s, current.get(n)) for n, s in scores.items()}
     if scope == "layer":
-        return {
+        masks = {
             n: keep_top(s, _kept_count(s.numel(), _value(sparsity, n))) for n, s in alive.items()
         }
-    if scope != "global" or isinstance(sparsity, Mapping):
+    elif scope == "global" and not isinstance(sparsity, Mapping):
+        names = list(alive)
+        flat = torch.cat([alive[n].flatten().cpu() for n in names])
+        kept = keep_top(flat, _kept_count(flat.numel(), sparsity))
+        parts = kept.split([alive[n].numel() for n in names])
+        masks = {
+            n: p.view_as(alive[n]).to(alive[n].device) for n, p in zip(names, parts, strict=True)
+        }
+    else:
         raise ValueError(f"scope must be 'layer' or 'global' (with one sparsity), got {scope!r}")
-    names = list(alive)
-    flat = torch.cat([alive[n].flatten().cpu() for n in names])
-    kept = keep_top(flat, _kept_count(flat.numel(), sparsity))
-    parts = kept.split([alive[n].numel() for n in names])
-    return {n: p.view_as(alive[n]).to(alive[n].device) for n, p in zip(names, parts, strict=True)}
+    return {n: _within(m, current.get(n)) for n, m in masks.items()}
+
+
+def _within(mask: torch.Tensor, current: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` without what ``current`` already pruned (masks only grow)."""
+    return mask if current is None else mask & current.to(mask.device)
 
 
 def _value(sparsity: float | Mapping[str, float], name: str) -> float:
@@ -191,7 +209,7 @@ def n_m_mask(
     pruned_count = min(round(sparsity * groups.numel()), int(candidate.sum()))
     # prune the lowest candidates: the highest of their negated scores (pruned ones are +inf)
     negated = torch.where(candidate, -groups, torch.tensor(-math.inf, device=groups.device))
-    return ~keep_top(negated, pruned_count).view_as(scores)
+    return _within(~keep_top(negated, pruned_count).view_as(scores), current)
 
 
 @dataclass(frozen=True)
@@ -248,19 +266,20 @@ def structured_masks(
     sparsity: float,
     current: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Prune ``round(sparsity * units)`` units of every group, the lowest-scoring first."""
+    """Prune ``round(sparsity * units)`` units of every group, the lowest-scoring first; every
+    group keeps at least one unit (a block without heads or neurons cannot run)."""
     current = current or {}
     masks: dict[str, torch.Tensor] = {}
     for group in groups:
         unit_scores = group.unit_scores(scores)
         if all(p in current for p, _ in group.members):
             unit_scores = unit_scores.masked_fill(~group.alive(current), -math.inf)
-        kept = keep_top(unit_scores, _kept_count(group.units, sparsity))
+        kept = keep_top(unit_scores, max(1, _kept_count(group.units, sparsity)))
         for name, mask in group.element_masks(
             kept, {p: scores[p].shape for p, _ in group.members}
         ).items():
             masks[name] = masks[name] & mask if name in masks else mask
-    return masks
+    return {n: _within(m, current.get(n)) for n, m in masks.items()}
 
 
 def row_groups(shapes: Mapping[str, torch.Size]) -> list[StructureGroup]:
@@ -295,7 +314,10 @@ def find_structures(model: nn.Module, kinds: Sequence[str]) -> list[StructureGro
         if "heads" in kinds and _is_linear(module, "query", "key", "value"):
             heads = int(getattr(module, "num_attention_heads", 0))
             parent = name.rsplit(".", 1)[0] if "." in name else ""
-            output = model.get_submodule(f"{parent}.output.dense".lstrip("."))
+            try:
+                output = model.get_submodule(f"{parent}.output.dense".lstrip("."))
+            except AttributeError:  # not the BERT layout: no output projection beside it
+                output = None
             if heads and isinstance(output, nn.Linear):
                 members = [
                     (f"{prefix}{proj}.{kind}", 0)
@@ -374,11 +396,13 @@ def mask_optimizer_state(
     optimizer: torch.optim.Optimizer, masked: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> None:
     """Zero the per-weight optimizer state (AdamW moments, momentum) of pruned weights, so it
-    cannot push them back; state of another shape (8-bit blocks) is left alone."""
+    cannot push them back. Only floating-point state shaped like the weight is touched: 8-bit
+    states (bitsandbytes, torchao) hold quantization codes, where 0 is not zero."""
     with torch.no_grad():
         for param, mask in masked:
             for value in optimizer.state.get(param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+                if floating and value.shape == param.shape:
                     value.mul_(mask)
 
 
@@ -418,7 +442,9 @@ def _shrink(model: nn.Module, group: StructureGroup, units: torch.Tensor) -> Non
         module_name, kind = parameter.rsplit(".", 1)
         linear = model.get_submodule(module_name)
         block = getattr(linear, kind).shape[dim] // group.units
-        index = (units[:, None] * block + torch.arange(block)).flatten()
+        device = getattr(linear, kind).device
+        units = units.to(device)
+        index = (units[:, None] * block + torch.arange(block, device=device)).flatten()
         with torch.no_grad():
             if kind == "bias":
                 linear.bias = nn.Parameter(linear.bias.index_select(0, index))
@@ -448,9 +474,10 @@ def export_structured(
     return model
 
 
-def load_pruned(path: str | Path, **kwargs: Any) -> nn.Module:
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
     """Load a model saved by :func:`export_structured`: build it from its config, shrink the
-    recorded structures, then load the saved weights."""
+    recorded structures, then load the saved weights (in ``dtype``, default float32), in eval
+    mode. ``kwargs`` go to ``AutoConfig.from_pretrained``."""
     import transformers
     from safetensors.torch import load_file
 
@@ -471,7 +498,7 @@ def load_pruned(path: str | Path, **kwargs: Any) -> nn.Module:
         raise ValueError(
             f"{path}: weights do not fit: missing {real_missing}, unexpected {unexpected}"
         )
-    return model.eval()
+    return (model if dtype is None else model.to(dtype)).eval()
 
 
 def _tied_names(model: nn.Module) -> set[str]:

@@ -268,8 +268,8 @@ def test_two_ranks_ddp_and_fsdp2_share_one_mask_and_fsdp2_resumes(
     ranks = [json.loads((tmp_path / f"pruner.rank{r}.json").read_text()) for r in range(2)]
     for strategy in ("ddp", "fsdp"):
         zero, one = ranks[0][strategy], ranks[1][strategy]
-        assert zero["masks"] == one["masks"]  # one mask on every rank
-        assert zero["rank_spread"] == 0.0
+        assert zero["masks"] == one["masks"]  # every rank holds rank 0's masks
+        assert zero["rank_spread"] == 0.0  # under DDP: the replicas did not drift apart
         assert zero["sparsity"] == pytest.approx(0.5, abs=0.005)
         assert zero["pruned_nonzero"] == 0  # the pruned weights are zero on every shard
     resume = json.loads((tmp_path / "pruner_resume.rank0.json").read_text())

@@ -239,4 +239,43 @@ def test_mask_optimizer_state_zeroes_the_moments_of_pruned_weights() -> None:
     state = optimizer.state[weight]
     assert not state["exp_avg"][~mask].any() and not state["exp_avg_sq"][~mask].any()
     assert state["exp_avg"][mask].abs().min() > 0
-    assert state["step"].numel() == 1  # the scalar step count is left alone
+
+
+def test_mask_optimizer_state_leaves_8bit_codes_alone() -> None:
+    """bitsandbytes keeps uint8 codes shaped like the weight; code 0 is not zero, so they must
+    not be multiplied by the mask."""
+    bnb = pytest.importorskip("bitsandbytes")
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    optimizer = bnb.optim.AdamW8bit([weight], lr=0.1, min_8bit_size=64)
+    weight.grad = torch.randn(64, 64)
+    optimizer.step()
+    codes = {
+        k: v.clone() for k, v in optimizer.state[weight].items() if isinstance(v, torch.Tensor)
+    }
+    assert any(v.dtype == torch.uint8 and v.shape == weight.shape for v in codes.values())
+    mask_optimizer_state(optimizer, [(weight, torch.rand(64, 64) > 0.5)])
+    for key, value in codes.items():
+        assert torch.equal(optimizer.state[weight][key], value), key
+
+
+def test_structured_masks_keep_one_unit_per_group() -> None:
+    group = StructureGroup("h", "heads", 4, (("w", 0),))
+    masks = structured_masks([group], {"w": torch.arange(8.0).view(4, 2)}, 0.99)
+    assert masks["w"][:, 0].tolist() == [False, False, False, True]
+
+
+def test_keep_top_ranks_nan_with_pruned_scores_below_everything_finite() -> None:
+    scores = torch.tensor([float("nan"), -math.inf, -1e30, 5.0])
+    assert keep_top(scores, 2).tolist() == [False, False, True, True]
+    kept = unstructured_masks({"w": scores}, 0.0, current={"w": torch.tensor([1, 0, 1, 1]).bool()})
+    assert kept["w"].tolist() == [True, False, True, True]  # pruned stays pruned even at 0%
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"frequency": 0}, {"end": 0}, {"initial": 0.9}, {"final": 1.0}],
+)
+def test_sparsity_at_rejects_bad_windows(kwargs: dict) -> None:
+    arguments = {"start": 0, "end": 10, "final": 0.5, "initial": 0.0, "frequency": 1} | kwargs
+    with pytest.raises(ValueError, match="need frequency >= 1, end > start"):
+        sparsity_at(5, **arguments)
