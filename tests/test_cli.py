@@ -198,7 +198,7 @@ def test_cli_help_lists_the_subcommands(tmp_path) -> None:
 
 def test_every_example_config_is_tested() -> None:
     assert sorted((REPO / "examples" / "configs").glob("*.yaml")) == sorted(
-        [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG, FREEZER_CONFIG]
+        [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG, FREEZER_CONFIG, PRUNER_CONFIG]
     )
 
 
