@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from lightning_3d.sensitivity import (
     GradientStatistics,
     add_to_optimizer,
     baseline_scores,
+    compile_pattern,
     composite_sensitivity,
     drop_from_optimizer,
     group_parameters,
@@ -56,18 +56,6 @@ from lightning_3d.sensitivity import (
 from lightning_3d.sharding import full_copy, laid_out_like, shard_all_reduce
 
 log = logging.getLogger(__name__)
-
-
-def _compile(argument: str, pattern: str | None, groups: int = 0) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    try:
-        compiled = re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"{argument}={pattern!r} is not a valid regex: {error}") from None
-    if compiled.groups < groups:
-        raise ValueError(f"{argument}={pattern!r} needs a capture group for the layer number")
-    return compiled
 
 
 class SensitivityFreezer(Callback):
@@ -154,11 +142,11 @@ class SensitivityFreezer(Callback):
         if lr_decay is not None and not 0.0 < lr_decay <= 1.0:
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
         if group_by not in ("tensor", "module"):
-            _compile("group_by", group_by)
-        self.include = _compile("include", include)
-        self.exclude = _compile("exclude", exclude)
-        self.head = _compile("head", head)
-        _compile("layer_pattern", layer_pattern, groups=1)
+            compile_pattern("group_by", group_by)
+        self.include = compile_pattern("include", include)
+        self.exclude = compile_pattern("exclude", exclude)
+        self.head = compile_pattern("head", head)
+        compile_pattern("layer_pattern", layer_pattern, groups=1)
         self.target_trainable = target_trainable
         self.metric = metric
         self.warmup_steps = warmup_steps

@@ -56,6 +56,7 @@ from lightning_3d.pruning import (
 from lightning_3d.sensitivity import (
     DEFAULT_LAYER_PATTERN,
     GradientStatistics,
+    compile_pattern,
     layer_index,
     local_part,
 )
@@ -65,15 +66,6 @@ log = logging.getLogger(__name__)
 LAYER_SPARSITY = ("uniform", "sensitivity")
 MAX_TENSOR_SPARSITY = 0.98  # the most a tensor is pruned under layer_sparsity="sensitivity"
 HISTOGRAM_VALUES = 1 << 20  # a strided sample of at most this many scores per histogram
-
-
-def _regex(argument: str, pattern: str | None) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"{argument}={pattern!r} is not a valid regex: {error}") from None
 
 
 class ProgressivePruner(Callback):
@@ -181,11 +173,10 @@ class ProgressivePruner(Callback):
             )
         if sensitivity_power < 0:
             raise ValueError(f"sensitivity_power must be >= 0, got {sensitivity_power}")
-        self.include = _regex("include", include)
-        self.exclude = _regex("exclude", exclude)
+        self.include = compile_pattern("include", include)
+        self.exclude = compile_pattern("exclude", exclude)
+        compile_pattern("layer_pattern", layer_pattern, groups=1)
         self.layer_pattern = layer_pattern
-        if (_regex("layer_pattern", layer_pattern) or re.compile("")).groups < 1:
-            raise ValueError(f"layer_pattern={layer_pattern!r} needs a group for the layer number")
         self.pattern = pattern
         self.target_sparsity = target_sparsity
         self.score = score

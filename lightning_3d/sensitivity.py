@@ -339,6 +339,28 @@ def trainable_fraction_at(stage: int, stages: int, target: float) -> float:
     return 1.0 - (1.0 - target) * min(stage, stages) / stages
 
 
+def compile_pattern(argument: str, pattern: str | None, groups: int = 0) -> re.Pattern[str] | None:
+    r"""``pattern`` compiled (``None`` stays ``None``), for a callback argument named ``argument``.
+
+    Raises:
+        ValueError: naming the argument, when the regex is invalid or has fewer than ``groups``
+            capture groups (the layer number).
+
+    Example:
+        >>> compile_pattern("layer_pattern", r"layer\.(\d+)", groups=1).groups
+        1
+    """
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{argument}={pattern!r} is not a valid regex: {error}") from None
+    if compiled.groups < groups:
+        raise ValueError(f"{argument}={pattern!r} needs a capture group for the layer number")
+    return compiled
+
+
 def layer_index(name: str, pattern: str = DEFAULT_LAYER_PATTERN) -> int | None:
     """The layer number in a parameter name, or ``None`` (embeddings, heads, ...)."""
     match = re.search(pattern, name)
@@ -524,6 +546,7 @@ __all__ = [
     "GradientStatistics",
     "add_to_optimizer",
     "baseline_scores",
+    "compile_pattern",
     "composite_sensitivity",
     "drop_from_optimizer",
     "group_parameters",

@@ -233,7 +233,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
         ({"frequency": 0}, "frequency >= 1"),
         ({"initial_sparsity": 0.6}, "initial_sparsity must be in"),
         ({"include": "(("}, "include='\\(\\(' is not a valid regex"),
-        ({"layer_pattern": r"layer\.\d+"}, "needs a group for the layer number"),
+        ({"layer_pattern": r"layer\.\d+"}, "needs a capture group for the layer number"),
         ({"sensitivity_power": -1.0}, "sensitivity_power must be >= 0"),
     ]
     for kwargs, message in cases:
