@@ -9,15 +9,19 @@ Each callback is thin glue: it decides *when* (which hook, which step) and calls
   sensitive tensors and releases their optimizer state.
 * :class:`ProgressivePruner` (model): prunes gradually to a target sparsity (unstructured, N:M,
   rows, attention heads, FFN neurons) and keeps pruned weights at zero.
+* :class:`QATHook` (model, bits): trains through torchao fake quantization from a chosen step
+  and converts to quantized weights at the end.
 """
 
 from lightning_3d.callbacks.curriculum import CurriculumSampler
 from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
 from lightning_3d.callbacks.pruning import ProgressivePruner
+from lightning_3d.callbacks.quantization import QATHook
 
 __all__ = [
     "CurriculumSampler",
     "ProgressivePruner",
+    "QATHook",
     "SensitivityFreezer",
     "find_gradient_statistics",
 ]

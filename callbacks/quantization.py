@@ -1,0 +1,279 @@
+"""``QATHook``: the model axis at fewer bits -- train through torchao fake quantization, convert.
+
+Life cycle (``global_step`` counts optimizer steps):
+
+1. ``setup`` (before DDP or FSDP2 wrap the model, before the optimizer exists): the selected
+   linear and embedding modules are swapped for torchao's fake-quantized ones with fake
+   quantization *off*. They keep their ``Parameter`` objects and state-dict keys, so the
+   optimizer, a :class:`~lightning_3d.callbacks.ProgressivePruner`'s masks and checkpoints are
+   unaffected. When evaluating or predicting from a checkpoint of a converted model, the model is
+   converted here, before Lightning loads the quantized weights into it.
+2. ``on_train_batch_start`` at ``start_step`` (or the first step of ``start_epoch``): fake
+   quantization goes on (stage ``"fake_quant"``); the forward pass sees quantized weights (and
+   int8 activations for the ``int8_dynamic_act_*`` presets), gradients pass straight through.
+3. Every ``error_every`` steps: the relative quantization error of each weight is logged.
+4. ``on_fit_end`` (with ``convert_at_end``) or :meth:`QATHook.convert` on demand: the
+   fake-quantized modules become plain ones holding torchao quantized tensors (stage
+   ``"converted"``); :meth:`QATHook.export` writes the artefact and a report.
+
+Example:
+    >>> from lightning import Trainer
+    >>> qat = QATHook("int8_dynamic_act_int4_weight", start_step=100)
+    >>> trainer = Trainer(callbacks=[qat], max_steps=1000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from lightning_3d.pruning import DEFAULT_EXCLUDE
+from lightning_3d.quantization import (
+    FLOAT8_PRESETS,
+    PRESETS,
+    STAGES,
+    QuantizationRecipe,
+    convert,
+    export_quantized,
+    fake_quantized_modules,
+    float8_supported,
+    model_bytes,
+    prepare,
+    resolve_recipe,
+    select_modules,
+    set_fake_quantization,
+    weight_quantization_errors,
+)
+
+if TYPE_CHECKING:
+    from torchao.core.config import AOBaseConfig
+
+log = logging.getLogger(__name__)
+
+
+class QATHook(Callback):
+    r"""Quantization-aware training with torchao from a chosen step, converted at the end.
+
+    Args:
+        quantization: a preset name (:data:`~lightning_3d.quantization.PRESETS`:
+            ``"int8_dynamic_act_int4_weight"``, ``"int4_weight_only"``, ``"int8_weight_only"``,
+            ``"float8_dynamic_act_float8_weight"``) or any torchao base config that
+            ``QATConfig`` accepts (then linear layers only).
+        group_size: input columns per weight scale for the int4 presets.
+        include, exclude: regexes over the names of the modules' weights
+            (``"<module>.weight"``); by default every linear and embedding weight except the
+            task head, the pooler and LoRA adapters (whose base layers are quantized).
+        embeddings: quantize embedding tables too (weights only) when the recipe has a config
+            for them; they are half of a small encoder's bytes.
+        start_step, start_epoch: when fake quantization goes on (at most one of them; default
+            the first step). Training in float first and then with fake quantization often
+            recovers more accuracy than fake quantization from the start.
+        convert_at_end: convert to quantized weights when ``fit`` ends; ``False`` leaves that to
+            :meth:`convert` or :meth:`export`.
+        error_every: steps between logs of the per-layer quantization errors (0: never).
+
+    Logs ``qat/stage`` (0 float, 1 fake quantization, 2 converted), ``qat/weight_error`` (mean
+    relative error ``||Q(W) - W|| / ||W||``) and ``qat/weight_error/<module>``.
+
+    Example:
+        >>> QATHook("int4_weight_only", group_size=64).recipe.name
+        'int4_weight_only'
+    """
+
+    def __init__(
+        self,
+        quantization: str | AOBaseConfig = "int8_dynamic_act_int4_weight",
+        group_size: int = 32,
+        include: str | None = None,
+        exclude: str | None = DEFAULT_EXCLUDE,
+        embeddings: bool = True,
+        start_step: int | None = None,
+        start_epoch: int | None = None,
+        convert_at_end: bool = True,
+        error_every: int = 50,
+    ) -> None:
+        if start_step is not None and start_epoch is not None:
+            raise ValueError(
+                f"give start_step or start_epoch, not both; got start_step={start_step}, "
+                f"start_epoch={start_epoch}"
+            )
+        if (start_step or 0) < 0 or (start_epoch or 0) < 0:
+            raise ValueError(
+                f"start_step and start_epoch must be >= 0, got {start_step}, {start_epoch}"
+            )
+        if error_every < 0:
+            raise ValueError(f"error_every must be >= 0, got {error_every}")
+        self.recipe: QuantizationRecipe = resolve_recipe(quantization, group_size)
+        select_modules(nn.Module(), include, exclude)  # checks the regexes now
+        self.include = include
+        self.exclude = exclude
+        self.embeddings = embeddings
+        self.start_step = start_step or 0
+        self.start_epoch = start_epoch
+        self.convert_at_end = convert_at_end
+        self.error_every = error_every
+        self.stage = "float"
+        self.modules: list[str] = []  # the fake-quantized (later converted) modules
+        self.conversion: dict[str, Any] = {}  # bytes and modules of the last conversion
+
+    # ----------------------------------------------------------------- set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        device = trainer.strategy.root_device
+        if self.recipe.needs_float8_gpu and not float8_supported(device):
+            int_presets = [p for p in PRESETS if p not in FLOAT8_PRESETS]
+            raise ValueError(
+                f"{self.recipe.name} needs a CUDA GPU of compute capability 8.9 or newer "
+                f"(training on {device}); use an int preset {int_presets}"
+            )
+        saved = self._checkpoint_stage(trainer.ckpt_path)
+        if stage == "fit" and self.stage == "converted":
+            raise ValueError("this model was converted to quantized weights: it cannot train")
+        if stage == "fit" and saved == "converted":
+            raise ValueError(
+                f"{trainer.ckpt_path} holds a converted (quantized) model: it can be validated, "
+                "tested or used for prediction, not trained further"
+            )
+        if self.stage == "converted" or (stage != "fit" and saved in (None, "float")):
+            return  # evaluating the model as it is in memory
+        if not fake_quantized_modules(pl_module):
+            names = select_modules(pl_module, self.include, self.exclude, self.embeddings)
+            if not names:
+                raise ValueError(
+                    "QATHook selected no linear or embedding module: check include="
+                    f"{self.include!r} and exclude={self.exclude!r} (models built in "
+                    "configure_model are not supported: build them in __init__)"
+                )
+            self.modules = prepare(pl_module, self.recipe, names)
+            log.info("QAT (%s) prepared %d modules", self.recipe.name, len(self.modules))
+        set_fake_quantization(pl_module, False)
+        if saved == "converted":
+            self._convert(pl_module)
+
+    def _checkpoint_stage(self, path: str | os.PathLike[str] | None) -> str | None:
+        """This hook's stage in a single-file checkpoint, read before Lightning loads it."""
+        if path is None or not Path(path).is_file():
+            return None  # no checkpoint, or a sharded folder (converted ones are never sharded)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return checkpoint.get("callbacks", {}).get(self.state_key, {}).get("stage")
+
+    # -------------------------------------------------------------- training
+    def _started(self, trainer: Trainer) -> bool:
+        if self.start_epoch is not None:
+            return trainer.current_epoch >= self.start_epoch
+        return trainer.global_step >= self.start_step
+
+    def _apply_stage(self, pl_module: LightningModule) -> None:
+        if self.stage != "converted":
+            set_fake_quantization(pl_module, self.stage == "fake_quant")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply_stage(pl_module)  # a resumed run evaluates as it trained
+
+    on_test_start = on_predict_start = on_train_start = on_validation_start
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.stage == "float" and self._started(trainer):
+            self.stage = "fake_quant"
+            set_fake_quantization(pl_module, True)
+            log.info("QAT: fake quantization on at step %d", trainer.global_step)
+            self._log_errors(trainer, pl_module)
+        pl_module.log("qat/stage", float(STAGES.index(self.stage)))
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.stage == "fake_quant" and self.error_every and step % self.error_every == 0:
+            self._log_errors(trainer, pl_module)
+
+    def _log_errors(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        errors = weight_quantization_errors(pl_module)
+        if errors and trainer.loggers:
+            metrics = {f"qat/weight_error/{name}": value for name, value in errors.items()}
+            metrics["qat/weight_error"] = sum(errors.values()) / len(errors)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        return errors
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.convert_at_end or self.stage == "converted":
+            return
+        if any(hasattr(p, "device_mesh") for p in pl_module.parameters()):
+            log.warning(
+                "QAT: torchao cannot convert FSDP2-sharded weights; load the full state dict "
+                "into an unsharded model with this hook's recipe and call convert() there"
+            )
+            return
+        if self.stage == "float":
+            log.warning("QAT: fit ended before fake quantization started; converting anyway")
+        self.convert(pl_module)
+
+    # -------------------------------------------------------------- convert / export
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Convert ``model``'s fake-quantized modules to quantized weights, in place; return it.
+
+        Call on demand (after ``fit`` with ``convert_at_end=False``). The per-layer errors and
+        the bytes before and after are kept in :attr:`conversion`.
+        """
+        if self.stage == "converted":
+            return model
+        errors = weight_quantization_errors(model)
+        float_bytes = model_bytes(model)
+        self._convert(model)
+        self.conversion = {
+            "float_bytes": float_bytes,
+            "quantized_bytes": model_bytes(model),
+            "modules": self.modules,
+            "weight_errors": errors,
+        }
+        log.info(
+            "QAT (%s): converted %d modules, %.1f MiB -> %.1f MiB",
+            self.recipe.name,
+            len(self.modules),
+            float_bytes / 2**20,
+            self.conversion["quantized_bytes"] / 2**20,
+        )
+        return model
+
+    def _convert(self, model: nn.Module) -> None:
+        self.modules = convert(model, self.recipe)
+        self.stage = "converted"
+
+    def export(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike[str],
+        evaluate: Callable[[nn.Module], float] | None = None,
+    ) -> dict[str, Any]:
+        """Convert if needed and write ``model`` (e.g. ``task.model``) with a report to ``path``.
+
+        See :func:`~lightning_3d.quantization.export_quantized`; ``evaluate`` measures a metric
+        before and after conversion.
+        """
+        report = export_quantized(model, path, self.recipe, evaluate)
+        if self.stage != "converted":
+            self.modules = report.get("quantized_modules", self.modules)
+            self.stage = "converted"
+        return report
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "recipe": self.recipe.name, "modules": list(self.modules)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["recipe"] != self.recipe.name:
+            raise ValueError(
+                f"the checkpoint was trained with quantization {state_dict['recipe']!r}, this "
+                f"QATHook uses {self.recipe.name!r}"
+            )
+        self.stage = state_dict["stage"]
+        self.modules = list(state_dict["modules"])
