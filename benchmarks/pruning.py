@@ -216,8 +216,10 @@ def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]
     return "\n".join(lines)
 
 
-def child(flag: str, *extra: str) -> dict[str, Any]:
-    command = [sys.executable, __file__, *sys.argv[1:], flag, *extra]
+def child(flag: str, *extra: str, script: str = __file__) -> Any:
+    """Run ``script`` again in a fresh process with this process's arguments plus ``flag`` and
+    ``extra``; return the JSON of its last ``RESULT`` line."""
+    command = [sys.executable, script, *sys.argv[1:], flag, *extra]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:

@@ -1,0 +1,262 @@
+"""QATHook against float training and post-training quantization: accuracy, bytes, CPU latency.
+
+MiniLM fine-tuned on a Rotten Tomatoes training subset, each training run in a fresh process:
+
+* ``fp32``: float fine-tuning; then, on copies of the same trained model,
+  ``ptq:<preset>``: post-training quantization (``QATConfig`` prepare then convert, no training
+  in between), and ``fp32→fbgemm``: PyTorch's dynamic int8 path (``quantize_dynamic``,
+  per-channel int8 weights, fbgemm kernels; linear layers only), the fastest int8 path on x86;
+* ``qat:<preset>``: the same fine-tuning with ``QATHook(preset, start_step=--qat-start)``,
+  converted at the end (``qat:<preset>@fake`` is its accuracy before conversion);
+  ``qat:int8_weight_only→fbgemm`` puts that run's float weights through the fbgemm path.
+
+Presets: ``int8_dynamic_act_int4_weight`` (int4 weights per group of 32, int8 activations) and
+``int8_weight_only`` (int8 per row); embeddings are quantized too (weights only), the
+classifier and the pooler stay float. Columns: test accuracy on the whole test split, the
+exported file in MiB (int4 packed two per byte), and CPU inference latency at batch 1 and 32
+(sequence length ``--max-length``), timed round-robin in one process over the seed-0 exports.
+
+Usage::
+
+    python benchmarks/quantization.py            # the figures in BENCHMARKS.md
+    python benchmarks/quantization.py --seeds 0 --presets int8_weight_only
+    python benchmarks/quantization.py --summarize benchmarks/results/quantization*.json
+
+Results are printed as a Markdown table and written as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from curriculum import prepare_data
+from pruning import child
+
+PRESETS = ("int8_dynamic_act_int4_weight", "int8_weight_only")
+FBGEMM = "→fbgemm"
+
+
+def fbgemm_int8(model: Any) -> Any:
+    """PyTorch's dynamic int8 quantization of the linear layers (per-channel weights), after
+    swapping any fake-quantized module back to a plain one (same weights)."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    unwrap = QATConfig(step="convert")
+    quantize_(model, unwrap, filter_fn=lambda module, fqn: hasattr(module, "weight_fake_quantizer"))
+    return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig})
+
+
+def serialized_mib(model: Any) -> float:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2**20
+
+
+def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    import lightning.pytorch as pl
+
+    from lightning_3d.callbacks import QATHook
+    from lightning_3d.pruning import DEFAULT_EXCLUDE
+    from lightning_3d.quantization import QuantizationRecipe, export_quantized, prepare
+    from lightning_3d.quantization import select_modules as selected
+    from lightning_3d.tasks import SequenceClassificationTask
+
+    pl.seed_everything(seed, verbose=False)
+    task = SequenceClassificationTask(learning_rate=args.learning_rate)
+    data = prepare_data(args, 0.0, task.tokenizer)
+    preset = setup.removeprefix("qat:") if setup.startswith("qat:") else None
+    hook = QATHook(preset, start_step=args.qat_start, convert_at_end=False) if preset else None
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        callbacks=[hook] if hook else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    started = time.perf_counter()
+    trainer.fit(task, datamodule=data)
+    train_seconds = time.perf_counter() - started
+
+    def accuracy(module: Any) -> float:
+        return trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]
+
+    def folder(name: str) -> Path:
+        path = args.export_dir / f"{name.replace(':', '-')}-seed{seed}"
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    def row(name: str, acc: float, mib: float, **extra: Any) -> dict[str, Any]:
+        return {"setup": name, "seed": seed, "test_acc": acc, "model_mib": mib, **extra}
+
+    timing = {"train_seconds": train_seconds, "steps": trainer.global_step}
+    rows = []
+    if hook is None:
+        path = folder("fp32")
+        task.model.save_pretrained(path)
+        mib = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+        rows.append(row("fp32", accuracy(task), mib, **timing))
+        for name in args.presets:
+            quantized = copy.deepcopy(task)
+            recipe = QuantizationRecipe.from_preset(name)
+            prepare(quantized, recipe, selected(quantized, exclude=DEFAULT_EXCLUDE))
+            report = export_quantized(quantized.model, folder(f"ptq:{name}"), recipe)
+            rows.append(row(f"ptq:{name}", accuracy(quantized), report["file_bytes"] / 2**20))
+        dynamic = copy.deepcopy(task)
+        dynamic.model = fbgemm_int8(dynamic.model)
+        rows.append(row("fp32" + FBGEMM, accuracy(dynamic), serialized_mib(dynamic.model)))
+        return rows
+    if preset == "int8_weight_only":
+        dynamic = copy.deepcopy(task)
+        dynamic.model = fbgemm_int8(dynamic.model)
+        rows.append(row(setup + FBGEMM, accuracy(dynamic), serialized_mib(dynamic.model)))
+    fake_acc = accuracy(task)
+    report = hook.export(task.model, folder(setup))
+    rows.append(row(setup + "@fake", fake_acc, float("nan")))
+    rows.append(row(setup, accuracy(task), report["file_bytes"] / 2**20, **timing))
+    return rows
+
+
+def measure_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Median forward time per set-up at batch 1 and 32, round-robin over the seed-0 exports."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_3d.quantization import load_quantized
+
+    torch.manual_seed(0)
+    seed = args.seeds[0]
+    fp32 = args.export_dir / f"fp32-seed{seed}"
+    models = {"fp32": AutoModelForSequenceClassification.from_pretrained(fp32).eval()}
+    for kind in ("ptq", "qat"):
+        for preset in args.presets:
+            folder = args.export_dir / f"{kind}-{preset}-seed{seed}"
+            models[f"{kind}:{preset}"] = load_quantized(folder)
+    models["fp32" + FBGEMM] = fbgemm_int8(copy.deepcopy(models["fp32"]))
+    times: dict[str, dict[int, list[float]]] = {s: {1: [], 32: []} for s in models}
+    with torch.inference_mode():
+        for batch, repeats in ((1, 20), (32, 3)):
+            ids = torch.randint(1000, 20000, (batch, args.max_length))
+            mask = torch.ones_like(ids)
+            for model in models.values():  # warm-up
+                model(input_ids=ids, attention_mask=mask)
+            for _ in range(args.latency_rounds):
+                for setup, model in models.items():
+                    started = time.perf_counter()
+                    for _ in range(repeats):
+                        model(input_ids=ids, attention_mask=mask)
+                    times[setup][batch].append((time.perf_counter() - started) / repeats)
+    return {
+        s: {f"latency_b{b}_ms": 1000 * statistics.median(t) for b, t in by_batch.items()}
+        for s, by_batch in times.items()
+    }
+
+
+def order(setup: str) -> tuple[int, str]:
+    kinds = ("fp32", "ptq", "qat")
+    return kinds.index(setup.split(":")[0].split("→")[0]), setup
+
+
+def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| set-up | test acc % (mean ± sd) (runs) | vs fp32 | model MiB | smaller | "
+        "latency b1 ms | vs fp32 | latency b32 ms | vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fp32 = [100 * r["test_acc"] for r in results if r["setup"] == "fp32"]
+    fp32_mib = [r["model_mib"] for r in results if r["setup"] == "fp32"]
+    base = latency.get("fp32", {})
+    for setup in sorted({r["setup"] for r in results}, key=order):
+        runs = [r for r in results if r["setup"] == setup]
+        accs = [100 * r["test_acc"] for r in runs]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        delta = f"{statistics.mean(accs) - statistics.mean(fp32):+.2f}" if fp32 else "-"
+        mib = statistics.mean(r["model_mib"] for r in runs)
+        size = "-" if mib != mib else f"{mib:.1f}"  # NaN: the fake-quantized model, not saved
+        smaller = "-" if mib != mib or not fp32_mib else f"{statistics.mean(fp32_mib) / mib:.2f}x"
+        cells = []
+        for key in ("latency_b1_ms", "latency_b32_ms"):
+            value = latency.get(setup, {}).get(key)
+            if value is None:
+                cells += ["-", "-"]
+                continue
+            cells += [f"{value:.1f}", f"{base[key] / value:.2f}x" if key in base else "-"]
+        lines.append(
+            f"| {setup} | {statistics.mean(accs):.2f} ± {spread:.2f} ({len(runs)}) | {delta} | "
+            f"{size} | {smaller} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--qat-start", type=int, default=0, help="step fake quantization starts")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-samples", type=int, default=1600, help="0: the whole split")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--data-seed", type=int, default=1234)
+    parser.add_argument("--latency-rounds", type=int, default=5)
+    parser.add_argument("--export-dir", type=Path, default=Path("benchmarks/results/quantized"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quantization.json"))
+    parser.add_argument(
+        "--summarize", type=Path, nargs="+", help="only print the table of these result files"
+    )
+    parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--latency-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.summarize:
+        files = [json.loads(path.read_text()) for path in args.summarize]
+        latency = {k: v for f in files for k, v in f.get("latency", {}).items()}
+        print(summarize([r for f in files for r in f["runs"]], latency))
+        return
+    args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)
+    if args.one:  # a child process: one training run, one JSON line of rows
+        rows = run_one(args.one[0], int(args.one[1]), args)
+        print("RESULT " + json.dumps(rows), flush=True)
+        return
+    if args.latency_only:
+        print("RESULT " + json.dumps(measure_latency(args)), flush=True)
+        return
+
+    def save(results: list[dict[str, Any]], latency: dict[str, Any]) -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        document = {"args": settings, "runs": results, "latency": latency}
+        args.out.write_text(json.dumps(document, indent=1))
+
+    results: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for setup in ("fp32", *(f"qat:{p}" for p in args.presets)):
+            rows = child("--one", setup, str(seed), script=__file__)
+            results += rows
+            print("\n".join(json.dumps(r) for r in rows), flush=True)
+            save(results, {})
+    latency = child("--latency-only", script=__file__)
+    save(results, latency)
+    print(summarize(results, latency))
+
+
+if __name__ == "__main__":
+    main()
