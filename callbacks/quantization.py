@@ -27,10 +27,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
@@ -44,11 +42,13 @@ from lightning_3d.quantization import (
     export_quantized,
     fake_quantized_modules,
     float8_supported,
+    from_plain_state,
     model_bytes,
     prepare,
     resolve_recipe,
     select_modules,
     set_fake_quantization,
+    to_plain_state,
     weight_quantization_errors,
 )
 
@@ -122,6 +122,8 @@ class QATHook(Callback):
         self.stage = "float"
         self.modules: list[str] = []  # the fake-quantized (later converted) modules
         self.conversion: dict[str, Any] = {}  # bytes and modules of the last conversion
+        self._rebuild_hook: Any = None  # the model's load_state_dict pre-hook
+        self._fitting = False
 
     # ----------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -132,36 +134,45 @@ class QATHook(Callback):
                 f"{self.recipe.name} needs a CUDA GPU of compute capability 8.9 or newer "
                 f"(training on {device}); use an int preset {int_presets}"
             )
-        saved = self._checkpoint_stage(trainer.ckpt_path)
         if stage == "fit" and self.stage == "converted":
             raise ValueError("this model was converted to quantized weights: it cannot train")
-        if stage == "fit" and saved == "converted":
+        self._fitting = stage == "fit"
+        if self._rebuild_hook is None:  # see _before_state_load
+            self._rebuild_hook = pl_module.register_load_state_dict_pre_hook(
+                self._before_state_load
+            )
+        if self._fitting:
+            self._prepare(pl_module)
+            set_fake_quantization(pl_module, False)
+
+    def _prepare(self, pl_module: nn.Module) -> None:
+        if fake_quantized_modules(pl_module):
+            return
+        names = select_modules(pl_module, self.include, self.exclude, self.embeddings)
+        if not names:
             raise ValueError(
-                f"{trainer.ckpt_path} holds a converted (quantized) model: it can be validated, "
+                f"QATHook selected no linear or embedding module: check include={self.include!r}"
+                f" and exclude={self.exclude!r} (models built in configure_model are not "
+                "supported: build them in __init__)"
+            )
+        self.modules = prepare(pl_module, self.recipe, names)
+        log.info("QAT (%s) prepared %d modules", self.recipe.name, len(self.modules))
+
+    def _before_state_load(self, module: nn.Module, state: dict[str, Any], *args: Any) -> None:
+        """Lightning checkpoints of a converted model hold its quantized weights as plain
+        tensors (:meth:`on_save_checkpoint`); before they load, convert the model (its children
+        are loaded after this hook runs) and rebuild the quantized tensors."""
+        if not any(key.endswith("::layout") for key in state):
+            return
+        if self._fitting:
+            raise ValueError(
+                "the checkpoint holds a converted (quantized) model: it can be validated, "
                 "tested or used for prediction, not trained further"
             )
-        if self.stage == "converted" or (stage != "fit" and saved in (None, "float")):
-            return  # evaluating the model as it is in memory
-        if not fake_quantized_modules(pl_module):
-            names = select_modules(pl_module, self.include, self.exclude, self.embeddings)
-            if not names:
-                raise ValueError(
-                    "QATHook selected no linear or embedding module: check include="
-                    f"{self.include!r} and exclude={self.exclude!r} (models built in "
-                    "configure_model are not supported: build them in __init__)"
-                )
-            self.modules = prepare(pl_module, self.recipe, names)
-            log.info("QAT (%s) prepared %d modules", self.recipe.name, len(self.modules))
-        set_fake_quantization(pl_module, False)
-        if saved == "converted":
-            self._convert(pl_module)
-
-    def _checkpoint_stage(self, path: str | os.PathLike[str] | None) -> str | None:
-        """This hook's stage in a single-file checkpoint, read before Lightning loads it."""
-        if path is None or not Path(path).is_file():
-            return None  # no checkpoint, or a sharded folder (converted ones are never sharded)
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return checkpoint.get("callbacks", {}).get(self.state_key, {}).get("stage")
+        if self.stage != "converted" or fake_quantized_modules(module):
+            self._prepare(module)
+            self._convert(module)
+        from_plain_state(state)
 
     # -------------------------------------------------------------- training
     def _started(self, trainer: Trainer) -> bool:
@@ -170,6 +181,8 @@ class QATHook(Callback):
         return trainer.global_step >= self.start_step
 
     def _apply_stage(self, pl_module: LightningModule) -> None:
+        if self.stage == "fake_quant":  # e.g. evaluating a checkpoint of a QAT run
+            self._prepare(pl_module)
         if self.stage != "converted":
             set_fake_quantization(pl_module, self.stage == "fake_quant")
 
@@ -266,6 +279,12 @@ class QATHook(Callback):
         return report
 
     # ----------------------------------------------------------------- state
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.stage == "converted" and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = to_plain_state(checkpoint["state_dict"])
+
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "recipe": self.recipe.name, "modules": list(self.modules)}
 

@@ -357,56 +357,59 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8)
 
 
-def _is_packable(tensor: torch.Tensor) -> bool:
-    from torchao.quantization import IntxUnpackedToInt8Tensor
-
-    return (
-        isinstance(tensor, IntxUnpackedToInt8Tensor)
-        and tensor.target_dtype in (torch.int1, torch.int2, torch.int3, torch.int4)
-        and tensor.shape[-1] % 2 == 0
-    )
-
-
 def _enum_value(value: Any) -> str | None:
     return None if value is None else str(getattr(value, "value", value))
 
 
-def _pack_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    tensors, packed = {}, {}
+def to_plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a state dict with every torchao ``IntxUnpackedToInt8Tensor`` split into plain
+    tensors: ``<key>::qdata`` (two values per byte when at most 4 bits), ``<key>::scale``,
+    ``<key>::zero_point`` and ``<key>::layout`` (bits, block size, dtype, activation scheme).
+
+    Plain tensors load anywhere (``torch.load`` with any ``map_location``, ``weights_only``);
+    :func:`from_plain_state` rebuilds the quantized tensors.
+    """
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    plain: dict[str, Any] = {}
     for key, tensor in state.items():
-        if not _is_packable(tensor):
-            tensors[key] = tensor
+        if not isinstance(tensor, IntxUnpackedToInt8Tensor):
+            plain[key] = tensor
             continue
-        packed[key] = {
-            "qdata": pack_int4(tensor.qdata),
-            "scale": tensor.scale,
-            "zero_point": tensor.zero_point,
-            "bits": int(str(tensor.target_dtype).removeprefix("torch.int")),
+        bits = int(str(tensor.target_dtype).removeprefix("torch.int"))
+        packed = bits <= 4 and tensor.shape[-1] % 2 == 0
+        plain[f"{key}::qdata"] = pack_int4(tensor.qdata) if packed else tensor.qdata
+        plain[f"{key}::scale"] = tensor.scale
+        plain[f"{key}::zero_point"] = tensor.zero_point
+        plain[f"{key}::layout"] = {
+            "bits": bits,
+            "packed": packed,
             "block_size": list(tensor.block_size),
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "activation_quantization": _enum_value(tensor.activation_quantization),
         }
-    return {"format": ARTEFACT_FORMAT, "tensors": tensors, "int4": packed}
+    return plain
 
 
-def _unpack_state(document: dict[str, Any]) -> dict[str, torch.Tensor]:
+def from_plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild, in place, the quantized tensors that :func:`to_plain_state` split; return it."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization,
     )
 
-    if document.get("format") != ARTEFACT_FORMAT:
-        raise ValueError(f"unknown quantized artefact format {document.get('format')!r}")
-    state = dict(document["tensors"])
-    for key, parts in document["int4"].items():
-        activation = parts["activation_quantization"]
+    for layout_key in [k for k in state if k.endswith("::layout")]:
+        key = layout_key.removesuffix("::layout")
+        layout = state.pop(layout_key)
+        qdata = state.pop(f"{key}::qdata")
+        activation = layout["activation_quantization"]
         state[key] = IntxUnpackedToInt8Tensor(
-            unpack_int4(parts["qdata"]),
-            parts["scale"],
-            parts["zero_point"],
-            getattr(torch, f"int{parts['bits']}"),
-            tuple(parts["block_size"]),
-            getattr(torch, parts["dtype"]),
+            unpack_int4(qdata) if layout["packed"] else qdata,
+            state.pop(f"{key}::scale"),
+            state.pop(f"{key}::zero_point"),
+            getattr(torch, f"int{layout['bits']}"),
+            tuple(layout["block_size"]),
+            getattr(torch, layout["dtype"]),
             None if activation is None else ActivationQuantization(activation),
         )
     return state
@@ -449,7 +452,8 @@ def export_quantized(
         with torch.no_grad():
             report["metric_after_conversion"] = float(evaluate(model))
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(_pack_state(model.state_dict()), folder / ARTEFACT_FILE)
+    document = {"format": ARTEFACT_FORMAT, "state_dict": to_plain_state(model.state_dict())}
+    torch.save(document, folder / ARTEFACT_FILE)
     config = getattr(model, "config", None)
     if hasattr(config, "save_pretrained"):
         config = copy.deepcopy(config)
@@ -481,9 +485,10 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None)
     folder = Path(path)
     if not (folder / ARTEFACT_FILE).exists():
         raise FileNotFoundError(f"no {ARTEFACT_FILE} in {folder}: not an export_quantized folder")
-    import torchao  # noqa: F401  (registers its tensor subclasses as safe to load)
-
-    state = _unpack_state(torch.load(folder / ARTEFACT_FILE, weights_only=True, mmap=True))
+    document = torch.load(folder / ARTEFACT_FILE, weights_only=True, mmap=True)
+    if document.get("format") != ARTEFACT_FORMAT:
+        raise ValueError(f"unknown quantized artefact format {document.get('format')!r}")
+    state = from_plain_state(document["state_dict"])
     if model is None:
         import transformers
 
