@@ -39,12 +39,14 @@ from lightning_3d.quantization import (
     STAGES,
     QuantizationRecipe,
     convert,
+    dequantize,
     export_quantized,
     fake_quantized_modules,
     float8_supported,
     from_plain_state,
     model_bytes,
     prepare,
+    quantized_modules,
     resolve_recipe,
     select_modules,
     set_fake_quantization,
@@ -122,7 +124,8 @@ class QATHook(Callback):
         self.stage = "float"
         self.modules: list[str] = []  # the fake-quantized (later converted) modules
         self.conversion: dict[str, Any] = {}  # bytes and modules of the last conversion
-        self._rebuild_hook: Any = None  # the model's load_state_dict pre-hook
+        self._load_hooks: Any = None  # the model's load_state_dict pre- and post-hook
+        self._reconvert = False
         self._fitting = False
 
     # ----------------------------------------------------------------- set-up
@@ -137,9 +140,10 @@ class QATHook(Callback):
         if stage == "fit" and self.stage == "converted":
             raise ValueError("this model was converted to quantized weights: it cannot train")
         self._fitting = stage == "fit"
-        if self._rebuild_hook is None:  # see _before_state_load
-            self._rebuild_hook = pl_module.register_load_state_dict_pre_hook(
-                self._before_state_load
+        if self._load_hooks is None:  # see _before_state_load
+            self._load_hooks = (
+                pl_module.register_load_state_dict_pre_hook(self._before_state_load),
+                pl_module.register_load_state_dict_post_hook(self._after_state_load),
             )
         if self._fitting:
             self._prepare(pl_module)
@@ -159,20 +163,35 @@ class QATHook(Callback):
         log.info("QAT (%s) prepared %d modules", self.recipe.name, len(self.modules))
 
     def _before_state_load(self, module: nn.Module, state: dict[str, Any], *args: Any) -> None:
-        """Lightning checkpoints of a converted model hold its quantized weights as plain
-        tensors (:meth:`on_save_checkpoint`); before they load, convert the model (its children
-        are loaded after this hook runs) and rebuild the quantized tensors."""
-        if not any(key.endswith("::layout") for key in state):
+        """Make the model fit the state dict about to load (its children load after this).
+
+        A converted model's Lightning checkpoint holds the quantized weights as plain tensors
+        (:meth:`on_save_checkpoint`): convert the model and rebuild the quantized tensors. A
+        float or fake-quantized checkpoint (e.g. ``ckpt_path="best"`` after ``fit`` converted
+        the model): make the converted modules float again; they are converted anew once the
+        weights are in (:meth:`_after_state_load`).
+        """
+        if any(key.endswith("::layout") for key in state):
+            if self._fitting:
+                raise ValueError(
+                    "the checkpoint holds a converted (quantized) model: it can be validated, "
+                    "tested or used for prediction, not trained further"
+                )
+            if self.stage != "converted" or fake_quantized_modules(module):
+                self._prepare(module)
+                self._convert(module)
+            from_plain_state(state)
             return
-        if self._fitting:
-            raise ValueError(
-                "the checkpoint holds a converted (quantized) model: it can be validated, "
-                "tested or used for prediction, not trained further"
-            )
-        if self.stage != "converted" or fake_quantized_modules(module):
-            self._prepare(module)
+        converted = quantized_modules(module)
+        if converted and not self._fitting:
+            dequantize(module, converted)
+            prepare(module, self.recipe, converted)
+            self._reconvert = True
+
+    def _after_state_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        if self._reconvert:
+            self._reconvert = False
             self._convert(module)
-        from_plain_state(state)
 
     # -------------------------------------------------------------- training
     def _started(self, trainer: Trainer) -> bool:
@@ -294,5 +313,7 @@ class QATHook(Callback):
                 f"the checkpoint was trained with quantization {state_dict['recipe']!r}, this "
                 f"QATHook uses {self.recipe.name!r}"
             )
+        if self.stage == "converted":
+            return  # the model was converted, before or while the checkpoint loaded: it stays
         self.stage = state_dict["stage"]
         self.modules = list(state_dict["modules"])

@@ -288,6 +288,27 @@ def convert(model: nn.Module, recipe: QuantizationRecipe) -> list[str]:
     return names
 
 
+def quantized_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose weight is a torchao quantized tensor (converted modules)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if hasattr(getattr(module, "weight", None), "tensor_data_names")
+    ]
+
+
+@torch.no_grad()
+def dequantize(model: nn.Module, names: Iterable[str]) -> None:
+    """Give the named converted modules float weights again (the dequantized values), in place.
+
+    The inverse of :func:`convert` up to rounding: :func:`prepare` and :func:`convert` then
+    quantize them anew, e.g. after loading float weights into them.
+    """
+    for name in names:
+        module = model.get_submodule(name)
+        module.weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
+
+
 @torch.no_grad()
 def weight_quantization_errors(model: nn.Module) -> dict[str, float]:
     """Relative error ``||Q(W) - W|| / ||W||`` of every fake-quantized weight, by module name.

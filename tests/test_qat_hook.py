@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_3d.callbacks import ProgressivePruner, QATHook
-from lightning_3d.quantization import fake_quantized_modules, load_quantized
+from lightning_3d.quantization import fake_quantized_modules, load_quantized, quantized_modules
 
 STEPS_PER_EPOCH, BATCH = 6, 8
 HIDDEN = ["layers.0", "layers.1"]
@@ -159,6 +159,10 @@ def test_resume_from_checkpoints_before_and_after_fake_quantization_and_after_co
     evaluator = trainer_for([hook3], tmp_path)
     assert torch.equal(predictions(evaluator, fresh, ckpt_path=converted), whole)
     assert hook3.stage == "converted"
+    # a checkpoint taken before conversion, evaluated with the converted model: converted anew
+    last = tmp_path / "ckpt" / "epoch=5-step=12.ckpt"
+    assert torch.equal(predictions(trainer, model, ckpt_path=last), whole)
+    assert hook.stage == "converted" and quantized_modules(model) == HIDDEN
     with pytest.raises(ValueError, match="holds a converted"):
         trainer_for([QATHook("int8_weight_only")], tmp_path).fit(Net(), loader, ckpt_path=converted)
     with pytest.raises(ValueError, match="trained with quantization 'int8_weight_only'"):
