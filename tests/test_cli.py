@@ -21,6 +21,7 @@ FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
 PRUNER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner.yaml"
+QAT_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner_qat.yaml"
 # 4 steps of 4 reviews of up to 32 tokens, one validation and one test batch, every step logged
 SHORT_RUN = (
     "--trainer.max_steps=4",
@@ -198,7 +199,15 @@ def test_cli_help_lists_the_subcommands(tmp_path) -> None:
 
 def test_every_example_config_is_tested() -> None:
     assert sorted((REPO / "examples" / "configs").glob("*.yaml")) == sorted(
-        [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG, FREEZER_CONFIG, PRUNER_CONFIG]
+        [
+            BASELINE,
+            LM_CONFIG,
+            FSDP_CONFIG,
+            CURRICULUM_CONFIG,
+            FREEZER_CONFIG,
+            PRUNER_CONFIG,
+            QAT_CONFIG,
+        ]
     )
 
 
@@ -295,3 +304,19 @@ def test_cli_fits_with_the_pruner_config_and_logs_sparsity_and_histograms(tmp_pa
     ) == pytest.approx(0.5)
     wandb_run = next((root / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     assert b"pruner/kept_scores" in wandb_run
+
+
+def test_cli_prunes_and_quantizes_in_one_run_and_tests_the_converted_model(tmp_path) -> None:
+    config = yaml.safe_load(QAT_CONFIG.read_text())
+    pruner, qat = (c["init_args"] for c in config["trainer"]["callbacks"][:2])
+    pruner.update(start_step=0, end_step=2, frequency=1)
+    qat.update(start_step=2, error_every=1)
+    (tmp_path / "qat.yaml").write_text(yaml.safe_dump(config))
+    root, _ = _fit(tmp_path, tmp_path / "qat.yaml", *SHORT_RUN)
+    rows = _csv_rows(root)
+    stages = [float(r["qat/stage"]) for r in rows if r.get("qat/stage")]
+    assert stages == [0.0, 0.0, 1.0, 1.0]
+    errors = [float(r["qat/weight_error"]) for r in rows if r.get("qat/weight_error")]
+    assert errors and all(0.0 < e < 0.2 for e in errors)
+    assert [r for r in rows if r.get("qat/weight_error/model.bert.embeddings.word_embeddings")]
+    assert [r for r in rows if r.get("test/acc")]  # the best checkpoint, converted, was tested

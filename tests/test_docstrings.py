@@ -25,6 +25,8 @@ MODULES = [
     "callbacks.freezing",
     "pruning",
     "callbacks.pruning",
+    "quantization",
+    "callbacks.quantization",
 ]
 
 
