@@ -96,8 +96,12 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, A
     trainer.fit(task, datamodule=data)
     train_seconds = time.perf_counter() - started
 
-    def accuracy(module: Any) -> float:
-        return trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]
+    tester = pl.Trainer(  # no callbacks: a QATHook must not touch the fbgemm copies
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+
+    def accuracy(module: Any, evaluator: Any = trainer) -> float:
+        return evaluator.test(module, datamodule=data, verbose=False)[0]["test/acc"]
 
     def folder(name: str) -> Path:
         path = args.export_dir / f"{name.replace(':', '-')}-seed{seed}"
@@ -122,12 +126,12 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, A
             rows.append(row(f"ptq:{name}", accuracy(quantized), report["file_bytes"] / 2**20))
         dynamic = copy.deepcopy(task)
         dynamic.model = fbgemm_int8(dynamic.model)
-        rows.append(row("fp32" + FBGEMM, accuracy(dynamic), serialized_mib(dynamic.model)))
+        rows.append(row("fp32" + FBGEMM, accuracy(dynamic, tester), serialized_mib(dynamic.model)))
         return rows
     if preset == "int8_weight_only":
         dynamic = copy.deepcopy(task)
         dynamic.model = fbgemm_int8(dynamic.model)
-        rows.append(row(setup + FBGEMM, accuracy(dynamic), serialized_mib(dynamic.model)))
+        rows.append(row(setup + FBGEMM, accuracy(dynamic, tester), serialized_mib(dynamic.model)))
     fake_acc = accuracy(task)
     report = hook.export(task.model, folder(setup))
     rows.append(row(setup + "@fake", fake_acc, float("nan")))
