@@ -6,8 +6,8 @@ Life cycle (``global_step`` counts optimizer steps):
    linear and embedding modules are swapped for torchao's fake-quantized ones with fake
    quantization *off*. They keep their ``Parameter`` objects and state-dict keys, so the
    optimizer, a :class:`~lightning_3d.callbacks.ProgressivePruner`'s masks and checkpoints are
-   unaffected. When evaluating or predicting from a checkpoint of a converted model, the model is
-   converted here, before Lightning loads the quantized weights into it.
+   unaffected. A load_state_dict pre-hook on the model converts it before the weights of a
+   converted model's checkpoint load (validate, test, predict with ``ckpt_path``).
 2. ``on_train_batch_start`` at ``start_step`` (or the first step of ``start_epoch``): fake
    quantization goes on (stage ``"fake_quant"``); the forward pass sees quantized weights (and
    int8 activations for the ``int8_dynamic_act_*`` presets), gradients pass straight through.
@@ -124,7 +124,9 @@ class QATHook(Callback):
         self.stage = "float"
         self.modules: list[str] = []  # the fake-quantized (later converted) modules
         self.conversion: dict[str, Any] = {}  # bytes and modules of the last conversion
-        self._load_hooks: Any = None  # the model's load_state_dict pre- and post-hook
+        self._load_hooks: tuple[Any, Any] | None = None  # on the model: see _before_state_load
+        self._hooked: nn.Module | None = None
+        self._last_error_step = -1
         self._reconvert = False
         self._fitting = False
 
@@ -139,15 +141,24 @@ class QATHook(Callback):
             )
         if stage == "fit" and self.stage == "converted":
             raise ValueError("this model was converted to quantized weights: it cannot train")
-        self._fitting = stage == "fit"
-        if self._load_hooks is None:  # see _before_state_load
+        if self._hooked is not pl_module:  # one hook pair, on the module being run
+            self.teardown(trainer, pl_module, stage)
+            self._hooked = pl_module
             self._load_hooks = (
                 pl_module.register_load_state_dict_pre_hook(self._before_state_load),
                 pl_module.register_load_state_dict_post_hook(self._after_state_load),
             )
+        self._fitting = stage == "fit"
         if self._fitting:
             self._prepare(pl_module)
             set_fake_quantization(pl_module, False)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._fitting = False
+        if self._load_hooks is not None:
+            for handle in self._load_hooks:
+                handle.remove()
+        self._load_hooks = self._hooked = None
 
     def _prepare(self, pl_module: nn.Module) -> None:
         if fake_quantized_modules(pl_module):
@@ -178,7 +189,8 @@ class QATHook(Callback):
                     "tested or used for prediction, not trained further"
                 )
             if self.stage != "converted" or fake_quantized_modules(module):
-                self._prepare(module)
+                saved = {k.removesuffix(".weight::layout") for k in state if k.endswith("::layout")}
+                prepare(module, self.recipe, sorted(saved - set(quantized_modules(module))))
                 self._convert(module)
             from_plain_state(state)
             return
@@ -224,10 +236,12 @@ class QATHook(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         step = trainer.global_step
-        if self.stage == "fake_quant" and self.error_every and step % self.error_every == 0:
+        due = self.error_every and step % self.error_every == 0 and step != self._last_error_step
+        if self.stage == "fake_quant" and due:  # once per step, whatever the accumulation
             self._log_errors(trainer, pl_module)
 
     def _log_errors(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        self._last_error_step = trainer.global_step
         errors = weight_quantization_errors(pl_module)
         if errors and trainer.loggers:
             metrics = {f"qat/weight_error/{name}": value for name, value in errors.items()}
@@ -291,10 +305,13 @@ class QATHook(Callback):
         See :func:`~lightning_3d.quantization.export_quantized`; ``evaluate`` measures a metric
         before and after conversion.
         """
-        report = export_quantized(model, path, self.recipe, evaluate)
-        if self.stage != "converted":
-            self.modules = report.get("quantized_modules", self.modules)
-            self.stage = "converted"
+        converted_before = self.stage == "converted"
+        report = export_quantized(
+            model, path, self.recipe, evaluate, self.conversion.get("float_bytes")
+        )
+        if converted_before and self.conversion:  # converted by this hook: it knows the rest
+            report["quantized_modules"] = self.conversion["modules"]
+        self.stage = "converted"
         return report
 
     # ----------------------------------------------------------------- state
@@ -305,13 +322,28 @@ class QATHook(Callback):
             checkpoint["state_dict"] = to_plain_state(checkpoint["state_dict"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "recipe": self.recipe.name, "modules": list(self.modules)}
+        return {
+            "stage": self.stage,
+            "recipe": self.recipe.name,
+            "configs": self._configs(),
+            "modules": list(self.modules),
+        }
+
+    def _configs(self) -> list[str]:
+        """The recipe's torchao configs as text (group sizes, dtypes): what a resume must match."""
+        return [repr(self.recipe.linear), repr(self.recipe.embedding), repr(self.embeddings)]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["recipe"] != self.recipe.name:
             raise ValueError(
                 f"the checkpoint was trained with quantization {state_dict['recipe']!r}, this "
                 f"QATHook uses {self.recipe.name!r}"
+            )
+        if state_dict.get("configs", self._configs()) != self._configs():
+            raise ValueError(
+                f"the checkpoint was trained with {state_dict['recipe']!r} configured as "
+                f"{state_dict['configs']}, this QATHook has {self._configs()} (group_size or "
+                "embeddings differ)"
             )
         if self.stage == "converted":
             return  # the model was converted, before or while the checkpoint loaded: it stays

@@ -129,7 +129,7 @@ class QuantizationRecipe:
         from torchao.quantization.qat import QATConfig
 
         try:  # torchao infers the fake quantizers from the config, or refuses it
-            quantize_(nn.Sequential(nn.Linear(256, 8)), QATConfig(config, step="prepare"))
+            quantize_(nn.Sequential(nn.Linear(4096, 8)), QATConfig(config, step="prepare"))
         except (ValueError, AssertionError, NotImplementedError) as error:
             raise ValueError(
                 f"torchao has no quantization-aware training for {type(config).__name__}: "
@@ -441,6 +441,7 @@ def export_quantized(
     path: str | os.PathLike[str],
     recipe: QuantizationRecipe | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
+    float_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write a converted model to the folder ``path`` with a report; return the report.
 
@@ -449,14 +450,15 @@ def export_quantized(
     byte), the Hugging Face ``config.json`` when the model has one, and
     ``quantization_report.json``: bytes of the float model and of the converted one (in memory
     and on disk), the quantized modules, and, when ``evaluate(model) -> float`` is given (for
-    example an accuracy), its value before and after conversion. Load with
-    :func:`load_quantized`.
+    example an accuracy), its value before and after conversion. For a model converted earlier,
+    pass ``float_bytes`` (measured before conversion; otherwise the converted size is reported
+    for both). Load with :func:`load_quantized`.
 
     Example:
         >>> report = export_quantized(model, "out/qat", recipe)  # doctest: +SKIP
     """
     folder = Path(path)
-    report: dict[str, Any] = {"float_bytes": model_bytes(model)}
+    report: dict[str, Any] = {"float_bytes": float_bytes or model_bytes(model)}
     if fake_quantized_modules(model):
         if recipe is None:
             raise ValueError("the model is fake-quantized: pass the recipe to convert it")
@@ -464,14 +466,16 @@ def export_quantized(
             set_fake_quantization(model, True)
             with torch.no_grad():
                 report["metric_before_conversion"] = float(evaluate(model))
-        report["float_bytes"] = model_bytes(model)
         report["quantized_modules"] = convert(model, recipe)
-        report["recipe"] = recipe.name
-    elif evaluate is not None:
-        report["metric_before_conversion"] = None  # converted elsewhere: nothing to compare
+    else:
+        report["quantized_modules"] = quantized_modules(model)
+        if evaluate is not None:
+            report["metric_before_conversion"] = None  # converted earlier: nothing to compare
     if evaluate is not None:
         with torch.no_grad():
             report["metric_after_conversion"] = float(evaluate(model))
+    if recipe is not None:
+        report["recipe"] = recipe.name
     folder.mkdir(parents=True, exist_ok=True)
     document = {"format": ARTEFACT_FORMAT, "state_dict": to_plain_state(model.state_dict())}
     torch.save(document, folder / ARTEFACT_FILE)
@@ -498,7 +502,8 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None)
     """Load what :func:`export_quantized` wrote, in eval mode.
 
     ``model`` is a float model of the same architecture to fill (its weights are replaced); by
-    default it is built from the folder's ``config.json`` with Hugging Face ``transformers``.
+    default it is built from the folder's ``config.json`` with Hugging Face ``transformers``
+    (for a PEFT/LoRA model pass the wrapped model: its class is not a ``transformers`` one).
 
     Example:
         >>> model = load_quantized("out/qat")  # doctest: +SKIP

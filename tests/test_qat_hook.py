@@ -167,6 +167,15 @@ def test_resume_from_checkpoints_before_and_after_fake_quantization_and_after_co
         trainer_for([QATHook("int8_weight_only")], tmp_path).fit(Net(), loader, ckpt_path=converted)
     with pytest.raises(ValueError, match="trained with quantization 'int8_weight_only'"):
         trainer_for([QATHook("int4_weight_only")], tmp_path).fit(Net(), loader, ckpt_path=after)
+    with pytest.raises(ValueError, match="group_size or embeddings differ"):
+        other = QATHook("int8_weight_only", embeddings=False)
+        trainer_for([other], tmp_path).fit(Net(), loader, ckpt_path=after)
+    report = hook.export(model, tmp_path / "export")  # converted at fit end: the hook knows
+    assert report["float_bytes"] == hook.conversion["float_bytes"] > 2 * report["file_bytes"]
+    assert report["quantized_modules"] == HIDDEN and report["recipe"] == "int8_weight_only"
+    reloaded = load_quantized(tmp_path / "export", Net())
+    with torch.no_grad():
+        assert torch.equal(torch.cat([reloaded(x) for x, _ in points()]), whole)
 
 
 def test_pruning_and_qat_in_one_run_keep_the_sparsity_after_conversion(tmp_path):
