@@ -14,7 +14,9 @@ Presets: ``int8_dynamic_act_int4_weight`` (int4 weights per group of 32, int8 ac
 ``int8_weight_only`` (int8 per row); embeddings are quantized too (weights only), the
 classifier and the pooler stay float. Columns: test accuracy on the whole test split, the
 exported file in MiB (int4 packed two per byte), and CPU inference latency at batch 1 and 32
-(sequence length ``--max-length``), timed round-robin in one process over the seed-0 exports.
+(sequence length ``--max-length``), timed round-robin in one process: fp32 and fbgemm on the
+seed-0 fp32 export, each preset on that export quantized (the same tensors as its PTQ and QAT
+rows; speed depends on the format, not the values).
 
 Usage::
 
@@ -140,21 +142,27 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, A
 
 
 def measure_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Median forward time per set-up at batch 1 and 32, round-robin over the seed-0 exports."""
+    """Median forward time at batch 1 and 32, round-robin over fp32, fbgemm and each preset.
+
+    Speed depends on the format, not on the values: each preset is timed once, on the seed-0
+    fp32 export quantized with it, and the figure stands for both its ``ptq:`` and ``qat:``
+    rows (the same torchao tensors).
+    """
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_3d.quantization import load_quantized
+    from lightning_3d.pruning import DEFAULT_EXCLUDE
+    from lightning_3d.quantization import QuantizationRecipe, convert, prepare, select_modules
 
     torch.manual_seed(0)
-    seed = args.seeds[0]
-    fp32 = args.export_dir / f"fp32-seed{seed}"
+    fp32 = args.export_dir / f"fp32-seed{args.seeds[0]}"
     models = {"fp32": AutoModelForSequenceClassification.from_pretrained(fp32).eval()}
-    for kind in ("ptq", "qat"):
-        for preset in args.presets:
-            folder = args.export_dir / f"{kind}-{preset}-seed{seed}"
-            models[f"{kind}:{preset}"] = load_quantized(folder)
     models["fp32" + FBGEMM] = fbgemm_int8(copy.deepcopy(models["fp32"]))
+    for preset in args.presets:
+        model, recipe = copy.deepcopy(models["fp32"]), QuantizationRecipe.from_preset(preset)
+        prepare(model, recipe, select_modules(model, exclude=DEFAULT_EXCLUDE))
+        convert(model, recipe)
+        models[preset] = model
     times: dict[str, dict[int, list[float]]] = {s: {1: [], 32: []} for s in models}
     with torch.inference_mode():
         for batch, repeats in ((1, 20), (32, 3)):
@@ -168,10 +176,13 @@ def measure_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                     for _ in range(repeats):
                         model(input_ids=ids, attention_mask=mask)
                     times[setup][batch].append((time.perf_counter() - started) / repeats)
-    return {
+    medians = {
         s: {f"latency_b{b}_ms": 1000 * statistics.median(t) for b, t in by_batch.items()}
         for s, by_batch in times.items()
     }
+    for preset in args.presets:
+        medians[f"ptq:{preset}"] = medians[f"qat:{preset}"] = medians.pop(preset)
+    return medians
 
 
 def order(setup: str) -> tuple[int, str]:
