@@ -164,14 +164,22 @@ def measure_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             models[setup] = load_pruned(folder)
         else:
             models[setup] = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    return round_robin_latency(models, args.max_length, args.latency_rounds)
+
+
+def round_robin_latency(models: dict[str, Any], length: int, rounds: int) -> dict[str, Any]:
+    """Median forward time in ms of each model at batch 1 and 32 (``length`` tokens), timed in
+    turn ``rounds`` times after a warm-up, so every model sees the same machine state."""
+    import torch
+
     times: dict[str, dict[int, list[float]]] = {s: {1: [], 32: []} for s in models}
     with torch.inference_mode():
         for batch, repeats in ((1, 20), (32, 3)):
-            ids = torch.randint(1000, 20000, (batch, args.max_length))
+            ids = torch.randint(1000, 20000, (batch, length))
             mask = torch.ones_like(ids)
             for model in models.values():  # warm-up
                 model(input_ids=ids, attention_mask=mask)
-            for _ in range(args.latency_rounds):
+            for _ in range(rounds):
                 for setup, model in models.items():
                     started = time.perf_counter()
                     for _ in range(repeats):
@@ -227,27 +235,33 @@ def child(flag: str, *extra: str, script: str = __file__) -> Any:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+def add_run_arguments(parser: argparse.ArgumentParser, export_dir: str, out: str) -> None:
+    """The fine-tuning, latency and output arguments the model-axis benchmarks share."""
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--start", type=int, default=10, help="first mask update (step)")
-    parser.add_argument("--end", type=int, default=70, help="step of the final sparsity")
-    parser.add_argument("--frequency", type=int, default=5, help="steps between mask updates")
     parser.add_argument("--train-samples", type=int, default=1600, help="0: the whole split")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--data-seed", type=int, default=1234)
     parser.add_argument("--latency-rounds", type=int, default=5)
-    parser.add_argument("--export-dir", type=Path, default=Path("benchmarks/results/pruned"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pruning.json"))
+    results = Path("benchmarks/results")
+    parser.add_argument("--export-dir", type=Path, default=results / export_dir)
+    parser.add_argument("--out", type=Path, default=results / out)
     parser.add_argument(
         "--summarize", type=Path, nargs="+", help="only print the table of these result files"
     )
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--latency-only", action="store_true", help=argparse.SUPPRESS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+    parser.add_argument("--start", type=int, default=10, help="first mask update (step)")
+    parser.add_argument("--end", type=int, default=70, help="step of the final sparsity")
+    parser.add_argument("--frequency", type=int, default=5, help="steps between mask updates")
+    add_run_arguments(parser, "pruned", "pruning.json")
     args = parser.parse_args()
     if args.summarize:
         files = [json.loads(path.read_text()) for path in args.summarize]

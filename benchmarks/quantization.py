@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from curriculum import prepare_data
-from pruning import child
+from pruning import add_run_arguments, child, round_robin_latency
 
 PRESETS = ("int8_dynamic_act_int4_weight", "int8_weight_only")
 FBGEMM = "→fbgemm"
@@ -163,23 +163,7 @@ def measure_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         prepare(model, recipe, select_modules(model, exclude=DEFAULT_EXCLUDE))
         convert(model, recipe)
         models[preset] = model
-    times: dict[str, dict[int, list[float]]] = {s: {1: [], 32: []} for s in models}
-    with torch.inference_mode():
-        for batch, repeats in ((1, 20), (32, 3)):
-            ids = torch.randint(1000, 20000, (batch, args.max_length))
-            mask = torch.ones_like(ids)
-            for model in models.values():  # warm-up
-                model(input_ids=ids, attention_mask=mask)
-            for _ in range(args.latency_rounds):
-                for setup, model in models.items():
-                    started = time.perf_counter()
-                    for _ in range(repeats):
-                        model(input_ids=ids, attention_mask=mask)
-                    times[setup][batch].append((time.perf_counter() - started) / repeats)
-    medians = {
-        s: {f"latency_b{b}_ms": 1000 * statistics.median(t) for b, t in by_batch.items()}
-        for s, by_batch in times.items()
-    }
+    medians = round_robin_latency(models, args.max_length, args.latency_rounds)
     for preset in args.presets:
         medians[f"ptq:{preset}"] = medians[f"qat:{preset}"] = medians.pop(preset)
     return medians
@@ -226,20 +210,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--qat-start", type=int, default=0, help="step fake quantization starts")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-samples", type=int, default=1600, help="0: the whole split")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--data-seed", type=int, default=1234)
-    parser.add_argument("--latency-rounds", type=int, default=5)
-    parser.add_argument("--export-dir", type=Path, default=Path("benchmarks/results/quantized"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quantization.json"))
-    parser.add_argument(
-        "--summarize", type=Path, nargs="+", help="only print the table of these result files"
-    )
-    parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
-    parser.add_argument("--latency-only", action="store_true", help=argparse.SUPPRESS)
+    add_run_arguments(parser, "quantized", "quantization.json")
     args = parser.parse_args()
     if args.summarize:
         files = [json.loads(path.read_text()) for path in args.summarize]
