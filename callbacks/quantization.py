@@ -68,7 +68,8 @@ class QATHook(Callback):
             ``"int8_dynamic_act_int4_weight"``, ``"int4_weight_only"``, ``"int8_weight_only"``,
             ``"float8_dynamic_act_float8_weight"``) or any torchao base config that
             ``QATConfig`` accepts (then linear layers only).
-        group_size: input columns per weight scale for the int4 presets.
+        group_size: input columns per weight scale for the int4 presets (a torchao config
+            object carries its own).
         include, exclude: regexes over the names of the modules' weights
             (``"<module>.weight"``); by default every linear and embedding weight except the
             task head, the pooler and LoRA adapters (whose base layers are quantized).
