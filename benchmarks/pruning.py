@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def encoder_linears(model: Any) -> list[tuple[Any, str]]:
     ]
 
 
-def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     import lightning.pytorch as pl
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -136,17 +137,19 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     gzipped = sum(len(gzip.compress(f.read_bytes(), 6)) for f in folder.glob("*.safetensors"))
     if seed != args.seeds[0]:
         shutil.rmtree(folder)  # latency is measured on the first seed's exports only
-    return {
-        "setup": setup,
-        "seed": seed,
-        "test_acc": test["test/acc"],
-        "sparsity": sparsity,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "model_mib": safetensors / 2**20,
-        "gzip_mib": gzipped / 2**20,
-        "train_seconds": train_seconds,
-        "steps": trainer.global_step,
-    }
+    return [
+        {
+            "setup": setup,
+            "seed": seed,
+            "test_acc": test["test/acc"],
+            "sparsity": sparsity,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "model_mib": safetensors / 2**20,
+            "gzip_mib": gzipped / 2**20,
+            "train_seconds": train_seconds,
+            "steps": trainer.global_step,
+        }
+    ]
 
 
 def measure_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -254,22 +257,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, export_dir: str, out: str
     parser.add_argument("--latency-only", action="store_true", help=argparse.SUPPRESS)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
-    parser.add_argument("--start", type=int, default=10, help="first mask update (step)")
-    parser.add_argument("--end", type=int, default=70, help="step of the final sparsity")
-    parser.add_argument("--frequency", type=int, default=5, help="steps between mask updates")
-    add_run_arguments(parser, "pruned", "pruning.json")
-    args = parser.parse_args()
+def run_benchmark(
+    args: argparse.Namespace,
+    script: str,
+    setups: Iterable[str],
+    run_one: Callable[[str, int, argparse.Namespace], list[dict[str, Any]]],
+    measure_latency: Callable[[argparse.Namespace], dict[str, Any]],
+    summarize: Callable[[list[dict[str, Any]], dict[str, Any]], str],
+) -> None:
+    """The model-axis benchmarks' ``main``: print the table of ``--summarize`` files; or, in a
+    child, one training run (``--one``) or the latency phase; or run every set-up in ``setups``
+    for every seed in fresh processes, save the JSON after each, then time and print."""
     if args.summarize:
         files = [json.loads(path.read_text()) for path in args.summarize]
         latency = {k: v for f in files for k, v in f.get("latency", {}).items()}
         print(summarize([r for f in files for r in f["runs"]], latency))
         return
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)
-    if args.one:  # a child process: one run, one JSON line
+    if args.one:  # a child process: one training run, one JSON line of rows
         print("RESULT " + json.dumps(run_one(args.one[0], int(args.one[1]), args)), flush=True)
         return
     if args.latency_only:
@@ -284,13 +289,26 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     for seed in args.seeds:
-        for setup in args.setups:
-            results.append(child("--one", setup, str(seed)))
-            print(json.dumps(results[-1]), flush=True)
+        for setup in setups:
+            rows = child("--one", setup, str(seed), script=script)
+            results += rows
+            print("\n".join(json.dumps(r) for r in rows), flush=True)
             save(results, {})
-    latency = child("--latency-only")
+    latency = child("--latency-only", script=script)
     save(results, latency)
     print(summarize(results, latency))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+    parser.add_argument("--start", type=int, default=10, help="first mask update (step)")
+    parser.add_argument("--end", type=int, default=70, help="step of the final sparsity")
+    parser.add_argument("--frequency", type=int, default=5, help="steps between mask updates")
+    add_run_arguments(parser, "pruned", "pruning.json")
+    args = parser.parse_args()
+    run_benchmark(args, __file__, args.setups, run_one, measure_latency, summarize)
 
 
 if __name__ == "__main__":

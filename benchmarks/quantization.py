@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 import statistics
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from curriculum import prepare_data
-from pruning import add_run_arguments, child, round_robin_latency
+from pruning import add_run_arguments, round_robin_latency, run_benchmark
 
 PRESETS = ("int8_dynamic_act_int4_weight", "int8_weight_only")
 FBGEMM = "→fbgemm"
@@ -212,36 +211,8 @@ def main() -> None:
     parser.add_argument("--qat-start", type=int, default=0, help="step fake quantization starts")
     add_run_arguments(parser, "quantized", "quantization.json")
     args = parser.parse_args()
-    if args.summarize:
-        files = [json.loads(path.read_text()) for path in args.summarize]
-        latency = {k: v for f in files for k, v in f.get("latency", {}).items()}
-        print(summarize([r for f in files for r in f["runs"]], latency))
-        return
-    args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)
-    if args.one:  # a child process: one training run, one JSON line of rows
-        rows = run_one(args.one[0], int(args.one[1]), args)
-        print("RESULT " + json.dumps(rows), flush=True)
-        return
-    if args.latency_only:
-        print("RESULT " + json.dumps(measure_latency(args)), flush=True)
-        return
-
-    def save(results: list[dict[str, Any]], latency: dict[str, Any]) -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        document = {"args": settings, "runs": results, "latency": latency}
-        args.out.write_text(json.dumps(document, indent=1))
-
-    results: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        for setup in ("fp32", *(f"qat:{p}" for p in args.presets)):
-            rows = child("--one", setup, str(seed), script=__file__)
-            results += rows
-            print("\n".join(json.dumps(r) for r in rows), flush=True)
-            save(results, {})
-    latency = child("--latency-only", script=__file__)
-    save(results, latency)
-    print(summarize(results, latency))
+    setups = ("fp32", *(f"qat:{p}" for p in args.presets))
+    run_benchmark(args, __file__, setups, run_one, measure_latency, summarize)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from lightning_3d.quantization import (
     to_plain_state,
     weight_quantization_errors,
 )
+from lightning_3d.sensitivity import compile_pattern
 
 if TYPE_CHECKING:
     from torchao.core.config import AOBaseConfig
@@ -114,7 +115,8 @@ class QATHook(Callback):
         if error_every < 0:
             raise ValueError(f"error_every must be >= 0, got {error_every}")
         self.recipe: QuantizationRecipe = resolve_recipe(quantization, group_size)
-        select_modules(nn.Module(), include, exclude)  # checks the regexes now
+        compile_pattern("include", include)  # bad regexes fail here, before training
+        compile_pattern("exclude", exclude)
         self.include = include
         self.exclude = exclude
         self.embeddings = embeddings

@@ -319,8 +319,8 @@ def weight_quantization_errors(model: nn.Module) -> dict[str, float]:
     modules = fake_quantized_modules(model)
     if not modules:
         return {}
-    sums = torch.zeros(len(modules), 2, dtype=torch.float64)
-    for row, module in enumerate(modules.values()):
+    rows = []  # [squared error, squared norm] per module, on the weights' device: one sync
+    for module in modules.values():
         weight = local_part(module.weight).detach()
         quantizer = module.weight_fake_quantizer
         enabled, quantizer.enabled = quantizer.enabled, True
@@ -328,12 +328,13 @@ def weight_quantization_errors(model: nn.Module) -> dict[str, float]:
             quantized = quantizer(weight)
         finally:
             quantizer.enabled = enabled
-        sums[row, 0] = (quantized.float() - weight.float()).square().sum().item()
-        sums[row, 1] = weight.float().square().sum().item()
+        error = (quantized.double() - weight.double()).square().sum()
+        rows.append(torch.stack((error, weight.double().square().sum())))
+    sums = torch.stack(rows)
     reduce = shard_all_reduce(m.weight for m in modules.values())
     if reduce is not None:
-        device = local_part(next(iter(modules.values())).weight).device
-        sums = reduce(sums.to(device)).cpu()
+        sums = reduce(sums)
+    sums = sums.cpu()
     errors = (sums[:, 0] / sums[:, 1].clamp_min(1e-30)).sqrt()
     return dict(zip(modules, errors.tolist(), strict=True))
 
