@@ -98,23 +98,25 @@ def encoder_linears(model: Any) -> list[tuple[Any, str]]:
     ]
 
 
-def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+def timed_fit(
+    args: argparse.Namespace, seed: int, callbacks_of: Callable[[Any], list[Any]]
+) -> tuple[Any, Any, Any, float]:
+    """Seed, build MiniLM and the data subset, fine-tune on the CPU with ``callbacks_of(task)``
+    (no validation, logging or checkpoints); return task, data, trainer and the fit seconds."""
     import lightning.pytorch as pl
 
     sys.path.insert(0, str(Path(__file__).parent))
     from curriculum import prepare_data
 
-    from lightning_3d.callbacks import ProgressivePruner
     from lightning_3d.tasks import SequenceClassificationTask
 
     pl.seed_everything(seed, verbose=False)
     task = SequenceClassificationTask(learning_rate=args.learning_rate)
     data = prepare_data(args, 0.0, task.tokenizer)
-    callbacks = callbacks_for(setup, args, task.model)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,
-        callbacks=callbacks,
+        callbacks=callbacks_of(task),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -123,13 +125,21 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, A
     )
     started = time.perf_counter()
     trainer.fit(task, datamodule=data)
-    train_seconds = time.perf_counter() - started
+    return task, data, trainer, time.perf_counter() - started
+
+
+def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from lightning_3d.callbacks import ProgressivePruner
+
+    task, data, trainer, train_seconds = timed_fit(
+        args, seed, lambda task: callbacks_for(setup, args, task.model)
+    )
     test = trainer.test(task, datamodule=data, verbose=False)[0]
     weights = [module.weight for module, _ in encoder_linears(task.model)]
     sparsity = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     folder = args.export_dir / f"{setup}-seed{seed}"
     shutil.rmtree(folder, ignore_errors=True)
-    pruner = next((c for c in callbacks if isinstance(c, ProgressivePruner)), None)
+    pruner = next((c for c in trainer.callbacks if isinstance(c, ProgressivePruner)), None)
     model = pruner.export(task, folder) if pruner else task.model
     if pruner is None:
         model.save_pretrained(folder)

@@ -34,13 +34,11 @@ import copy
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from curriculum import prepare_data
-from pruning import add_run_arguments, round_robin_latency, run_benchmark
+from pruning import add_run_arguments, round_robin_latency, run_benchmark, timed_fit
 
 PRESETS = ("int8_dynamic_act_int4_weight", "int8_weight_only")
 FBGEMM = "→fbgemm"
@@ -76,26 +74,10 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, A
     from lightning_3d.pruning import DEFAULT_EXCLUDE
     from lightning_3d.quantization import QuantizationRecipe, export_quantized, prepare
     from lightning_3d.quantization import select_modules as selected
-    from lightning_3d.tasks import SequenceClassificationTask
 
-    pl.seed_everything(seed, verbose=False)
-    task = SequenceClassificationTask(learning_rate=args.learning_rate)
-    data = prepare_data(args, 0.0, task.tokenizer)
     preset = setup.removeprefix("qat:") if setup.startswith("qat:") else None
     hook = QATHook(preset, start_step=args.qat_start, convert_at_end=False) if preset else None
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        callbacks=[hook] if hook else [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    started = time.perf_counter()
-    trainer.fit(task, datamodule=data)
-    train_seconds = time.perf_counter() - started
+    task, data, trainer, train_seconds = timed_fit(args, seed, lambda task: [hook] if hook else [])
 
     tester = pl.Trainer(  # no callbacks: a QATHook must not touch the fbgemm copies
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
