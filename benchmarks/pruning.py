@@ -98,11 +98,47 @@ def encoder_linears(model: Any) -> list[tuple[Any, str]]:
     ]
 
 
+class PeakMemory:
+    """The highest resident memory of this process while the ``with`` block runs, above what it
+    held when the block began (MiB), sampled every ``interval`` seconds from ``/proc``."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak_mib = 0.0
+
+    @staticmethod
+    def resident_mib() -> float:
+        import os
+
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        self._start, self._stop = self.resident_mib(), threading.Event()
+        self._highest = self._start
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self._highest = max(self._highest, self.resident_mib())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self._highest, self.resident_mib()) - self._start
+
+
 def timed_fit(
     args: argparse.Namespace, seed: int, callbacks_of: Callable[[Any], list[Any]]
-) -> tuple[Any, Any, Any, float]:
+) -> tuple[Any, Any, Any, float, float]:
     """Seed, build MiniLM and the data subset, fine-tune on the CPU with ``callbacks_of(task)``
-    (no validation, logging or checkpoints); return task, data, trainer and the fit seconds."""
+    (no validation, logging or checkpoints); return task, data, trainer, the fit seconds and the
+    peak resident memory the fit added (MiB, :class:`PeakMemory`)."""
     import lightning.pytorch as pl
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -123,15 +159,17 @@ def timed_fit(
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    started = time.perf_counter()
-    trainer.fit(task, datamodule=data)
-    return task, data, trainer, time.perf_counter() - started
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        trainer.fit(task, datamodule=data)
+        seconds = time.perf_counter() - started
+    return task, data, trainer, seconds, memory.peak_mib
 
 
 def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     from lightning_3d.callbacks import ProgressivePruner
 
-    task, data, trainer, train_seconds = timed_fit(
+    task, data, trainer, train_seconds, _ = timed_fit(
         args, seed, lambda task: callbacks_for(setup, args, task.model)
     )
     test = trainer.test(task, datamodule=data, verbose=False)[0]

@@ -77,7 +77,9 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, A
 
     preset = setup.removeprefix("qat:") if setup.startswith("qat:") else None
     hook = QATHook(preset, start_step=args.qat_start, convert_at_end=False) if preset else None
-    task, data, trainer, train_seconds = timed_fit(args, seed, lambda task: [hook] if hook else [])
+    task, data, trainer, train_seconds, _ = timed_fit(
+        args, seed, lambda task: [hook] if hook else []
+    )
 
     tester = pl.Trainer(  # no callbacks: a QATHook must not touch the fbgemm copies
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False

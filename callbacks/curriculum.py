@@ -129,6 +129,9 @@ class CurriculumSampler(Callback):
         quality_key: item key of the static score for ``score="quality"``.
         scoring_epochs: after these epochs (0-based), score every sample in an extra
             forward-only pass (``pl_module.score_batch``), so dropped samples are re-scored too.
+        prescore: score every sample in a forward-only pass before the first epoch, so the
+            curriculum needs no warm-up epoch (``warmup_epochs=0`` with any score); a
+            :class:`~lightning_3d.callbacks.PlanCoordinator` does it in its signal pass.
         head: name of the classifier module whose input ``"grand"`` uses; default: the last
             ``torch.nn.Linear`` of the module.
         balance_classes: choose the budget's and the pacing's samples within each class (from
@@ -157,6 +160,7 @@ class CurriculumSampler(Callback):
         ema_decay: float = 0.5,
         quality_key: str = "quality",
         scoring_epochs: Sequence[int] = (),
+        prescore: bool = False,
         head: str | None = None,
         balance_classes: bool = True,
         seed: int = 0,
@@ -164,18 +168,21 @@ class CurriculumSampler(Callback):
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if warmup_epochs is None:
-            warmup_epochs = 0 if score == "quality" else 1
+            warmup_epochs = 0 if score == "quality" or prescore else 1
         # Validates pacing, budget and warm-up now; ``epochs`` is settled in ``setup``.
         self.schedule = CurriculumSchedule(
             pacing, start_fraction, full_at, stages, hardest_first, budget, budget_drops,
             warmup_epochs, epochs or warmup_epochs + 1,
         )  # fmt: skip
-        if warmup_epochs == 0 and score != "quality":
+        if warmup_epochs == 0 and score != "quality" and not prescore:
             raise ValueError(
                 f"score={score!r} is measured during training, so warmup_epochs must be >= 1 "
-                "(one epoch on all data scores every sample); got 0. A static score needs no "
-                "warm-up: score='quality' with a quality_key column."
+                "(one epoch on all data scores every sample) or prescore=True (a forward pass "
+                "scores them before training); got 0. A static score needs no warm-up: "
+                "score='quality' with a quality_key column."
             )
+        if prescore and score == "quality":
+            raise ValueError("prescore scores from the model; score='quality' is static")
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs}")
         if rescale_loss and budget_drops != "easiest_random":
@@ -190,6 +197,7 @@ class CurriculumSampler(Callback):
         if scoring_epochs and score == "quality":
             raise ValueError("scoring_epochs re-scores from the model; score='quality' is static")
         self.score = score
+        self.prescore = prescore
         self.rescale_loss = rescale_loss
         self.ema_decay = ema_decay
         self.quality_key = quality_key
@@ -308,11 +316,13 @@ class CurriculumSampler(Callback):
                 f"out of epochs={epochs}; train longer or lower warmup_epochs"
             )
         self.schedule = dataclasses.replace(schedule, epochs=epochs)
-        if self.scoring_epochs and not callable(getattr(pl_module, "score_batch", None)):
+        if (self.scoring_epochs or self.prescore) and not callable(
+            getattr(pl_module, "score_batch", None)
+        ):
             raise ValueError(
-                "scoring_epochs needs a `score_batch(batch)` method on the LightningModule that "
-                "returns what training_step returns (per_sample_loss, index, logits) without "
-                "logging; the built-in tasks have one"
+                "scoring_epochs and prescore need a `score_batch(batch)` method on the "
+                "LightningModule that returns what training_step returns (per_sample_loss, "
+                "index, logits) without logging; the built-in tasks have one"
             )
         if trainer.reload_dataloaders_every_n_epochs != 1:
             rank_zero_info(
@@ -332,6 +342,11 @@ class CurriculumSampler(Callback):
         if self.score == "grand":
             head = self._find_head(pl_module)
             self._head_hook = head.register_forward_hook(self._catch_features)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.prescore and not self.seen.any():  # not scored by a coordinator or a checkpoint
+            self._scoring_pass(trainer, pl_module)
+            self.fold_scores()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -485,6 +500,19 @@ class CurriculumSampler(Callback):
             raise RuntimeError("score='grand': the head's forward hook saw no input")
         return index, grand_last_layer(logits, labels, self._features), classes
 
+    def record_outputs(self, trainer: Trainer, outputs: Any, batch: Any) -> None:
+        """Add one batch's scores (from ``training_step``/``score_batch`` outputs) of every rank
+        to this epoch's sums; :meth:`fold_scores` folds them into the scores."""
+        self._record(trainer, *self._values(outputs, batch))
+
+    def fold_scores(self) -> None:
+        """Fold the sums recorded since the last fold into the per-sample EMA scores."""
+        fold_epoch_scores(
+            self.scores, self.seen, self._epoch_sum, self._epoch_count, self.ema_decay
+        )
+        self._epoch_sum.zero_()
+        self._epoch_count.zero_()
+
     def _record(
         self,
         trainer: Trainer,
@@ -526,11 +554,7 @@ class CurriculumSampler(Callback):
         if trainer.current_epoch in self.scoring_epochs:
             self._scoring_pass(trainer, pl_module)
         if self.score != "quality":
-            fold_epoch_scores(
-                self.scores, self.seen, self._epoch_sum, self._epoch_count, self.ema_decay
-            )
-            self._epoch_sum.zero_()
-            self._epoch_count.zero_()
+            self.fold_scores()
         assert self._count is not None
         kept = self.schedule.kept_size(self._count, plan.epoch)
         metrics = {
@@ -545,9 +569,11 @@ class CurriculumSampler(Callback):
             log_histogram(trainer, "curriculum/scores", scored.float().numpy())
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 
-    def _scoring_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Score every sample with ``pl_module.score_batch`` in eval mode, without gradients."""
-        assert self._count is not None and self.sampler is not None
+    def scoring_batches(self, trainer: Trainer) -> Iterator[Any]:
+        """This rank's part of every training sample, in dataset order, batched like training
+        and moved to the device: what a scoring pass reads."""
+        if self._count is None or self.sampler is None:
+            raise RuntimeError("CurriculumSampler: the training data is not loaded yet")
         part = rank_shard(torch.arange(self._count), self.sampler.rank, self.sampler.num_replicas)
         loader = DataLoader(
             self._dataset,
@@ -555,13 +581,17 @@ class CurriculumSampler(Callback):
             sampler=part.tolist(),
             collate_fn=self._collate,
         )
+        for batch in loader:
+            yield trainer.strategy.batch_to_device(batch)
+
+    def _scoring_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score every sample with ``pl_module.score_batch`` in eval mode, without gradients."""
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
         try:
             with torch.no_grad():
-                for batch in loader:
-                    batch = trainer.strategy.batch_to_device(batch)
-                    self._record(trainer, *self._values(pl_module.score_batch(batch), batch))
+                for batch in self.scoring_batches(trainer):
+                    self.record_outputs(trainer, pl_module.score_batch(batch), batch)
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -584,6 +614,15 @@ class CurriculumSampler(Callback):
         return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
 
 
+def planned_steps(trainer: Trainer) -> int | float:
+    """Optimizer steps of the run: a :class:`CurriculumSampler`'s plan when the trainer has one
+    (its budget and pacing shorten epochs), else Lightning's estimate."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, CurriculumSampler):
+            return callback.planned_optimizer_steps(trainer)
+    return trainer.estimated_stepping_batches
+
+
 def _batch_index(batch: Any) -> torch.Tensor:
     if not isinstance(batch, Mapping) or "index" not in batch:
         raise RuntimeError(f"{_INDEX_HELP}; the batch is {_describe(batch)}")
@@ -603,4 +642,4 @@ def _describe(item: Any) -> str:
     return f"a {type(item).__name__}"
 
 
-__all__ = ["SCORES", "CurriculumOrder", "CurriculumSampler", "EpochPlan"]
+__all__ = ["SCORES", "CurriculumOrder", "CurriculumSampler", "EpochPlan", "planned_steps"]

@@ -68,7 +68,10 @@ class SensitivityFreezer(Callback):
             ``"composite"`` (``||g||^2 + alpha*Fisher + beta*||theta-theta_0||^2``), or the
             baselines ``"random"`` and ``"depth"`` (the top of the network trains, everything
             below the first unit that does not fit freezes). All per parameter.
-        warmup_steps: optimizer steps of measurement before the first freezing.
+        warmup_steps: optimizer steps of measurement before the first freezing. ``0`` freezes
+            before the first step: from statistics measured before training (a
+            :class:`~lightning_3d.callbacks.PlanCoordinator`'s signal pass) for the gradient
+            metrics, or at random / by depth for the baselines.
         schedule: ``"once"`` (freeze to the target at ``warmup_steps``) or ``"progressive"``
             (``stages`` events ``interval`` steps apart, the trainable share falling linearly).
         stages, interval: the progressive schedule.
@@ -125,11 +128,8 @@ class SensitivityFreezer(Callback):
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if warmup_steps < 0 or (warmup_steps == 0 and metric not in ("random", "depth")):
-            raise ValueError(
-                f"warmup_steps must be >= 1 for metric={metric!r} (it is measured from "
-                f"gradients), or >= 0 for the random/depth baselines; got {warmup_steps}"
-            )
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if stages < 1 or interval < 1 or measure_every < 1:
             raise ValueError(
                 "stages, interval and measure_every must be positive integers, got "
@@ -286,7 +286,13 @@ class SensitivityFreezer(Callback):
             self._apply(trainer, pl_module, freeze=self.frozen, unfreeze=set())
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.warmup_steps == 0 and self.events_done == 0:  # baselines: freeze before step 1
+        if self.warmup_steps == 0 and self.events_done == 0:  # freeze before step 1
+            if self.metric not in ("random", "depth") and not self.statistics.names:
+                raise ValueError(
+                    f"SensitivityFreezer: warmup_steps=0 with metric={self.metric!r} needs "
+                    "gradient statistics measured before training (put a PlanCoordinator before "
+                    "this callback, or use ThreeDPlan); otherwise set warmup_steps >= 1"
+                )
             self._freezing_event(trainer, pl_module)
 
     # -- measuring ----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_3d.callbacks.curriculum import planned_steps
 from lightning_3d.callbacks.freezing import find_gradient_statistics
 from lightning_3d.loggers import log_histogram
 from lightning_3d.pruning import (
@@ -83,8 +84,8 @@ class ProgressivePruner(Callback):
         schedule: ``"cubic"`` (Zhu and Gupta 2017), ``"linear"``, ``"exponential"``, ``"cosine"``
             (formulas in :mod:`lightning_3d.pruning`).
         start_step, end_step: the pruning window in optimizer steps; ``end_step=None`` ends it
-            at 75% of the run (``trainer.estimated_stepping_batches``), leaving the rest to
-            recover.
+            at 75% of the run (a ``CurriculumSampler``'s planned steps when there is one, else
+            ``trainer.estimated_stepping_batches``), leaving the rest to recover.
         frequency: steps between mask updates.
         initial_sparsity: the schedule's value at ``start_step``.
         scope: unstructured only: ``"layer"`` (each tensor to the same sparsity) or
@@ -209,6 +210,7 @@ class ProgressivePruner(Callback):
             "achieved_sparsity": self.achieved_sparsity,
             "layer_targets": dict(self.layer_targets),
             "end_step": self._end,
+            "target_sparsity": self.target_sparsity,
             "statistics": None if self.statistics is None else self.statistics.state_dict(),
         }
 
@@ -218,6 +220,7 @@ class ProgressivePruner(Callback):
         self.achieved_sparsity = state_dict["achieved_sparsity"]
         self.layer_targets = dict(state_dict["layer_targets"])
         self._end = state_dict["end_step"]
+        self.target_sparsity = state_dict.get("target_sparsity", self.target_sparsity)
         if state_dict["statistics"] is not None:
             self.statistics = GradientStatistics()
             self.statistics.load_state_dict(state_dict["statistics"])
@@ -279,7 +282,7 @@ class ProgressivePruner(Callback):
                     n: torch.zeros_like(params[n], dtype=torch.float32) for n in self.targets
                 }
         if not self._end:
-            self._end = max(self.start_step + 1, int(0.75 * trainer.estimated_stepping_batches))
+            self._end = max(self.start_step + 1, int(0.75 * planned_steps(trainer)))
         shared = find_gradient_statistics(trainer, exclude=self)
         if self.layer_sparsity == "sensitivity" and self.statistics is None and shared is None:
             self.statistics = GradientStatistics()
@@ -367,16 +370,41 @@ class ProgressivePruner(Callback):
             return {n: full_copy(self.movement[n]) for n in self.targets}
         return {n: full_copy(params[n]).abs() for n in self.targets}
 
-    def _update_masks(self, trainer: Trainer, pl_module: LightningModule, target: float) -> None:
+    def set_target(self, trainer: Trainer, pl_module: LightningModule, target: float) -> None:
+        """Change the final sparsity mid-run (a plan's adaptive mode backs off with it). When
+        the schedule's new value is below the masks' sparsity, masks are recomputed from the
+        scores without the "only grow" rule: the highest-scoring pruned weights come back, at
+        zero, and train again.
+
+        Example:
+            >>> pruner.set_target(trainer, task, 0.25)  # doctest: +SKIP
+        """
+        if self.n_m is not None:
+            raise ValueError(f"pattern={self.pattern!r} fixes the sparsity; it cannot change")
+        limit = MAX_TENSOR_SPARSITY if self.layer_targets else 1.0
+        if not 0.0 <= target < limit:
+            raise ValueError(f"target must be in [0, {limit}), got {target}")
+        if self.layer_targets and self.target_sparsity > 0:
+            share = target / self.target_sparsity
+            self.layer_targets = {n: s * share for n, s in self.layer_targets.items()}
+        self.target_sparsity = target
+        self.initial_sparsity = min(self.initial_sparsity, target)
+        value = self.sparsity_at(trainer.global_step)
+        if value < self.sparsity - 1e-12:
+            self._update_masks(trainer, pl_module, value, regrow=True)
+
+    def _update_masks(
+        self, trainer: Trainer, pl_module: LightningModule, target: float, regrow: bool = False
+    ) -> None:
         params = dict(pl_module.named_parameters())
         scores = self._scores(params)
-        current = {n: full_copy(m) for n, m in self.masks.items()}
+        current = {} if regrow else {n: full_copy(m) for n, m in self.masks.items()}
         if self.kind == "unstructured":
             sparsity: float | dict[str, float] = target
             if self.layer_sparsity == "sensitivity":
                 if not self.layer_targets:
                     self.layer_targets = self._allocate(trainer, params)
-                share = target / self.target_sparsity
+                share = target / self.target_sparsity if self.target_sparsity else 0.0
                 sparsity = {n: s * share for n, s in self.layer_targets.items()}
             masks = unstructured_masks(scores, sparsity, self.scope, current)
         elif self.n_m is not None:

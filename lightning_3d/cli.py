@@ -13,13 +13,15 @@ What it adds to plain LightningCLI:
 * when ``trainer.logger`` is left at its default, runs log to W&B (offline without credentials,
   see :mod:`lightning_3d.loggers`) and to CSV under ``trainer.default_root_dir``;
 * ``--test_after_fit true`` tests the best checkpoint right after ``fit``;
+* a top-level ``plan:`` (:class:`~lightning_3d.plan.ThreeDPlan`: ``data_budget``, ``trainable``,
+  ``sparsity``, ``weight_bits``, ...) puts the plan's callbacks before ``trainer.callbacks``;
 * every run is seeded (``seed_everything: 42`` unless set).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -27,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_3d.strategies  # noqa: F401  (registers strategy names such as "fsdp_compressed")
 from lightning_3d.loggers import default_loggers
+from lightning_3d.plan import ThreeDPlan
 
 
 class Lightning3DCLI(LightningCLI):
@@ -39,6 +42,12 @@ class Lightning3DCLI(LightningCLI):
             default=False,
             help="fit only: run `test` on the best checkpoint (the last weights if none) after fit",
         )
+        parser.add_argument(
+            "--plan",
+            type=Optional[ThreeDPlan],  # noqa: UP045  (jsonargparse reads the annotation)
+            default=None,
+            help="a co-optimization plan: its callbacks run before trainer.callbacks",
+        )
         parser.link_arguments(
             "model", "data.init_args.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate"
         )
@@ -48,6 +57,10 @@ class Lightning3DCLI(LightningCLI):
         if config.get("logger") in (None, True):  # left at the Trainer default
             root = config.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = default_loggers(root)
+        plan = self._get(self.config_init, "plan", default=None)
+        if plan is not None:
+            own = config.get("callbacks") or []
+            kwargs["callbacks"] = [*plan.callbacks(), *(own if isinstance(own, list) else [own])]
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:

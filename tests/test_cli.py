@@ -22,6 +22,7 @@ CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
 PRUNER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner.yaml"
 QAT_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner_qat.yaml"
+PLAN_CONFIG = REPO / "examples" / "configs" / "rt_minilm_3d.yaml"
 # 4 steps of 4 reviews of up to 32 tokens, one validation and one test batch, every step logged
 SHORT_RUN = (
     "--trainer.max_steps=4",
@@ -207,12 +208,13 @@ def test_every_example_config_is_tested() -> None:
             FREEZER_CONFIG,
             PRUNER_CONFIG,
             QAT_CONFIG,
+            PLAN_CONFIG,
         ]
     )
 
 
 @pytest.mark.parametrize(
-    "config", [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG, FREEZER_CONFIG]
+    "config", [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG, FREEZER_CONFIG, PLAN_CONFIG]
 )
 def test_example_configs_parse(config, tmp_path) -> None:
     result = subprocess.run(

@@ -27,6 +27,8 @@ MODULES = [
     "callbacks.pruning",
     "quantization",
     "callbacks.quantization",
+    "plan",
+    "callbacks.plan",
 ]
 
 

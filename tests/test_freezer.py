@@ -256,7 +256,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
         ({"target_trainable": 0.0}, r"target_trainable must be in \(0, 1\], got 0.0"),
         ({"metric": "hessian"}, "metric must be one of"),
         ({"schedule": "cubic"}, "schedule must be one of"),
-        ({"warmup_steps": 0}, "warmup_steps must be >= 1 for metric='fisher'"),
+        ({"warmup_steps": -1}, "warmup_steps must be >= 0, got -1"),
         ({"stages": 0}, "stages, interval and measure_every must be positive"),
         ({"allow_unfreeze": True}, "allow_unfreeze needs schedule='progressive'"),
         ({"granularity": "channel"}, "granularity must be one of"),
@@ -279,6 +279,9 @@ def test_set_up_errors_name_the_problem_before_training() -> None:
     with pytest.raises(ValueError, match="no parameter may be frozen"):
         freezer = SensitivityFreezer(include="decoder")
         trainer_for([freezer], steps=1).fit(Layered(), points())
+    message = "warmup_steps=0 with metric='fisher' needs gradient statistics measured before"
+    with pytest.raises(ValueError, match=message):
+        trainer_for([SensitivityFreezer(warmup_steps=0)], steps=1).fit(Layered(), points())
 
 
 def test_two_ranks_ddp_and_fsdp2_agree_on_the_frozen_set_and_fsdp2_resumes(

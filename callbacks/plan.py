@@ -1,0 +1,275 @@
+"""``PlanCoordinator``: where the axes of a :class:`~lightning_3d.plan.ThreeDPlan` meet.
+
+Life cycle (``global_step`` counts optimizer steps):
+
+1. ``setup``: the axis callbacks on the trainer are found and checked: in the step order of
+   :data:`~lightning_3d.plan.STEP_ORDER` after this one, and a compressed strategy sending the
+   plan's ``gradient_density``.
+2. ``on_fit_start`` (before the axes' own): the plan's fractions of the run become steps of the
+   run the data budget leaves: the window of a magnitude pruner left without ``end_step`` (start,
+   end, update frequency) and the start of a QATHook left at its default (step 0).
+3. ``on_train_start``: the cross-axis conflicts are checked (movement pruning of tensors the
+   freezer may freeze, pruning that ends after the run or after fake quantization starts); then,
+   once per run, :func:`~lightning_3d.plan.signal_pass` scores every sample for the data axis and
+   measures the gradient statistics the freezer (which freezes right after) and the pruner's
+   per-layer sparsity read. Gradients of pruned weights are masked in the backward pass, so a
+   compressing strategy spends its density on live entries only (frozen tensors have no gradient
+   at all and leave the DDP buckets).
+4. ``on_validation_end`` (``adaptive=True``): :class:`~lightning_3d.plan.SparsityBackoff` may lower
+   the pruner's target; each decision is logged (``plan/sparsity_target``, ``plan/backoffs`` and
+   a log line with the reason) and kept in the checkpoint.
+
+Example:
+    >>> from lightning_3d.plan import ThreeDPlan
+    >>> coordinator, *axes = ThreeDPlan(trainable=0.1, sparsity=0.5).callbacks()
+    >>> type(coordinator).__name__, [type(a).__name__ for a in axes]
+    ('PlanCoordinator', ['SensitivityFreezer', 'ProgressivePruner'])
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_3d.callbacks.curriculum import CurriculumSampler, planned_steps
+from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
+from lightning_3d.callbacks.pruning import ProgressivePruner
+from lightning_3d.callbacks.quantization import QATHook
+from lightning_3d.plan import STEP_ORDER, SparsityBackoff, ThreeDPlan, signal_pass
+
+log = logging.getLogger(__name__)
+#: The callback of each axis, in step order.
+AXIS_CALLBACKS = (CurriculumSampler, SensitivityFreezer, ProgressivePruner, QATHook)
+MASK_UPDATES = 10  # mask updates over the plan's pruning window
+
+
+class PlanCoordinator(Callback):
+    """Run the axes of ``plan`` as one: shared signals, one timeline, checks, adaptive budgets.
+
+    Put it before the axis callbacks (:meth:`ThreeDPlan.callbacks` does). Metrics:
+    ``plan/sparsity_target`` and ``plan/backoffs`` (adaptive mode), ``plan/signal_batches``.
+
+    Example:
+        >>> PlanCoordinator(ThreeDPlan(sparsity=0.5, adaptive=True)).backoff.margin
+        0.01
+    """
+
+    def __init__(self, plan: ThreeDPlan) -> None:
+        self.plan = plan
+        self.backoff = SparsityBackoff(plan.margin, plan.backoff, plan.mode)
+        self.signals_measured = False
+        self.total_steps = 0
+        self.axes: dict[type, Callback] = {}
+        self._gradient_masks: list[Any] = []
+        self._warned_monitor = False
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"signals_measured": self.signals_measured, "backoff": self.backoff.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.signals_measured = state_dict["signals_measured"]
+        self.backoff.load_state_dict(state_dict["backoff"])
+
+    # -- set-up -------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        callbacks = list(trainer.callbacks)  # Lightning refuses two of one stateful kind
+        positions: dict[type, int] = {}
+        for axis in AXIS_CALLBACKS:
+            found = [i for i, c in enumerate(callbacks) if isinstance(c, axis)]
+            if found:
+                positions[axis] = found[0]
+                self.axes[axis] = callbacks[found[0]]
+        order = [positions[a] for a in AXIS_CALLBACKS if a in positions]
+        if order != sorted(order) or any(p < callbacks.index(self) for p in order):
+            expected = ", ".join(["PlanCoordinator", *(a.__name__ for a in AXIS_CALLBACKS)])
+            raise ValueError(
+                "PlanCoordinator: the callbacks must follow the step order "
+                f"({' -> '.join(STEP_ORDER)}): {expected}; got "
+                f"{', '.join(type(c).__name__ for c in callbacks)}"
+            )
+        density = getattr(getattr(trainer.strategy, "comm_state", None), "compressor", None)
+        density = getattr(density, "density", None)
+        if density is not None and abs(density - self.plan.gradient_density) > 1e-12:
+            raise ValueError(
+                f"PlanCoordinator: the strategy compresses to density={density} but the plan "
+                f"says gradient_density={self.plan.gradient_density}; build the strategy with "
+                "plan.strategy() or set one value"
+            )
+        if density is None and self.plan.gradient_density < 1 and trainer.world_size > 1:
+            rank_zero_warn(
+                f"gradient_density={self.plan.gradient_density} applies to a compressed "
+                "strategy (plan.strategy()); this run's strategy sends dense gradients"
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Turn the plan's fractions of the run into steps, before the axes' ``on_fit_start``."""
+        self.total_steps = planned_steps(trainer)
+        pruner = self.axes.get(ProgressivePruner)
+        plan = self.plan
+        if isinstance(pruner, ProgressivePruner) and pruner.score == "magnitude":
+            end = max(1, plan.step_of(plan.prune_end, self.total_steps))
+            if not pruner._end:  # a checkpoint's window is kept
+                pruner.start_step = 0
+                pruner.end_step = pruner._end = end
+                pruner.frequency = max(1, end // MASK_UPDATES)
+        qat = self.axes.get(QATHook)
+        if isinstance(qat, QATHook) and qat.start_epoch is None and qat.start_step == 0:
+            qat.start_step = plan.step_of(plan.qat_start, self.total_steps)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_conflicts(trainer, pl_module)
+        if not self.signals_measured:
+            self._measure_signals(trainer, pl_module)
+            self.signals_measured = True
+        self._mask_pruned_gradients(pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for handle in self._gradient_masks:
+            handle.remove()
+        self._gradient_masks = []
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_conflicts(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Settings of two axes that cannot both hold, found before the first step."""
+        freezer = self.axes.get(SensitivityFreezer)
+        pruner = self.axes.get(ProgressivePruner)
+        qat = self.axes.get(QATHook)
+        if isinstance(pruner, ProgressivePruner):
+            if isinstance(freezer, SensitivityFreezer) and pruner.score == "movement":
+                both = sorted(set(freezer._candidates) & set(pruner.targets))
+                if both:
+                    raise ValueError(
+                        f"PlanCoordinator: {both[0]!r} (and {len(both) - 1} more) may be frozen "
+                        "by SensitivityFreezer and is scored by movement pruning, which needs its "
+                        "gradients; exclude the pruned tensors from the freezer or prune by "
+                        "magnitude"
+                    )
+            if pruner._end > self.total_steps:
+                after = " and QAT converts at the end of fit" if qat is not None else ""
+                raise ValueError(
+                    f"PlanCoordinator: pruning ends at step {pruner._end} but the run has "
+                    f"{self.total_steps} optimizer steps (the data budget shortens epochs)"
+                    f"{after}; end the pruning window earlier"
+                )
+            if (
+                isinstance(qat, QATHook)
+                and qat.start_epoch is None
+                and (pruner.target_sparsity > 0 and qat.start_step < pruner._end)
+            ):
+                raise ValueError(
+                    f"PlanCoordinator: fake quantization starts at step {qat.start_step}, before "
+                    f"the last mask update at step {pruner._end}; masks must be final before the "
+                    "quantization grid is trained (start QAT later or end pruning earlier)"
+                )
+
+    # -- signals ------------------------------------------------------------------------------
+    def _measure_signals(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The signal pass: every sample scored for the curriculum, gradient statistics for the
+        freezer and the pruner, in eval mode (no dropout) and without optimizer steps."""
+        curriculum = self.axes.get(CurriculumSampler)
+        scoring = isinstance(curriculum, CurriculumSampler) and curriculum.prescore
+        statistics = find_gradient_statistics(trainer)
+        if not scoring and statistics is None:
+            return
+        if not callable(getattr(pl_module, "score_batch", None)):
+            raise ValueError(
+                "PlanCoordinator's signal pass needs a `score_batch(batch)` method on the "
+                "LightningModule returning per_sample_loss (and index) as training_step does; "
+                "the built-in tasks have one"
+            )
+        if scoring:
+            assert isinstance(curriculum, CurriculumSampler)
+            batches = curriculum.scoring_batches(trainer)
+            record = curriculum.record_outputs
+        else:
+            loader = trainer.train_dataloader
+            batches = (trainer.strategy.batch_to_device(b) for b in loader)
+            record = None
+        parameters = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        modes = {module: module.training for module in pl_module.modules()}
+        pl_module.eval()
+        try:
+            done = signal_pass(
+                pl_module.score_batch,
+                batches,
+                parameters,
+                statistics,
+                self.plan.probe_batches,
+                None if record is None else (lambda out, batch: record(trainer, out, batch)),
+            )
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        if scoring:
+            assert isinstance(curriculum, CurriculumSampler)
+            curriculum.fold_scores()
+        log.info(
+            "PlanCoordinator: signal pass: %s%d batches with gradients",
+            "every sample scored, " if scoring else "", done,
+        )  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_metrics({"plan/signal_batches": float(done)}, step=trainer.global_step)
+
+    def _mask_pruned_gradients(self, pl_module: LightningModule) -> None:
+        """Zero the gradients of pruned weights as autograd produces them, before any gradient
+        communication reads them (magnitude pruning only: movement scores need them)."""
+        pruner = self.axes.get(ProgressivePruner)
+        if not isinstance(pruner, ProgressivePruner) or pruner.score != "magnitude":
+            return
+        params = dict(pl_module.named_parameters())
+        for name in pruner.targets:
+            param = params[name]
+            if param.requires_grad and not hasattr(param, "device_mesh"):  # FSDP2: see README
+                self._gradient_masks.append(param.register_hook(_masker(pruner, name)))
+
+    # -- adaptive budgets ---------------------------------------------------------------------
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pruner = self.axes.get(ProgressivePruner)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not self.plan.adaptive or trainer.sanity_checking or not fitting:
+            return
+        if not isinstance(pruner, ProgressivePruner):
+            return
+        value = trainer.callback_metrics.get(self.plan.monitor)
+        if value is None:
+            if not self._warned_monitor:
+                rank_zero_warn(
+                    f"adaptive plan: monitor={self.plan.monitor!r} was not logged in validation "
+                    f"(logged: {sorted(trainer.callback_metrics)}); sparsity stays as planned"
+                )
+                self._warned_monitor = True
+            return
+        step = trainer.global_step
+        new = self.backoff.observe(float(value), pruner.target_sparsity, step)
+        new = trainer.strategy.broadcast(new)  # one decision for every rank
+        if new is not None:
+            decision = self.backoff.decisions[-1] if self.backoff.decisions else {}
+            log.info(
+                "PlanCoordinator: step %d: sparsity target %.3f -> %.3f: %s",
+                step, pruner.target_sparsity, new, decision.get("reason", ""),
+            )  # fmt: skip
+            pruner.set_target(trainer, pl_module, new)
+        metrics = {
+            "plan/sparsity_target": pruner.target_sparsity,
+            "plan/backoffs": float(len(self.backoff.decisions)),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
+def _masker(pruner: ProgressivePruner, name: str) -> Any:
+    """A gradient hook: the gradient times the pruner's current mask of ``name``."""
+
+    def mask(gradient: torch.Tensor) -> torch.Tensor:
+        current = pruner.masks.get(name)
+        return gradient if current is None else gradient * current
+
+    return mask

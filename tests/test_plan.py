@@ -1,0 +1,442 @@
+"""ThreeDPlan and PlanCoordinator: the plan's arguments, the adaptive controller, the signal pass
+against a reference, callbacks built from the example YAML, conflicts rejected before training,
+all axes in one run, resume equal to the uninterrupted run, adaptive back-off, and a short real
+MiniLM run that trains, converts and exports.
+
+A small network on fixed synthetic data keeps most runs to a few seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_3d.callbacks import (
+    CurriculumSampler,
+    PlanCoordinator,
+    ProgressivePruner,
+    QATHook,
+    SensitivityFreezer,
+)
+from lightning_3d.plan import SparsityBackoff, ThreeDPlan, signal_pass
+from lightning_3d.quantization import load_quantized, quantized_modules
+from lightning_3d.sensitivity import GradientStatistics
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES, BATCH = 64, 8
+ALL_AXES = {"data_budget": 0.5, "trainable": 0.5, "sparsity": 0.5, "weight_bits": 8}
+
+
+class Items(Dataset):
+    """Fixed points in 8 dimensions, labelled by the sign of the first coordinate, with their
+    position under ``"index"`` (what the data axis needs)."""
+
+    def __init__(self) -> None:
+        self.x = torch.randn(SAMPLES, 8, generator=torch.Generator().manual_seed(0))
+        self.labels = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.x[i], "labels": self.labels[i], "index": i}
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width_in: int, width: int) -> None:
+        super().__init__()
+        self.dense = torch.nn.Linear(width_in, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x))
+
+
+class Net(pl.LightningModule):
+    """Blocks ``layers.0`` (8 -> 32) and ``layers.1`` (32 -> 32) and a ``classifier`` head,
+    returning what the data axis reads (per-sample losses, indices, logits)."""
+
+    def __init__(self, val_acc: list[float] | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList([Block(8, 32), Block(32, 32)])
+        self.classifier = torch.nn.Linear(32, 2)
+        self.val_acc = val_acc  # scripted validation accuracies, one per validation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.classifier(x)
+
+    def score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self(batch["x"])
+        per_sample = F.cross_entropy(logits, batch["labels"], reduction="none")
+        return {"per_sample_loss": per_sample, "index": batch["index"], "logits": logits}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        outputs = self.score_batch(batch)
+        loss = outputs["per_sample_loss"].mean()
+        return {**{k: v.detach() for k, v in outputs.items()}, "loss": loss}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        accuracy = (self(batch["x"]).argmax(-1) == batch["labels"]).float().mean()
+        if self.val_acc is not None:
+            accuracy = torch.tensor(self.val_acc[min(self.current_epoch, len(self.val_acc) - 1)])
+        self.log("val/acc", accuracy)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def loader() -> DataLoader:
+    return DataLoader(Items(), batch_size=BATCH, shuffle=False)
+
+
+def trainer_for(callbacks: list[Callback], tmp_path: Path, **kwargs: Any) -> pl.Trainer:
+    options = {
+        "accelerator": "cpu",
+        "max_epochs": 4,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": tmp_path,
+        **kwargs,
+    }
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def of_type(trainer: pl.Trainer, kind: type) -> Any:
+    return next(c for c in trainer.callbacks if isinstance(c, kind))
+
+
+# -- the plan (pure) -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"data_budget": 0.0}, r"data_budget must be in \(0, 1\], got 0.0"),
+        ({"trainable": 1.5}, r"trainable must be in \(0, 1\], got 1.5"),
+        ({"gradient_density": 0.0}, r"gradient_density must be in \(0, 1\]"),
+        ({"sparsity": 0.99}, r"sparsity must be in \[0, 0.98\], got 0.99"),
+        ({"weight_bits": 3}, r"weight_bits must be one of \[4, 8\] or None, got 3"),
+        ({"quantization": "int8_weight_only"}, "needs weight_bits"),
+        ({"data_drops": "random"}, "data_drops must be one of"),
+        ({"probe_batches": 0}, "probe_batches must be >= 1"),
+        ({"prune_end": 0.0}, r"need prune_end in \(0, 1\]"),
+        ({"sparsity": 0.5, "weight_bits": 4, "qat_start": 0.4}, "qat_start=0.4 is before"),
+        ({"mode": "best"}, "mode must be one of"),
+        ({"adaptive": True}, "adaptive=True backs off sparsity; set sparsity > 0"),
+        ({"sparsity": 0.5, "backoff": 1.0}, r"backoff in \(0, 1\)"),
+    ],
+)
+def test_bad_plan_arguments_raise_a_clear_value_error(arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ThreeDPlan(**arguments)
+
+
+def test_the_plan_names_its_axes_preset_steps_and_strategy_arguments() -> None:
+    assert ThreeDPlan().axes == () and ThreeDPlan().preset is None
+    plan = ThreeDPlan(sparsity=0.3, weight_bits=4, gradient_density=0.1)
+    assert plan.axes == ("pruning", "quantization", "communication")
+    assert plan.preset == "int4_weight_only"
+    assert ThreeDPlan(weight_bits=8).preset == "int8_weight_only"
+    custom = ThreeDPlan(weight_bits=4, quantization="int8_dynamic_act_int4_weight")
+    assert custom.preset == "int8_dynamic_act_int4_weight"
+    assert plan.step_of(0.5, 41) == 20 and plan.strategy_arguments() == {"density": 0.1}
+    with pytest.raises(ValueError, match="known length"):
+        plan.step_of(0.5, float("inf"))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        plan.strategy("tp")
+
+
+def test_sparsity_backoff_follows_the_running_best_and_its_margin() -> None:
+    controller = SparsityBackoff(margin=0.02, backoff=0.5)
+    values = [0.70, 0.75, 0.74, 0.72, 0.76, 0.70]  # best 0.70, 0.75, -, -, 0.76, -
+    sparsity, targets = 0.8, []
+    for step, value in enumerate(values):
+        new = controller.observe(value, sparsity, step)
+        sparsity = sparsity if new is None else new
+        targets.append(sparsity)
+    # 0.74 and 0.72 are within / 0.03 beyond 0.02 of 0.75; 0.70 is 0.06 below 0.76
+    assert targets == [0.8, 0.8, 0.8, 0.4, 0.4, 0.2]
+    assert [d["step"] for d in controller.decisions] == [3, 5]
+    assert controller.decisions[1]["old_sparsity"] == 0.4 and controller.best == 0.76
+    lower = SparsityBackoff(margin=0.1, backoff=0.25, mode="min")
+    assert lower.observe(1.0, 0.8, 0) is None and lower.observe(0.9, 0.8, 1) is None
+    assert lower.observe(0.95, 0.8, 2) is None and lower.observe(1.2, 0.8, 3) == 0.2
+    assert "above the best 0.9000" in lower.decisions[0]["reason"]
+    copy = SparsityBackoff()
+    copy.load_state_dict(controller.state_dict())
+    assert copy.best == controller.best and copy.decisions == controller.decisions
+
+
+def test_signal_pass_matches_statistics_fed_the_same_gradients() -> None:
+    net = Net()
+    batches = list(loader())
+    params = dict(net.named_parameters())
+    reference = GradientStatistics()
+    for batch in batches[:3]:
+        net.zero_grad()
+        net.score_batch(batch)["per_sample_loss"].mean().backward()
+        reference.update({n: p.grad.clone() for n, p in params.items()})
+    net.zero_grad(set_to_none=True)
+    statistics, recorded = GradientStatistics(), []
+    done = signal_pass(
+        net.score_batch,
+        batches,
+        params,
+        statistics,
+        gradient_batches=3,
+        record=lambda outputs, batch: recorded.append(outputs["index"]),
+    )
+    assert done == 3 and statistics.steps == 3
+    assert torch.equal(torch.cat(recorded), torch.arange(SAMPLES))  # every sample scored once
+    assert all(p.grad is None for p in params.values())
+    for name in params:
+        torch.testing.assert_close(statistics.fisher(name), reference.fisher(name))
+        torch.testing.assert_close(statistics.mean(name), reference.mean(name))
+    with pytest.raises(RuntimeError, match="needs score_batch"):
+        signal_pass(lambda b: {"logits": net(b["x"])}, batches, params, statistics, 1)
+
+
+# -- built from YAML ---------------------------------------------------------------------------
+def test_the_example_yaml_builds_the_plans_callbacks_before_the_users(tmp_path) -> None:
+    from lightning_3d.cli import Lightning3DCLI
+
+    config = REPO / "examples" / "configs" / "rt_minilm_3d.yaml"
+    cli = Lightning3DCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=[
+            "--config",
+            str(config),
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    settings = yaml.safe_load(config.read_text())["plan"]
+    kinds = [type(c).__name__ for c in cli.trainer.callbacks]
+    expected = ["PlanCoordinator", "CurriculumSampler", "SensitivityFreezer", "ProgressivePruner"]
+    assert kinds[:5] == [*expected, "QATHook"]
+    assert "ModelCheckpoint" in kinds[5:]
+    coordinator, curriculum, freezer, pruner, qat = cli.trainer.callbacks[:5]
+    assert coordinator.plan == ThreeDPlan(**settings)
+    assert curriculum.schedule.budget == settings["data_budget"] and curriculum.prescore
+    assert freezer.target_trainable == settings["trainable"] and freezer.warmup_steps == 0
+    assert pruner.target_sparsity == settings["sparsity"]
+    assert pruner.layer_sparsity == "sensitivity" and pruner.score == "magnitude"
+    assert qat.recipe.name == "int4_weight_only"
+
+
+# -- conflicts -------------------------------------------------------------------------------
+def test_conflicting_settings_fail_before_the_first_step(tmp_path) -> None:
+    plan = ThreeDPlan(trainable=0.5, sparsity=0.5)
+    first = []
+
+    class Steps(Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            first.append(True)
+
+    def fails(callbacks: list[Callback], message: str, **kwargs: Any) -> None:
+        with pytest.raises(ValueError, match=message):
+            trainer_for([*callbacks, Steps()], tmp_path, **kwargs).fit(Net(), loader())
+        assert not first
+
+    coordinator, freezer, pruner = plan.callbacks()
+    fails([freezer, coordinator, pruner], "must follow the step order")
+    fails([coordinator, pruner, freezer], "must follow the step order")
+    movement = ProgressivePruner(0.5, score="movement", include=r"^layers\.")
+    fails(
+        [PlanCoordinator(plan), SensitivityFreezer(0.5, warmup_steps=0), movement],
+        "'layers.0.dense.weight' .* may be frozen by SensitivityFreezer and is scored by movement",
+    )
+    late = ProgressivePruner(0.5, include=r"^layers\.", end_step=40)  # the run has 32 steps
+    fails([PlanCoordinator(plan), late, QATHook("int8_weight_only")], "pruning ends at step 40 .* "
+          "has 32 optimizer steps .* QAT converts at the end")  # fmt: skip
+    budget = CurriculumSampler(budget=0.5, prescore=True)
+    pruned = ProgressivePruner(0.5, include=r"^layers\.", end_step=20)  # 16 steps under budget
+    fails([PlanCoordinator(plan), budget, pruned], "has 16 optimizer steps .* data budget")
+    early = ProgressivePruner(0.5, include=r"^layers\.", end_step=20)
+    fails(
+        [PlanCoordinator(plan), early, QATHook("int8_weight_only", start_step=10)],
+        "fake quantization starts at step 10, before the last mask update at step 20",
+    )
+    fails([SensitivityFreezer(warmup_steps=0)], "needs gradient statistics measured before")
+
+
+# -- all axes in one run -----------------------------------------------------------------------
+class PrunedGradients(Callback):
+    """After each backward: the largest gradient of a pruned, trainable weight (0 when masked
+    in the backward pass, before any communication hook reads it)."""
+
+    def __init__(self) -> None:
+        self.largest: list[float] = []
+
+    def on_after_backward(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        pruner = of_type(trainer, ProgressivePruner)
+        for name, param in module.named_parameters():
+            if name in pruner.masks and param.grad is not None:
+                self.largest.append(float(param.grad[~pruner.masks[name]].abs().max()))
+
+
+def test_all_axes_follow_one_plan_from_one_signal_pass(tmp_path) -> None:
+    plan = ThreeDPlan(**ALL_AXES, probe_batches=3, qat_start=0.75)
+    watcher = PrunedGradients()
+    module = Net()
+    trainer = trainer_for([*plan.callbacks(), watcher], tmp_path)
+    trainer.fit(module, loader())
+    coordinator, curriculum, freezer, pruner, qat = trainer.callbacks[:5]
+    total = 4 * SAMPLES // 2 // BATCH  # 4 epochs of half the data
+    assert coordinator.total_steps == trainer.global_step == total
+    # one signal pass: the freezer's statistics (3 batches), shared by the pruner, and every
+    # sample's score for the curriculum, before the first step
+    assert freezer.statistics.steps == 3 and pruner.statistics is None
+    assert sorted(freezer.statistics.names) == sorted(n for n, _ in module.named_parameters())
+    assert curriculum.seen.all() and curriculum.samples_seen == total * BATCH
+    assert 0 < freezer.trainable_fraction <= 0.5 and freezer.events_done == 1
+    frozen = [p for n, p in module.named_parameters() if n in freezer.frozen]
+    stepped = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert frozen and all(not p.requires_grad and id(p) not in stepped for p in frozen)
+    assert not any(id(p) in trainer.optimizers[0].state for p in frozen)  # never had state
+    # one timeline: sparsity reached at half of the run, then QAT from 75%, converted at the end
+    assert pruner._end == total // 2 and pruner.achieved_sparsity == pytest.approx(0.5, abs=0.02)
+    assert (
+        set(pruner.layer_targets)
+        == set(pruner.targets)
+        == {
+            "layers.0.dense.weight",
+            "layers.1.dense.weight",
+        }
+    )
+    assert qat.start_step == int(0.75 * total) and qat.stage == "converted"
+    assert quantized_modules(module) == ["layers.0.dense", "layers.1.dense"]
+    for name in pruner.targets:
+        assert torch.all(module.get_submodule(name[: -len(".weight")]).weight.qdata[
+            ~pruner.masks[name]] == 0)  # fmt: skip
+    assert watcher.largest and max(watcher.largest) == 0.0
+
+
+def test_resume_mid_run_restores_every_axis(tmp_path) -> None:
+    """A checkpoint at the end of epoch 2 (step 8 of 16: pruning done, QAT not yet on); the
+    resumed run ends where the whole run ends, on every axis."""
+    plan = ThreeDPlan(**ALL_AXES, adaptive=True, qat_start=0.75)
+    saver = ModelCheckpoint(tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    scripted = [0.8, 0.9, 0.7, 0.95]  # the third validation backs sparsity off
+    whole = Net(scripted)
+    trainer = trainer_for([*plan.callbacks(), saver], tmp_path, enable_checkpointing=True)
+    trainer.fit(whole, loader(), loader())
+    resumed = Net(scripted)
+    again = trainer_for(plan.callbacks(), tmp_path)
+    again.fit(resumed, loader(), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
+    assert again.global_step == trainer.global_step == 16
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        if hasattr(a, "qdata"):
+            assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale), name
+        else:
+            assert torch.equal(a, b), name
+    for kind in (
+        PlanCoordinator,
+        CurriculumSampler,
+        SensitivityFreezer,
+        ProgressivePruner,
+        QATHook,
+    ):
+        one, two = of_type(trainer, kind).state_dict(), of_type(again, kind).state_dict()
+        assert_same(one, two, kind.__name__)
+    coordinator = of_type(again, PlanCoordinator)
+    assert [d["step"] for d in coordinator.backoff.decisions] == [12]
+    assert of_type(again, ProgressivePruner).target_sparsity == 0.25
+
+
+def assert_same(one: Any, two: Any, where: str) -> None:
+    """Equal nested states: tensors exactly, floats to rounding."""
+    if isinstance(one, dict):
+        assert one.keys() == two.keys(), where
+        for key in one:
+            assert_same(one[key], two[key], f"{where}.{key}")
+    elif isinstance(one, (list, tuple)):
+        assert len(one) == len(two), where
+        for i, (a, b) in enumerate(zip(one, two, strict=True)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif torch.is_tensor(one):
+        assert torch.equal(one, two), where
+    elif isinstance(one, float):
+        assert one == pytest.approx(two, rel=1e-6), where
+    else:
+        assert one == two, where
+
+
+def test_adaptive_mode_backs_off_sparsity_and_logs_each_decision(tmp_path) -> None:
+    plan = ThreeDPlan(sparsity=0.8, adaptive=True, margin=0.05, backoff=0.5, prune_end=0.25)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = trainer_for(plan.callbacks(), tmp_path, logger=logger, log_every_n_steps=1)
+    module = Net([0.9, 0.88, 0.8, 0.8])  # within the margin, then 0.10 and 0.10 below 0.9
+    trainer.fit(module, loader(), loader())
+    coordinator, pruner = trainer.callbacks[:2]
+    assert [d["new_sparsity"] for d in coordinator.backoff.decisions] == [0.4, 0.2]
+    assert pruner.target_sparsity == 0.2
+    assert pruner.achieved_sparsity == pytest.approx(0.2, abs=0.02)  # masks grew back
+    for name in pruner.targets:
+        live = pruner.masks[name].float().mean().item()
+        assert live == pytest.approx(0.8, abs=0.05) and torch.all(
+            module.get_submodule(name[: -len(".weight")]).weight[~pruner.masks[name]] == 0
+        )
+    with open(next(tmp_path.glob("csv/version_*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [float(r["plan/sparsity_target"]) for r in rows if r.get("plan/sparsity_target")]
+    assert logged == [0.8, 0.8, 0.4, 0.2]
+    assert [float(r["plan/backoffs"]) for r in rows if r.get("plan/backoffs")] == [0, 0, 1, 2]
+
+
+# -- the real model ----------------------------------------------------------------------------
+def test_minilm_3d_run_trains_converts_and_exports(tmp_path, rotten_tomatoes) -> None:
+    from lightning_3d.data import IndexedDataset, RottenTomatoes
+    from lightning_3d.tasks import SequenceClassificationTask
+
+    task = SequenceClassificationTask(learning_rate=5e-4)
+    data = RottenTomatoes(tokenizer=task.tokenizer, batch_size=8, max_length=32)
+    data.setup("fit")
+    train = data.splits["train"]
+    data.splits["train"] = IndexedDataset(train.input_ids[:48], train.labels[:48])
+    before = {n: p.detach().clone() for n, p in task.named_parameters()}
+    plan = ThreeDPlan(data_budget=0.5, trainable=0.1, sparsity=0.5, weight_bits=4, probe_batches=2)
+    trainer = trainer_for(plan.callbacks(), tmp_path, max_epochs=2, limit_val_batches=0)
+    trainer.fit(task, datamodule=data)
+    coordinator, _, freezer, pruner, qat = trainer.callbacks[:5]
+    assert trainer.global_step == coordinator.total_steps == 6  # 2 epochs of 24 samples
+    plain = {n: p for n, p in task.named_parameters() if not hasattr(p, "qdata")}
+    changed = {n for n, p in plain.items() if not torch.equal(p, before[n])}
+    params = dict(task.named_parameters())
+    assert freezer.trainable_fraction <= 0.1 and "model.classifier.weight" in changed
+    assert freezer.frozen and not any(params[n].requires_grad for n in freezer.frozen)
+    assert qat.stage == "converted" and pruner.achieved_sparsity == pytest.approx(0.5, abs=0.01)
+    test_batch = next(iter(data.val_dataloader()))
+
+    def agreement(model: torch.nn.Module) -> float:
+        ids = test_batch["input_ids"], test_batch["attention_mask"]
+        logits = model(input_ids=ids[0], attention_mask=ids[1]).logits
+        return (logits.argmax(-1) == test_batch["labels"]).float().mean().item()
+
+    task.eval()
+    report = qat.export(task.model, tmp_path / "export", evaluate=agreement)
+    assert report["float_bytes"] / report["file_bytes"] > 4
+    reloaded = load_quantized(tmp_path / "export")
+    for name, mask in pruner.masks.items():  # pruned weights stay zero in the int4 export
+        weight = reloaded.get_submodule(name.removeprefix("model.").removesuffix(".weight")).weight
+        assert torch.all(weight.qdata[~mask] == 0), name
+    with torch.no_grad():
+        ids = test_batch["input_ids"], test_batch["attention_mask"]
+        expected = task.model(input_ids=ids[0], attention_mask=ids[1]).logits
+        got = reloaded(input_ids=ids[0], attention_mask=ids[1]).logits
+    assert torch.equal(got, expected)
