@@ -25,8 +25,8 @@ four callbacks side by side:
   starts at ``qat_start`` (fractions of the optimizer steps the data budget leaves), so the masks
   are final before the quantization grid is trained and the model converts after pruning ends.
 * **Checks before training** (:class:`~lightning_3d.callbacks.PlanCoordinator`): callbacks out
-  of order or twice, movement pruning of tensors the freezer may freeze, conversion before pruning
-  ends, a strategy whose density disagrees with the plan.
+  of step order, movement pruning of tensors the freezer may freeze, pruning that ends after the
+  run or after fake quantization starts, a strategy whose density disagrees with the plan.
 * **Adaptive budgets** (``adaptive=True``): :class:`SparsityBackoff` lowers the sparsity target
   when the validation metric falls more than ``margin`` below its running best, and logs why.
 

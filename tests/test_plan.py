@@ -327,6 +327,22 @@ def test_all_axes_follow_one_plan_from_one_signal_pass(tmp_path) -> None:
     assert watcher.largest and max(watcher.largest) == 0.0
 
 
+def test_the_parameter_axis_alone_measures_on_training_batches_and_freezes_before_step_one(
+    tmp_path,
+) -> None:
+    plan = ThreeDPlan(trainable=0.3, probe_batches=2)
+    module = Net()
+    trainer = trainer_for(plan.callbacks(), tmp_path, max_epochs=1)
+    trainer.fit(module, DataLoader(Items(), batch_size=BATCH, shuffle=True))
+    freezer = of_type(trainer, SensitivityFreezer)
+    assert freezer.statistics.steps == 2 and freezer.events_done == 1
+    assert 0 < freezer.trainable_fraction <= 0.3 and "classifier.weight" not in freezer.frozen
+    optimizer = trainer.optimizers[0]
+    with_state = {n for n, p in module.named_parameters() if p in optimizer.state}
+    assert with_state == {n for n, p in module.named_parameters() if p.requires_grad}
+    assert not with_state & freezer.frozen
+
+
 def test_resume_mid_run_restores_every_axis(tmp_path) -> None:
     """A checkpoint at the end of epoch 2 (step 8 of 16: pruning done, QAT not yet on); the
     resumed run ends where the whole run ends, on every axis."""
