@@ -569,12 +569,16 @@ class CurriculumSampler(Callback):
             log_histogram(trainer, "curriculum/scores", scored.float().numpy())
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 
-    def scoring_batches(self, trainer: Trainer) -> Iterator[Any]:
-        """This rank's part of every training sample, in dataset order, batched like training
-        and moved to the device: what a scoring pass reads."""
+    def scoring_batches(self, trainer: Trainer, seed: int | None = None) -> Iterator[Any]:
+        """This rank's part of every training sample, batched like training and moved to the
+        device: what a scoring pass reads. In dataset order, or in an order shuffled with
+        ``seed`` (so the first batches are a random draw)."""
         if self._count is None or self.sampler is None:
             raise RuntimeError("CurriculumSampler: the training data is not loaded yet")
-        part = rank_shard(torch.arange(self._count), self.sampler.rank, self.sampler.num_replicas)
+        order = torch.arange(self._count)
+        if seed is not None:
+            order = torch.randperm(self._count, generator=torch.Generator().manual_seed(seed))
+        part = rank_shard(order, self.sampler.rank, self.sampler.num_replicas)
         loader = DataLoader(
             self._dataset,
             batch_size=self._batch_size,
@@ -614,15 +618,6 @@ class CurriculumSampler(Callback):
         return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
 
 
-def planned_steps(trainer: Trainer) -> int | float:
-    """Optimizer steps of the run: a :class:`CurriculumSampler`'s plan when the trainer has one
-    (its budget and pacing shorten epochs), else Lightning's estimate."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, CurriculumSampler):
-            return callback.planned_optimizer_steps(trainer)
-    return trainer.estimated_stepping_batches
-
-
 def _batch_index(batch: Any) -> torch.Tensor:
     if not isinstance(batch, Mapping) or "index" not in batch:
         raise RuntimeError(f"{_INDEX_HELP}; the batch is {_describe(batch)}")
@@ -642,4 +637,4 @@ def _describe(item: Any) -> str:
     return f"a {type(item).__name__}"
 
 
-__all__ = ["SCORES", "CurriculumOrder", "CurriculumSampler", "EpochPlan", "planned_steps"]
+__all__ = ["SCORES", "CurriculumOrder", "CurriculumSampler", "EpochPlan"]

@@ -10,10 +10,12 @@ Life cycle (``global_step`` counts optimizer steps):
 2. ``on_before_optimizer_step``: the gradients of the trainable candidates feed
    :class:`~lightning_3d.sensitivity.GradientStatistics` (after DDP's all-reduce; under FSDP2 the
    shards' sums are all-reduced).
-3. ``on_train_batch_end`` at ``warmup_steps`` (and, progressively, every ``interval`` steps after
-   it, ``stages`` times): rank units by sensitivity, keep the most sensitive ones within the
-   budget, freeze the rest: ``requires_grad=False``, gradients dropped, optimizer state released;
-   under DDP the wrapper is rebuilt so frozen tensors leave its buckets.
+3. ``on_train_start`` with ``warmup_steps=0`` (statistics measured before training, or a
+   baseline), else ``on_train_batch_end`` at ``warmup_steps`` (and, progressively, every
+   ``interval`` steps after it, ``stages`` times): rank units by sensitivity, keep the most
+   sensitive ones within the budget, freeze the rest: ``requires_grad=False``, gradients
+   dropped, optimizer state released; under DDP the wrapper is rebuilt so frozen tensors leave
+   its buckets.
 
 Example:
     >>> from lightning import Trainer

@@ -6,18 +6,21 @@ Life cycle (``global_step`` counts optimizer steps):
    :data:`~lightning_3d.plan.STEP_ORDER` after this one, and a compressed strategy sending the
    plan's ``gradient_density``.
 2. ``on_fit_start`` (before the axes' own): the plan's fractions of the run become steps of the
-   run the data budget leaves: the window of a magnitude pruner left without ``end_step`` (start,
-   end, update frequency) and the start of a QATHook left at its default (step 0).
+   run the data budget leaves, for the pruner and the QATHook the plan built (``scheduled``): the
+   pruning window (start, end, update frequency) and the QAT start. Callbacks composed by hand
+   keep their own steps and are only checked.
 3. ``on_train_start``: the cross-axis conflicts are checked (movement pruning of tensors the
    freezer may freeze, pruning that ends after the run or after fake quantization starts); then,
    once per run, :func:`~lightning_3d.plan.signal_pass` scores every sample for the data axis and
    measures the gradient statistics the freezer (which freezes right after) and the pruner's
-   per-layer sparsity read. Gradients of pruned weights are masked in the backward pass, so a
+   per-layer sparsity read (the gradient batches are a seeded random draw of the training data).
+   Gradients of pruned weights are masked in the backward pass, so a
    compressing strategy spends its density on live entries only (frozen tensors have no gradient
    at all and leave the DDP buckets).
-4. ``on_validation_end`` (``adaptive=True``): :class:`~lightning_3d.plan.SparsityBackoff` may lower
-   the pruner's target; each decision is logged (``plan/sparsity_target``, ``plan/backoffs`` and
-   a log line with the reason) and kept in the checkpoint.
+4. ``on_validation_end`` (``adaptive=True``, before fake quantization starts and while steps are
+   left): :class:`~lightning_3d.plan.SparsityBackoff` may lower the pruner's target, from rank
+   0's metric on every rank; each decision is logged (``plan/sparsity_target``,
+   ``plan/backoffs`` and a log line with the reason) and kept in the checkpoint.
 
 Example:
     >>> from lightning_3d.plan import ThreeDPlan
@@ -29,18 +32,21 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.hooks import RemovableHandle
 
-from lightning_3d.callbacks.curriculum import CurriculumSampler, planned_steps
+from lightning_3d.callbacks.curriculum import CurriculumSampler
 from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
 from lightning_3d.callbacks.pruning import ProgressivePruner
 from lightning_3d.callbacks.quantization import QATHook
 from lightning_3d.plan import STEP_ORDER, SparsityBackoff, ThreeDPlan, signal_pass
+from lightning_3d.tasks import total_training_steps
 
 log = logging.getLogger(__name__)
 #: The callback of each axis, in step order.
@@ -51,6 +57,11 @@ MASK_UPDATES = 10  # mask updates over the plan's pruning window
 class PlanCoordinator(Callback):
     """Run the axes of ``plan`` as one: shared signals, one timeline, checks, adaptive budgets.
 
+    Args:
+        plan: the budgets, timeline and adaptive settings.
+        scheduled: the callbacks whose steps follow the plan's timeline (the pruner and
+            QATHook :meth:`ThreeDPlan.callbacks` builds); other axis callbacks are only checked.
+
     Put it before the axis callbacks (:meth:`ThreeDPlan.callbacks` does). Metrics:
     ``plan/sparsity_target`` and ``plan/backoffs`` (adaptive mode), ``plan/signal_batches``.
 
@@ -59,13 +70,14 @@ class PlanCoordinator(Callback):
         0.01
     """
 
-    def __init__(self, plan: ThreeDPlan) -> None:
+    def __init__(self, plan: ThreeDPlan, scheduled: Sequence[Callback] = ()) -> None:
         self.plan = plan
+        self.scheduled = list(scheduled)  # the pruner and QATHook whose steps the plan sets
         self.backoff = SparsityBackoff(plan.margin, plan.backoff, plan.mode)
         self.signals_measured = False
         self.total_steps = 0
         self.axes: dict[type, Callback] = {}
-        self._gradient_masks: list[Any] = []
+        self._gradient_masks: list[RemovableHandle] = []
         self._warned_monitor = False
 
     # -- state --------------------------------------------------------------------------------
@@ -82,6 +94,7 @@ class PlanCoordinator(Callback):
             return
         callbacks = list(trainer.callbacks)  # Lightning refuses two of one stateful kind
         positions: dict[type, int] = {}
+        self.axes = {}
         for axis in AXIS_CALLBACKS:
             found = [i for i, c in enumerate(callbacks) if isinstance(c, axis)]
             if found:
@@ -111,21 +124,19 @@ class PlanCoordinator(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Turn the plan's fractions of the run into steps, before the axes' ``on_fit_start``."""
-        self.total_steps = planned_steps(trainer)
-        pruner = self.axes.get(ProgressivePruner)
-        plan = self.plan
-        if isinstance(pruner, ProgressivePruner) and pruner.score == "magnitude":
-            end = max(1, plan.step_of(plan.prune_end, self.total_steps))
-            if not pruner._end:  # a checkpoint's window is kept
-                pruner.start_step = 0
-                pruner.end_step = pruner._end = end
-                pruner.frequency = max(1, end // MASK_UPDATES)
-        qat = self.axes.get(QATHook)
-        if isinstance(qat, QATHook) and qat.start_epoch is None and qat.start_step == 0:
-            qat.start_step = plan.step_of(plan.qat_start, self.total_steps)
+        self.total_steps = total_training_steps(trainer)
+        plan, end = self.plan, 0
+        pruner, qat = self.axes.get(ProgressivePruner), self.axes.get(QATHook)
+        if isinstance(pruner, ProgressivePruner) and pruner in self.scheduled:
+            end = max(1, plan.step_of(plan.prune_end, self.total_steps))  # the same on resume
+            pruner.start_step = 0
+            pruner.end_step = pruner._end = end
+            pruner.frequency = max(1, end // MASK_UPDATES)
+        if isinstance(qat, QATHook) and qat in self.scheduled:
+            qat.start_step = max(end, plan.step_of(plan.qat_start, self.total_steps))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._check_conflicts(trainer, pl_module)
+        self._check_conflicts(trainer)
         if not self.signals_measured:
             self._measure_signals(trainer, pl_module)
             self.signals_measured = True
@@ -137,7 +148,7 @@ class PlanCoordinator(Callback):
         self._gradient_masks = []
 
     # -- checks -------------------------------------------------------------------------------
-    def _check_conflicts(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _check_conflicts(self, trainer: Trainer) -> None:
         """Settings of two axes that cannot both hold, found before the first step."""
         freezer = self.axes.get(SensitivityFreezer)
         pruner = self.axes.get(ProgressivePruner)
@@ -154,10 +165,13 @@ class PlanCoordinator(Callback):
                     )
             if pruner._end > self.total_steps:
                 after = " and QAT converts at the end of fit" if qat is not None else ""
+                budget = (
+                    " (the data budget shortens epochs)" if CurriculumSampler in self.axes else ""
+                )
                 raise ValueError(
                     f"PlanCoordinator: pruning ends at step {pruner._end} but the run has "
-                    f"{self.total_steps} optimizer steps (the data budget shortens epochs)"
-                    f"{after}; end the pruning window earlier"
+                    f"{self.total_steps} optimizer steps{budget}{after}; end the pruning window "
+                    "earlier"
                 )
             if (
                 isinstance(qat, QATHook)
@@ -187,7 +201,7 @@ class PlanCoordinator(Callback):
             )
         if scoring:
             assert isinstance(curriculum, CurriculumSampler)
-            batches = curriculum.scoring_batches(trainer)
+            batches = curriculum.scoring_batches(trainer, seed=self.plan.seed)
             record = curriculum.record_outputs
         else:
             loader = trainer.train_dataloader
@@ -197,14 +211,15 @@ class PlanCoordinator(Callback):
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
         try:
-            done = signal_pass(
-                pl_module.score_batch,
-                batches,
-                parameters,
-                statistics,
-                self.plan.probe_batches,
-                None if record is None else (lambda out, batch: record(trainer, out, batch)),
-            )
+            with trainer.precision_plugin.forward_context():
+                done = signal_pass(
+                    pl_module.score_batch,
+                    batches,
+                    parameters,
+                    statistics,
+                    self.plan.probe_batches,
+                    None if record is None else (lambda out, batch: record(trainer, out, batch)),
+                )
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -232,13 +247,16 @@ class PlanCoordinator(Callback):
 
     # -- adaptive budgets ---------------------------------------------------------------------
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pruner = self.axes.get(ProgressivePruner)
+        pruner, qat = self.axes.get(ProgressivePruner), self.axes.get(QATHook)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if not self.plan.adaptive or trainer.sanity_checking or not fitting:
             return
-        if not isinstance(pruner, ProgressivePruner):
-            return
+        step = trainer.global_step
+        quantizing = isinstance(qat, QATHook) and qat.stage != "float"
+        if not isinstance(pruner, ProgressivePruner) or quantizing or step >= self.total_steps:
+            return  # masks are final once the quantization grid trains, or no step is left
         value = trainer.callback_metrics.get(self.plan.monitor)
+        value = trainer.strategy.broadcast(None if value is None else float(value))  # rank 0's
         if value is None:
             if not self._warned_monitor:
                 rank_zero_warn(
@@ -247,9 +265,7 @@ class PlanCoordinator(Callback):
                 )
                 self._warned_monitor = True
             return
-        step = trainer.global_step
-        new = self.backoff.observe(float(value), pruner.target_sparsity, step)
-        new = trainer.strategy.broadcast(new)  # one decision for every rank
+        new = self.backoff.observe(value, pruner.target_sparsity, step)
         if new is not None:
             decision = self.backoff.decisions[-1] if self.backoff.decisions else {}
             log.info(
@@ -265,7 +281,7 @@ class PlanCoordinator(Callback):
             logger.log_metrics(metrics, step=step)
 
 
-def _masker(pruner: ProgressivePruner, name: str) -> Any:
+def _masker(pruner: ProgressivePruner, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A gradient hook: the gradient times the pruner's current mask of ``name``."""
 
     def mask(gradient: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,6 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_3d.callbacks.curriculum import planned_steps
 from lightning_3d.callbacks.freezing import find_gradient_statistics
 from lightning_3d.loggers import log_histogram
 from lightning_3d.pruning import (
@@ -62,6 +61,7 @@ from lightning_3d.sensitivity import (
     local_part,
 )
 from lightning_3d.sharding import full_copy, laid_out_like, shard_all_reduce
+from lightning_3d.tasks import total_training_steps
 
 log = logging.getLogger(__name__)
 LAYER_SPARSITY = ("uniform", "sensitivity")
@@ -282,7 +282,7 @@ class ProgressivePruner(Callback):
                     n: torch.zeros_like(params[n], dtype=torch.float32) for n in self.targets
                 }
         if not self._end:
-            self._end = max(self.start_step + 1, int(0.75 * planned_steps(trainer)))
+            self._end = max(self.start_step + 1, int(0.75 * total_training_steps(trainer)))
         shared = find_gradient_statistics(trainer, exclude=self)
         if self.layer_sparsity == "sensitivity" and self.statistics is None and shared is None:
             self.statistics = GradientStatistics()
@@ -373,8 +373,9 @@ class ProgressivePruner(Callback):
     def set_target(self, trainer: Trainer, pl_module: LightningModule, target: float) -> None:
         """Change the final sparsity mid-run (a plan's adaptive mode backs off with it). When
         the schedule's new value is below the masks' sparsity, masks are recomputed from the
-        scores without the "only grow" rule: the highest-scoring pruned weights come back, at
-        zero, and train again.
+        scores without the "only grow" rule: pruned weights come back, at zero, and train again
+        (with magnitude scores every pruned weight scores 0, so which ones come back follows
+        the index order of the ties).
 
         Example:
             >>> pruner.set_target(trainer, task, 0.25)  # doctest: +SKIP

@@ -43,11 +43,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_3d.sensitivity import GradientStatistics
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback
 
 #: The order of work inside a training step, which the plan's callbacks follow.
 STEP_ORDER = (
@@ -140,6 +143,8 @@ class ThreeDPlan:
                 f"quantization={self.quantization!r} needs weight_bits (4 or 8) to turn the "
                 "quantization axis on"
             )
+        if self.group_size < 1 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of 2, got {self.group_size}")
         if self.data_drops not in DATA_DROPS:
             raise ValueError(f"data_drops must be one of {DATA_DROPS}, got {self.data_drops!r}")
         if self.probe_batches < 1:
@@ -183,7 +188,7 @@ class ThreeDPlan:
             return None
         return self.quantization or PRESET_FOR_BITS[self.weight_bits]
 
-    def callbacks(self) -> list[Any]:
+    def callbacks(self) -> list[Callback]:
         """The coordinator, then one callback per active axis, in :data:`STEP_ORDER` order.
 
         Example:
@@ -198,7 +203,7 @@ class ThreeDPlan:
             SensitivityFreezer,
         )
 
-        callbacks: list[Any] = [PlanCoordinator(self)]
+        callbacks: list[Callback] = []
         if "data" in self.axes:
             callbacks.append(
                 CurriculumSampler(
@@ -214,20 +219,19 @@ class ThreeDPlan:
             callbacks.append(
                 SensitivityFreezer(target_trainable=self.trainable, metric="fisher", warmup_steps=0)
             )
-        if "pruning" in self.axes:
+        if "pruning" in self.axes:  # the coordinator sets the window at fit start
             callbacks.append(
                 ProgressivePruner(
                     target_sparsity=self.sparsity,
                     score="magnitude",
                     layer_sparsity="sensitivity",
                     include=self.prune_include,
-                    start_step=1,
-                    frequency=1,
                 )
             )
-        if "quantization" in self.axes:
+        if "quantization" in self.axes:  # and the start
             callbacks.append(QATHook(self.preset, group_size=self.group_size))
-        return callbacks
+        scheduled = [c for c in callbacks if isinstance(c, ProgressivePruner | QATHook)]
+        return [PlanCoordinator(self, scheduled), *callbacks]
 
     def strategy_arguments(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~lightning_3d.strategies.CompressedDDPStrategy` and
@@ -277,7 +281,9 @@ class SparsityBackoff:
 
         value < best - margin  ->  sparsity <- backoff * sparsity   (one decision, logged)
 
-    (``mode="min"``: ``value > best + margin``). Every decision is kept in ``decisions``.
+    (``mode="min"``: ``value > best + margin``). After a back-off the running best starts again
+    from the next value, so one drop (or the dip of a pruning ramp) costs one back-off, not one
+    per validation. Every decision is kept in ``decisions``.
 
     Example:
         >>> controller = SparsityBackoff(margin=0.01, backoff=0.5)
@@ -315,6 +321,7 @@ class SparsityBackoff:
                 f"(margin {self.margin:g})",
             }
         )
+        self.best = None
         return new
 
     def state_dict(self) -> dict[str, Any]:

@@ -161,7 +161,7 @@ def test_the_plan_names_its_axes_preset_steps_and_strategy_arguments() -> None:
 
 def test_sparsity_backoff_follows_the_running_best_and_its_margin() -> None:
     controller = SparsityBackoff(margin=0.02, backoff=0.5)
-    values = [0.70, 0.75, 0.74, 0.72, 0.76, 0.70]  # best 0.70, 0.75, -, -, 0.76, -
+    values = [0.70, 0.75, 0.74, 0.72, 0.76, 0.70]  # best 0.70, 0.75, -, (reset) 0.76, -
     sparsity, targets = 0.8, []
     for step, value in enumerate(values):
         new = controller.observe(value, sparsity, step)
@@ -170,7 +170,8 @@ def test_sparsity_backoff_follows_the_running_best_and_its_margin() -> None:
     # 0.74 and 0.72 are within / 0.03 beyond 0.02 of 0.75; 0.70 is 0.06 below 0.76
     assert targets == [0.8, 0.8, 0.8, 0.4, 0.4, 0.2]
     assert [d["step"] for d in controller.decisions] == [3, 5]
-    assert controller.decisions[1]["old_sparsity"] == 0.4 and controller.best == 0.76
+    assert controller.decisions[1]["old_sparsity"] == 0.4 and controller.best is None
+    assert controller.decisions[1]["best"] == 0.76
     lower = SparsityBackoff(margin=0.1, backoff=0.25, mode="min")
     assert lower.observe(1.0, 0.8, 0) is None and lower.observe(0.9, 0.8, 1) is None
     assert lower.observe(0.95, 0.8, 2) is None and lower.observe(1.2, 0.8, 3) == 0.2
@@ -344,18 +345,23 @@ def test_the_parameter_axis_alone_measures_on_training_batches_and_freezes_befor
 
 
 def test_resume_mid_run_restores_every_axis(tmp_path) -> None:
-    """A checkpoint at the end of epoch 2 (step 8 of 16: pruning done, QAT not yet on); the
+    """8 epochs of 4 steps; pruning until step 24 (masks every 2 steps), QAT from step 25. A
+    checkpoint at step 12, inside the pruning window and before the back-off at step 16; the
     resumed run ends where the whole run ends, on every axis."""
-    plan = ThreeDPlan(**ALL_AXES, adaptive=True, qat_start=0.75)
+    plan = ThreeDPlan(**ALL_AXES, adaptive=True, prune_end=0.75, qat_start=0.8)
     saver = ModelCheckpoint(tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
-    scripted = [0.8, 0.9, 0.7, 0.95]  # the third validation backs sparsity off
+    scripted = [0.8, 0.9, 0.9, 0.7, 0.95]  # the fourth validation backs sparsity off
     whole = Net(scripted)
-    trainer = trainer_for([*plan.callbacks(), saver], tmp_path, enable_checkpointing=True)
+    epochs = {"max_epochs": 8}
+    trainer = trainer_for([*plan.callbacks(), saver], tmp_path, enable_checkpointing=True, **epochs)
     trainer.fit(whole, loader(), loader())
+    pruner = of_type(trainer, ProgressivePruner)
+    assert (pruner.start_step, pruner._end, pruner.frequency) == (0, 24, 2)
+    assert of_type(trainer, QATHook).start_step == 25
     resumed = Net(scripted)
-    again = trainer_for(plan.callbacks(), tmp_path)
-    again.fit(resumed, loader(), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
-    assert again.global_step == trainer.global_step == 16
+    again = trainer_for(plan.callbacks(), tmp_path, **epochs)
+    again.fit(resumed, loader(), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=2-step=12.ckpt")
+    assert again.global_step == trainer.global_step == 32
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         if hasattr(a, "qdata"):
             assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale), name
@@ -371,7 +377,7 @@ def test_resume_mid_run_restores_every_axis(tmp_path) -> None:
         one, two = of_type(trainer, kind).state_dict(), of_type(again, kind).state_dict()
         assert_same(one, two, kind.__name__)
     coordinator = of_type(again, PlanCoordinator)
-    assert [d["step"] for d in coordinator.backoff.decisions] == [12]
+    assert [d["step"] for d in coordinator.backoff.decisions] == [16]
     assert of_type(again, ProgressivePruner).target_sparsity == 0.25
 
 
@@ -396,8 +402,12 @@ def assert_same(one: Any, two: Any, where: str) -> None:
 def test_adaptive_mode_backs_off_sparsity_and_logs_each_decision(tmp_path) -> None:
     plan = ThreeDPlan(sparsity=0.8, adaptive=True, margin=0.05, backoff=0.5, prune_end=0.25)
     logger = CSVLogger(tmp_path, name="csv")
-    trainer = trainer_for(plan.callbacks(), tmp_path, logger=logger, log_every_n_steps=1)
-    module = Net([0.9, 0.88, 0.8, 0.8])  # within the margin, then 0.10 and 0.10 below 0.9
+    trainer = trainer_for(
+        plan.callbacks(), tmp_path, logger=logger, log_every_n_steps=1, max_epochs=6
+    )
+    # 0.88: within the margin of 0.9; 0.8: back off, best starts again; 0.85: the new best;
+    # 0.75: back off; the last validation (no step left) is not acted on
+    module = Net([0.9, 0.88, 0.8, 0.85, 0.75, 0.6])
     trainer.fit(module, loader(), loader())
     coordinator, pruner = trainer.callbacks[:2]
     assert [d["new_sparsity"] for d in coordinator.backoff.decisions] == [0.4, 0.2]
@@ -411,8 +421,8 @@ def test_adaptive_mode_backs_off_sparsity_and_logs_each_decision(tmp_path) -> No
     with open(next(tmp_path.glob("csv/version_*/metrics.csv"))) as handle:
         rows = list(csv.DictReader(handle))
     logged = [float(r["plan/sparsity_target"]) for r in rows if r.get("plan/sparsity_target")]
-    assert logged == [0.8, 0.8, 0.4, 0.2]
-    assert [float(r["plan/backoffs"]) for r in rows if r.get("plan/backoffs")] == [0, 0, 1, 2]
+    assert logged == [0.8, 0.8, 0.4, 0.4, 0.2]
+    assert [float(r["plan/backoffs"]) for r in rows if r.get("plan/backoffs")] == [0, 0, 1, 1, 2]
 
 
 # -- the real model ----------------------------------------------------------------------------
