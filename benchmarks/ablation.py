@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pruning import add_run_arguments, round_robin_latency, run_benchmark, timed_fit
+from pruning import add_run_arguments, by_setup, round_robin_latency, run_benchmark, timed_fit
 
 SETUPS = ("Standard", "DataOpt", "ParamOpt", "ModelOpt", "3D")
 AXES_OF = {
@@ -135,12 +135,7 @@ def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = [r for r in results if r["setup"] == "Standard"]
-    for setup in SETUPS:
-        runs = [r for r in results if r["setup"] == setup]
-        if not runs:
-            continue
-        accs = [100 * r["test_acc"] for r in runs]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    for setup, runs, accuracy, spread in by_setup(results, SETUPS):
 
         def versus(key: str, runs: list[dict[str, Any]] = runs, invert: bool = False) -> str:
             if not base:
@@ -157,7 +152,7 @@ def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]
             f"{100 * mean_of(runs, 'test_acc') / mean_of(base, 'test_acc'):.1f}%" if base else "-"
         )
         lines.append(
-            f"| {setup} | {statistics.mean(accs):.2f} ± {spread:.2f} ({len(runs)}) | {kept} | "
+            f"| {setup} | {accuracy:.2f} ± {spread:.2f} ({len(runs)}) | {kept} | "
             f"{mean_of(runs, 'train_seconds'):.0f} | {versus('train_seconds')} | "
             f"{mean_of(runs, 'trainable_params') / 1e6:.2f} | "
             f"{mean_of(runs, 'peak_memory_mib'):.0f} | {versus('peak_memory_mib')} | "
@@ -203,16 +198,11 @@ def pareto_plot(results: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, panels = plt.subplots(1, 2, figsize=(11, 4.2))
-    for setup in SETUPS:
-        runs = [r for r in results if r["setup"] == setup]
-        if not runs:
-            continue
-        accs = [100 * r["test_acc"] for r in runs]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    for setup, runs, accuracy, spread in by_setup(results, SETUPS):
         for panel, key in zip(panels, ("train_seconds", "model_mib"), strict=True):
             x = mean_of(runs, key)
-            panel.errorbar(x, statistics.mean(accs), yerr=spread, fmt="o", capsize=3)
-            panel.annotate(setup, (x, statistics.mean(accs)), textcoords="offset points",
+            panel.errorbar(x, accuracy, yerr=spread, fmt="o", capsize=3)
+            panel.annotate(setup, (x, accuracy), textcoords="offset points",
                            xytext=(5, 5))  # fmt: skip
     panels[0].set_xlabel("training wall time (s)")
     panels[1].set_xlabel("exported model (MiB)")

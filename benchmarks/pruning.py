@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,19 @@ def round_robin_latency(models: dict[str, Any], length: int, rounds: int) -> dic
     }
 
 
+def by_setup(
+    results: list[dict[str, Any]], setups: Iterable[str]
+) -> Iterator[tuple[str, list[dict[str, Any]], float, float]]:
+    """Each set-up of ``setups`` that has runs, in that order: its runs and their test accuracy
+    in % (mean, and sample standard deviation; 0 for one run)."""
+    for setup in setups:
+        runs = [r for r in results if r["setup"] == setup]
+        if runs:
+            accs = [100 * r["test_acc"] for r in runs]
+            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            yield setup, runs, statistics.mean(accs), spread
+
+
 def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> str:
     lines = [
         "| set-up | sparsity % | test acc % (mean ± sd) (runs) | vs dense | parameters M | "
@@ -250,13 +263,8 @@ def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]
     ]
     dense = [100 * r["test_acc"] for r in results if r["setup"] == "dense"]
     dense_latency = latency.get("dense", {})
-    for setup in SETUPS:
-        runs = [r for r in results if r["setup"] == setup]
-        if not runs:
-            continue
-        accs = [100 * r["test_acc"] for r in runs]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        delta = f"{statistics.mean(accs) - statistics.mean(dense):+.2f}" if dense else "-"
+    for setup, runs, accuracy, spread in by_setup(results, SETUPS):
+        delta = f"{accuracy - statistics.mean(dense):+.2f}" if dense else "-"
         cells = []
         for key in ("latency_b1_ms", "latency_b32_ms"):
             value = latency.get(setup, {}).get(key)
@@ -267,7 +275,7 @@ def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]
             cells += [f"{value:.1f}", speed]
         lines.append(
             f"| {setup} | {100 * statistics.mean(r['sparsity'] for r in runs):.1f} | "
-            f"{statistics.mean(accs):.2f} ± {spread:.2f} ({len(runs)}) | {delta} | "
+            f"{accuracy:.2f} ± {spread:.2f} ({len(runs)}) | {delta} | "
             f"{statistics.mean(r['parameters'] for r in runs) / 1e6:.2f} | "
             f"{statistics.mean(r['model_mib'] for r in runs):.1f} | "
             f"{statistics.mean(r['gzip_mib'] for r in runs):.1f} | " + " | ".join(cells) + " |"
