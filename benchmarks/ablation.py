@@ -41,7 +41,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pruning import add_run_arguments, by_setup, round_robin_latency, run_benchmark, timed_fit
+from pruning import (
+    add_run_arguments,
+    by_setup,
+    latency_cells,
+    round_robin_latency,
+    run_benchmark,
+    timed_fit,
+)
 
 SETUPS = ("Standard", "DataOpt", "ParamOpt", "ModelOpt", "3D")
 AXES_OF = {
@@ -143,11 +150,7 @@ def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]
             ratio = mean_of(runs, key) / mean_of(base, key)
             return f"{1 / ratio:.2f}x" if invert else f"{ratio:.2f}x"
 
-        cells = []
-        for key in ("latency_b1_ms", "latency_b32_ms"):
-            value, reference = latency.get(setup, {}).get(key), latency.get("Standard", {})
-            speed = f"{reference[key] / value:.2f}x" if value and key in reference else "-"
-            cells += [f"{value:.1f}" if value else "-", speed]
+        cells = latency_cells(latency, setup, "Standard")
         kept = (
             f"{100 * mean_of(runs, 'test_acc') / mean_of(base, 'test_acc'):.1f}%" if base else "-"
         )

@@ -255,6 +255,19 @@ def by_setup(
             yield setup, runs, statistics.mean(accs), spread
 
 
+def latency_cells(latency: dict[str, dict[str, float]], setup: str, reference: str) -> list[str]:
+    """Table cells of ``setup``'s latency at batch 1 and 32: milliseconds and the speed-up over
+    ``reference`` (``"-"`` where a figure is missing)."""
+    cells = []
+    for key in ("latency_b1_ms", "latency_b32_ms"):
+        value, base = latency.get(setup, {}).get(key), latency.get(reference, {})
+        if value is None:
+            cells += ["-", "-"]
+            continue
+        cells += [f"{value:.1f}", f"{base[key] / value:.2f}x" if key in base else "-"]
+    return cells
+
+
 def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> str:
     lines = [
         "| set-up | sparsity % | test acc % (mean ± sd) (runs) | vs dense | parameters M | "
@@ -262,17 +275,9 @@ def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense = [100 * r["test_acc"] for r in results if r["setup"] == "dense"]
-    dense_latency = latency.get("dense", {})
     for setup, runs, accuracy, spread in by_setup(results, SETUPS):
         delta = f"{accuracy - statistics.mean(dense):+.2f}" if dense else "-"
-        cells = []
-        for key in ("latency_b1_ms", "latency_b32_ms"):
-            value = latency.get(setup, {}).get(key)
-            if value is None:
-                cells += ["-", "-"]
-                continue
-            speed = f"{dense_latency[key] / value:.2f}x" if key in dense_latency else "-"
-            cells += [f"{value:.1f}", speed]
+        cells = latency_cells(latency, setup, "dense")
         lines.append(
             f"| {setup} | {100 * statistics.mean(r['sparsity'] for r in runs):.1f} | "
             f"{accuracy:.2f} ± {spread:.2f} ({len(runs)}) | {delta} | "

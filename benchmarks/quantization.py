@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pruning import add_run_arguments, round_robin_latency, run_benchmark, timed_fit
+from pruning import (
+    add_run_arguments,
+    by_setup,
+    latency_cells,
+    round_robin_latency,
+    run_benchmark,
+    timed_fit,
+)
 
 PRESETS = ("int8_dynamic_act_int4_weight", "int8_weight_only")
 FBGEMM = "→fbgemm"
@@ -165,24 +172,15 @@ def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]
     ]
     fp32 = [100 * r["test_acc"] for r in results if r["setup"] == "fp32"]
     fp32_mib = [r["model_mib"] for r in results if r["setup"] == "fp32"]
-    base = latency.get("fp32", {})
-    for setup in sorted({r["setup"] for r in results}, key=order):
-        runs = [r for r in results if r["setup"] == setup]
-        accs = [100 * r["test_acc"] for r in runs]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        delta = f"{statistics.mean(accs) - statistics.mean(fp32):+.2f}" if fp32 else "-"
+    setups = sorted({r["setup"] for r in results}, key=order)
+    for setup, runs, accuracy, spread in by_setup(results, setups):
+        delta = f"{accuracy - statistics.mean(fp32):+.2f}" if fp32 else "-"
         mib = statistics.mean(r["model_mib"] for r in runs)
         size = "-" if mib != mib else f"{mib:.1f}"  # NaN: the fake-quantized model, not saved
         smaller = "-" if mib != mib or not fp32_mib else f"{statistics.mean(fp32_mib) / mib:.2f}x"
-        cells = []
-        for key in ("latency_b1_ms", "latency_b32_ms"):
-            value = latency.get(setup, {}).get(key)
-            if value is None:
-                cells += ["-", "-"]
-                continue
-            cells += [f"{value:.1f}", f"{base[key] / value:.2f}x" if key in base else "-"]
+        cells = latency_cells(latency, setup, "fp32")
         lines.append(
-            f"| {setup} | {statistics.mean(accs):.2f} ± {spread:.2f} ({len(runs)}) | {delta} | "
+            f"| {setup} | {accuracy:.2f} ± {spread:.2f} ({len(runs)}) | {delta} | "
             f"{size} | {smaller} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
