@@ -5,6 +5,7 @@ Usage::
     lightning-3d fit --config examples/configs/rt_minilm_baseline.yaml
     lightning-3d test --config examples/configs/rt_minilm_baseline.yaml --ckpt_path PATH
     lightning-3d fit --config examples/configs/hamlet_smollm2_lora.yaml --trainer.max_steps 50
+    lightning-3d export --config RUN.yaml --ckpt_path BEST.ckpt --formats hf onnx-int8 --output DIR
 
 What it adds to plain LightningCLI:
 
@@ -15,12 +16,18 @@ What it adds to plain LightningCLI:
 * ``--test_after_fit true`` tests the best checkpoint right after ``fit``;
 * a top-level ``plan:`` (:class:`~lightning_3d.plan.ThreeDPlan`: ``data_budget``, ``trainable``,
   ``sparsity``, ``weight_bits``, ...) puts the plan's callbacks before ``trainer.callbacks``;
-* every run is seeded (``seed_everything: 42`` unless set).
+* every run is seeded (``seed_everything: 42`` unless set);
+* ``export`` (:func:`run_export`) reads a run's YAML and checkpoint and writes deployable formats
+  with :func:`lightning_3d.export.export`.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 from lightning.pytorch import Trainer
@@ -83,14 +90,156 @@ def _tokenizer_of(model: Any) -> Any:
     return tokenizer
 
 
+class _ExportCLI(Lightning3DCLI):
+    """The run's configuration (model, data, callbacks, plan) without its Trainer settings:
+    the run's callbacks are kept in :attr:`run_callbacks`; the Trainer is a bare one-process
+    CPU Trainer that logs nothing and writes no checkpoints."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        own = config.get("callbacks") or []
+        plan = self._get(self.config_init, "plan", default=None)
+        self.run_callbacks = [
+            *(plan.callbacks() if plan else []),
+            *(own if isinstance(own, list) else [own]),
+        ]
+        return Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    from lightning_3d.export import DEFAULT_INT8_SCHEME, FORMATS, INT8_SCHEMES
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-3d export",
+        description="Write a trained run as deployable models and measure them. Every other "
+        "option (--config RUN.yaml, --model..., --data...) is the run's, as for `fit`.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint file or sharded folder")
+    parser.add_argument("--output", required=True, help="folder to write (must be empty)")
+    parser.add_argument(
+        "--formats", nargs="+", default=["hf", "onnx", "onnx-int8"], help=f"of {FORMATS}"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    parser.add_argument(
+        "--int8_scheme", default=DEFAULT_INT8_SCHEME, help=f"onnx-int8: one of {INT8_SCHEMES}"
+    )
+    parser.add_argument(
+        "--eval_split", default="test", choices=("test", "val", "none"), help="data to evaluate"
+    )
+    parser.add_argument("--eval_samples", type=int, default=None, help="at most this many")
+    parser.add_argument(
+        "--calibration_samples", type=int, default=256, help="training samples, static int8"
+    )
+    parser.add_argument("--latency_rounds", type=int, default=5, help="0: no timing")
+    parser.add_argument("--sequence_length", type=int, default=64, help="tokens in the timing")
+    return parser
+
+
+def _samples(loader: Any, limit: int | None) -> Iterator[Any]:
+    """The batches of ``loader`` cut to ``limit`` samples in all (all of them for ``None``)."""
+    left = limit
+    for batch in loader:
+        if left is not None and left <= 0:
+            return
+        size = len(batch["input_ids"])
+        if left is not None and size > left:
+            batch = {k: v[:left] for k, v in batch.items()}
+        yield batch
+        if left is not None:
+            left -= size
+
+
+def load_run(
+    config_args: Sequence[str], ckpt_path: str | os.PathLike[str], needs_quantization: bool = False
+) -> tuple[Any, Any, Any]:
+    """The task and data module a run's configuration builds (``config_args`` as for ``fit``:
+    ``["--config", "RUN.yaml", ...]``) with the checkpoint's weights, converted as the run's
+    ``QATHook`` would; returns ``(task, datamodule, QATHook or None)``.
+
+    Raises:
+        ValueError: ``needs_quantization`` and the run has no ``QATHook``; the checkpoint does
+            not fit the configured model.
+    """
+    from lightning_3d.callbacks import QATHook
+    from lightning_3d.checkpoints import load_run_weights
+
+    cli = _ExportCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=42,
+        run=False,
+        args=list(config_args),
+    )
+    qat = next((c for c in cli.run_callbacks if isinstance(c, QATHook)), None)
+    if needs_quantization and qat is None:
+        raise ValueError(
+            "format 'torchao' holds a model quantized by QATHook, and this run's configuration "
+            "has none: use onnx-int8 for an int8 model"
+        )
+    return load_run_weights(cli.model, ckpt_path, qat), cli.datamodule, qat
+
+
+def run_export(args: Sequence[str]) -> Any:
+    """``lightning-3d export``: check the options, build the run's model and data from its
+    configuration, load the checkpoint (converted as the run's ``QATHook`` would), then
+    :func:`lightning_3d.export.export`; prints the report's table and returns the report."""
+    from lightning_3d.export import INT8_SCHEMES, check_formats, export, prepare_output_dir
+
+    options, run_args = _export_parser().parse_known_args(list(args))
+    formats = check_formats(options.formats)
+    if options.int8_scheme not in INT8_SCHEMES:
+        raise ValueError(f"--int8_scheme {options.int8_scheme!r}: choose from {INT8_SCHEMES}")
+    if not os.path.exists(options.ckpt_path):
+        raise FileNotFoundError(f"--ckpt_path {options.ckpt_path} does not exist")
+    prepare_output_dir(options.output, options.overwrite)  # refuses a non-empty folder now
+    task, data, qat = load_run(run_args, options.ckpt_path, needs_quantization="torchao" in formats)
+    eval_data = calibration = None
+    if options.eval_split != "none":
+        data.setup("test" if options.eval_split == "test" else "validate")
+        loader = data.test_dataloader() if options.eval_split == "test" else data.val_dataloader()
+        eval_data = list(_samples(loader, options.eval_samples))
+    if options.int8_scheme == "static":
+        data.setup("fit")
+        calibration = list(_samples(data.train_dataloader(), options.calibration_samples))
+    report = export(
+        task.model,
+        task.tokenizer,
+        options.output,
+        formats,
+        eval_data,
+        quantization=qat.recipe if qat else None,
+        int8_scheme=options.int8_scheme,
+        calibration_data=calibration,
+        overwrite=True,  # checked above, before the model was built
+        latency_rounds=options.latency_rounds,
+        sequence_length=options.sequence_length,
+    )
+    print(report.table())
+    print(f"written to {options.output} (report.json beside the formats)")
+    return report
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-3d`` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("lightning_3d").setLevel(logging.INFO)
+        run_export(argv[1:])
+        return
     Lightning3DCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=argv,
     )
 
 

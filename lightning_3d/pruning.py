@@ -436,6 +436,84 @@ def remove_pruned_structures(
     return kept_counts
 
 
+def live_units(model: nn.Module, group: StructureGroup) -> torch.Tensor:
+    """Units of ``group`` with any non-zero weight or bias in any member (a bool per unit).
+
+    A unit whose every member slice is zero adds nothing to the block's output: its query, key
+    and value rows and biases are zero, so the head attends uniformly over zero values, and
+    its output-projection columns are zero; or its FFN activation is ``act(0) = 0`` (GELU,
+    SiLU, ReLU) and its down-projection column is zero. Removing it changes no logit.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> tiny = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...                             num_attention_heads=2, intermediate_size=6))
+        >>> group = find_structures(tiny, ["neurons"])[0]
+        >>> with torch.no_grad():
+        ...     _ = tiny.encoder.layer[0].output.dense.weight[:, 0].zero_()
+        ...     _ = tiny.encoder.layer[0].intermediate.dense.weight[0].zero_()
+        ...     _ = tiny.encoder.layer[0].intermediate.dense.bias[0].zero_()
+        >>> live_units(tiny, group)
+        tensor([False,  True,  True,  True,  True,  True])
+    """
+    live = torch.zeros(group.units, dtype=torch.bool)
+    for parameter, dim in group.members:
+        tensor = model.get_parameter(parameter).detach()
+        live |= group._per_unit(tensor != 0, dim).any(1).cpu()
+    return live
+
+
+def remove_dead_units(
+    model: nn.Module,
+    kinds: Sequence[str] = ("heads", "neurons"),
+    config_compatible: bool = False,
+) -> dict[str, tuple[int, int]]:
+    """Physically remove the heads and FFN neurons whose weights are all zero (in place).
+
+    Units are found from the weights (:func:`live_units`), so any run that zeroed whole
+    structures qualifies (``ProgressivePruner`` with ``heads``/``neurons``, a 3D plan, or
+    unstructured pruning that happened to empty a unit) and the logits do not change.
+
+    With ``config_compatible=True`` only what a Hugging Face config can describe is removed, so
+    the model reloads with plain ``from_pretrained``: neurons, down to the largest live count of
+    any block (blocks with fewer live neurons keep some zero ones), and no heads (BERT configs
+    derive the head size from ``hidden_size / num_attention_heads``); ``config.intermediate_size``
+    is updated. Otherwise each block keeps exactly its live units and ``config.pruned_structures``
+    records the counts (read by :func:`load_pruned`).
+
+    Returns:
+        ``{group name: (units kept, units before)}``.
+
+    Example:
+        >>> kept = remove_dead_units(model)  # doctest: +SKIP
+        >>> kept["bert.encoder.layer.0.attention.self.heads"]  # doctest: +SKIP
+        (8, 12)
+    """
+    groups = find_structures(model, kinds)
+    live = {group.name: live_units(model, group) for group in groups}
+    if config_compatible:
+        groups = [group for group in groups if group.kind == "neurons"]
+        width = max((int(live[g.name].sum()) for g in groups), default=0)
+        for group in groups:  # top up with the first dead units to one width for every block
+            dead = torch.nonzero(~live[group.name]).squeeze(1)
+            live[group.name][dead[: width - int(live[group.name].sum())]] = True
+    counts = {}
+    for group in groups:
+        units = torch.nonzero(live[group.name]).squeeze(1)
+        if len(units) == 0:  # a block cannot run without units: keep one (all-zero) unit
+            units = torch.zeros(1, dtype=torch.long)
+        if len(units) < group.units:
+            _shrink(model, group, units)
+        counts[group.name] = (len(units), group.units)
+    config = getattr(model, "config", None)
+    neurons = {counts[g.name][0] for g in groups if g.kind == "neurons"}
+    if config is not None and len(neurons) == 1:
+        config.intermediate_size = neurons.pop()
+    if config is not None and not config_compatible:
+        config.pruned_structures = {name: kept for name, (kept, _) in counts.items()}
+    return counts
+
+
 def _shrink(model: nn.Module, group: StructureGroup, units: torch.Tensor) -> None:
     """Keep only ``units`` of ``group``: replace every member's linear by a smaller copy."""
     for parameter, dim in group.members:
@@ -478,17 +556,9 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, **kwargs: An
     """Load a model saved by :func:`export_structured`: build it from its config, shrink the
     recorded structures, then load the saved weights (in ``dtype``, default float32), in eval
     mode. ``kwargs`` go to ``AutoConfig.from_pretrained``."""
-    import transformers
     from safetensors.torch import load_file
 
-    config = transformers.AutoConfig.from_pretrained(path, **kwargs)
-    model_class = getattr(transformers, config.architectures[0])
-    model = model_class(config)
-    counts = getattr(config, "pruned_structures", {}) or {}
-    kinds = ("heads", "neurons")
-    for group in find_structures(model, kinds):
-        if group.name in counts:
-            _shrink(model, group, torch.arange(counts[group.name]))
+    model = build_from_config(path, **kwargs)
     state = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(file))
@@ -499,6 +569,25 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, **kwargs: An
             f"{path}: weights do not fit: missing {real_missing}, unexpected {unexpected}"
         )
     return (model if dtype is None else model.to(dtype)).eval()
+
+
+def build_from_config(path: str | Path, **kwargs: Any) -> nn.Module:
+    """A freshly initialized model of the architecture in ``path/config.json``, with the
+    structures recorded in ``config.pruned_structures`` (:func:`remove_dead_units`,
+    :func:`remove_pruned_structures`) shrunk to their kept counts, ready for their weights.
+    ``kwargs`` go to ``AutoConfig.from_pretrained``."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    architecture = (config.architectures or [None])[0]
+    if architecture is None or not hasattr(transformers, architecture):
+        raise ValueError(f"{path}/config.json names no transformers architecture")
+    model = getattr(transformers, architecture)(config)
+    counts = getattr(config, "pruned_structures", {}) or {}
+    for group in find_structures(model, ("heads", "neurons")):
+        if group.name in counts:
+            _shrink(model, group, torch.arange(counts[group.name]))
+    return model
 
 
 def _tied_names(model: nn.Module) -> set[str]:

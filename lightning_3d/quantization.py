@@ -503,8 +503,9 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None)
     """Load what :func:`export_quantized` wrote, in eval mode.
 
     ``model`` is a float model of the same architecture to fill (its weights are replaced); by
-    default it is built from the folder's ``config.json`` with Hugging Face ``transformers``
-    (for a PEFT/LoRA model pass the wrapped model: its class is not a ``transformers`` one).
+    default it is built from the folder's ``config.json`` with Hugging Face ``transformers``,
+    with physically removed heads and neurons shrunk as recorded there (for a PEFT/LoRA model
+    pass the wrapped model: its class is not a ``transformers`` one).
 
     Example:
         >>> model = load_quantized("out/qat")  # doctest: +SKIP
@@ -517,12 +518,8 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None)
         raise ValueError(f"unknown quantized artefact format {document.get('format')!r}")
     state = from_plain_state(document["state_dict"])
     if model is None:
-        import transformers
+        from lightning_3d.pruning import build_from_config
 
-        config = transformers.AutoConfig.from_pretrained(folder)
-        architecture = (config.architectures or [None])[0]
-        if architecture is None or not hasattr(transformers, architecture):
-            raise ValueError(f"{folder}/config.json names no transformers architecture")
-        model = getattr(transformers, architecture)(config)
+        model = build_from_config(folder)
     model.load_state_dict(state, assign=True)
     return model.eval()

@@ -60,15 +60,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenarios: str, out: Path, timeout: float) -> list[subprocess.CompletedProcess[str]]:
-    """Run ``tests/jobs/distributed_job.py SCENARIOS OUT`` on 2 CPU ranks the way Lightning
-    documents manually launched jobs (LOCAL_RANK, MASTER_ADDR/PORT); every rank writes
-    ``OUT/<scenario>.rank<r>.json``."""
+def _launch(
+    scenarios: str, out: Path, timeout: float, ranks: int = 2
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``tests/jobs/distributed_job.py SCENARIOS OUT`` on ``ranks`` CPU processes the way
+    Lightning documents manually launched jobs (LOCAL_RANK, MASTER_ADDR/PORT); every rank
+    writes ``OUT/<scenario>.rank<r>.json``."""
     port = str(_free_port())
     processes = []
-    for rank in range(2):
+    for rank in range(ranks):
         env = {
             **os.environ,
+            "JOB_RANKS": str(ranks),
             "LOCAL_RANK": str(rank),
             "NODE_RANK": "0",
             "MASTER_ADDR": "127.0.0.1",
@@ -91,5 +94,5 @@ def _launch(scenarios: str, out: Path, timeout: float) -> list[subprocess.Comple
 
 @pytest.fixture(scope="session")
 def launch_two_ranks():
-    """``launch(scenarios, out, timeout)``: run distributed-job scenarios on 2 CPU ranks."""
+    """``launch(scenarios, out, timeout, ranks=2)``: run distributed-job scenarios on CPU ranks."""
     return _launch

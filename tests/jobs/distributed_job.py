@@ -28,6 +28,10 @@ Scenarios:
     the ranks' parameter spread.
   pruner_resume: under FSDP2, a pruning run checkpointed (sharded) and stopped after 3 steps,
     then resumed, against the uninterrupted run.
+  sharded_checkpoint: a compressed FSDP2 run that saves a sharded checkpoint at its last step
+    and the same weights as one full state dict, for the export's consolidation test.
+
+``JOB_RANKS`` (default 2) sets the number of ranks (``sharded_checkpoint`` also runs on 3).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from lightning_3d.compression import GradientCompressor
 from lightning_3d.strategies import CompressedDDPStrategy, CompressedFSDPStrategy
 
 RANK = int(os.environ["LOCAL_RANK"])
+RANKS = int(os.environ.get("JOB_RANKS", "2"))
 STEPS_PER_EPOCH, EPOCHS, BATCH = 3, 2, 8
 
 
@@ -125,7 +130,7 @@ def fit(
     recorder = LossRecorder(stop_at_step)
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=RANKS,
         strategy=strategy,
         max_steps=STEPS_PER_EPOCH * EPOCHS,
         logger=logger,
@@ -201,6 +206,15 @@ def resume(out: Path) -> dict[str, Any]:
             full_parameters(resumed), run["params"]
         )
     return result
+
+
+def sharded_checkpoint(out: Path) -> dict[str, Any]:
+    last = STEPS_PER_EPOCH * EPOCHS
+    checkpoint = ModelCheckpoint(dirpath=out / "sharded", filename="last", every_n_train_steps=last)
+    strategy = CompressedFSDPStrategy(save_distributed_checkpoint=True)
+    fit(strategy, callbacks=[checkpoint])
+    strategy.save_full_state_dict(out / "full_state.pt")
+    return {"checkpoint": checkpoint.last_model_path or checkpoint.best_model_path}
 
 
 def ddp(out: Path) -> dict[str, Any]:
@@ -641,6 +655,7 @@ SCENARIOS = {
     "freezer_resume": freezer_resume,
     "pruner": pruner,
     "pruner_resume": pruner_resume,
+    "sharded_checkpoint": sharded_checkpoint,
 }
 
 

@@ -1,0 +1,123 @@
+"""Load a run's checkpoint into its model in one process, for export or inspection.
+
+A Lightning checkpoint is either one file (``torch.save`` of a dict whose ``"state_dict"`` holds
+the LightningModule's weights) or, from FSDP2 with ``save_distributed_checkpoint=True``, a
+folder written by ``torch.distributed.checkpoint`` (DCP) with one shard file per rank. The folder
+is consolidated here with DCP's own loader, without a process group: every tensor of the model's
+state dict is read from the shards into a full copy, whatever the number of ranks that wrote it.
+
+A run with ``QATHook`` leaves either float weights (checkpoints saved before conversion) or
+converted ones (plain tensors with a ``::layout`` entry, see
+:func:`~lightning_3d.quantization.to_plain_state`); :func:`load_run_weights` gives the model the
+form the run's ``test`` evaluates: converted with the run's recipe either way.
+
+Example:
+    >>> state = checkpoint_state("runs/job/checkpoints/last.ckpt")  # doctest: +SKIP
+    >>> load_run_weights(task, "runs/job/checkpoints/last.ckpt", qat=hook)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_3d.quantization import (
+    QuantizationRecipe,
+    convert,
+    from_plain_state,
+    prepare,
+    select_modules,
+)
+
+
+def checkpoint_state(
+    path: str | os.PathLike[str], model: nn.Module | None = None
+) -> dict[str, Any]:
+    """The module state dict held by the checkpoint ``path`` (a file or a sharded DCP folder).
+
+    A sharded folder is read into tensors shaped like ``model.state_dict()`` (needed for it).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file has no ``"state_dict"``; the folder is not a DCP checkpoint or
+            lacks tensors of ``model``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        if model is None:
+            raise ValueError(f"{path} is a sharded checkpoint folder: pass the model to fill")
+        return _sharded_state(path, model)
+    # a checkpoint of the user's own run: it also holds hyper-parameters and callback states,
+    # which are not all plain tensors, as when Lightning itself resumes from it
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'")
+    return checkpoint["state_dict"]
+
+
+def _sharded_state(folder: Path, model: nn.Module) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    if not (folder / ".metadata").exists():
+        raise ValueError(
+            f"{folder} is a folder but not a sharded (torch.distributed.checkpoint) checkpoint: "
+            "it has no .metadata file"
+        )
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    try:
+        dcp.load({"state_dict": state}, checkpoint_id=folder, no_dist=True)
+    except Exception as error:  # DCP raises several types for missing or mis-shaped tensors
+        raise ValueError(
+            f"the sharded checkpoint {folder} does not fit the configured model: {error}"
+        ) from error
+    return state
+
+
+def load_run_weights(
+    module: nn.Module,
+    path: str | os.PathLike[str],
+    qat: Any | None = None,
+) -> nn.Module:
+    """Load the checkpoint ``path`` into ``module`` (the run's LightningModule), strictly.
+
+    ``qat`` is the run's ``QATHook`` (or anything with ``recipe``, ``include``, ``exclude`` and
+    ``embeddings``): the model is converted with its recipe, before loading when the checkpoint
+    holds converted weights, after loading otherwise (the modules the hook selects).
+
+    Raises:
+        ValueError: the weights do not fit ``module`` (missing, unexpected or mis-shaped
+            tensors), or the checkpoint holds quantized weights and ``qat`` is ``None``.
+    """
+    state = checkpoint_state(path, module)
+    recipe: QuantizationRecipe | None = getattr(qat, "recipe", None)
+    layouts = sorted(k.removesuffix(".weight::layout") for k in state if k.endswith("::layout"))
+    if layouts:
+        if recipe is None:
+            raise ValueError(
+                f"{path} holds torchao-quantized weights but the configuration has no QATHook: "
+                "use the configuration of the run that wrote it"
+            )
+        prepare(module, recipe, layouts)
+        convert(module, recipe)
+        from_plain_state(state)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"the weights in {path} do not fit the configured model (is this the configuration "
+            f"of the run that wrote it?): {error}"
+        ) from error
+    if recipe is not None and not layouts:
+        names = select_modules(module, qat.include, qat.exclude, qat.embeddings)
+        prepare(module, recipe, names)
+        convert(module, recipe)
+    return module
+
+
+__all__ = ["checkpoint_state", "load_run_weights"]
