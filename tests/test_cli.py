@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
 PRUNER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner.yaml"
 QAT_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner_qat.yaml"
 PLAN_CONFIG = REPO / "examples" / "configs" / "rt_minilm_3d.yaml"
+STRUCTURED_CONFIG = REPO / "examples" / "configs" / "rt_minilm_structured.yaml"
+STRUCTURED_QAT_CONFIG = REPO / "examples" / "configs" / "rt_minilm_structured_qat.yaml"
 # 4 steps of 4 reviews of up to 32 tokens, one validation and one test batch, every step logged
 SHORT_RUN = (
     "--trainer.max_steps=4",
@@ -209,12 +212,23 @@ def test_every_example_config_is_tested() -> None:
             PRUNER_CONFIG,
             QAT_CONFIG,
             PLAN_CONFIG,
+            STRUCTURED_CONFIG,
+            STRUCTURED_QAT_CONFIG,
         ]
     )
 
 
 @pytest.mark.parametrize(
-    "config", [BASELINE, LM_CONFIG, FSDP_CONFIG, CURRICULUM_CONFIG, FREEZER_CONFIG, PLAN_CONFIG]
+    "config",
+    [
+        BASELINE,
+        LM_CONFIG,
+        FSDP_CONFIG,
+        CURRICULUM_CONFIG,
+        FREEZER_CONFIG,
+        PLAN_CONFIG,
+        STRUCTURED_CONFIG,
+    ],
 )
 def test_example_configs_parse(config, tmp_path) -> None:
     result = subprocess.run(
@@ -322,3 +336,74 @@ def test_cli_prunes_and_quantizes_in_one_run_and_tests_the_converted_model(tmp_p
     assert errors and all(0.0 < e < 0.2 for e in errors)
     assert [r for r in rows if r.get("qat/weight_error/model.bert.embeddings.word_embeddings")]
     assert [r for r in rows if r.get("test/acc")]  # the best checkpoint, converted, was tested
+
+
+def test_cli_exports_a_pruned_and_quantized_run(tmp_path) -> None:
+    """rt_minilm_structured_qat.yaml, shortened: heads and neurons pruned by step 2, QAT from
+    step 2; its last checkpoint exported to every format from the same configuration."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_3d.quantization import load_quantized, quantized_modules
+
+    config = yaml.safe_load(STRUCTURED_QAT_CONFIG.read_text())
+    pruner, qat = (c["init_args"] for c in config["trainer"]["callbacks"][:2])
+    pruner.update(start_step=0, end_step=2, frequency=1)
+    qat.update(start_step=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    root, _ = _fit(tmp_path, tmp_path / "run.yaml", *SHORT_RUN)
+    checkpoint = next(root.rglob("last.ckpt"))
+    out = tmp_path / "deploy"
+    args = [*_cli(), "export", "--config", str(tmp_path / "run.yaml"), *SHORT_RUN[-2:]]
+    args += ["--ckpt_path", str(checkpoint), "--output", str(out), "--eval_samples", "32"]
+    args += ["--formats", "hf", "onnx-int8", "torchao", "--latency_rounds", "0"]
+    result = subprocess.run(
+        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "| onnx-int8 |" in result.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    assert [r["format"] for r in report["rows"]] == ["pytorch-fp32", "hf", "onnx-int8", "torchao"]
+    assert report["evaluated_samples"] == 32
+    # round(0.3 * 12) = 4 heads and round(0.3 * 1536) = 461 neurons went in every block
+    assert report["structures"]["bert.encoder.layer.0.attention.self.heads"] == [8, 12]
+    assert report["structures"]["bert.encoder.layer.3.neurons"] == [1075, 1536]
+    rows = {r["format"]: r for r in report["rows"]}
+    assert rows["torchao"]["agreement"] >= 0.95 and rows["hf"]["agreement"] == 1.0
+    assert any("dequantized" in note for note in report["notes"])
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "hf")
+    assert hf.config.intermediate_size == 1075
+    assert quantized_modules(load_quantized(out / "torchao"))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        (["--formats", "tflite"], ValueError, r"unknown \['tflite'\]"),
+        (["--formats", "torchao"], ValueError, r"'torchao'.*has none"),
+        (["--int8_scheme", "int3"], ValueError, "choose from"),
+    ],
+)
+def test_cli_export_refuses_bad_input_before_any_work(tmp_path, arguments, error, message) -> None:
+    from lightning_3d.cli import main
+
+    checkpoint = tmp_path / "empty.ckpt"
+    checkpoint.write_bytes(b"")
+    base = ["export", "--config", str(BASELINE), "--ckpt_path", str(checkpoint)]
+    with pytest.raises(error, match=message):
+        main([*base, "--output", str(tmp_path / "out"), *arguments])
+    assert not (tmp_path / "out").exists() or "torchao" in arguments
+
+
+def test_cli_export_refuses_a_non_empty_output_folder(tmp_path) -> None:
+    from lightning_3d.cli import main
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("mine")
+    checkpoint = tmp_path / "empty.ckpt"
+    checkpoint.write_bytes(b"")
+    base = ["export", "--config", str(BASELINE), "--ckpt_path", str(checkpoint)]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main([*base, "--output", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="--ckpt_path"):
+        main([*base[:-1], str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "new")])
