@@ -219,26 +219,15 @@ def measure_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def round_robin_latency(models: dict[str, Any], length: int, rounds: int) -> dict[str, Any]:
-    """Median forward time in ms of each model at batch 1 and 32 (``length`` tokens), timed in
-    turn ``rounds`` times after a warm-up, so every model sees the same machine state."""
-    import torch
+    """Median forward time in ms of each model at batch 1 and 32 (``length`` tokens), the models
+    timed in turn ``rounds`` times (:func:`lightning_3d.export.round_robin_latency`)."""
+    from lightning_3d.export import latency_inputs, torch_runner
+    from lightning_3d.export import round_robin_latency as timed_in_turn
 
-    times: dict[str, dict[int, list[float]]] = {s: {1: [], 32: []} for s in models}
-    with torch.inference_mode():
-        for batch, repeats in ((1, 20), (32, 3)):
-            ids = torch.randint(1000, 20000, (batch, length))
-            mask = torch.ones_like(ids)
-            for model in models.values():  # warm-up
-                model(input_ids=ids, attention_mask=mask)
-            for _ in range(rounds):
-                for setup, model in models.items():
-                    started = time.perf_counter()
-                    for _ in range(repeats):
-                        model(input_ids=ids, attention_mask=mask)
-                    times[setup][batch].append((time.perf_counter() - started) / repeats)
+    runners = {setup: torch_runner(model) for setup, model in models.items()}
+    medians = timed_in_turn(runners, latency_inputs(20000, length), rounds)
     return {
-        s: {f"latency_b{b}_ms": 1000 * statistics.median(t) for b, t in by_batch.items()}
-        for s, by_batch in times.items()
+        s: {f"latency_b{b}_ms": ms for b, ms in by_batch.items()} for s, by_batch in medians.items()
     }
 
 

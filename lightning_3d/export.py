@@ -284,6 +284,10 @@ def onnx_runner(path: str | os.PathLike[str], threads: int | None = None) -> Run
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    # idle ONNX Runtime threads otherwise spin for a while after each call, taking the cores
+    # from whatever runs next in this process (another format, PyTorch)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
