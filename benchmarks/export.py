@@ -192,7 +192,9 @@ def summarize(files: list[Path]) -> str:
     for report in schemes:
         own = report["rows"][0]["accuracy"]
         title = f"int8 schemes on `{report['run']}` ({report['evaluated_samples']} test rows):"
-        scheme_header = header.replace("| run ", "| ").replace("vs main fp32", "vs fp32 acc")
+        scheme_header = header.replace("| run | format", "| int8 scheme").replace(
+            "vs main fp32", "vs fp32 acc"
+        )
         lines += ["", title, "", scheme_header, "|" + "---|" * 10]
         base = report["rows"][0]
         for row in report["rows"]:

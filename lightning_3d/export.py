@@ -547,13 +547,15 @@ def export(
             "format 'torchao' holds a model quantized by QATHook: this run has no quantization "
             "recipe (pass quantization=, or use onnx-int8 for an int8 model)"
         )
+    if "onnx-int8" in formats and int8_scheme == "static" and calibration_data is None:
+        raise ValueError("int8_scheme='static' needs calibration_data (training batches)")
     if latency_rounds < 0 or sequence_length < 1:
         raise ValueError(
             f"need latency_rounds >= 0 and sequence_length >= 1, got {latency_rounds}, "
             f"{sequence_length}"
         )
+    dense, notes, quantized = dense_float_model(model)  # refuses fake quantization
     folder = prepare_output_dir(output_dir, overwrite)
-    dense, notes, quantized = dense_float_model(model)  # fails on fake quantization, first
     batches = batches_of(eval_data) if eval_data is not None else []
     calibration = [(ids, mask) for ids, mask, _ in batches_of(calibration_data or [])]
     example = _example_inputs(batches, dense, sequence_length)
@@ -566,7 +568,11 @@ def export(
             f"removed {sum(b - a for a, b in removed.values())} all-zero units (heads, neurons) "
             f"in {len(removed)} structures for onnx, onnx-int8 and torchao"
         )
-    reference = [torch_runner(model.eval())(ids, mask) for ids, mask, _ in batches]
+    training = model.training
+    try:  # the trained model's own predictions, in eval mode (dropout off)
+        reference = [torch_runner(model.eval())(ids, mask) for ids, mask, _ in batches]
+    finally:
+        model.train(training)
 
     runners: dict[str, Runner] = {BASELINE: torch_runner(dense)}
     paths: dict[str, Path | None] = {BASELINE: None}
