@@ -70,6 +70,13 @@ def _sharded_state(folder: Path, model: nn.Module) -> dict[str, Any]:
             "it has no .metadata file"
         )
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    saved = {k.removeprefix("state_dict.") for k in saved if k.startswith("state_dict.")}
+    if saved != set(state):  # DCP itself would silently skip tensors the model does not have
+        raise ValueError(
+            f"the sharded checkpoint {folder} does not fit the configured model: missing "
+            f"{sorted(set(state) - saved)[:5]}, unexpected {sorted(saved - set(state))[:5]}"
+        )
     try:
         dcp.load({"state_dict": state}, checkpoint_id=folder, no_dist=True)
     except Exception as error:  # DCP raises several types for missing or mis-shaped tensors

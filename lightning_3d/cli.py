@@ -95,10 +95,15 @@ class _ExportCLI(Lightning3DCLI):
     the run's callbacks are kept in :attr:`run_callbacks`; the Trainer is a bare one-process
     CPU Trainer that logs nothing and writes no checkpoints."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        # a run's saved config.yaml carries fit's own ckpt_path; export takes --ckpt_path itself
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None)  # noqa: UP045
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
+        config = self.config_init.get("trainer") or {}
         own = config.get("callbacks") or []
-        plan = self._get(self.config_init, "plan", default=None)
+        plan = self.config_init.get("plan")
         self.run_callbacks = [
             *(plan.callbacks() if plan else []),
             *(own if isinstance(own, list) else [own]),
@@ -118,6 +123,7 @@ def _export_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="lightning-3d export",
+        allow_abbrev=False,  # a prefix of an export option must reach the run's options
         description="Write a trained run as deployable models and measure them. Every other "
         "option (--config RUN.yaml, --model..., --data...) is the run's, as for `fit`.",
     )
@@ -198,14 +204,26 @@ def run_export(args: Sequence[str]) -> Any:
         raise ValueError(f"--int8_scheme {options.int8_scheme!r}: choose from {INT8_SCHEMES}")
     if not os.path.exists(options.ckpt_path):
         raise FileNotFoundError(f"--ckpt_path {options.ckpt_path} does not exist")
-    prepare_output_dir(options.output, options.overwrite)  # refuses a non-empty folder now
-    task, data, qat = load_run(run_args, options.ckpt_path, needs_quantization="torchao" in formats)
+    static = "onnx-int8" in formats and options.int8_scheme == "static"
+    if static and options.calibration_samples < 1:
+        raise ValueError(f"--calibration_samples must be >= 1, got {options.calibration_samples}")
+    created = not os.path.exists(options.output)
+    if not options.overwrite:
+        prepare_output_dir(options.output)  # refuses a non-empty folder before any work
+    try:
+        task, data, qat = load_run(
+            run_args, options.ckpt_path, needs_quantization="torchao" in formats
+        )
+    except Exception:
+        if created and os.path.isdir(options.output) and not os.listdir(options.output):
+            os.rmdir(options.output)  # leave nothing behind for a run that did not start
+        raise
     eval_data = calibration = None
     if options.eval_split != "none":
         data.setup("test" if options.eval_split == "test" else "validate")
         loader = data.test_dataloader() if options.eval_split == "test" else data.val_dataloader()
         eval_data = list(_samples(loader, options.eval_samples))
-    if options.int8_scheme == "static":
+    if static:
         data.setup("fit")
         calibration = list(_samples(data.train_dataloader(), options.calibration_samples))
     report = export(
@@ -217,7 +235,7 @@ def run_export(args: Sequence[str]) -> Any:
         quantization=qat.recipe if qat else None,
         int8_scheme=options.int8_scheme,
         calibration_data=calibration,
-        overwrite=True,  # checked above, before the model was built
+        overwrite=options.overwrite,  # (checked above, before the model was built)
         latency_rounds=options.latency_rounds,
         sequence_length=options.sequence_length,
     )

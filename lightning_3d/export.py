@@ -17,10 +17,9 @@ ONNX Runtime) and torchao, each checked and measured against the trained model.
 Formats (:data:`FORMATS`):
 
 * ``hf``: ``save_pretrained`` folder with the tokenizer; plain ``from_pretrained`` loads it.
-  Transformers configs hold one head count and one FFN width for every block, so removed heads
-  are put back as zero heads and blocks keep as many neurons as the widest one (zeros too):
-  the same logits, less speed-up than ONNX. :func:`~lightning_3d.pruning.load_pruned` is not
-  needed.
+  Transformers configs hold one head count and one FFN width for every block, so pruned heads
+  stay in as zero heads and blocks keep as many neurons as the widest one (zeros too): the same
+  logits, less speed-up than ONNX. :func:`~lightning_3d.pruning.load_pruned` is not needed.
 * ``onnx``: ``torch.onnx.export`` of the fully pruned model, dynamic batch and sequence axes,
   inputs ``input_ids`` and ``attention_mask`` (int64), output ``logits``; checked against the
   PyTorch logits with ONNX Runtime (``atol``) before it is reported.
@@ -537,6 +536,7 @@ def export(
             a fake-quantized model.
         ImportError: ONNX formats without the ``deploy`` extra.
         FileExistsError: ``output_dir`` is not empty and ``overwrite`` is false.
+        RuntimeError: the ONNX graph's logits differ from PyTorch's by more than ``atol``.
     """
     formats = check_formats(formats)
     if int8_scheme not in INT8_SCHEMES:
@@ -547,8 +547,12 @@ def export(
             "format 'torchao' holds a model quantized by QATHook: this run has no quantization "
             "recipe (pass quantization=, or use onnx-int8 for an int8 model)"
         )
-    if "onnx-int8" in formats and int8_scheme == "static" and calibration_data is None:
-        raise ValueError("int8_scheme='static' needs calibration_data (training batches)")
+    calibration = [(ids, mask) for ids, mask, _ in batches_of(calibration_data or [])]
+    if "onnx-int8" in formats and int8_scheme == "static" and not calibration:
+        raise ValueError(
+            "int8_scheme='static' needs calibration_data: training batches (on the command "
+            "line, --calibration_samples of at least 1)"
+        )
     if latency_rounds < 0 or sequence_length < 1:
         raise ValueError(
             f"need latency_rounds >= 0 and sequence_length >= 1, got {latency_rounds}, "
@@ -557,7 +561,6 @@ def export(
     dense, notes, quantized = dense_float_model(model)  # refuses fake quantization
     folder = prepare_output_dir(output_dir, overwrite)
     batches = batches_of(eval_data) if eval_data is not None else []
-    calibration = [(ids, mask) for ids, mask, _ in batches_of(calibration_data or [])]
     example = _example_inputs(batches, dense, sequence_length)
 
     pruned = copy.deepcopy(dense)
@@ -568,11 +571,12 @@ def export(
             f"removed {sum(b - a for a, b in removed.values())} all-zero units (heads, neurons) "
             f"in {len(removed)} structures for onnx, onnx-int8 and torchao"
         )
-    training = model.training
+    modes = {module: module.training for module in model.modules()}
     try:  # the trained model's own predictions, in eval mode (dropout off)
-        reference = [torch_runner(model.eval())(ids, mask) for ids, mask, _ in batches]
+        reference = [torch_runner(model)(ids, mask) for ids, mask, _ in batches]
     finally:
-        model.train(training)
+        for module, training in modes.items():
+            module.training = training
 
     runners: dict[str, Runner] = {BASELINE: torch_runner(dense)}
     paths: dict[str, Path | None] = {BASELINE: None}
@@ -604,7 +608,7 @@ def export(
         if as_is:  # the run's converted model, exactly: nothing to remove or merge
             source = copy.deepcopy(model)
         else:
-            source = _quantized_copy(pruned, recipe, quantized)
+            source = _quantized_copy(_groupable(pruned, dense, recipe, notes), recipe, quantized)
             notes.append(
                 "torchao: the run's recipe applied to the "
                 + ("pruned, " if removed else "")
@@ -616,7 +620,7 @@ def export(
                     else ""
                 )
             )
-        export_quantized(source, folder / "torchao", recipe)
+        export_quantized(source, folder / "torchao", recipe, float_bytes=sizes[BASELINE])
         runners["torchao"] = torch_runner(load_quantized(folder / "torchao"))
         sizes["torchao"] = _file_bytes(folder / "torchao", "*.pt")
         paths["torchao"] = folder / "torchao"
@@ -659,11 +663,11 @@ def _example_inputs(
 ) -> Inputs:
     """A small real batch for the ONNX export and check (two samples of different lengths when
     ``eval_data`` has them), else random tokens."""
-    if batches:
+    if batches and batches[0][0].shape[1] >= 2:  # torch.export fixes axes of size 1
         ids, mask, _ = batches[0]
-        return ids[:2], mask[:2]
+        return np.resize(ids, (2, ids.shape[1])), np.resize(mask, (2, mask.shape[1]))
     vocabulary = int(getattr(getattr(model, "config", None), "vocab_size", 30000))
-    return latency_inputs(vocabulary, length, (2,))[2]
+    return latency_inputs(vocabulary, max(length, 2), (2,))[2]
 
 
 def _write_hf(
@@ -694,6 +698,22 @@ def _write_hf(
     architecture = model.config.architectures[0]
     loaded = getattr(transformers, architecture).from_pretrained(folder).eval()
     return torch_runner(loaded), _file_bytes(folder, "*.safetensors")
+
+
+def _groupable(
+    pruned: nn.Module, dense: nn.Module, recipe: QuantizationRecipe, notes: list[str]
+) -> nn.Module:
+    """``pruned`` when every linear input width splits into the recipe's groups, else ``dense``
+    (pruned units kept as zeros), with a note."""
+    group = recipe.group_size(nn.Linear)
+    widths = {m.in_features for m in pruned.modules() if isinstance(m, nn.Linear)}
+    if group is None or all(width % group == 0 for width in widths):
+        return pruned
+    notes.append(
+        f"torchao: pruned units kept as zeros: the pruned widths do not split into the recipe's "
+        f"groups of {group} input columns"
+    )
+    return dense
 
 
 def _quantized_copy(

@@ -4,6 +4,7 @@ written to every format, reloaded the way users load it, and compared with the i
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import numpy as np
@@ -19,7 +20,10 @@ from lightning_3d.export import (
 )
 from lightning_3d.pruning import find_structures
 
-onnxruntime = pytest.importorskip("onnxruntime")
+needs_onnx = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("onnx", "onnxruntime", "onnxscript")),
+    reason='the ONNX formats need pip install "lightning-3d[deploy]"',
+)
 
 
 def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -70,7 +74,9 @@ def _prune_a_third(model: torch.nn.Module) -> None:
                 model.get_parameter(name).mul_(mask)
 
 
+@needs_onnx
 def test_every_format_matches_the_trained_model(trained, tmp_path) -> None:
+    import onnxruntime
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     task, test = trained
@@ -125,6 +131,7 @@ def test_every_format_matches_the_trained_model(trained, tmp_path) -> None:
     assert (tmp_path / "onnx-int8" / "tokenizer.json").exists()
 
 
+@needs_onnx
 def test_pruned_heads_and_neurons_are_removed_and_hf_still_loads(trained, tmp_path) -> None:
     import onnx
     from transformers import AutoModelForSequenceClassification
@@ -180,6 +187,7 @@ def test_lora_adapters_are_merged(trained, tmp_path) -> None:
     assert any(p.requires_grad for p in lora.parameters())  # the trained model is left as it was
 
 
+@needs_onnx
 def test_a_qat_converted_model_exports_to_torchao_and_onnx(trained, tmp_path) -> None:
     from lightning_3d.quantization import (
         QuantizationRecipe,
@@ -247,8 +255,6 @@ def test_unknown_format_names_what_is_allowed() -> None:
 
 
 def test_onnx_without_onnxruntime_names_the_extra(monkeypatch) -> None:
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a)
