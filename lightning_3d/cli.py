@@ -97,8 +97,10 @@ class _ExportCLI(Lightning3DCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
-        # a run's saved config.yaml carries fit's own ckpt_path; export takes --ckpt_path itself
+        # a run's saved config.yaml carries fit's own ckpt_path and weights_only (ignored here:
+        # export takes --ckpt_path itself)
         parser.add_argument("--ckpt_path", type=Optional[str], default=None)  # noqa: UP045
+        parser.add_argument("--weights_only", type=Optional[bool], default=None)  # noqa: UP045
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init.get("trainer") or {}

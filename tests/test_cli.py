@@ -407,3 +407,19 @@ def test_cli_export_refuses_a_non_empty_output_folder(tmp_path) -> None:
         main([*base, "--output", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="--ckpt_path"):
         main([*base[:-1], str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "new")])
+
+
+def test_cli_export_reads_a_runs_saved_config(tmp_path) -> None:
+    """The config.yaml a run saves carries fit's ckpt_path and weights_only: export accepts it
+    (and then reads the checkpoint, which here is not a Lightning one)."""
+    import torch
+
+    from lightning_3d.cli import main
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(BASELINE.read_text() + "ckpt_path: null\nweights_only: null\n")
+    torch.save({"weights": 1}, tmp_path / "other.ckpt")
+    args = ["export", "--config", str(saved), "--ckpt_path", str(tmp_path / "other.ckpt")]
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        main([*args, "--output", str(tmp_path / "out"), "--formats", "hf"])
+    assert not (tmp_path / "out").exists()
