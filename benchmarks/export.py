@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -47,6 +48,19 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _portable(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with its folders relative to the repository root (results are committed)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def relative(path: str | None) -> str | None:
+        return None if path is None else os.path.relpath(Path(path).resolve(), root)
+
+    report["output_dir"] = relative(report["output_dir"])
+    for row in report["rows"]:
+        row["path"] = relative(row["path"])
+    return report
+
+
 def export_run(spec: str, args: argparse.Namespace) -> Path:
     """``lightning-3d export`` of one run in a child process; its report with timings."""
     name, config, checkpoint = _spec(spec)
@@ -61,11 +75,11 @@ def export_run(spec: str, args: argparse.Namespace) -> Path:
     ]  # fmt: skip
     cpu, started = _children_cpu_seconds(), time.perf_counter()
     subprocess.run(command, check=True)
-    report = json.loads((output / "report.json").read_text())
+    report = _portable(json.loads((output / "report.json").read_text()))
     report.update(
         run=name,
         config=config,
-        checkpoint=checkpoint,
+        checkpoint=Path(checkpoint).name,
         int8_scheme=args.int8_scheme,
         export_wall_seconds=time.perf_counter() - started,
         export_cpu_seconds=_children_cpu_seconds() - cpu,
@@ -136,7 +150,7 @@ def compare_schemes(spec: str, args: argparse.Namespace) -> Path:
     result = {
         "run": name,
         "config": config,
-        "checkpoint": checkpoint,
+        "checkpoint": Path(checkpoint).name,
         "rows": rows,
         "evaluated_samples": sum(len(i) for i, _, _ in test),
         "threads": torch.get_num_threads(),
