@@ -11,11 +11,14 @@ Each callback is thin glue: it decides *when* (which hook, which step) and calls
   rows, attention heads, FFN neurons) and keeps pruned weights at zero.
 * :class:`QATHook` (model, bits): trains through torchao fake quantization from a chosen step
   and converts to quantized weights at the end.
+* :class:`Distiller` (model, teacher): distils the student from a teacher (the run's own
+  snapshot, a checkpoint or a fine-tuned model) with the teacher's outputs cached per sample.
 * :class:`PlanCoordinator` (all axes): runs the axes of a :class:`lightning_3d.plan.ThreeDPlan`
   as one: a shared signal pass, one timeline, cross-axis checks, adaptive budgets.
 """
 
 from lightning_3d.callbacks.curriculum import CurriculumSampler
+from lightning_3d.callbacks.distillation import Distiller
 from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
 from lightning_3d.callbacks.plan import PlanCoordinator
 from lightning_3d.callbacks.pruning import ProgressivePruner
@@ -23,6 +26,7 @@ from lightning_3d.callbacks.quantization import QATHook
 
 __all__ = [
     "CurriculumSampler",
+    "Distiller",
     "PlanCoordinator",
     "ProgressivePruner",
     "QATHook",

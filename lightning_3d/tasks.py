@@ -32,6 +32,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_3d.data import IGNORE_INDEX
+from lightning_3d.distillation import TEACHER_KEY, distil
 from lightning_3d.models import (
     load_pretrained,
     load_tokenizer,
@@ -194,7 +195,9 @@ class SequenceClassificationTask(PretrainedTask):
     "logits": z (detached)}``; Lightning hands that dict to every callback's
     ``on_train_batch_end``. The optimized loss is exactly the mean of ``per_sample_loss``, or
     ``(1/B) * sum_i w_i l_i`` when the batch carries ``sample_weight`` ``w`` (put there by
-    ``CurriculumSampler(rescale_loss=True)``).
+    ``CurriculumSampler(rescale_loss=True)``). With a ``Distiller``, ``l_i`` is the distillation
+    loss ``(1 - alpha) * l_i + alpha * T^2 * KL(teacher_i || student_i)``
+    (:func:`~lightning_3d.distillation.distil`), which the data axis then scores.
 
     Args:
         model_name_or_path: local folder or Hub id; ``None`` is the packaged all-MiniLM-L6-v2.
@@ -251,6 +254,7 @@ class SequenceClassificationTask(PretrainedTask):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         logits, per_sample = self._losses(batch)
+        per_sample = distil(per_sample, logits, batch)
         loss = weighted_mean(per_sample, batch)
         size = len(per_sample)
         self.train_accuracy(logits.detach(), batch["labels"])
@@ -313,8 +317,10 @@ class CausalLMTask(PretrainedTask):
 
     ``perplexity = exp(mean token loss)`` over the validation (or test) set, with the mean taken
     over tokens, not batches. ``training_step`` returns per-sequence losses and indices like
-    :class:`SequenceClassificationTask`; a batch with ``sample_weight`` ``w`` optimizes
-    ``(1/B) * sum_i w_i l_i`` over per-sequence losses instead of the token mean.
+    :class:`SequenceClassificationTask`; a batch with ``sample_weight`` ``w`` or teacher targets
+    (a ``Distiller``: per-sequence losses blended with the top-k token KL, see
+    :func:`~lightning_3d.distillation.distil`) optimizes ``(1/B) * sum_i w_i l_i`` over
+    per-sequence losses instead of the token mean.
 
     Args:
         model_name_or_path: local folder, ``.gguf`` file, or Hub id; ``None`` is the packaged
@@ -351,10 +357,10 @@ class CausalLMTask(PretrainedTask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        loss, per_sequence = causal_lm_losses(
-            self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
-        )
-        if "sample_weight" in batch:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss, per_sequence = causal_lm_losses(logits, batch["labels"])
+        if "sample_weight" in batch or TEACHER_KEY in batch:
+            per_sequence = distil(per_sequence, logits, batch)
             loss = weighted_mean(per_sequence, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(per_sequence))
         return {"loss": loss, "per_sample_loss": per_sequence.detach(), "index": batch["index"]}

@@ -1,0 +1,286 @@
+"""``Distiller``: the model axis's teacher -- distil the student from a teacher while it trains.
+
+Life cycle (``global_step`` counts optimizer steps):
+
+1. ``setup``: a teacher given as a module, a Lightning checkpoint (file or sharded folder) or a
+   Hugging Face folder / Hub id is loaded, frozen, put in eval mode and checked against the
+   student (same vocabulary, logits of the same shape) before the first step.
+2. ``on_train_batch_start`` from ``start_step`` on: ``teacher="snapshot"`` first copies the
+   student as it is then (the end of a dense warm-up; frozen, eval mode). The batch's samples
+   missing from the :class:`~lightning_3d.distillation.TeacherCache` go through the teacher once;
+   the batch gets the teacher's targets under ``batch["teacher_targets"]`` for
+   :func:`~lightning_3d.distillation.distil` in ``training_step``. Once the cache holds every
+   training sample the teacher is released.
+3. Checkpoints hold the cache and, while the teacher is still needed, the snapshot's weights:
+   a resumed run distils from the same teacher and reuses the same cached outputs (the cache is
+   saved, not rebuilt).
+
+The student's training step needs one line (the built-in tasks have it)::
+
+    per_sample = distil(per_sample, logits, batch)   # then reduce as before
+
+Example:
+    >>> from lightning import Trainer
+    >>> distiller = Distiller("snapshot", alpha=0.5, start_step=100)
+    >>> trainer = Trainer(callbacks=[distiller], max_epochs=3)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from lightning_3d.checkpoints import checkpoint_state
+from lightning_3d.distillation import (
+    TEACHER_KEY,
+    TeacherCache,
+    TeacherTargets,
+    check_distillation,
+    check_teacher,
+    teacher_logits,
+    top_k_targets,
+)
+from lightning_3d.quantization import set_fake_quantization
+
+log = logging.getLogger(__name__)
+SNAPSHOT = "snapshot"
+
+
+class Distiller(Callback):
+    """Distil the student from a teacher: ``(1 - alpha) * task + alpha * T^2 * KL(teacher ||
+    student)`` per sample, with the teacher's outputs cached per training sample.
+
+    Args:
+        teacher: ``"snapshot"`` (the run's own model at ``start_step``), a ``torch.nn.Module``,
+            a Lightning checkpoint file of this task or a Hugging Face
+            folder / Hub id of a model fine-tuned on the same labels.
+        alpha: weight of the distillation term, in ``[0, 1]``.
+        temperature: softening temperature ``T > 0``.
+        start_step: the optimizer step from which batches carry teacher targets (and at which
+            ``"snapshot"`` copies the student; it must then be >= 1).
+        top_k: teacher logits kept per token for sequence (causal LM) outputs.
+        cache: keep the teacher's outputs per dataset index (``batch["index"]``) and run the
+            teacher only on samples not seen before; ``False`` runs it on every batch.
+        student: the LightningModule attribute holding the network the teacher mirrors (a
+            snapshot copies it; a checkpoint's ``"<student>."`` weights load into a copy of it).
+
+    Counters: ``teacher_samples`` (samples the teacher has run on), ``teacher_batches``; logged
+    as ``distill/teacher_samples`` and ``distill/cached_samples``.
+
+    Example:
+        >>> Distiller(alpha=0.9, temperature=2.0, start_step=50).alpha
+        0.9
+    """
+
+    def __init__(
+        self,
+        teacher: str | nn.Module = SNAPSHOT,
+        alpha: float = 0.5,
+        temperature: float = 2.0,
+        start_step: int = 0,
+        top_k: int = 32,
+        cache: bool = True,
+        student: str = "model",
+    ) -> None:
+        check_distillation(alpha, temperature)
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        if teacher == SNAPSHOT and start_step == 0:
+            raise ValueError(
+                "teacher='snapshot' copies the student at start_step, which must be >= 1 (a "
+                "dense warm-up first): at step 0 the student has learnt nothing to teach"
+            )
+        if not isinstance(teacher, nn.Module | str):
+            raise ValueError(
+                f"teacher must be 'snapshot', a module, a checkpoint or a model path; got "
+                f"{type(teacher).__name__}"
+            )
+        self.source = teacher
+        self.alpha = alpha
+        self.temperature = temperature
+        self.start_step = start_step
+        self.student = student
+        self.cache = TeacherCache(top_k) if cache else None
+        self.top_k = top_k
+        self.teacher: nn.Module | None = None
+        self.teacher_samples = 0
+        self.teacher_batches = 0
+        self.snapshot_taken = False
+        self._snapshot_state: dict[str, torch.Tensor] | None = None
+        self._dataset_size: int | None = None
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        keep_snapshot = self.source == SNAPSHOT and self.teacher is not None
+        return {
+            "cache": None if self.cache is None else self.cache.state_dict(),
+            "teacher_samples": self.teacher_samples,
+            "teacher_batches": self.teacher_batches,
+            "snapshot_taken": self.snapshot_taken,
+            "snapshot": (
+                {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
+                if keep_snapshot and self.teacher is not None
+                else None
+            ),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.cache is not None and state_dict["cache"] is not None:
+            self.cache.load_state_dict(state_dict["cache"])
+        self.teacher_samples = state_dict["teacher_samples"]
+        self.teacher_batches = state_dict["teacher_batches"]
+        self.snapshot_taken = state_dict["snapshot_taken"]
+        self._snapshot_state = state_dict["snapshot"]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the cache holds the teacher's outputs of every training sample."""
+        return (
+            self.cache is not None
+            and self._dataset_size is not None
+            and len(self.cache) >= self._dataset_size
+        )
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _student(self, pl_module: LightningModule) -> nn.Module:
+        network = getattr(pl_module, self.student, None)
+        if not isinstance(network, nn.Module):
+            raise ValueError(
+                f"Distiller: the LightningModule has no network attribute {self.student!r}; set "
+                "student= to the attribute holding the model the teacher mirrors"
+            )
+        return network
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        student = self._student(pl_module)
+        if self.source == SNAPSHOT:
+            return
+        if isinstance(self.source, nn.Module):
+            teacher = self.source
+        else:
+            teacher = load_teacher(self.source, student, self.student)
+        check_teacher(teacher, student)
+        self.teacher = freeze(teacher).to(pl_module.device)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        student = self._student(pl_module)
+        if self.source == SNAPSHOT and any(hasattr(p, "device_mesh") for p in student.parameters()):
+            raise ValueError(
+                "Distiller: teacher='snapshot' copies the student, which is sharded here; pass "
+                "a checkpoint or model path as the teacher under a sharding strategy"
+            )
+        if self._snapshot_state is not None:  # resumed while the snapshot was still needed
+            teacher = copy.deepcopy(student)
+            teacher.load_state_dict(self._snapshot_state)
+            self.teacher, self._snapshot_state = freeze(teacher), None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        self._dataset_size = len(dataset) if hasattr(dataset, "__len__") else None
+
+    # -- training -----------------------------------------------------------------------------
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step < self.start_step:
+            return
+        if not isinstance(batch, dict):
+            raise ValueError("Distiller needs dict batches (input_ids, attention_mask, index)")
+        if self.source == SNAPSHOT and not self.snapshot_taken:
+            self.teacher = freeze(copy.deepcopy(self._student(pl_module)))
+            self.snapshot_taken = True
+            log.info("Distiller: teacher snapshot taken at step %d", trainer.global_step)
+        with trainer.precision_plugin.forward_context():
+            values, indices = self._targets(batch, pl_module.device)
+        batch[TEACHER_KEY] = TeacherTargets(values, indices, self.alpha, self.temperature)
+        if self.complete and self.teacher is not None:
+            self.teacher = None  # every training sample is cached: the teacher is not needed
+            log.info("Distiller: every training sample is cached; teacher released")
+
+    def _targets(
+        self, batch: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mask = batch.get("attention_mask")
+        if self.cache is None:
+            logits = self._run_teacher(batch)
+            if logits.dim() == 2:
+                return logits.float(), None
+            return top_k_targets(logits, self.top_k)
+        if "index" not in batch:
+            raise ValueError(
+                "Distiller(cache=True) keys the teacher's outputs by batch['index'] (the "
+                "built-in data modules add it; wrap a dataset with lightning_3d.data.WithIndex) "
+                "or set cache=False"
+            )
+        index = batch["index"]
+        missing = self.cache.missing(index)
+        if bool(missing.any()):
+            rows = missing.nonzero().flatten().to(index.device)
+            subset = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
+            logits = self._run_teacher(subset)
+            self.cache.store(index[rows], logits, subset.get("attention_mask"))
+        values, indices = self.cache.targets(index, mask)
+        return values.to(device), None if indices is None else indices.to(device)
+
+    def _run_teacher(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.teacher is None:
+            raise RuntimeError("Distiller: the teacher was released but a sample is not cached")
+        self.teacher_samples += int(batch["input_ids"].shape[0])
+        self.teacher_batches += 1
+        return teacher_logits(self.teacher, batch)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if trainer.global_step <= self.start_step:
+            return
+        pl_module.log("distill/teacher_samples", float(self.teacher_samples), rank_zero_only=True)
+        if self.cache is not None:
+            pl_module.log("distill/cached_samples", float(len(self.cache)), rank_zero_only=True)
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    """``teacher`` in eval mode, without gradients and without fake quantization."""
+    teacher.eval().requires_grad_(False)
+    set_fake_quantization(teacher, False)
+    return teacher
+
+
+def load_teacher(source: str, student: nn.Module, attribute: str) -> nn.Module:
+    """A teacher from a Lightning checkpoint (its ``"<attribute>."`` weights loaded into a copy
+    of ``student``) or a Hugging Face folder / Hub id (the student's model class)."""
+    path = Path(source)
+    if path.is_file():
+        teacher = copy.deepcopy(student)
+        state = checkpoint_state(path)
+        prefix = f"{attribute}."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            raise ValueError(
+                f"Distiller: the checkpoint {source} holds no '{prefix}*' weights of the student"
+            )
+        try:
+            teacher.load_state_dict(own)
+        except RuntimeError as error:
+            raise ValueError(
+                f"Distiller: the checkpoint {source} does not fit the student's architecture: "
+                f"{str(error).splitlines()[0]}"
+            ) from error
+        return teacher
+    base = student.get_base_model() if hasattr(student, "get_base_model") else student
+    loader = getattr(type(base), "from_pretrained", None)
+    if loader is None:
+        raise ValueError(
+            f"Distiller: teacher={source!r} is neither a checkpoint nor loadable with "
+            f"{type(base).__name__}.from_pretrained"
+        )
+    return loader(source)
