@@ -1,215 +1,587 @@
-"""The ablation table: what each axis buys alone, and what the co-optimized plan buys together.
+"""The ablation table: what each axis of a :class:`~lightning_3d.plan.ThreeDPlan` buys alone, what
+they buy together, and what each axis adds to the co-optimized plan.
 
-MiniLM fine-tuned on a Rotten Tomatoes training subset, each run a :class:`ThreeDPlan` in a
-fresh process (seeds ``--seeds``):
+Regime: all-MiniLM-L6-v2 fine-tuned on the whole Rotten Tomatoes training split
+(``--train-samples 0``), 64 tokens, batch 32, AdamW with the main job's recipe
+(``examples/configs/rt_minilm_baseline.yaml``: learning rate 5e-5, weight decay 0.01, linear
+warm-up over 6% of the run, then linear decay to 0), 2 epochs for ``Standard``, on the CPU.
+Validation is off during training; the trained model is tested on the whole test split.
 
-* ``Standard``: ``ThreeDPlan()``, plain fine-tuning;
-* ``DataOpt``: ``data_budget`` (the curriculum keeps that share of the samples each epoch,
-  chosen by loss within each class, scored before the first epoch by the signal pass);
-* ``ParamOpt``: ``trainable`` (the freezer keeps that share of the parameters training, chosen
-  from the signal pass's gradient statistics before the first step);
-* ``ModelOpt``: ``sparsity`` + ``weight_bits`` (pruning of the transformer blocks' linear
-  weights to half of the run, QAT from ``qat_start``, int weights at the end);
-* ``3D``: all of them in one plan.
+Every set-up is a row of :data:`SETUPS`: the keyword arguments of its ``ThreeDPlan`` (every other
+field at its default, ``seed=--data-seed``), plus an optional ``"steps"``: the fraction of
+``Standard``'s optimizer steps (``epochs * ceil(train rows / batch)``) the run may take, which
+becomes the trainer's ``max_steps`` (rounded up); the learning-rate schedule then spans those
+steps. ``3D-no-data``, ``3D-no-params`` and ``3D-no-model`` are the ``3D`` row less one axis.
 
-Columns: test accuracy on the whole test split (mean ± sd over seeds), the fit's wall time
-(signal pass included), trainable parameters at the end of training, the peak resident memory
-the fit adds (sampled from ``/proc`` every 5 ms), the exported model (``save_pretrained``
-safetensors, or the QAT export with int4 packed two per byte) and CPU inference latency at batch
-1 and 32 (sequence length ``--max-length``) of the seed-0 exports, timed round-robin in one
-process. Ratios are against ``Standard``, measured side by side in the same run.
+Each run (one set-up, one seed) is a fresh process that seeds, builds, fits and measures:
 
-It also draws accuracy against training time and against model bytes (the Pareto view) to
-``--plot``, logs the table and the plot to W&B (offline without credentials), and with
-``--write`` replaces the ablation section of BENCHMARKS.md.
+* ``test_acc``: test accuracy in percent (``trainer.test`` on the whole test split);
+* ``train_s``: the fit's wall time (the plan's signal pass included) and ``cpu_s``: the CPU
+  time of the process during the fit (user + system, every thread);
+* ``peak_train_mib``: the highest resident memory during the fit above what the process held
+  before it (sampled from ``/proc`` every 5 ms), so gradients, optimizer state, activations;
+* ``steps``: optimizer steps done, and the trainable parameters at the end of training;
+* the deployed model: :func:`lightning_3d.export.export` to ``onnx-int8`` when the plan has
+  ``weight_bits`` (the QAT-converted model, re-quantized by ONNX Runtime), else ``onnx`` (the
+  fp32 graph, pruned heads and neurons removed): ``model_bytes`` of that file, and the exported
+  graph's accuracy on the test split (``export_acc``) with its agreement with the trained model.
+
+Each run writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir`` (the row, the
+settings, the git commit) and is skipped when that file exists (``--force`` reruns it), so a
+sweep can be done in parts. The seed-0 export of each set-up stays under ``--export-dir``.
+
+``--latency`` then loads the ONNX file of every set-up's seed-0 export in one process and times
+them round-robin at batch 1 and 32 of ``--max-length`` tokens (median of ``--latency-rounds``
+turns), into ``latency_<machine>.json``.
+
+``--summarize`` merges the result files of ``--machine`` and its latency file into
+``--summary`` (JSON), prints a Markdown table (mean ± sd over seeds, ratios against
+``Standard``) and the goals of ``3D`` against ``Standard``, draws the Pareto plot (accuracy
+against training time and against model bytes) to ``--plot``, and with ``--write`` replaces the
+ablation section of BENCHMARKS.md.
 
 Usage::
 
-    python benchmarks/ablation.py --write                  # the figures in BENCHMARKS.md
-    python benchmarks/ablation.py --seeds 0 --setups Standard 3D
-    python benchmarks/ablation.py --summarize benchmarks/results/ablation*.json --write
+    python benchmarks/ablation.py                       # every set-up, seeds 0 1 2 / 0
+    python benchmarks/ablation.py --setups Standard 3D --seeds 1   # a part of the sweep
+    python benchmarks/ablation.py --latency             # after the seed-0 runs
+    python benchmarks/ablation.py --summarize --write   # the figures in BENCHMARKS.md
+    python benchmarks/ablation.py --setups Standard DataOpt --seeds 0 --train-samples 64 \\
+        --epochs 1 --machine smoke --results-dir SCRATCH --export-dir SCRATCH/exported  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pruning import (
-    add_run_arguments,
-    by_setup,
-    latency_cells,
-    round_robin_latency,
-    run_benchmark,
-    timed_fit,
-)
+from pruning import PeakMemory, child
 
-SETUPS = ("Standard", "DataOpt", "ParamOpt", "ModelOpt", "3D")
-AXES_OF = {
-    "Standard": (),
-    "DataOpt": ("data_budget",),
-    "ParamOpt": ("trainable",),
-    "ModelOpt": ("sparsity", "weight_bits"),
-    "3D": ("data_budget", "trainable", "sparsity", "weight_bits"),
+#: Each set-up: the keyword arguments of its ThreeDPlan, and optionally ``"steps"``, the fraction
+#: of Standard's optimizer steps it may take (the trainer's ``max_steps``).
+SETUPS: dict[str, dict[str, Any]] = {
+    "Standard": {},
+    "Standard-half": {"steps": 0.5},
+    "DataOpt": {"data_budget": 0.5},
+    "ParamOpt": {"trainable": 0.5},
+    "ModelOpt": {"sparsity": 0.3, "prune_pattern": "heads+neurons", "weight_bits": 8},
+    "Distill": {"distill": 0.5},
+    "3D": {
+        "data_budget": 0.5,
+        "trainable": 0.5,
+        "sparsity": 0.3,
+        "prune_pattern": "heads+neurons",
+        "weight_bits": 8,
+        "distill": 0.5,
+    },
 }
-BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+#: The 3D row less one axis each (derived, so they follow the 3D row when it is tuned).
+WITHOUT = {
+    "3D-no-data": ("data_budget",),
+    "3D-no-params": ("trainable",),
+    "3D-no-model": ("sparsity", "prune_pattern", "weight_bits"),
+}
+SETUPS.update(
+    {
+        name: {k: v for k, v in SETUPS["3D"].items() if k not in keys}
+        for name, keys in WITHOUT.items()
+    }
+)
+STEPS = "steps"  # the key of a row that is not a ThreeDPlan field
+THREE_SEEDS = ("Standard", "Standard-half", "3D")  # the set-ups run with seeds 0 1 2 by default
+SINGLE_AXIS = ("DataOpt", "ParamOpt", "ModelOpt", "Distill")
+BATCHES = (1, 32)  # latency batch sizes
+PER_SEED = ("test_acc", "train_s", "cpu_s", "peak_train_mib")  # the summary's per-seed lists
+
 REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS = REPOSITORY / "benchmarks" / "results"
+BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
-def plan_for(setup: str, args: argparse.Namespace) -> Any:
+# ----------------------------------------------------------------------------- set-ups
+def plan_arguments(setup: str) -> dict[str, Any]:
+    """The ThreeDPlan keyword arguments of ``setup`` (its row without ``"steps"``)."""
+    return {k: v for k, v in SETUPS[setup].items() if k != STEPS}
+
+
+def build_plan(setup: str, args: argparse.Namespace) -> Any:
     from lightning_3d.plan import ThreeDPlan
 
-    chosen = {name: getattr(args, name) for name in AXES_OF[setup]}
-    return ThreeDPlan(
-        **chosen, prune_end=args.prune_end, qat_start=args.qat_start, seed=args.data_seed
+    return ThreeDPlan(**plan_arguments(setup), seed=args.data_seed)
+
+
+def export_format(setup: str) -> str:
+    """The deployed form: int8 ONNX when the plan quantizes weights, else fp32 ONNX."""
+    return "onnx-int8" if SETUPS[setup].get("weight_bits") else "onnx"
+
+
+def seeds_of(setup: str, args: argparse.Namespace) -> list[int]:
+    if args.seeds is not None:
+        return list(args.seeds)
+    return [0, 1, 2] if setup in THREE_SEEDS else [0]
+
+
+def result_path(args: argparse.Namespace, setup: str, seed: int) -> Path:
+    return args.results_dir / f"{setup}_seed{seed}_{args.machine}.json"
+
+
+def export_folder(args: argparse.Namespace, setup: str, seed: int) -> Path:
+    return args.export_dir / f"{setup}-seed{seed}"
+
+
+def git_commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The regime settings a result file records (no folders)."""
+    keys = (
+        "train_samples",
+        "epochs",
+        "max_length",
+        "batch_size",
+        "learning_rate",
+        "weight_decay",
+        "warmup_ratio",
+        "data_seed",
+        "machine",
     )
+    return {key: getattr(args, key) for key in keys}
 
 
-def run_one(setup: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from lightning.pytorch import Callback
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
-    from lightning_3d.callbacks import QATHook
+
+# ----------------------------------------------------------------------------- one run
+def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Seed, build, fit, test and export one set-up (in a child process)."""
+    import lightning
+    import lightning.pytorch as pl
+    import onnxruntime
+    import torch
+    import transformers
+    from curriculum import prepare_data
+
+    from lightning_3d.export import export
+    from lightning_3d.tasks import SequenceClassificationTask
 
     trainable: list[int] = []
 
-    class CountTrainable(Callback):  # before conversion at on_fit_end
+    class CountTrainable(pl.Callback):  # at the end of training, before QAT conversion
         def on_train_end(self, trainer: Any, module: Any) -> None:
             trainable.append(sum(p.numel() for p in module.parameters() if p.requires_grad))
 
-    plan = plan_for(setup, args)
-    task, data, trainer, seconds, peak_mib = timed_fit(
-        args, seed, lambda task: [*plan.callbacks(), CountTrainable()]
+    plan = build_plan(setup, args)
+    pl.seed_everything(seed, verbose=False)
+    task = SequenceClassificationTask(
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
     )
+    data = prepare_data(args, 0.0, task.tokenizer)
+    train_rows = len(data.splits["train"])
+    standard_steps = args.epochs * math.ceil(train_rows / args.batch_size)
+    fraction = SETUPS[setup].get(STEPS)
+    max_steps = -1 if fraction is None else math.ceil(fraction * standard_steps)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        max_steps=max_steps,
+        callbacks=[*plan.callbacks(), CountTrainable()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with PeakMemory() as memory:
+        cpu, started = cpu_seconds(), time.perf_counter()
+        trainer.fit(task, datamodule=data)
+        train_s, cpu_s = time.perf_counter() - started, cpu_seconds() - cpu
     accuracy = trainer.test(task, datamodule=data, verbose=False)[0]["test/acc"]
-    folder = args.export_dir / f"{setup}-seed{seed}"
+
+    kind = export_format(setup)
+    folder = export_folder(args, setup, seed)
     shutil.rmtree(folder, ignore_errors=True)
-    qat = next((c for c in trainer.callbacks if isinstance(c, QATHook)), None)
-    if qat is not None:
-        model_bytes = qat.export(task.model, folder)["file_bytes"]
-    else:
-        task.model.save_pretrained(folder)
-        model_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    if seed != args.seeds[0]:
-        shutil.rmtree(folder)  # latency is measured on the first seed's exports only
-    return [
-        {
-            "setup": setup,
-            "seed": seed,
-            "test_acc": accuracy,
-            "train_seconds": seconds,
-            "steps": trainer.global_step,
-            "trainable_params": trainable[0],
-            "peak_memory_mib": peak_mib,
-            "model_mib": model_bytes / 2**20,
-        }
-    ]
+    started = time.perf_counter()
+    report = export(
+        task.model,
+        task.tokenizer,
+        folder,
+        formats=(kind,),
+        eval_data=data.test_dataloader(),
+        latency_rounds=0,  # timed later, every set-up side by side (--latency)
+        sequence_length=args.max_length,
+    )
+    export_s = time.perf_counter() - started
+    exported = report.row(kind)
+    if seed != 0:
+        shutil.rmtree(folder)  # latency is measured on the seed-0 exports only
+    row = {
+        "test_acc": 100 * accuracy,
+        "train_s": train_s,
+        "cpu_s": cpu_s,
+        "peak_train_mib": memory.peak_mib,
+        "steps": trainer.global_step,
+        "trainable_params": trainable[0] if trainable else None,
+        "model_bytes": exported.bytes,
+        "export_acc": None if exported.accuracy is None else 100 * exported.accuracy,
+        "export_agreement": exported.agreement,
+        "export_s": export_s,
+    }
+    run = {
+        "train_rows": train_rows,
+        "test_rows": report.evaluated_samples,
+        "standard_steps": standard_steps,
+        "max_steps": max_steps,
+        "plan": plan_arguments(setup),
+        "export_format": kind,
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+    }
+    return {"row": row, "run": run}
 
 
-def measure_latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Median forward time per set-up at batch 1 and 32, round-robin over the seed-0 exports."""
+def sweep(args: argparse.Namespace) -> int:
+    """Every selected (set-up, seed) without a result file, each in a fresh process; returns the
+    number of failed runs."""
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    setups = []
+    for setup in args.setups:  # refuse set-ups whose plan cannot be built, before any training
+        try:
+            build_plan(setup, args)
+            setups.append(setup)
+        except (TypeError, ValueError) as error:
+            failed.append(setup)
+            print(f"{setup}: cannot build its ThreeDPlan ({error}); skipped", flush=True)
+    seeds = sorted({seed for setup in setups for seed in seeds_of(setup, args)})
+    for seed in seeds:  # seed 0 of every set-up first: a complete picture early
+        for setup in setups:
+            target = result_path(args, setup, seed)
+            if seed not in seeds_of(setup, args):
+                continue
+            if target.exists() and not args.force:
+                print(f"{setup} seed {seed}: {target.name} exists; skipped", flush=True)
+                continue
+            try:
+                measured = child("--one", setup, str(seed), script=__file__)
+            except RuntimeError as error:
+                failed.append(f"{setup} seed {seed}")
+                print(f"{setup} seed {seed}: failed\n{error}", flush=True)
+                continue
+            document = {
+                "setup": setup,
+                "seed": seed,
+                "machine": args.machine,
+                "commit": git_commit(),  # per run: a sweep in parts may span commits
+                "settings": {**settings_of(args), **measured["run"]},
+                "row": measured["row"],
+            }
+            target.write_text(json.dumps(document, indent=1) + "\n")
+            print(f"{setup} seed {seed}: {json.dumps(measured['row'])}", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+    return len(failed)
+
+
+# ----------------------------------------------------------------------------- latency
+def measure_latency(args: argparse.Namespace) -> Path:
+    """Median ms per call of every set-up's seed-0 ONNX export at batch 1 and 32, timed
+    round-robin in this one process; written to ``latency_<machine>.json``."""
+    import onnxruntime
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoTokenizer
 
-    from lightning_3d.quantization import load_quantized
+    from lightning_3d.export import ONNX_FILE, latency_inputs, onnx_runner, round_robin_latency
 
-    torch.manual_seed(0)
-    models = {}
+    runners, formats, vocabulary = {}, {}, None
     for setup in args.setups:
-        folder = args.export_dir / f"{setup}-seed{args.seeds[0]}"
-        if "weight_bits" in AXES_OF[setup]:
-            models[setup] = load_quantized(folder).eval()
-        else:
-            models[setup] = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    return round_robin_latency(models, args.max_length, args.latency_rounds)
+        kind = export_format(setup)
+        path = export_folder(args, setup, 0) / kind / ONNX_FILE
+        if not path.exists():
+            print(f"{setup}: no seed-0 export ({kind}) under --export-dir; not timed", flush=True)
+            continue
+        runners[setup], formats[setup] = onnx_runner(path), kind
+        if vocabulary is None:
+            vocabulary = len(AutoTokenizer.from_pretrained(path.parent))
+    if not runners:
+        raise SystemExit("no seed-0 exports to time: run the set-ups with seed 0 first")
+    assert vocabulary is not None
+    inputs = latency_inputs(vocabulary, args.max_length, BATCHES)
+    timed = round_robin_latency(runners, inputs, args.latency_rounds)
+    document = {
+        "machine": args.machine,
+        "commit": git_commit(),
+        "max_length": args.max_length,
+        "rounds": args.latency_rounds,
+        "threads": torch.get_num_threads(),
+        "onnxruntime": onnxruntime.__version__,
+        "formats": formats,
+        "latency": {
+            setup: {f"latency_b{b}_ms": ms for b, ms in by_batch.items()}
+            for setup, by_batch in timed.items()
+        },
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    target = args.results_dir / f"latency_{args.machine}.json"
+    target.write_text(json.dumps(document, indent=1) + "\n")
+    for setup, by_batch in document["latency"].items():
+        print(f"{setup}: " + ", ".join(f"{k} {v:.2f}" for k, v in by_batch.items()), flush=True)
+    return target
 
 
-def mean_of(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.mean(r[key] for r in runs)
+# ----------------------------------------------------------------------------- summary
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """The summary document from ``--machine``'s result files and latency file."""
+    documents = []
+    for path in sorted(args.results_dir.glob(f"*_seed*_{args.machine}.json")):
+        document = json.loads(path.read_text())
+        if document.get("machine") == args.machine and document.get("setup") in SETUPS:
+            documents.append(document)
+    if not documents:
+        raise SystemExit(f"no result files of machine {args.machine!r} in --results-dir")
+    latency_path = args.results_dir / f"latency_{args.machine}.json"
+    latency = json.loads(latency_path.read_text()) if latency_path.exists() else {}
+
+    regime: dict[str, Any] = {}
+    keys = ("train_rows", "test_rows", *settings_of(args), "standard_steps", "threads")
+    for key in keys:
+        values = sorted({json.dumps(d["settings"].get(key)) for d in documents})
+        if len(values) > 1:
+            print(f"warning: the result files disagree on {key}: {', '.join(values)}")
+        parsed = [json.loads(v) for v in values]
+        regime[key] = parsed[0] if len(parsed) == 1 else parsed
+    regime["optimizer"] = "AdamW, linear warm-up then linear decay to 0"
+    regime["commits"] = sorted({d["commit"] for d in documents})
+    regime["latency"] = {
+        key: latency.get(key) for key in ("commit", "rounds", "threads", "max_length")
+    }
+
+    setups: dict[str, Any] = {}
+    for setup in SETUPS:
+        runs = sorted((d for d in documents if d["setup"] == setup), key=lambda d: d["seed"])
+        if not runs:
+            continue
+        entry: dict[str, Any] = {"seeds": [d["seed"] for d in runs]}
+        for key in PER_SEED:
+            entry[key] = [d["row"][key] for d in runs]
+        first = next((d for d in runs if d["seed"] == 0), None)
+        entry["model_bytes"] = None if first is None else int(first["row"]["model_bytes"])
+        timed = latency.get("latency", {}).get(setup, {})
+        for batch in BATCHES:
+            key = f"latency_b{batch}_ms"
+            entry[key] = None if timed.get(key) is None else float(timed[key])
+        setups[setup] = entry
+    return {"regime": regime, "setups": setups}
 
 
-def summarize(results: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> str:
-    """The table: one row per set-up, ratios against Standard."""
+def mean(values: list[float] | None) -> float | None:
+    return statistics.mean(values) if values else None
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None or base == 0 else value / base
+
+
+def times(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else f"{value:{spec}}x"
+
+
+def table(summary: dict[str, Any]) -> str:
+    """Markdown: one row per set-up, mean ± sd over seeds, ratios against Standard."""
+    setups = summary["setups"]
+    base = setups.get("Standard", {})
     lines = [
-        "| set-up | test acc % (mean ± sd) (runs) | vs Standard | train s | vs Standard | "
-        "trainable M | peak train MiB | vs Standard | model MiB | smaller | "
-        "latency b1 ms | speed-up | latency b32 ms | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| set-up | seeds | test acc % | kept | train s | vs Standard | CPU s | vs Standard | "
+        "peak train MiB | vs Standard | model MiB | smaller | b1 ms | faster | b32 ms | faster |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = [r for r in results if r["setup"] == "Standard"]
-    for setup, runs, accuracy, spread in by_setup(results, SETUPS):
 
-        def versus(key: str, runs: list[dict[str, Any]] = runs, invert: bool = False) -> str:
-            if not base:
-                return "-"
-            ratio = mean_of(runs, key) / mean_of(base, key)
-            return f"{1 / ratio:.2f}x" if invert else f"{ratio:.2f}x"
+    def measured(entry: dict[str, Any], key: str, spec: str) -> str:
+        values = entry[key]
+        text = f"{statistics.mean(values):{spec}}"
+        return f"{text} ± {spread(values):{spec}}" if len(values) > 1 else text
 
-        cells = latency_cells(latency, setup, "Standard")
-        kept = (
-            f"{100 * mean_of(runs, 'test_acc') / mean_of(base, 'test_acc'):.1f}%" if base else "-"
-        )
-        lines.append(
-            f"| {setup} | {accuracy:.2f} ± {spread:.2f} ({len(runs)}) | {kept} | "
-            f"{mean_of(runs, 'train_seconds'):.0f} | {versus('train_seconds')} | "
-            f"{mean_of(runs, 'trainable_params') / 1e6:.2f} | "
-            f"{mean_of(runs, 'peak_memory_mib'):.0f} | {versus('peak_memory_mib')} | "
-            f"{mean_of(runs, 'model_mib'):.1f} | {versus('model_mib', invert=True)} | "
-            + " | ".join(cells)
-            + " |"
-        )
+    def versus(entry: dict[str, Any], key: str) -> str:
+        return times(ratio(mean(entry[key]), mean(base.get(key))))
+
+    for name, entry in setups.items():
+        kept = ratio(mean(entry["test_acc"]), mean(base.get("test_acc")))
+        size, base_size = entry["model_bytes"], base.get("model_bytes")
+        cells = [
+            name,
+            " ".join(map(str, entry["seeds"])),
+            measured(entry, "test_acc", ".2f"),
+            "-" if kept is None else f"{100 * kept:.1f}%",
+            measured(entry, "train_s", ".0f"),
+            versus(entry, "train_s"),
+            measured(entry, "cpu_s", ".0f"),
+            versus(entry, "cpu_s"),
+            measured(entry, "peak_train_mib", ".0f"),
+            versus(entry, "peak_train_mib"),
+            "-" if size is None else f"{size / 2**20:.1f}",
+            times(ratio(base_size, size)),
+        ]
+        for batch in BATCHES:
+            key = f"latency_b{batch}_ms"
+            cells += [
+                "-" if entry[key] is None else f"{entry[key]:.1f}",
+                times(ratio(base.get(key), entry[key])),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def claims(results: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> str:
-    """The seed's claims beside what this run measured for 3D against Standard."""
-    base = [r for r in results if r["setup"] == "Standard"]
-    plan = [r for r in results if r["setup"] == "3D"]
-    if not base or not plan:
-        return ""
-    kept = mean_of(plan, "test_acc") / mean_of(base, "test_acc")
-    memory = 1 - mean_of(plan, "peak_memory_mib") / mean_of(base, "peak_memory_mib")
-    time = mean_of(plan, "train_seconds") / mean_of(base, "train_seconds")
-    size = mean_of(base, "model_mib") / mean_of(plan, "model_mib")
-    rows = [
-        "| claim | measured (3D against Standard) |",
-        "|---|---|",
-        f"| at least 98% of the accuracy kept (goal: 99%) | {100 * kept:.1f}% |",
-        f"| 40% less training memory | {100 * memory:.0f}% less peak memory added by the fit |",
-        f"| (goal) at most 50% of the training time | {100 * time:.0f}% |",
-        f"| (goal) a model at least 4x smaller | {size:.2f}x smaller |",
-    ]
-    for batch in (1, 32):
-        key = f"latency_b{batch}_ms"
-        if key in latency.get("3D", {}) and key in latency.get("Standard", {}):
-            faster = latency["Standard"][key] / latency["3D"][key] - 1
-            rows.append(f"| 30% faster inference (batch {batch}, CPU) | {100 * faster:+.0f}% |")
-    return "\n".join(rows)
+def goals(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The goals of 3D against Standard: (goal, measured, met), ``met`` ``None`` where a figure
+    is missing."""
+    setups = summary["setups"]
+    plan, base = setups.get("3D", {}), setups.get("Standard", {})
+
+    def average(entry: dict[str, Any], key: str) -> float | None:
+        value = entry.get(key)
+        return mean(value) if isinstance(value, list) else value
+
+    def row(
+        goal: str,
+        value: float | None,
+        passes: Callable[[float], bool],
+        text: Callable[[float], str],
+    ) -> None:
+        if value is None:
+            rows.append((goal, "not measured", None))
+        else:
+            rows.append((goal, text(value), bool(passes(value))))
+
+    rows: list[tuple[str, str, bool | None]] = []
+    accuracy, plan_time = average(plan, "test_acc"), average(plan, "train_s")
+
+    def versus(key: str, inverse: bool = False) -> float | None:
+        """3D over Standard (``inverse``: Standard over 3D)."""
+        standard, planned = average(base, key), average(plan, key)
+        return ratio(standard, planned) if inverse else ratio(planned, standard)
+
+    row(
+        "keeps >= 99% of Standard's accuracy",
+        versus("test_acc"),
+        lambda v: v >= 0.99,
+        lambda v: f"{100 * v:.1f}%",
+    )
+    row("trains in <= 0.5x Standard's time", versus("train_s"), lambda v: v <= 0.5, times)
+    half = average(setups.get("Standard-half", {}), "test_acc")
+    row(
+        "beats Standard-half's mean accuracy",
+        None if accuracy is None or half is None else accuracy - half,
+        lambda v: v > 0,
+        lambda v: f"{accuracy:.2f}% vs {half:.2f}% ({v:+.2f} points)",
+    )
+    row("model >= 4x smaller", versus("model_bytes", inverse=True), lambda v: v >= 4, times)
+    for batch in BATCHES:
+        faster = versus(f"latency_b{batch}_ms", inverse=True)
+        row(f">= 2x faster inference at batch {batch}", faster, lambda v: v >= 2, times)
+    row("peak training memory <= 0.6x", versus("peak_train_mib"), lambda v: v <= 0.6, times)
+    for name in SINGLE_AXIS:
+        other = setups.get(name, {})
+        goal = f"dominates {name} (as accurate, less train time)"
+        other_accuracy, other_time = average(other, "test_acc"), average(other, "train_s")
+        if accuracy is None or plan_time is None or other_accuracy is None or other_time is None:
+            rows.append((goal, "not measured", None))
+            continue
+        text = f"{accuracy:.2f}% vs {other_accuracy:.2f}%, {plan_time:.0f} s vs {other_time:.0f} s"
+        rows.append((goal, text, accuracy >= other_accuracy and plan_time < other_time))
+    return rows
 
 
-def pareto_plot(results: list[dict[str, Any]], path: Path) -> Path:
-    """Accuracy against training time and against model size, one point per set-up (mean,
-    with the seeds' spread as error bars)."""
+def goals_table(rows: list[tuple[str, str, bool | None]]) -> str:
+    lines = ["| goal (3D against Standard) | measured | met |", "|---|---|---|"]
+    for goal, measured, met in rows:
+        lines.append(f"| {goal} | {measured} | {'-' if met is None else 'yes' if met else 'no'} |")
+    return "\n".join(lines)
+
+
+def regime_line(summary: dict[str, Any]) -> str:
+    regime = summary["regime"]
+    return (
+        f"Machine {regime['machine']}: {regime['train_rows']} training rows, epochs "
+        f"{regime['epochs']}, {regime['max_length']} tokens, batch {regime['batch_size']}, "
+        f"AdamW lr {regime['learning_rate']}, tested on {regime['test_rows']} rows; commits "
+        + ", ".join(regime["commits"])
+        + "."
+    )
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both cost (lower) and accuracy (higher)."""
+    best, kept = -math.inf, []
+    for cost, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if accuracy > best:
+            kept.append((cost, accuracy))
+            best = accuracy
+    return kept
+
+
+def pareto_plot(summary: dict[str, Any], path: Path) -> Path:
+    """Accuracy against training time and against model bytes, one point per set-up (mean, the
+    seeds' spread as error bars), the Pareto frontier as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, panels = plt.subplots(1, 2, figsize=(11, 4.2))
-    for setup, runs, accuracy, spread in by_setup(results, SETUPS):
-        for panel, key in zip(panels, ("train_seconds", "model_mib"), strict=True):
-            x = mean_of(runs, key)
-            panel.errorbar(x, accuracy, yerr=spread, fmt="o", capsize=3)
-            panel.annotate(setup, (x, accuracy), textcoords="offset points",
-                           xytext=(5, 5))  # fmt: skip
-    panels[0].set_xlabel("training wall time (s)")
-    panels[1].set_xlabel("exported model (MiB)")
-    for panel in panels:
+    figure, panels = plt.subplots(1, 2, figsize=(12, 4.6))
+    axes = (("train_s", "training wall time (s)"), ("model_bytes", "exported model (MiB)"))
+    for panel, (key, label) in zip(panels, axes, strict=True):
+        points = []
+        for name, entry in summary["setups"].items():
+            accuracy, accuracy_sd = mean(entry["test_acc"]), spread(entry["test_acc"])
+            if key == "model_bytes":
+                if entry[key] is None:
+                    continue
+                x, x_sd = entry[key] / 2**20, 0.0
+            else:
+                x, x_sd = statistics.mean(entry[key]), spread(entry[key])
+            panel.errorbar(x, accuracy, xerr=x_sd, yerr=accuracy_sd, fmt="o", capsize=3)
+            panel.annotate(name, (x, accuracy), textcoords="offset points", xytext=(5, 5))
+            points.append((x, accuracy))
+        if len(points) > 1:
+            line = frontier(points)
+            panel.step(*zip(*line, strict=True), where="post", linestyle="--", color="grey")
+        panel.set_xlabel(label)
         panel.set_ylabel("test accuracy (%)")
         panel.grid(alpha=0.3)
     figure.suptitle("MiniLM on Rotten Tomatoes: accuracy against cost (up and left is better)")
@@ -218,29 +590,6 @@ def pareto_plot(results: list[dict[str, Any]], path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def log_to_wandb(table: str, plot: Path, args: argparse.Namespace) -> None:
-    """The table and the plot as one W&B run (offline without credentials)."""
-    import os
-
-    import wandb
-
-    from lightning_3d.loggers import wandb_credentials_available
-
-    mode = "online" if wandb_credentials_available() or "WANDB_MODE" in os.environ else "offline"
-    settings = {k: str(v) for k, v in vars(args).items()}
-    run = wandb.init(
-        project="lightning-3d", name="ablation", dir=str(plot.parent), mode=mode, config=settings
-    )
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
-    run.log(
-        {
-            "ablation/table": wandb.Table(columns=rows[0], data=rows[2:]),
-            "ablation/pareto": wandb.Image(str(plot)),
-        }
-    )
-    run.finish()
 
 
 def write_benchmarks(text: str, path: Path = REPOSITORY / "BENCHMARKS.md") -> None:
@@ -252,33 +601,59 @@ def write_benchmarks(text: str, path: Path = REPOSITORY / "BENCHMARKS.md") -> No
     path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", document))
 
 
+def summarize(args: argparse.Namespace) -> None:
+    summary = merge(args)
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(json.dumps(summary, indent=1) + "\n")
+    text = "\n\n".join([regime_line(summary), table(summary), goals_table(goals(summary))]).rstrip()
+    print(text)
+    pareto_plot(summary, args.plot)
+    if args.write:
+        write_benchmarks(text)
+
+
+# ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
-    parser.add_argument("--data-budget", dest="data_budget", type=float, default=0.4)
-    parser.add_argument("--trainable", type=float, default=0.1)
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--weight-bits", dest="weight_bits", type=int, default=4)
-    parser.add_argument("--prune-end", dest="prune_end", type=float, default=0.5)
-    parser.add_argument("--qat-start", dest="qat_start", type=float, default=0.75)
-    parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/ablation_pareto.png"))
-    parser.add_argument("--write", action="store_true", help="replace BENCHMARKS.md's section")
-    parser.add_argument("--no-wandb", action="store_true", help="do not log to W&B")
-    add_run_arguments(parser, "ablation", "ablation.json")
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    default_seeds = f"0 1 2 for {', '.join(THREE_SEEDS)}, 0 for the rest"
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help=f"for every set-up (default: {default_seeds})"
+    )
+    parser.add_argument("--train-samples", type=int, default=0, help="0: the whole split")
+    parser.add_argument("--epochs", type=int, default=2, help="Standard's epochs")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup-ratio", type=float, default=0.06)
+    parser.add_argument("--data-seed", type=int, default=1234)
+    parser.add_argument("--machine", default="cpu-2c-b", help="names the result files")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS / "ablation")
+    parser.add_argument("--export-dir", type=Path, default=RESULTS / "exported" / "ablation")
+    parser.add_argument("--force", action="store_true", help="rerun runs that have a file")
+    parser.add_argument("--latency", action="store_true", help="time the seed-0 exports")
+    parser.add_argument("--latency-rounds", type=int, default=5)
+    parser.add_argument("--summarize", action="store_true", help="merge, print, plot")
+    parser.add_argument("--summary", type=Path, default=RESULTS / "ablation_summary.json")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "ablation_pareto.png")
+    parser.add_argument(
+        "--write", action="store_true", help="summarize and replace BENCHMARKS.md's section"
+    )
+    parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)
 
-    def report(results: list[dict[str, Any]], latency: dict[str, dict[str, float]]) -> str:
-        table = summarize(results, latency)
-        plot = pareto_plot(results, args.plot)
-        if not args.no_wandb:
-            log_to_wandb(table, plot, args)
-        text = f"{table}\n\n{claims(results, latency)}"
-        if args.write:
-            write_benchmarks(text)
-        return text
-
-    run_benchmark(args, __file__, args.setups, run_one, measure_latency, report)
+    if args.one:  # a child process: one run, one JSON line
+        result = run_one(args.one[0], int(args.one[1]), args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if not (args.latency or args.summarize or args.write):
+        sys.exit(1 if sweep(args) else 0)
+    if args.latency:
+        measure_latency(args)
+    if args.summarize or args.write:
+        summarize(args)
 
 
 if __name__ == "__main__":

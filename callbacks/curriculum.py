@@ -122,6 +122,8 @@ class CurriculumSampler(Callback):
             random (InfoBatch).
         rescale_loss: with ``"easiest_random"``, put ``batch["sample_weight"]`` in every batch
             so that weighting per-sample losses with it keeps the epoch's gradient unbiased.
+        anneal: share of the epochs at the end that train on all data again (InfoBatch's
+            annealing; ``floor(anneal * epochs)`` epochs), in ``[0, 1)``.
         warmup_epochs: epochs on all data before the curriculum starts; default 1 for
             training-signal scores (they need one epoch of observations), 0 for ``"quality"``.
         epochs: epochs the pacing spans; default ``Trainer(max_epochs)``.
@@ -155,6 +157,7 @@ class CurriculumSampler(Callback):
         budget: float = 1.0,
         budget_drops: str = "hardest",
         rescale_loss: bool = False,
+        anneal: float = 0.0,
         warmup_epochs: int | None = None,
         epochs: int | None = None,
         ema_decay: float = 0.5,
@@ -190,6 +193,8 @@ class CurriculumSampler(Callback):
                 "rescale_loss=True needs budget_drops='easiest_random': only a random drop of "
                 f"well-learned samples can be made unbiased by weights (got {budget_drops!r})"
             )
+        if not 0.0 <= anneal < 1.0:
+            raise ValueError(f"anneal must be in [0, 1), got {anneal}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if any(epoch < 0 for epoch in scoring_epochs):
@@ -199,6 +204,7 @@ class CurriculumSampler(Callback):
         self.score = score
         self.prescore = prescore
         self.rescale_loss = rescale_loss
+        self.anneal = anneal
         self.ema_decay = ema_decay
         self.quality_key = quality_key
         self.scoring_epochs = frozenset(scoring_epochs)
@@ -310,12 +316,16 @@ class CurriculumSampler(Callback):
                 "CurriculumSampler(epochs=...)"
             )
         schedule = self.schedule
-        if schedule.warmup_epochs >= epochs and (schedule.pacing != "none" or schedule.budget < 1):
+        annealed = int(self.anneal * epochs)
+        if schedule.warmup_epochs + annealed >= epochs and (
+            schedule.pacing != "none" or schedule.budget < 1
+        ):
             raise ValueError(
-                f"warmup_epochs={schedule.warmup_epochs} leaves no epoch for the curriculum "
-                f"out of epochs={epochs}; train longer or lower warmup_epochs"
+                f"warmup_epochs={schedule.warmup_epochs} and {annealed} annealing epochs leave "
+                f"no epoch for the curriculum out of epochs={epochs}; train longer or lower "
+                "warmup_epochs or anneal"
             )
-        self.schedule = dataclasses.replace(schedule, epochs=epochs)
+        self.schedule = dataclasses.replace(schedule, epochs=epochs, anneal_epochs=annealed)
         if (self.scoring_epochs or self.prescore) and not callable(
             getattr(pl_module, "score_batch", None)
         ):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from torch import nn
 
 from lightning_3d.checkpoints import checkpoint_state
 from lightning_3d.distillation import (
+    TEACHER_INPUTS,
     TEACHER_KEY,
     TeacherCache,
     TeacherTargets,
@@ -69,6 +71,7 @@ class Distiller(Callback):
             teacher only on samples not seen before; ``False`` runs it on every batch.
         student: the LightningModule attribute holding the network the teacher mirrors (a
             snapshot copies it; a checkpoint's ``"<student>."`` weights load into a copy of it).
+        inputs: the batch keys the teacher's forward takes as keyword arguments (those present).
 
     Counters: ``teacher_samples`` (samples the teacher has run on), ``teacher_batches``; logged
     as ``distill/teacher_samples`` and ``distill/cached_samples``.
@@ -87,6 +90,7 @@ class Distiller(Callback):
         top_k: int = 32,
         cache: bool = True,
         student: str = "model",
+        inputs: Sequence[str] = TEACHER_INPUTS,
     ) -> None:
         check_distillation(alpha, temperature)
         if start_step < 0:
@@ -106,6 +110,7 @@ class Distiller(Callback):
         self.temperature = temperature
         self.start_step = start_step
         self.student = student
+        self.inputs = tuple(inputs)
         self.cache = TeacherCache(top_k) if cache else None
         self.top_k = top_k
         self.teacher: nn.Module | None = None
@@ -234,9 +239,10 @@ class Distiller(Callback):
     def _run_teacher(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.teacher is None:
             raise RuntimeError("Distiller: the teacher was released but a sample is not cached")
-        self.teacher_samples += int(batch["input_ids"].shape[0])
+        logits = teacher_logits(self.teacher, batch, self.inputs)
+        self.teacher_samples += int(logits.shape[0])
         self.teacher_batches += 1
-        return teacher_logits(self.teacher, batch)
+        return logits
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int

@@ -95,7 +95,9 @@ class SensitivityFreezer(Callback):
         seed: seed of the ``random`` baseline.
 
     The statistics are public (``freezer.statistics``) so other callbacks read them instead of
-    measuring again; :func:`find_gradient_statistics` finds them on a trainer.
+    measuring again; :func:`find_gradient_statistics` finds them on a trainer. Per-tensor
+    statistics cover every trainable tensor (the pruner's per-layer sparsity reads them for
+    tensors this freezer may not freeze), finer ones only the candidates.
 
     Example:
         >>> SensitivityFreezer(target_trainable=0.03, schedule="progressive").schedule
@@ -200,6 +202,11 @@ class SensitivityFreezer(Callback):
         total = sum(self._sizes.values())
         frozen = sum(self._sizes[n] for n in self.frozen)
         return (total - frozen) / total if total else 1.0
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The parameters this freezer may freeze (known from ``on_fit_start``)."""
+        return tuple(self._candidates)
 
     def _always_trainable(self) -> int:
         """Parameters that never freeze: the head and what ``include``/``exclude`` leave out."""
@@ -313,7 +320,10 @@ class SensitivityFreezer(Callback):
         ):
             return
         self._last_measured = step
-        watched = set(self._candidates) - self.frozen
+        # per-tensor statistics are cheap: keep them for every trainable tensor, the signal the
+        # pruner's per-layer sparsity shares; finer ones only for what this freezer may freeze
+        shared = self.statistics.granularity == "tensor"
+        watched = set(self._sizes if shared else self._candidates) - self.frozen
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.statistics.update(
             {

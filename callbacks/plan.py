@@ -3,18 +3,20 @@
 Life cycle (``global_step`` counts optimizer steps):
 
 1. ``setup``: the axis callbacks on the trainer are found and checked: in the step order of
-   :data:`~lightning_3d.plan.STEP_ORDER` after this one, and a compressed strategy sending the
-   plan's ``gradient_density``.
-2. ``on_fit_start`` (before the axes' own): the plan's fractions of the run become steps of the
-   run the data budget leaves, for the pruner and the QATHook the plan built (``scheduled``): the
-   pruning window (start, end, update frequency) and the QAT start. Callbacks composed by hand
-   keep their own steps and are only checked.
+   :data:`~lightning_3d.plan.STEP_ORDER` after this one, a compressed strategy sending the
+   plan's ``gradient_density``, and the trainer's ``max_steps`` when the plan sets it.
+2. ``on_fit_start`` (before the axes' own): the plan's phases become steps of the run the data
+   budget leaves, for the callbacks the plan built (``scheduled``): the freezer's warm-up, the
+   distiller's snapshot step, the pruning window (start, end, update frequency) and the QAT
+   start. Callbacks composed by hand keep their own steps and are only checked.
 3. ``on_train_start``: the cross-axis conflicts are checked (movement pruning of tensors the
    freezer may freeze, pruning that ends after the run or after fake quantization starts); then,
-   once per run, :func:`~lightning_3d.plan.signal_pass` scores every sample for the data axis and
-   measures the gradient statistics the freezer (which freezes right after) and the pruner's
-   per-layer sparsity read (the gradient batches are a seeded random draw of the training data).
-   Gradients of pruned weights are masked in the backward pass, so a
+   with ``warmup=0`` and once per run, :func:`~lightning_3d.plan.signal_pass` scores every
+   sample for the data axis and measures the gradient statistics the freezer (which freezes
+   right after) and the pruner's per-layer sparsity read (the gradient batches are a seeded
+   random draw of the training data). A plan from a budget logs its predicted training time
+   here and the measured one at ``on_train_end`` (``plan/predicted_train_s``,
+   ``plan/measured_train_s``). Gradients of pruned weights are masked in the backward pass, so a
    compressing strategy spends its density on live entries only (frozen tensors have no gradient
    at all and leave the DDP buckets).
 4. ``on_validation_end`` (``adaptive=True``, before fake quantization starts and while steps are
@@ -32,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_3d.callbacks.curriculum import CurriculumSampler
+from lightning_3d.callbacks.distillation import Distiller
 from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
 from lightning_3d.callbacks.pruning import ProgressivePruner
 from lightning_3d.callbacks.quantization import QATHook
@@ -50,7 +54,7 @@ from lightning_3d.tasks import total_training_steps
 
 log = logging.getLogger(__name__)
 #: The callback of each axis, in step order.
-AXIS_CALLBACKS = (CurriculumSampler, SensitivityFreezer, ProgressivePruner, QATHook)
+AXIS_CALLBACKS = (CurriculumSampler, Distiller, SensitivityFreezer, ProgressivePruner, QATHook)
 MASK_UPDATES = 10  # mask updates over the plan's pruning window
 
 
@@ -59,11 +63,13 @@ class PlanCoordinator(Callback):
 
     Args:
         plan: the budgets, timeline and adaptive settings.
-        scheduled: the callbacks whose steps follow the plan's timeline (the pruner and
-            QATHook :meth:`ThreeDPlan.callbacks` builds); other axis callbacks are only checked.
+        scheduled: the callbacks whose steps follow the plan's timeline (the distiller,
+            freezer, pruner and QATHook :meth:`ThreeDPlan.callbacks` builds); other axis
+            callbacks are only checked.
 
     Put it before the axis callbacks (:meth:`ThreeDPlan.callbacks` does). Metrics:
-    ``plan/sparsity_target`` and ``plan/backoffs`` (adaptive mode), ``plan/signal_batches``.
+    ``plan/sparsity_target`` and ``plan/backoffs`` (adaptive mode), ``plan/signal_batches``,
+    ``plan/predicted_train_s`` and ``plan/measured_train_s`` (a plan from a budget).
 
     Example:
         >>> PlanCoordinator(ThreeDPlan(sparsity=0.5, adaptive=True)).backoff.margin
@@ -79,6 +85,7 @@ class PlanCoordinator(Callback):
         self.axes: dict[type, Callback] = {}
         self._gradient_masks: list[RemovableHandle] = []
         self._warned_monitor = False
+        self._started_at: float | None = None
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -121,26 +128,61 @@ class PlanCoordinator(Callback):
                 f"gradient_density={self.plan.gradient_density} applies to a compressed "
                 "strategy (plan.strategy()); this run's strategy sends dense gradients"
             )
+        if self.plan.max_steps is not None and trainer.max_steps != self.plan.max_steps:
+            raise ValueError(
+                f"PlanCoordinator: the plan trains max_steps={self.plan.max_steps} optimizer "
+                f"steps but the trainer has max_steps={trainer.max_steps}; build it with "
+                "Trainer(**plan.trainer_arguments(), ...)"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Turn the plan's fractions of the run into steps, before the axes' ``on_fit_start``."""
+        """Turn the plan's phases into steps, before the axes' ``on_fit_start`` (the same steps
+        on resume: they depend only on the run's length)."""
         self.total_steps = total_training_steps(trainer)
         plan, end = self.plan, 0
+        warm = plan.step_of(plan.warmup, self.total_steps)
+        distiller, freezer = self.axes.get(Distiller), self.axes.get(SensitivityFreezer)
         pruner, qat = self.axes.get(ProgressivePruner), self.axes.get(QATHook)
+        if isinstance(distiller, Distiller) and distiller in self.scheduled:
+            snapshot = plan.teacher == "snapshot"
+            distiller.start_step = max(1, warm) if snapshot else warm
+        if isinstance(freezer, SensitivityFreezer) and freezer in self.scheduled:
+            freezer.warmup_steps = warm
         if isinstance(pruner, ProgressivePruner) and pruner in self.scheduled:
-            end = max(1, plan.step_of(plan.prune_end, self.total_steps))  # the same on resume
-            pruner.start_step = 0
-            pruner.end_step = pruner._end = end
-            pruner.frequency = max(1, end // MASK_UPDATES)
+            end = max(warm + 1, plan.step_of(plan.prune_end, self.total_steps))
+            pruner.set_window(warm, end, max(1, (end - warm) // MASK_UPDATES))
         if isinstance(qat, QATHook) and qat in self.scheduled:
             qat.start_step = max(end, plan.step_of(plan.qat_start, self.total_steps))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_conflicts(trainer)
+        self._started_at = time.perf_counter()
         if not self.signals_measured:
             self._measure_signals(trainer, pl_module)
             self.signals_measured = True
         self._mask_pruned_gradients(pl_module)
+        allocation = self.plan.allocation
+        if allocation is not None:
+            log.info(
+                "PlanCoordinator: budget allocation %s; predicted training time %.0f s (%.2f of "
+                "the reference run): %s",
+                allocation.strengths, allocation.time_s, allocation.time_fraction,
+                allocation.reason,
+            )  # fmt: skip
+            for logger in trainer.loggers:
+                logger.log_metrics({"plan/predicted_train_s": allocation.time_s}, step=0)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        allocation = self.plan.allocation
+        if allocation is None or self._started_at is None:
+            return
+        measured = time.perf_counter() - self._started_at
+        log.info(
+            "PlanCoordinator: training took %.0f s, predicted %.0f s (measured / predicted = "
+            "%.2f)", measured, allocation.time_s, measured / max(allocation.time_s, 1e-9),
+        )  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_metrics({"plan/measured_train_s": measured}, step=trainer.global_step)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for handle in self._gradient_masks:
@@ -155,7 +197,7 @@ class PlanCoordinator(Callback):
         qat = self.axes.get(QATHook)
         if isinstance(pruner, ProgressivePruner):
             if isinstance(freezer, SensitivityFreezer) and pruner.score == "movement":
-                both = sorted(set(freezer._candidates) & set(pruner.targets))
+                both = sorted(set(freezer.candidates) & set(pruner.targets))
                 if both:
                     raise ValueError(
                         f"PlanCoordinator: {both[0]!r} (and {len(both) - 1} more) may be frozen "
@@ -163,25 +205,26 @@ class PlanCoordinator(Callback):
                         "gradients; exclude the pruned tensors from the freezer or prune by "
                         "magnitude"
                     )
-            if pruner._end > self.total_steps:
+            if pruner.window_end > self.total_steps:
                 after = " and QAT converts at the end of fit" if qat is not None else ""
                 budget = (
                     " (the data budget shortens epochs)" if CurriculumSampler in self.axes else ""
                 )
                 raise ValueError(
-                    f"PlanCoordinator: pruning ends at step {pruner._end} but the run has "
+                    f"PlanCoordinator: pruning ends at step {pruner.window_end} but the run has "
                     f"{self.total_steps} optimizer steps{budget}{after}; end the pruning window "
                     "earlier"
                 )
             if (
                 isinstance(qat, QATHook)
                 and qat.start_epoch is None
-                and (pruner.target_sparsity > 0 and qat.start_step < pruner._end)
+                and (pruner.target_sparsity > 0 and qat.start_step < pruner.window_end)
             ):
                 raise ValueError(
                     f"PlanCoordinator: fake quantization starts at step {qat.start_step}, before "
-                    f"the last mask update at step {pruner._end}; masks must be final before the "
-                    "quantization grid is trained (start QAT later or end pruning earlier)"
+                    f"the last mask update at step {pruner.window_end}; masks must be final "
+                    "before the quantization grid is trained (start QAT later or end pruning "
+                    "earlier)"
                 )
 
     # -- signals ------------------------------------------------------------------------------
@@ -190,7 +233,12 @@ class PlanCoordinator(Callback):
         freezer and the pruner, in eval mode (no dropout) and without optimizer steps."""
         curriculum = self.axes.get(CurriculumSampler)
         scoring = isinstance(curriculum, CurriculumSampler) and curriculum.prescore
-        statistics = find_gradient_statistics(trainer)
+        freezer = self.axes.get(SensitivityFreezer)
+        if isinstance(freezer, SensitivityFreezer):  # it measures during its warm-up otherwise
+            before_step_one = freezer.warmup_steps == 0
+        else:  # the pruner's per-layer sparsity: from the warm-up, or before step 1
+            before_step_one = self.plan.warmup == 0
+        statistics = find_gradient_statistics(trainer) if before_step_one else None
         if not scoring and statistics is None:
             return
         if not callable(getattr(pl_module, "score_batch", None)):

@@ -225,6 +225,30 @@ class ProgressivePruner(Callback):
             self.statistics = GradientStatistics()
             self.statistics.load_state_dict(state_dict["statistics"])
 
+    # -- the window ---------------------------------------------------------------------------
+    @property
+    def window_end(self) -> int:
+        """The optimizer step at which the schedule reaches ``target_sparsity`` (``end_step``,
+        or the default 75% of the run once ``on_fit_start`` has resolved it)."""
+        return self._end
+
+    def set_window(self, start_step: int, end_step: int, frequency: int) -> None:
+        """Place the pruning window: mask updates every ``frequency`` optimizer steps from
+        ``start_step`` until ``end_step`` (what a coordinator does before the first step).
+
+        Example:
+            >>> pruner = ProgressivePruner(0.5)
+            >>> pruner.set_window(10, 60, 5); pruner.window_end
+            60
+        """
+        if start_step < 0 or frequency < 1 or end_step <= start_step:
+            raise ValueError(
+                "need start_step >= 0, frequency >= 1 and end_step > start_step; got "
+                f"start_step={start_step}, end_step={end_step}, frequency={frequency}"
+            )
+        self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
+        self._end = end_step
+
     # -- set-up -------------------------------------------------------------------------------
     def _selected(self, name: str) -> bool:
         return (self.include is None or bool(self.include.search(name))) and (

@@ -235,9 +235,11 @@ def infobatch_keep(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep ``ceil(budget * n)`` items by dropping well-learned ones at random (InfoBatch).
 
-    With ``D = n - ceil(budget * n)`` items to drop, the candidates are the ``m = min(n, 2D)``
-    easiest items (so half of them are dropped while ``budget >= 0.5``); ``D`` of them are
-    dropped uniformly at random. Each kept candidate gets the weight ``m / (m - D)`` and every
+    With ``D = n - ceil(budget * n)`` items to drop, the candidates are the items whose
+    difficulty is below the mean (InfoBatch's well-learned samples), or the ``min(n, 2D)``
+    easiest when those are more: ``m = max(#below mean, min(n, 2D))`` candidates, of which ``D``
+    are dropped uniformly at random (so at most half of the candidates while
+    ``budget >= 0.5``). Each kept candidate gets the weight ``m / (m - D)`` and every
     other kept item ``1``, so for any per-item values ``x``,
     ``E[sum_kept w_i x_i] = sum_all x_i``: weighting kept losses this way leaves the expected
     gradient of the epoch unchanged.
@@ -258,7 +260,8 @@ def infobatch_keep(
     weights = torch.ones(count, dtype=torch.float32)
     if drop == 0:
         return torch.arange(count), weights
-    candidates = ranking(difficulty)[: min(count, 2 * drop)]
+    below_mean = int((difficulty < difficulty.mean()).sum())
+    candidates = ranking(difficulty)[: max(below_mean, min(count, 2 * drop))]
     dropped = candidates[torch.randperm(candidates.numel(), generator=generator)[:drop]]
     weights[candidates] = candidates.numel() / (candidates.numel() - drop)
     weights[dropped] = 0.0
@@ -270,7 +273,8 @@ class CurriculumSchedule:
     """What each epoch trains on: warm-up, data budget and pacing, as numbers only.
 
     Epochs ``e < warmup_epochs`` see all ``n`` items in a seeded random order (that is where
-    loss-type scores come from). Afterwards, with progress ``t = (e - w) / (epochs - w)``:
+    loss-type scores come from), and so do the last ``anneal_epochs`` epochs (InfoBatch's
+    annealing: the run ends on all data). Afterwards, with progress ``t = (e - w) / (epochs - w)``:
 
     1. the budget keeps ``k = ceil(budget * n)`` items: the lowest-difficulty ones
        (``budget_drops="hardest"``) or all but a random draw of well-learned ones
@@ -298,6 +302,7 @@ class CurriculumSchedule:
     budget_drops: str = "hardest"
     warmup_epochs: int = 1
     epochs: int = 1
+    anneal_epochs: int = 0
 
     def __post_init__(self) -> None:
         check_pacing(self.pacing, self.start_fraction, self.full_at, self.stages)
@@ -307,8 +312,11 @@ class CurriculumSchedule:
             raise ValueError(
                 f"budget_drops must be one of {BUDGET_DROPS}, got {self.budget_drops!r}"
             )
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs < 0 or self.anneal_epochs < 0:
+            raise ValueError(
+                f"warmup_epochs and anneal_epochs must be >= 0, got {self.warmup_epochs}, "
+                f"{self.anneal_epochs}"
+            )
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
@@ -319,12 +327,17 @@ class CurriculumSchedule:
 
     def kept_size(self, count: int, epoch: int) -> int:
         """Items the budget keeps in ``epoch`` out of ``count``."""
-        return count if epoch < self.warmup_epochs else pool_size(self.budget, count)
+        return count if self.on_all_data(epoch) else pool_size(self.budget, count)
+
+    def on_all_data(self, epoch: int) -> bool:
+        """Whether ``epoch`` visits every item: a warm-up or an annealing epoch."""
+        annealing = self.anneal_epochs > 0 and epoch >= self.epochs - self.anneal_epochs
+        return epoch < self.warmup_epochs or annealing
 
     def epoch_size(self, count: int, epoch: int) -> int:
         """Items ``epoch`` visits out of ``count`` (budget, then pacing)."""
         kept = self.kept_size(count, epoch)
-        if epoch < self.warmup_epochs:
+        if self.on_all_data(epoch):
             return kept
         fraction = pacing_fraction(
             self.progress(epoch), self.pacing, self.start_fraction, self.full_at, self.stages
@@ -346,7 +359,7 @@ class CurriculumSchedule:
         count = difficulty.numel()
         epoch_seed = seed * 1_000_003 + epoch
         generator = torch.Generator().manual_seed(epoch_seed)
-        if epoch < self.warmup_epochs:
+        if self.on_all_data(epoch):
             return torch.randperm(count, generator=generator), None
         weights = None
         if self.budget_drops == "easiest_random":

@@ -31,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,12 +195,19 @@ def distil(
     return blend(per_sample_loss, soft, targets.alpha)
 
 
-def teacher_logits(teacher: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The teacher's logits for ``batch``: its forward on the :data:`TEACHER_INPUTS` the batch
-    has, reading ``.logits`` from a Hugging Face output, under ``torch.no_grad``."""
-    inputs = {key: batch[key] for key in TEACHER_INPUTS if key in batch}
+def teacher_logits(
+    teacher: torch.nn.Module, batch: Mapping[str, Any], inputs: Sequence[str] = TEACHER_INPUTS
+) -> torch.Tensor:
+    """The teacher's logits for ``batch``: its forward on the ``inputs`` keys the batch has, as
+    keyword arguments, reading ``.logits`` from a Hugging Face output, under ``torch.no_grad``."""
+    given = {key: batch[key] for key in inputs if key in batch}
+    if not given:
+        raise ValueError(
+            f"the batch has none of the teacher's inputs {tuple(inputs)} (it has "
+            f"{sorted(batch)}); set Distiller(inputs=...) to the batch keys the model takes"
+        )
     with torch.no_grad():
-        output = teacher(**inputs)
+        output = teacher(**given)
     return getattr(output, "logits", output)
 
 

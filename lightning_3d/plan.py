@@ -4,44 +4,65 @@ A :class:`ThreeDPlan` says how much of each resource a fine-tune may use:
 
 * ``data_budget``: the share of the training samples each epoch visits (the data axis);
 * ``trainable``: the share of the parameters that keep training (the parameter axis);
-* ``sparsity``: the share of the encoder's linear weights pruned (the model axis, weights);
-* ``weight_bits``: 4 or 8-bit weights after quantization-aware training (the model axis, bits);
+* ``sparsity``: the share of the transformer blocks' linear weights (or heads and FFN neurons)
+  pruned, ``weight_bits``: 4 or 8-bit weights after quantization-aware training, and
+  ``distill``: the weight of distillation from a teacher (the model axis);
 * ``gradient_density``: the share of gradient entries sent between ranks (communication).
 
 :meth:`ThreeDPlan.callbacks` turns it into Lightning callbacks in the order a step needs them::
 
-    select data -> update the frozen set -> update masks -> fake-quantize -> compress trainables
+    select data -> teacher targets -> update the frozen set -> update masks -> fake-quantize
+    -> compress trainables
 
-and :meth:`ThreeDPlan.strategy` into a compressed multi-GPU strategy. What the plan adds over the
-four callbacks side by side:
+and :meth:`ThreeDPlan.strategy` into a compressed multi-GPU strategy. The plan runs in phases
+over the optimizer steps ``N`` of the run (what the systems that compress within a point of the
+dense model do: NNCF/optimum-intel JPQD, SparseML oBERT, InfoBatch)::
 
-* **One signal pass.** Before the first step, one pass over the training data measures what every
-  axis needs (:func:`signal_pass`): per-sample losses of every sample for the data scorer (so the
-  data budget applies from the first epoch, with no warm-up epoch on all data), and the gradient
-  statistics (Fisher ``E[g^2]`` per tensor) of ``probe_batches`` batches, which rank the tensors
-  the freezer keeps and set the pruner's per-layer sparsity. Frozen tensors never get optimizer
-  state, so the memory they would have used is never allocated.
-* **One timeline.** The pruning window ends at ``prune_end`` of the run and fake quantization
-  starts at ``qat_start`` (fractions of the optimizer steps the data budget leaves), so the masks
-  are final before the quantization grid is trained and the model converts after pruning ends.
+    [0, warmup*N)             dense warm-up: all parameters train, every sample is seen; the
+                              freezer measures gradient statistics (Fisher E[g^2])
+    warmup*N                  the freezer freezes; the teacher snapshot is taken
+    [warmup*N, prune_end*N)   compression ramp: pruning to the target (magnitude, cubic),
+                              with distillation from the snapshot
+    [prune_end*N, qat_start*N) recovery: masks fixed, distillation goes on
+    [qat_start*N, N)          quantization last: fake quantization, converted at the end
+
+* **Data, InfoBatch-style.** The first epoch trains on every sample and scores it by its loss;
+  later epochs drop a random part of the below-mean-loss samples and weigh the kept ones up so
+  the epoch's expected gradient is unchanged (``data_drops="easiest_random"``); the last
+  ``data_anneal`` of the epochs train on all data again.
+* **Do not freeze what is compressed** (``freeze="uncompressed"``): the freezer never freezes a
+  tensor the pruner prunes, so pruned matrices keep adapting; ``"any"`` lets it freeze them.
+* **Shared signals.** The pruner's per-layer sparsity (unstructured) reads the freezer's
+  warm-up statistics; per-sample distillation losses are what the data axis scores.
 * **Checks before training** (:class:`~lightning_3d.callbacks.PlanCoordinator`): callbacks out
   of step order, movement pruning of tensors the freezer may freeze, pruning that ends after the
   run or after fake quantization starts, a strategy whose density disagrees with the plan.
+* **A budget** (:meth:`ThreeDPlan.for_budget`): axis strengths chosen for a training-time and a
+  model-size budget by :mod:`lightning_3d.budget`, with the predicted cost logged beside the
+  measured one.
 * **Adaptive budgets** (``adaptive=True``): :class:`SparsityBackoff` lowers the sparsity target
   when the validation metric falls more than ``margin`` below its running best, and logs why.
 
+``warmup=0`` keeps the single signal pass of earlier versions: before the first step one pass
+over the training data scores every sample (so the data budget applies from the first epoch) and
+measures the gradient statistics of ``probe_batches`` batches, and the freezer freezes before
+step 1 (:func:`signal_pass`).
+
 Example:
-    >>> plan = ThreeDPlan(data_budget=0.3, trainable=0.1, sparsity=0.5, weight_bits=4)
+    >>> plan = ThreeDPlan(data_budget=0.7, trainable=0.5, sparsity=0.3, weight_bits=8, distill=0.5)
     >>> plan.axes
-    ('data', 'parameters', 'pruning', 'quantization')
-    >>> [type(c).__name__ for c in plan.callbacks()]
-    ['PlanCoordinator', 'CurriculumSampler', 'SensitivityFreezer', 'ProgressivePruner', 'QATHook']
+    ('data', 'distillation', 'parameters', 'pruning', 'quantization')
+    >>> [type(c).__name__ for c in plan.callbacks()]  # doctest: +NORMALIZE_WHITESPACE
+    ['PlanCoordinator', 'CurriculumSampler', 'Distiller', 'SensitivityFreezer',
+     'ProgressivePruner', 'QATHook']
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +73,14 @@ from lightning_3d.sensitivity import GradientStatistics
 if TYPE_CHECKING:
     from lightning.pytorch import Callback
 
+    from lightning_3d.budget import AccuracyCurves, BudgetAllocation, CostModel
+
+log = logging.getLogger(__name__)
+
 #: The order of work inside a training step, which the plan's callbacks follow.
 STEP_ORDER = (
     "select data",
+    "teacher targets",
     "update the frozen set",
     "update masks",
     "fake-quantize",
@@ -63,34 +89,54 @@ STEP_ORDER = (
 #: ``weight_bits`` -> the torchao QAT preset used unless ``quantization`` names another.
 PRESET_FOR_BITS = {4: "int4_weight_only", 8: "int8_weight_only"}
 DATA_DROPS = ("hardest", "easiest_random")
+PRUNE_PATTERNS = ("unstructured", "heads+neurons")
+FREEZE_POLICIES = ("uncompressed", "any")
 MODES = ("max", "min")
 MAX_SPARSITY = 0.98  # the most the plan prunes any tensor (see ProgressivePruner)
+DEFAULT_PRUNE_INCLUDE = r"(?:^|\.)(?:layer|layers|h|blocks)\.\d+\.(?:.*\.)?weight$"
 
 
 @dataclass(frozen=True)
 class ThreeDPlan:
-    """How much data, how many trainable parameters, weights, bits and gradient entries a
-    fine-tune may use, and how the axes share signals and a timeline (see the module docs).
+    """How much data, how many trainable parameters, weights, bits, teacher and gradient entries
+    a fine-tune may use, and the phases in which the axes act (see the module docs).
 
     Args:
-        data_budget: share of the training samples each epoch trains on, in ``(0, 1]``; the
-            samples are chosen by their loss, within each class (1: the data axis is off).
-        trainable: share of the parameters that keep training, in ``(0, 1]`` (1: off).
-        sparsity: share of the targeted linear weights pruned at ``prune_end``, in
-            ``[0, 0.98]`` (0: off). Less sensitive tensors are pruned harder.
+        data_budget: share of the training samples each epoch after the first trains on, in
+            ``(0, 1]`` (1: the data axis is off).
+        trainable: share of the parameters that keep training after the warm-up, in ``(0, 1]``
+            (1: off).
+        sparsity: share of the targeted linear weights (or heads and FFN neurons) pruned at
+            ``prune_end``, in ``[0, 0.98]`` (0: off).
         weight_bits: ``4`` or ``8`` for quantization-aware training and integer weights at the
             end; ``None``: off.
+        distill: weight ``alpha`` of distillation from ``teacher`` from the end of the warm-up,
+            in ``[0, 1]`` (0: off).
         gradient_density: share of the gradient entries each rank sends in a multi-process run,
             in ``(0, 1]`` (1: dense communication); see :meth:`strategy`.
         quantization: a torchao QAT preset overriding ``weight_bits``' default
             (:data:`PRESET_FOR_BITS`), e.g. ``"int8_dynamic_act_int4_weight"``.
         group_size: input columns per weight scale of the int4 presets.
-        data_drops: which samples the data budget drops: ``"hardest"`` (highest loss) or
-            ``"easiest_random"`` (well-learned ones at random, InfoBatch).
-        probe_batches: batches of the signal pass that also compute gradients (the rest of the
-            pass is forward-only scoring).
+        prune_pattern: ``"unstructured"`` (magnitude, less sensitive tensors pruned harder) or
+            ``"heads+neurons"`` (attention heads and FFN neurons, the same share in every
+            block: removed physically at export, so the deployed model is faster).
+        freeze: ``"uncompressed"``: the freezer never freezes a pruned tensor; ``"any"``: it
+            may (pruned weights then cannot adapt to their masks).
+        temperature: distillation temperature ``T``.
+        teacher: ``"snapshot"`` (the run's own model at the end of the warm-up), or a
+            checkpoint or Hugging Face path of a model fine-tuned on the same labels.
+        data_drops: which samples the data budget drops: ``"easiest_random"`` (a random part of
+            the below-mean-loss samples, the kept ones weighted up: InfoBatch) or
+            ``"hardest"`` (the highest-loss ones: quality filtering).
+        data_anneal: share of the epochs at the end that train on all data again.
+        warmup: fraction of the run trained dense before the freezer freezes, the teacher
+            snapshot is taken and pruning starts, in ``[0, 1)``; ``0``: a signal pass before
+            the first step instead (see the module docs).
+        probe_batches: with ``warmup=0``, batches of the signal pass that compute gradients.
         prune_end: fraction of the run's optimizer steps at which the sparsity target is reached.
         qat_start: fraction of the run at which fake quantization goes on (``>= prune_end``).
+        max_steps: optimizer steps of the run when the plan shortens it (a budget's choice);
+            pass ``Trainer(**plan.trainer_arguments())``. ``None``: the trainer's own length.
         prune_include: regex over parameter names of the weights to prune; default: every linear
             weight of the transformer blocks.
         adaptive: back off sparsity from validation feedback (:class:`SparsityBackoff`).
@@ -104,27 +150,37 @@ class ThreeDPlan:
         >>> ThreeDPlan(sparsity=0.5, weight_bits=4, qat_start=0.2)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: qat_start=0.2 is before prune_end=0.5: fake quantization ... mask update
+        ValueError: qat_start=0.2 is before prune_end=0.6: fake quantization ... mask update
     """
 
     data_budget: float = 1.0
     trainable: float = 1.0
     sparsity: float = 0.0
     weight_bits: int | None = None
+    distill: float = 0.0
     gradient_density: float = 1.0
     quantization: str | None = None
     group_size: int = 32
-    data_drops: str = "hardest"
+    prune_pattern: str = "unstructured"
+    freeze: str = "uncompressed"
+    temperature: float = 2.0
+    teacher: str = "snapshot"
+    data_drops: str = "easiest_random"
+    data_anneal: float = 0.125
+    warmup: float = 0.25
     probe_batches: int = 8
-    prune_end: float = 0.5
-    qat_start: float = 0.75
-    prune_include: str = r"(?:^|\.)(?:layer|layers|h|blocks)\.\d+\.(?:.*\.)?weight$"
+    prune_end: float = 0.6
+    qat_start: float = 0.8
+    max_steps: int | None = None
+    prune_include: str = DEFAULT_PRUNE_INCLUDE
     adaptive: bool = False
     monitor: str = "val/acc"
     mode: str = "max"
     margin: float = 0.01
     backoff: float = 0.5
     seed: int = 0
+    #: The budget solver's choice, when the plan comes from :meth:`for_budget`.
+    allocation: BudgetAllocation | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("data_budget", "trainable", "gradient_density"):
@@ -143,24 +199,48 @@ class ThreeDPlan:
                 f"quantization={self.quantization!r} needs weight_bits (4 or 8) to turn the "
                 "quantization axis on"
             )
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.group_size < 1 or self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of 2, got {self.group_size}")
-        if self.data_drops not in DATA_DROPS:
-            raise ValueError(f"data_drops must be one of {DATA_DROPS}, got {self.data_drops!r}")
+        for name, value, allowed in (
+            ("data_drops", self.data_drops, DATA_DROPS),
+            ("prune_pattern", self.prune_pattern, PRUNE_PATTERNS),
+            ("freeze", self.freeze, FREEZE_POLICIES),
+            ("mode", self.mode, MODES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not 0.0 <= self.data_anneal < 1.0:
+            raise ValueError(f"data_anneal must be in [0, 1), got {self.data_anneal}")
         if self.probe_batches < 1:
             raise ValueError(f"probe_batches must be >= 1, got {self.probe_batches}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.distill > 0 and self.teacher == "snapshot" and self.warmup == 0:
+            raise ValueError(
+                "distill with teacher='snapshot' copies the model at the end of the warm-up: "
+                "set warmup > 0 (e.g. 0.25) or give a fine-tuned teacher"
+            )
         if not 0.0 < self.prune_end <= 1.0 or not 0.0 <= self.qat_start < 1.0:
             raise ValueError(
                 f"need prune_end in (0, 1] and qat_start in [0, 1), got prune_end="
                 f"{self.prune_end}, qat_start={self.qat_start}"
+            )
+        if self.sparsity > 0 and self.prune_end <= self.warmup:
+            raise ValueError(
+                f"prune_end={self.prune_end} is not after warmup={self.warmup}: pruning ramps up "
+                "between the two"
             )
         if self.sparsity > 0 and self.weight_bits is not None and self.qat_start < self.prune_end:
             raise ValueError(
                 f"qat_start={self.qat_start} is before prune_end={self.prune_end}: fake "
                 "quantization (and conversion) must come after the last mask update"
             )
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.adaptive and self.sparsity == 0:
             raise ValueError("adaptive=True backs off sparsity; set sparsity > 0")
         if self.margin < 0 or not 0.0 < self.backoff < 1.0:
@@ -174,6 +254,7 @@ class ThreeDPlan:
         """The axes this plan turns on, in :data:`STEP_ORDER` order."""
         on = {
             "data": self.data_budget < 1,
+            "distillation": self.distill > 0,
             "parameters": self.trainable < 1,
             "pruning": self.sparsity > 0,
             "quantization": self.weight_bits is not None,
@@ -191,18 +272,23 @@ class ThreeDPlan:
     def callbacks(self) -> list[Callback]:
         """The coordinator, then one callback per active axis, in :data:`STEP_ORDER` order.
 
+        Their steps (the freezer's warm-up, the snapshot, the pruning window, the QAT start)
+        are placed by the coordinator once the run's length is known.
+
         Example:
             >>> [type(c).__name__ for c in ThreeDPlan(trainable=0.2).callbacks()]
             ['PlanCoordinator', 'SensitivityFreezer']
         """
         from lightning_3d.callbacks import (
             CurriculumSampler,
+            Distiller,
             PlanCoordinator,
             ProgressivePruner,
             QATHook,
             SensitivityFreezer,
         )
 
+        signal_pass_first = self.warmup == 0
         callbacks: list[Callback] = []
         if "data" in self.axes:
             callbacks.append(
@@ -210,28 +296,50 @@ class ThreeDPlan:
                     score="loss",
                     budget=self.data_budget,
                     budget_drops=self.data_drops,
-                    warmup_epochs=0,
-                    prescore=True,
+                    rescale_loss=self.data_drops == "easiest_random",
+                    anneal=self.data_anneal,
+                    warmup_epochs=0 if signal_pass_first else 1,
+                    prescore=signal_pass_first,
                     seed=self.seed,
                 )
             )
-        if "parameters" in self.axes:
+        if "distillation" in self.axes:  # the coordinator sets the start
+            teacher = Distiller(self.teacher, self.distill, self.temperature, start_step=1)
+            callbacks.append(teacher)
+        if "parameters" in self.axes:  # and the warm-up
+            compressed = self.freeze == "uncompressed" and "pruning" in self.axes
             callbacks.append(
-                SensitivityFreezer(target_trainable=self.trainable, metric="fisher", warmup_steps=0)
+                SensitivityFreezer(
+                    target_trainable=self.trainable,
+                    metric="fisher",
+                    warmup_steps=0,
+                    exclude=self.prune_include if compressed else None,
+                )
             )
-        if "pruning" in self.axes:  # the coordinator sets the window at fit start
+        if "pruning" in self.axes:  # and the window
+            unstructured = self.prune_pattern == "unstructured"
             callbacks.append(
                 ProgressivePruner(
                     target_sparsity=self.sparsity,
+                    pattern=self.prune_pattern,
                     score="magnitude",
-                    layer_sparsity="sensitivity",
+                    layer_sparsity="sensitivity" if unstructured else "uniform",
                     include=self.prune_include,
                 )
             )
         if "quantization" in self.axes:  # and the start
             callbacks.append(QATHook(self.preset, group_size=self.group_size))
-        scheduled = [c for c in callbacks if isinstance(c, ProgressivePruner | QATHook)]
+        scheduled = [c for c in callbacks if not isinstance(c, CurriculumSampler)]
         return [PlanCoordinator(self, scheduled), *callbacks]
+
+    def trainer_arguments(self) -> dict[str, Any]:
+        """``Trainer`` keyword arguments the plan needs: ``max_steps`` when it shortens the run.
+
+        Example:
+            >>> ThreeDPlan(max_steps=120).trainer_arguments()
+            {'max_steps': 120}
+        """
+        return {} if self.max_steps is None else {"max_steps": self.max_steps}
 
     def strategy_arguments(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~lightning_3d.strategies.CompressedDDPStrategy` and
@@ -267,10 +375,101 @@ class ThreeDPlan:
         """
         if not math.isfinite(total_steps):
             raise ValueError(
-                "the plan places its pruning window and QAT start at fractions of the run; set "
+                "the plan places its phases at fractions of the run; set "
                 "Trainer(max_epochs=...) or max_steps so the run has a known length"
             )
         return int(fraction * total_steps)
+
+    @classmethod
+    def for_budget(
+        cls,
+        time: float,
+        size: float | None = None,
+        *,
+        cost: CostModel | str | os.PathLike[str],
+        reference_steps: int,
+        epochs: int,
+        compressible_share: float,
+        curves: AccuracyCurves | str | os.PathLike[str] | None = None,
+        candidates: Mapping[str, Sequence[Any]] | None = None,
+        **settings: Any,
+    ) -> ThreeDPlan:
+        """The plan whose axis strengths :func:`~lightning_3d.budget.solve_budget` picks for a
+        budget: training time at most ``time`` times the reference run's (every axis off,
+        ``reference_steps`` optimizer steps over ``epochs`` epochs) and, when given, an
+        exported model of at most ``size`` of the fp32 dense bytes.
+
+        Args:
+            time, size: the budgets, as fractions of the reference run.
+            cost: the step-cost model (:class:`~lightning_3d.budget.CostModel`), or the path of
+                a calibration JSON (:meth:`CostModel.save`; measure one with
+                :func:`~lightning_3d.budget.measure_cost_model`).
+            reference_steps, epochs: the reference recipe.
+            compressible_share: share of the parameters the pruner targets
+                (:func:`compressible_share`).
+            curves: accuracy against strength per axis (a path, or
+                :class:`~lightning_3d.budget.AccuracyCurves`); default: the documented prior
+                :data:`~lightning_3d.budget.DEFAULT_CURVES`.
+            candidates: the strengths to try per axis (default: the solver's grid).
+            settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
+                ``"heads+neurons"``, the pattern that makes the export smaller).
+
+        The chosen allocation is kept in ``plan.allocation`` (predicted seconds, size, reasons)
+        and logged; a plan that shortens the run sets ``max_steps``.
+
+        Example:
+            >>> from lightning_3d.budget import CostModel
+            >>> cost = CostModel(forward_s=0.1, backward_s=0.2, optimizer_s=0.05)
+            >>> plan = ThreeDPlan.for_budget(0.6, 0.3, cost=cost, reference_steps=200, epochs=2,
+            ...                              compressible_share=0.5)
+            >>> plan.allocation.time_fraction <= 0.6 and plan.weight_bits is not None
+            True
+        """
+        from lightning_3d.budget import DEFAULT_CURVES, AccuracyCurves, CostModel, solve_budget
+
+        if not isinstance(cost, CostModel):
+            cost = CostModel.load(cost)
+        if curves is None:
+            curves = DEFAULT_CURVES
+        elif not isinstance(curves, AccuracyCurves):
+            curves = AccuracyCurves.load(curves)
+        settings.setdefault("prune_pattern", "heads+neurons")
+        defaults = cls()
+        warmup = settings.get("warmup", defaults.warmup)
+        qat_start = settings.get("qat_start", defaults.qat_start)
+        allocation = solve_budget(
+            time, size, cost, curves,
+            reference_steps=reference_steps, epochs=epochs,
+            compressible_share=compressible_share, prune_pattern=settings["prune_pattern"],
+            candidates=candidates, warmup=warmup, qat_start=qat_start,
+        )  # fmt: skip
+        arguments = allocation.plan_arguments()
+        steps = arguments.pop("steps_fraction")
+        if steps < 1:
+            settings["max_steps"] = max(1, round(steps * reference_steps))
+        plan = cls(**arguments, **settings)
+        object.__setattr__(plan, "allocation", allocation)
+        log.info("ThreeDPlan.for_budget: %s", allocation.reason)
+        return plan
+
+
+def compressible_share(model: torch.nn.Module, prune_include: str = DEFAULT_PRUNE_INCLUDE) -> float:
+    """Share of ``model``'s parameters whose names match ``prune_include`` (what the pruner
+    targets), for :meth:`ThreeDPlan.for_budget`.
+
+    Example:
+        >>> net = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(4, 4)])})
+        >>> round(compressible_share(net), 3)  # 16 of the 20 parameters
+        0.8
+    """
+    import re
+
+    pattern = re.compile(prune_include)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    total = sum(sizes.values())
+    if total == 0:
+        raise ValueError("the model has no parameters")
+    return sum(n for name, n in sizes.items() if pattern.search(name)) / total
 
 
 @dataclass

@@ -144,6 +144,19 @@ def test_schedule_plan_keeps_the_easiest_and_shuffles_reproducibly() -> None:
     assert sorted(hard.plan(difficulty, 1, seed=1)[0].tolist()) == [0, 1, 2, 3, 4]
 
 
+def test_infobatch_drops_among_the_below_mean_samples() -> None:
+    # mean 16: items 0-6 are below it; keeping 6 of 8 drops 2 of those 7 (not of the 4 easiest)
+    difficulty = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 100])
+    for seed in range(20):
+        kept, weights = infobatch_keep(difficulty, 0.75, torch.Generator().manual_seed(seed))
+        assert len(kept) == 6 and weights[7] == 1.0 and int((weights == 0).sum()) == 2
+        assert sorted(weights[:7].tolist()) == [0.0, 0.0] + [pytest.approx(7 / 5)] * 5
+    dropped = {i for seed in range(50) for i in torch.nonzero(
+        infobatch_keep(difficulty, 0.75, torch.Generator().manual_seed(seed))[1] == 0
+    ).flatten().tolist()}  # fmt: skip
+    assert dropped == set(range(7))
+
+
 def test_infobatch_weights_keep_every_sum_unbiased() -> None:
     difficulty = torch.rand(20)
     values = torch.randn(20)
@@ -290,8 +303,12 @@ def test_rescale_loss_puts_unbiased_weights_in_the_batch() -> None:
     kept = module.epoch_indices(1)
     assert len(kept) == pool_size(0.75, COUNT) == 45
     assert set(recorder.weights) == set(kept)
-    # 15 dropped from the 30 easiest: those 15 kept weigh 30 / 15 = 2, the other 30 weigh 1
-    assert sorted(recorder.weights.values()) == [1.0] * 30 + [2.0] * 15
+    # 15 dropped from m >= 30 candidates (the below-mean ones, at least the 30 easiest): the
+    # m - 15 kept candidates weigh m / (m - 15), the others 1
+    heavy = [w for w in recorder.weights.values() if w != 1.0]
+    candidates = len(heavy) + 15
+    assert candidates >= 30
+    assert all(w == pytest.approx(candidates / (candidates - 15)) for w in heavy)
     assert sum(recorder.weights.values()) == COUNT
 
 
@@ -358,7 +375,8 @@ def test_missing_per_sample_losses_get_a_clear_error() -> None:
         ({"rescale_loss": True}, "rescale_loss=True needs budget_drops='easiest_random'"),
         ({"warmup_epochs": 0}, "warmup_epochs must be >= 1 .* or prescore=True"),
         ({"prescore": True, "score": "quality"}, "prescore scores from the model"),
-        ({"warmup_epochs": -1, "score": "quality"}, "warmup_epochs must be >= 0"),
+        ({"warmup_epochs": -1, "score": "quality"}, "warmup_epochs and anneal_epochs must be"),
+        ({"anneal": 1.0}, r"anneal must be in \[0, 1\), got 1.0"),
         ({"ema_decay": 1.0}, "ema_decay must be in"),
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"scoring_epochs": [-1]}, "scoring_epochs must be"),
@@ -371,7 +389,7 @@ def test_bad_arguments_raise_a_clear_value_error(arguments: dict, message: str) 
 
 
 def test_settings_that_cannot_work_fail_before_training() -> None:
-    with pytest.raises(ValueError, match="leaves no epoch for the curriculum"):
+    with pytest.raises(ValueError, match="leave no epoch for the curriculum"):
         fit(CurriculumSampler(budget=0.5, warmup_epochs=2), epochs=2)
     with pytest.raises(ValueError, match="head='missing' is not a module"):
         fit(CurriculumSampler(score="grand", head="missing"), epochs=2)

@@ -29,6 +29,9 @@ MODULES = [
     "callbacks.quantization",
     "plan",
     "callbacks.plan",
+    "budget",
+    "distillation",
+    "callbacks.distillation",
 ]
 
 

@@ -23,18 +23,30 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_3d.callbacks import (
     CurriculumSampler,
+    Distiller,
     PlanCoordinator,
     ProgressivePruner,
     QATHook,
     SensitivityFreezer,
 )
+from lightning_3d.distillation import TEACHER_KEY, distil
 from lightning_3d.plan import SparsityBackoff, ThreeDPlan, signal_pass
 from lightning_3d.quantization import load_quantized, quantized_modules
 from lightning_3d.sensitivity import GradientStatistics
+from lightning_3d.tasks import weighted_mean
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES, BATCH = 64, 8
 ALL_AXES = {"data_budget": 0.5, "trainable": 0.5, "sparsity": 0.5, "weight_bits": 8}
+#: The single signal pass before step 1 (no warm-up), the hardest samples dropped, the freezer
+#: free to freeze pruned tensors: the plan of earlier versions, still supported.
+SIGNAL_PASS = {
+    "warmup": 0.0,
+    "data_drops": "hardest",
+    "data_anneal": 0.0,
+    "freeze": "any",
+    "prune_end": 0.5,
+}
 
 
 class Items(Dataset):
@@ -228,16 +240,19 @@ def test_the_example_yaml_builds_the_plans_callbacks_before_the_users(tmp_path) 
     )
     settings = yaml.safe_load(config.read_text())["plan"]
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
-    expected = ["PlanCoordinator", "CurriculumSampler", "SensitivityFreezer", "ProgressivePruner"]
-    assert kinds[:5] == [*expected, "QATHook"]
-    assert "ModelCheckpoint" in kinds[5:]
-    coordinator, curriculum, freezer, pruner, qat = cli.trainer.callbacks[:5]
+    expected = ["PlanCoordinator", "CurriculumSampler", "Distiller", "SensitivityFreezer"]
+    assert kinds[:6] == [*expected, "ProgressivePruner", "QATHook"]
+    assert "ModelCheckpoint" in kinds[6:]
+    coordinator, curriculum, distiller, freezer, pruner, qat = cli.trainer.callbacks[:6]
     assert coordinator.plan == ThreeDPlan(**settings)
-    assert curriculum.schedule.budget == settings["data_budget"] and curriculum.prescore
-    assert freezer.target_trainable == settings["trainable"] and freezer.warmup_steps == 0
-    assert pruner.target_sparsity == settings["sparsity"]
-    assert pruner.layer_sparsity == "sensitivity" and pruner.score == "magnitude"
-    assert qat.recipe.name == "int4_weight_only"
+    assert curriculum.schedule.budget == settings["data_budget"] and not curriculum.prescore
+    assert curriculum.rescale_loss and curriculum.schedule.budget_drops == "easiest_random"
+    assert distiller.alpha == settings["distill"] and distiller.source == "snapshot"
+    assert freezer.target_trainable == settings["trainable"]
+    assert freezer.exclude is not None and freezer.exclude.pattern == coordinator.plan.prune_include
+    assert pruner.target_sparsity == settings["sparsity"] and pruner.pattern == "heads+neurons"
+    assert pruner.score == "magnitude"
+    assert qat.recipe.name == "int8_weight_only"
 
 
 # -- conflicts -------------------------------------------------------------------------------
@@ -292,7 +307,7 @@ class PrunedGradients(Callback):
 
 
 def test_all_axes_follow_one_plan_from_one_signal_pass(tmp_path) -> None:
-    plan = ThreeDPlan(**ALL_AXES, probe_batches=3, qat_start=0.75)
+    plan = ThreeDPlan(**ALL_AXES, **SIGNAL_PASS, probe_batches=3, qat_start=0.75)
     watcher = PrunedGradients()
     module = Net()
     trainer = trainer_for([*plan.callbacks(), watcher], tmp_path)
@@ -311,7 +326,8 @@ def test_all_axes_follow_one_plan_from_one_signal_pass(tmp_path) -> None:
     assert frozen and all(not p.requires_grad and id(p) not in stepped for p in frozen)
     assert not any(id(p) in trainer.optimizers[0].state for p in frozen)  # never had state
     # one timeline: sparsity reached at half of the run, then QAT from 75%, converted at the end
-    assert pruner._end == total // 2 and pruner.achieved_sparsity == pytest.approx(0.5, abs=0.02)
+    assert pruner.window_end == total // 2
+    assert pruner.achieved_sparsity == pytest.approx(0.5, abs=0.02)
     assert (
         set(pruner.layer_targets)
         == set(pruner.targets)
@@ -328,10 +344,119 @@ def test_all_axes_follow_one_plan_from_one_signal_pass(tmp_path) -> None:
     assert watcher.largest and max(watcher.largest) == 0.0
 
 
+class Body(torch.nn.Module):
+    """An unpruned input projection ``embed`` (the bulk of what the freezer may freeze), blocks
+    ``layers.0``/``layers.1`` (what the pruner prunes) and a ``classifier`` head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(8, 256)
+        self.layers = torch.nn.ModuleList([Block(256, 16), Block(16, 16)])
+        self.classifier = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.embed(x))
+        for layer in self.layers:
+            x = layer(x)
+        return self.classifier(x)
+
+
+class PhasedNet(Net):
+    """:class:`Net`'s steps on :class:`Body` under ``model``, distilled with the one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.layers, self.classifier
+        self.model = Body()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self(batch["x"])
+        per_sample = F.cross_entropy(logits, batch["labels"], reduction="none")
+        per_sample = distil(per_sample, logits, batch)
+        return {"per_sample_loss": per_sample, "index": batch["index"], "logits": logits}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        outputs = self.score_batch(batch)
+        loss = weighted_mean(outputs["per_sample_loss"], batch)
+        return {**{k: v.detach() for k, v in outputs.items()}, "loss": loss}
+
+
+class Phases(Callback):
+    """Per optimizer step: frozen tensors, pruned share, teacher targets, fake quantization."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.weights_at: dict[int, dict[str, torch.Tensor]] = {}
+        self.distilled: set[int] = set()  # samples of batches with teacher targets
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, idx: int) -> None:
+        step = trainer.global_step
+        self.weights_at[step] = {k: v.clone() for k, v in module.model.state_dict().items()}
+        pruner, freezer = of_type(trainer, ProgressivePruner), of_type(trainer, SensitivityFreezer)
+        if TEACHER_KEY in batch:
+            self.distilled.update(batch["index"].tolist())
+        self.rows.append({
+            "step": step,
+            "frozen": len(freezer.frozen),
+            "sparsity": pruner.achieved_sparsity,
+            "teacher": TEACHER_KEY in batch,
+            "weighted": "sample_weight" in batch,
+            "fake_quant": of_type(trainer, QATHook).stage == "fake_quant",
+        })  # fmt: skip
+
+
+def test_the_plan_runs_in_phases_warmup_ramp_recovery_quantization(tmp_path) -> None:
+    """4 epochs: 8 steps on all data, then 4 per epoch at data_budget 0.5: 20 steps. Warm-up
+    to step 5, pruning ramp to step 12, recovery, fake quantization from step 16."""
+    plan = ThreeDPlan(
+        data_budget=0.5, trainable=0.7, sparsity=0.5, weight_bits=8, distill=0.5,
+        warmup=0.25, prune_end=0.6, qat_start=0.8, data_anneal=0.0,
+    )  # fmt: skip
+    callbacks = plan.callbacks()
+    distiller = next(c for c in callbacks if isinstance(c, Distiller))
+    distiller.inputs = ("x",)  # this network's forward takes the batch's "x"
+    phases = Phases()
+    module = PhasedNet()
+    trainer = trainer_for([*callbacks, phases], tmp_path)
+    trainer.fit(module, loader())
+    coordinator, _, distiller, freezer, pruner, qat = trainer.callbacks[:6]
+    assert trainer.global_step == coordinator.total_steps == 8 + 3 * 4
+    assert (freezer.warmup_steps, distiller.start_step) == (5, 5)
+    assert (pruner.start_step, pruner.window_end, qat.start_step) == (5, 12, 16)
+    rows = {row["step"]: row for row in phases.rows}
+    for step, row in rows.items():
+        assert (row["frozen"] > 0) == (step >= 5), step  # frozen at the end of step 4
+        assert row["teacher"] == (step >= 5), step
+        assert row["fake_quant"] == (step >= 16), step
+        assert row["weighted"] == (step >= 8), step  # InfoBatch weights from epoch 1
+    assert rows[5]["sparsity"] == 0 and 0 < rows[8]["sparsity"] < 0.5
+    assert all(rows[s]["sparsity"] == pytest.approx(0.5, abs=0.02) for s in range(12, 20))
+    # the parameter axis never froze what the model axis prunes, and froze the projection
+    assert "model.embed.weight" in freezer.frozen and not freezer.frozen & set(pruner.targets)
+    # the teacher is the model as it was after the warm-up's 5 steps; every sample distilled
+    # from went through it once, over 15 steps of several epochs
+    seen = sorted(phases.distilled)
+    assert distiller.snapshot_taken and len(seen) > 3 * BATCH  # more than epoch 0's last steps
+    assert distiller.teacher_samples == len(distiller.cache) == len(seen) < 15 * BATCH
+    assert (distiller.teacher is None) == (len(seen) == SAMPLES)  # released once all are cached
+    items = next(iter(DataLoader(Items(), batch_size=SAMPLES)))
+    teacher = Body()
+    teacher.load_state_dict(phases.weights_at[5])
+    with torch.no_grad():
+        expected = teacher(items["x"][seen])
+    cached, _ = distiller.cache.targets(torch.tensor(seen))
+    assert torch.allclose(cached, expected, atol=1e-6)
+    assert qat.stage == "converted"
+
+
 def test_the_parameter_axis_alone_measures_on_training_batches_and_freezes_before_step_one(
     tmp_path,
 ) -> None:
-    plan = ThreeDPlan(trainable=0.3, probe_batches=2)
+    plan = ThreeDPlan(trainable=0.3, probe_batches=2, warmup=0)
     module = Net()
     trainer = trainer_for(plan.callbacks(), tmp_path, max_epochs=1)
     trainer.fit(module, DataLoader(Items(), batch_size=BATCH, shuffle=True))
@@ -348,7 +473,7 @@ def test_resume_mid_run_restores_every_axis(tmp_path) -> None:
     """8 epochs of 4 steps; pruning until step 24 (masks every 2 steps), QAT from step 25. A
     checkpoint at step 12, inside the pruning window and before the back-off at step 16; the
     resumed run ends where the whole run ends, on every axis."""
-    plan = ThreeDPlan(**ALL_AXES, adaptive=True, prune_end=0.75, qat_start=0.8)
+    plan = ThreeDPlan(**ALL_AXES, **{**SIGNAL_PASS, "prune_end": 0.75}, adaptive=True)
     saver = ModelCheckpoint(tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     scripted = [0.8, 0.9, 0.9, 0.7, 0.95]  # the fourth validation backs sparsity off
     whole = Net(scripted)
@@ -356,7 +481,7 @@ def test_resume_mid_run_restores_every_axis(tmp_path) -> None:
     trainer = trainer_for([*plan.callbacks(), saver], tmp_path, enable_checkpointing=True, **epochs)
     trainer.fit(whole, loader(), loader())
     pruner = of_type(trainer, ProgressivePruner)
-    assert (pruner.start_step, pruner._end, pruner.frequency) == (0, 24, 2)
+    assert (pruner.start_step, pruner.window_end, pruner.frequency) == (0, 24, 2)
     assert of_type(trainer, QATHook).start_step == 25
     resumed = Net(scripted)
     again = trainer_for(plan.callbacks(), tmp_path, **epochs)
@@ -400,7 +525,9 @@ def assert_same(one: Any, two: Any, where: str) -> None:
 
 
 def test_adaptive_mode_backs_off_sparsity_and_logs_each_decision(tmp_path) -> None:
-    plan = ThreeDPlan(sparsity=0.8, adaptive=True, margin=0.05, backoff=0.5, prune_end=0.25)
+    plan = ThreeDPlan(
+        sparsity=0.8, adaptive=True, margin=0.05, backoff=0.5, prune_end=0.25, warmup=0
+    )
     logger = CSVLogger(tmp_path, name="csv")
     trainer = trainer_for(
         plan.callbacks(), tmp_path, logger=logger, log_every_n_steps=1, max_epochs=6
@@ -436,7 +563,10 @@ def test_minilm_3d_run_trains_converts_and_exports(tmp_path, rotten_tomatoes) ->
     train = data.splits["train"]
     data.splits["train"] = IndexedDataset(train.input_ids[:48], train.labels[:48])
     before = {n: p.detach().clone() for n, p in task.named_parameters()}
-    plan = ThreeDPlan(data_budget=0.5, trainable=0.1, sparsity=0.5, weight_bits=4, probe_batches=2)
+    plan = ThreeDPlan(
+        data_budget=0.5, trainable=0.1, sparsity=0.5, weight_bits=4, probe_batches=2,
+        **SIGNAL_PASS,
+    )  # fmt: skip
     trainer = trainer_for(plan.callbacks(), tmp_path, max_epochs=2, limit_val_batches=0)
     trainer.fit(task, datamodule=data)
     coordinator, _, freezer, pruner, qat = trainer.callbacks[:5]

@@ -1,0 +1,1336 @@
+r"""A budget solver for the co-optimization plan: pick axis strengths for a time and a size budget.
+
+Three models, each simple enough to check by hand, feed an exhaustive search:
+
+* :class:`CostModel`: the seconds of one optimizer step as a function of the axis strengths, and
+  of a whole run by its phases (:meth:`CostModel.run_seconds`). Calibrate it on the real model
+  with :func:`measure_cost_model` and keep it as JSON (:meth:`CostModel.save`).
+* :class:`AccuracyCurves`: per axis, the accuracy change (points) measured in single-axis runs;
+  a combination is predicted as the *sum* of its axes' changes. :data:`DEFAULT_CURVES` is a
+  conservative prior, to be replaced by measured curves
+  (:meth:`AccuracyCurves.from_ablation_summary`).
+* :func:`size_fraction`: the exported model's bytes relative to the fp32 dense model.
+
+:func:`solve_budget` tries every allocation of a candidate grid and returns the most accurate
+one whose predicted training time is at most ``time`` times the reference run's (every axis off)
+and whose export is at most ``size`` of the fp32 dense bytes, with the reasons
+(:class:`BudgetAllocation`). Everything here is plain Python and torch: no Lightning.
+
+The axes and their "off" strengths (:data:`OFF`):
+
+=============== ======================================================= =========
+axis            strength                                                 off
+=============== ======================================================= =========
+``data_budget`` share of the samples each epoch from epoch 1 on visits  ``1``
+``trainable``   share of the parameters training after the warm-up      ``1``
+``sparsity``    share of the block linear weights pruned                ``0``
+``weight_bits`` bits of the exported weights (QAT from ``qat_start``)   ``None``
+``distill``     weight of distillation from the warm-up teacher         ``0``
+``steps``       run length as a share of the reference run's steps      ``1``
+=============== ======================================================= =========
+
+Example:
+    >>> cost = CostModel(forward_s=0.1, backward_s=0.2, optimizer_s=0.05)
+    >>> allocation = solve_budget(
+    ...     0.6, 0.3, cost, DEFAULT_CURVES, reference_steps=200, epochs=2, compressible_share=0.6
+    ... )
+    >>> allocation.time_fraction <= 0.6 and allocation.size_fraction <= 0.3
+    True
+    >>> sorted(allocation.plan_arguments())
+    ['data_budget', 'distill', 'sparsity', 'steps_fraction', 'trainable', 'weight_bits']
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import torch
+from torch import nn
+
+#: The axes the solver allocates, in the order of :func:`solve_budget`'s grid.
+AXES = ("data_budget", "trainable", "sparsity", "weight_bits", "distill", "steps")
+#: The strength at which each axis is off (the reference run has every axis off).
+OFF: dict[str, float | None] = {
+    "data_budget": 1.0,
+    "trainable": 1.0,
+    "sparsity": 0.0,
+    "weight_bits": None,
+    "distill": 0.0,
+    "steps": 1.0,
+}
+#: Bit widths of the quantization axis (``None``: off).
+WEIGHT_BITS = (8, 4)
+#: Pruning patterns :func:`size_fraction` knows: a dense export of ``"unstructured"`` sparsity
+#: keeps every weight; ``"heads+neurons"`` removes the pruned heads and FFN neurons.
+PRUNE_PATTERNS = ("unstructured", "heads+neurons")
+#: The most the plan prunes any tensor (the same bound as :class:`~lightning_3d.plan.ThreeDPlan`).
+MAX_SPARSITY = 0.98
+#: Multiplier on forward + backward while fake quantization is on, when none is measured: the
+#: QAT benchmark (all-MiniLM-L6-v2 on a 2-core CPU, int4 weights with int8 activations) trained
+#: 2.4x slower than fp32 over a whole fit, and the ablation's ModelOpt row (QAT over the last
+#: quarter, with pruning) took 1.20x, about 1.8x while QAT was on; 2.0 sits between the two.
+DEFAULT_QAT_FACTOR = 2.0
+#: Share of the backward pass that computes weight gradients, when none is measured: for a
+#: linear layer ``y = x W`` the backward computes ``dx = dy W^T`` and ``dW = x^T dy``, two
+#: matrix products of the same size.
+DEFAULT_WEIGHT_GRAD_SHARE = 0.5
+#: The grid :func:`solve_budget` searches unless told otherwise.
+DEFAULT_CANDIDATES: dict[str, tuple[Any, ...]] = {
+    "data_budget": (1.0, 0.8, 0.6, 0.5),
+    "trainable": (1.0, 0.75, 0.5, 0.25),
+    "sparsity": (0.0, 0.2, 0.3, 0.4, 0.5),
+    "weight_bits": (None, 8, 4),
+    "distill": (0.0, 0.5, 0.9),
+    "steps": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4),
+}
+_EPS = 1e-9  # tolerance of budget comparisons and of curve coverage
+
+
+def _check_strength(axis: str, value: Any) -> None:
+    """Raise ``ValueError`` when ``value`` is not a valid strength of ``axis``."""
+    if axis == "weight_bits":
+        if value is not None and (isinstance(value, bool) or value not in WEIGHT_BITS):
+            raise ValueError(
+                f"weight_bits must be one of {list(WEIGHT_BITS)} or None, got {value!r}"
+            )
+        return
+    if axis not in OFF:
+        raise ValueError(f"unknown axis {axis!r}; axes: {list(AXES)}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{axis} must be a finite number, got {value!r}")
+    if axis in ("data_budget", "trainable", "steps") and not 0.0 < value <= 1.0:
+        raise ValueError(f"{axis} must be in (0, 1], got {value}")
+    if axis == "sparsity" and not 0.0 <= value <= MAX_SPARSITY:
+        raise ValueError(f"sparsity must be in [0, {MAX_SPARSITY}], got {value}")
+    if axis == "distill" and not 0.0 <= value <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], got {value}")
+
+
+def _check_fraction(name: str, value: float, closed_top: bool = False) -> None:
+    top_ok = value <= 1.0 if closed_top else value < 1.0
+    if not (math.isfinite(value) and value >= 0.0 and top_ok):
+        interval = "[0, 1]" if closed_top else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def _describe(strengths: Mapping[str, Any]) -> str:
+    """``data_budget=0.8, weight_bits=8`` for the axes that are on; ``every axis off`` else."""
+    on = [
+        f"{axis}={value}" if axis == "weight_bits" else f"{axis}={value:g}"
+        for axis, value in ((axis, strengths[axis]) for axis in AXES)
+        if _on(axis, value)
+    ]
+    return ", ".join(on) if on else "every axis off"
+
+
+def _on(axis: str, value: Any) -> bool:
+    if axis == "weight_bits":
+        return value is not None
+    off = OFF[axis]
+    assert off is not None
+    return abs(float(value) - off) > _EPS
+
+
+# -- time ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """The predicted seconds of a run, in total and by component, and its step counts.
+
+    Attributes:
+        total_s: predicted training seconds (the sum of ``breakdown``).
+        breakdown: seconds per component: ``forward``, ``backward``, ``optimizer`` (all steps),
+            ``qat`` (the extra of fake quantization), ``masks`` (mask application) and
+            ``teacher`` (teacher forwards for distillation).
+        step_counts: ``steps`` (the run's optimizer steps ``N``), ``warmup`` (dense steps),
+            ``frozen`` (steps with ``trainable`` of the parameters), ``qat`` (fake-quantized
+            steps) and ``teacher_batches`` (batches the teacher runs on). Not rounded: the model
+            predicts an expected time.
+    """
+
+    total_s: float
+    breakdown: Mapping[str, float]
+    step_counts: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    r"""Seconds of one optimizer step, and of a run, as a function of the axis strengths.
+
+    Coefficients, in seconds per optimizer step at the reference batch:
+
+    * ``forward_s`` (``f``): the training forward pass, loss included;
+    * ``backward_s`` (``b``): the backward pass with every parameter trainable;
+    * ``optimizer_s`` (``o``): the optimizer update with every parameter trainable;
+    * ``weight_grad_share`` (``w``): share of ``b`` computing weight gradients, which frozen
+      parameters skip (the activation gradients still flow through every layer);
+    * ``qat_factor`` (``q``): multiplier on forward + backward while fake quantization is on;
+    * ``sparsity_overhead_s`` (``m``): applying the pruning masks, per step;
+    * ``teacher_forward_s`` (``g``): one teacher forward of one batch, without autograd
+      (``None``: the same as ``forward_s``).
+
+    One step with a share ``t`` of the parameters trainable (:meth:`step_seconds`)::
+
+        step(t, qat, pruning) = Q * (f + b * (1 - w * (1 - t))) + o * t + M
+        Q = q if qat else 1,   M = m if pruning else 0
+
+    A run (:meth:`run_seconds`) of the reference recipe (``R`` steps over ``E`` epochs, so
+    ``S = R / E`` steps per epoch on all data), with data budget ``d``, steps fraction ``s``,
+    warm-up fraction ``u`` and QAT start ``v``::
+
+        N  = min(S * (1 + (E - 1) * d),  s * R)      # epoch 0 on all data, epochs >= 1 on d
+        W  = u * N                                   # dense warm-up steps (t = 1)
+        F  = N - W                                   # steps with t trainable
+        QW = max(0, u - v) * N,  QF = (1 - max(u, v)) * N   # QAT steps in warm-up / after
+        T  = min(S, F)                               # batches the teacher runs on (cached)
+
+        forward   = f * N
+        backward  = b * W + b * (1 - w * (1 - t)) * F
+        optimizer = o * W + o * t * F
+        qat       = (q - 1) * ((f + b) * QW + (f + b * (1 - w * (1 - t))) * QF)   if bits
+        masks     = m * N                                                        if sparsity > 0
+        teacher   = g * T                                                        if distill > 0
+
+    which is the sum of :meth:`step_seconds` over the run's steps plus the teacher forwards.
+    ``T`` counts each distinct batch seen after the teacher snapshot once (the teacher's outputs
+    are cached per sample), at most one epoch's worth: an upper bound, since batches of the
+    stretch after warm-up may repeat when it crosses an epoch boundary.
+
+    Example:
+        >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
+        >>> cost.step_seconds(), cost.step_seconds(trainable=0.5)  # 1 + 2 * 0.75 + 0.5
+        (4.0, 3.0)
+        >>> cost.step_seconds(trainable=0.5, qat=True)  # 2 * (1 + 1.5) + 0.5
+        5.5
+        >>> run = cost.run_seconds(reference_steps=100, epochs=2, data_budget=0.5, trainable=0.5)
+        >>> run.step_counts["steps"], run.total_s  # 75 steps: 18.75 dense, 56.25 frozen
+        (75.0, 243.75)
+    """
+
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    weight_grad_share: float = DEFAULT_WEIGHT_GRAD_SHARE
+    qat_factor: float = DEFAULT_QAT_FACTOR
+    sparsity_overhead_s: float = 0.0
+    teacher_forward_s: float | None = None
+
+    def __post_init__(self) -> None:
+        seconds = {
+            "forward_s": self.forward_s,
+            "backward_s": self.backward_s,
+            "optimizer_s": self.optimizer_s,
+            "sparsity_overhead_s": self.sparsity_overhead_s,
+            "teacher_forward_s": self.teacher_s,
+        }
+        for name, value in seconds.items():
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+        if self.forward_s + self.backward_s + self.optimizer_s <= 0:
+            raise ValueError("forward_s + backward_s + optimizer_s must be > 0: a step takes time")
+        _check_fraction("weight_grad_share", self.weight_grad_share, closed_top=True)
+        if not (math.isfinite(self.qat_factor) and self.qat_factor > 0):
+            raise ValueError(f"qat_factor must be a finite number > 0, got {self.qat_factor}")
+
+    @property
+    def teacher_s(self) -> float:
+        """Seconds of one teacher forward (``teacher_forward_s``, or ``forward_s`` if unset)."""
+        return self.forward_s if self.teacher_forward_s is None else self.teacher_forward_s
+
+    def _backward(self, trainable: float) -> float:
+        return self.backward_s * (1.0 - self.weight_grad_share * (1.0 - trainable))
+
+    def step_seconds(
+        self, trainable: float = 1.0, qat: bool = False, pruning: bool = False
+    ) -> float:
+        """Seconds of one optimizer step (formula in the class docstring).
+
+        Args:
+            trainable: share of the parameters that train in this step, in ``(0, 1]``.
+            qat: fake quantization is on.
+            pruning: pruning masks are applied after the step.
+        """
+        _check_strength("trainable", trainable)
+        factor = self.qat_factor if qat else 1.0
+        masks = self.sparsity_overhead_s if pruning else 0.0
+        return (
+            factor * (self.forward_s + self._backward(trainable))
+            + self.optimizer_s * trainable
+            + masks
+        )
+
+    def run_seconds(
+        self,
+        *,
+        reference_steps: int,
+        epochs: int,
+        data_budget: float = 1.0,
+        trainable: float = 1.0,
+        sparsity: float = 0.0,
+        weight_bits: int | None = None,
+        distill: float = 0.0,
+        steps: float = 1.0,
+        warmup: float = 0.25,
+        qat_start: float = 0.8,
+    ) -> RunCost:
+        """Predicted seconds of a run, with the breakdown (formulas in the class docstring).
+
+        Args:
+            reference_steps: optimizer steps of the reference recipe (every axis off).
+            epochs: epochs of the reference recipe.
+            data_budget, trainable, sparsity, weight_bits, distill, steps: the axis strengths.
+            warmup: fraction of the run's steps trained dense before freezing (and the teacher
+                snapshot), in ``[0, 1)``.
+            qat_start: fraction of the run's steps at which fake quantization goes on, in
+                ``[0, 1)``.
+        """
+        strengths = {
+            "data_budget": data_budget,
+            "trainable": trainable,
+            "sparsity": sparsity,
+            "weight_bits": weight_bits,
+            "distill": distill,
+            "steps": steps,
+        }
+        for axis, value in strengths.items():
+            _check_strength(axis, value)
+        _check_recipe(reference_steps, epochs)
+        _check_fraction("warmup", warmup)
+        _check_fraction("qat_start", qat_start)
+
+        per_epoch = reference_steps / epochs
+        total = min(per_epoch * (1 + (epochs - 1) * data_budget), steps * reference_steps)
+        dense = warmup * total
+        frozen = total - dense
+        qat_dense = max(0.0, warmup - qat_start) * total if weight_bits is not None else 0.0
+        qat_frozen = (1.0 - max(warmup, qat_start)) * total if weight_bits is not None else 0.0
+        teacher_batches = min(per_epoch, frozen) if distill > 0 else 0.0
+
+        f, b, o = self.forward_s, self.backward_s, self.optimizer_s
+        frozen_backward = self._backward(trainable)
+        breakdown = {
+            "forward": f * total,
+            "backward": b * dense + frozen_backward * frozen,
+            "optimizer": o * dense + o * trainable * frozen,
+            "qat": (self.qat_factor - 1.0)
+            * ((f + b) * qat_dense + (f + frozen_backward) * qat_frozen),
+            "masks": self.sparsity_overhead_s * total if sparsity > 0 else 0.0,
+            "teacher": self.teacher_s * teacher_batches,
+        }
+        counts = {
+            "steps": total,
+            "warmup": dense,
+            "frozen": frozen,
+            "qat": qat_dense + qat_frozen,
+            "teacher_batches": teacher_batches,
+        }
+        return RunCost(sum(breakdown.values()), breakdown, counts)
+
+    def reference_seconds(self, reference_steps: int) -> float:
+        """Seconds of the reference run: ``reference_steps * (f + b + o)``.
+
+        Example:
+            >>> CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0).reference_seconds(10)
+            40.0
+        """
+        _check_recipe(reference_steps, 1)
+        return reference_steps * self.step_seconds()
+
+    @classmethod
+    def from_measurements(
+        cls,
+        *,
+        forward_s: float,
+        backward_s: float,
+        optimizer_s: float,
+        frozen_backward_s: float | None = None,
+        frozen_trainable: float | None = None,
+        forward_backward_s: float | None = None,
+        qat_forward_backward_s: float | None = None,
+        qat_factor: float = DEFAULT_QAT_FACTOR,
+        sparsity_overhead_s: float = 0.0,
+        teacher_forward_s: float | None = None,
+    ) -> CostModel:
+        r"""Fit the coefficients from timings of one step's parts.
+
+        ``weight_grad_share`` comes from a backward pass timed with only a share ``t_h`` of the
+        parameters trainable (``frozen_backward_s``, ``frozen_trainable``), solving
+        ``b_h = b * (1 - w * (1 - t_h))`` for ``w`` (clipped to ``[0, 1]``)::
+
+            w = (b - b_h) / (b * (1 - t_h))
+
+        and :data:`DEFAULT_WEIGHT_GRAD_SHARE` without them. ``qat_factor`` is the ratio of
+        forward + backward with and without fake quantization,
+        ``qat_forward_backward_s / forward_backward_s`` (``forward_backward_s`` defaults to
+        ``forward_s + backward_s``); without ``qat_forward_backward_s`` the ``qat_factor``
+        argument is kept.
+
+        Example:
+            >>> cost = CostModel.from_measurements(
+            ...     forward_s=1.0, backward_s=2.0, optimizer_s=0.5,
+            ...     frozen_backward_s=1.2, frozen_trainable=0.2, qat_forward_backward_s=4.5,
+            ... )
+            >>> round(cost.weight_grad_share, 6), cost.qat_factor  # 0.8 / (2 * 0.8), 4.5 / 3
+            (0.5, 1.5)
+        """
+        weight_grad_share = DEFAULT_WEIGHT_GRAD_SHARE
+        if (frozen_backward_s is None) != (frozen_trainable is None):
+            raise ValueError("frozen_backward_s and frozen_trainable go together")
+        if frozen_backward_s is not None and frozen_trainable is not None:
+            _check_fraction("frozen_trainable", frozen_trainable)
+            if backward_s > 0:
+                share = (backward_s - frozen_backward_s) / (backward_s * (1.0 - frozen_trainable))
+                weight_grad_share = min(1.0, max(0.0, share))
+        if qat_forward_backward_s is not None:
+            plain = forward_s + backward_s if forward_backward_s is None else forward_backward_s
+            if plain <= 0:
+                raise ValueError(f"forward + backward must take time > 0, got {plain}")
+            qat_factor = qat_forward_backward_s / plain
+        return cls(
+            forward_s=forward_s,
+            backward_s=backward_s,
+            optimizer_s=optimizer_s,
+            weight_grad_share=weight_grad_share,
+            qat_factor=qat_factor,
+            sparsity_overhead_s=sparsity_overhead_s,
+            teacher_forward_s=teacher_forward_s,
+        )
+
+    def to_dict(self) -> dict[str, float | None]:
+        """The coefficients by name (JSON-ready)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CostModel:
+        """The model of :meth:`to_dict`'s output; unknown keys raise ``ValueError``."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown CostModel keys {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the calibration as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CostModel:
+        """Read a calibration written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_recipe(reference_steps: int, epochs: int) -> None:
+    if isinstance(reference_steps, bool) or not isinstance(reference_steps, int):
+        raise ValueError(f"reference_steps must be an int, got {reference_steps!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int):
+        raise ValueError(f"epochs must be an int, got {epochs!r}")
+    if reference_steps < 1 or epochs < 1 or epochs > reference_steps:
+        raise ValueError(
+            f"need 1 <= epochs <= reference_steps, got reference_steps={reference_steps}, "
+            f"epochs={epochs}"
+        )
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
+def _median_seconds(
+    run: Callable[[Any], Any],
+    repeats: int,
+    device: torch.device,
+    setup: Callable[[], Any] | None = None,
+) -> float:
+    """Median seconds of ``run(setup())`` over ``repeats`` calls, after one untimed call."""
+    timings = []
+    for index in range(repeats + 1):
+        state = setup() if setup is not None else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = perf_counter()
+        run(state)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index:
+            timings.append(perf_counter() - start)
+    return statistics.median(timings)
+
+
+def _head_and_vectors(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters the weight-gradient probe keeps trainable: the last module holding
+    parameters (the head) and every parameter of fewer than 2 dimensions (biases, norms)."""
+    head: list[nn.Parameter] = []
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            head = own
+    return set(head) | {p for p in model.parameters() if p.ndim < 2}
+
+
+def measure_cost_model(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor],
+    optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = (
+        _default_optimizer
+    ),
+    repeats: int = 3,
+    qat_preset: str | None = None,
+    group_size: int = 32,
+) -> CostModel:
+    r"""Time the parts of one training step of ``model`` on ``batch`` and fit a :class:`CostModel`.
+
+    Each figure is the median of ``repeats`` timed calls after one untimed call (on CUDA,
+    synchronized before and after), in training mode:
+
+    * ``forward_s``: ``loss_fn(model, batch)`` with autograd recording;
+    * ``backward_s``: ``loss.backward()`` with every parameter trainable;
+    * ``frozen_backward_s``: the same with only the head (the last module holding parameters) and
+      the parameters of fewer than 2 dimensions (biases, norms) trainable, a share ``t_h`` of the
+      parameters. The small tensors keep the activation gradients flowing through every layer,
+      as under the freezer, so the difference is the weight gradients the frozen tensors skip;
+      ``weight_grad_share`` follows from :meth:`CostModel.from_measurements`;
+    * ``optimizer_s``: ``optimizer.step()`` of ``optimizer_factory(model.parameters())``;
+    * ``sparsity_overhead_s``: multiplying every ``nn.Linear`` weight by a boolean mask in place
+      (all ones), as the pruner does after each step;
+    * ``teacher_forward_s``: ``loss_fn`` under ``torch.no_grad()`` in eval mode;
+    * with ``qat_preset`` (a torchao preset of :mod:`lightning_3d.quantization`), forward +
+      backward of a deep copy with every linear layer and embedding fake-quantized, against the
+      same of ``model``: ``qat_factor``. Without it, :data:`DEFAULT_QAT_FACTOR`.
+
+    ``batch`` should be a batch of the reference recipe's size. Afterwards the model is as it
+    was: parameter and buffer values (copied before, written back), ``requires_grad`` flags,
+    ``.grad`` tensors, training modes and the random number generators' states. The copy of the
+    values costs one model's memory (two with ``qat_preset``).
+
+    Args:
+        model: the model to time, on the device it trains on.
+        batch: one reference batch, on that device.
+        loss_fn: ``loss_fn(model, batch)`` -> scalar loss tensor.
+        optimizer_factory: builds the training optimizer from parameters (default: AdamW).
+        repeats: timed calls per figure (the median is kept), ``>= 1``.
+        qat_preset: a torchao QAT preset name to measure ``qat_factor`` with, or ``None``.
+        group_size: input columns per weight scale of the int4 presets.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> batch = {"x": torch.randn(4, 8), "y": torch.tensor([0, 1, 0, 1])}
+        >>> def loss_fn(model, batch):
+        ...     return nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+        >>> cost = measure_cost_model(model, batch, loss_fn, repeats=1)
+        >>> cost.forward_s > 0 and 0 <= cost.weight_grad_share <= 1
+        True
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters to time")
+    device = params[0].device
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    modes = [(module, module.training) for module in model.modules()]
+    tensors = [*params, *model.buffers()]
+    with torch.no_grad():
+        saved = [t.detach().clone() for t in tensors]
+    cuda_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            for p in params:
+                p.grad = None
+                p.requires_grad_(True)
+            model.train()
+
+            def clear() -> None:
+                for p in params:
+                    p.grad = None
+
+            def forward(_: Any = None) -> torch.Tensor:
+                return loss_fn(model, batch)
+
+            def forward_only() -> torch.Tensor:
+                clear()
+                return forward()
+
+            def step_backward(loss: torch.Tensor) -> None:
+                loss.backward()
+
+            def forward_backward(_: Any = None) -> None:
+                forward().backward()
+
+            forward_s = _median_seconds(forward, repeats, device, setup=clear)
+            backward_s = _median_seconds(step_backward, repeats, device, setup=forward_only)
+            plain_fb = _median_seconds(forward_backward, repeats, device, setup=clear)
+
+            kept = _head_and_vectors(model)
+            for p in params:
+                p.requires_grad_(p in kept)
+            frozen_trainable = sum(p.numel() for p in kept) / sum(p.numel() for p in params)
+            frozen_backward_s = _median_seconds(step_backward, repeats, device, forward_only)
+            for p in params:
+                p.requires_grad_(True)
+
+            step = optimizer_factory(params).step
+
+            def gradients() -> None:
+                clear()
+                forward().backward()
+
+            optimizer_s = _median_seconds(lambda _: step(), repeats, device, gradients)
+            clear()
+
+            masks = [
+                (m.weight, torch.ones_like(m.weight, dtype=torch.bool))
+                for m in model.modules()
+                if isinstance(m, nn.Linear)
+            ]
+
+            def apply_masks(_: Any) -> None:
+                with torch.no_grad():
+                    for weight, mask in masks:
+                        weight.mul_(mask)
+
+            mask_s = _median_seconds(apply_masks, repeats, device) if masks else 0.0
+
+            model.eval()
+            with torch.no_grad():
+                teacher_s = _median_seconds(forward, repeats, device)
+            model.train()
+
+            qat_fb = None
+            if qat_preset is not None:
+                from lightning_3d.quantization import QuantizationRecipe, prepare, select_modules
+
+                twin = copy.deepcopy(model)
+                prepare(
+                    twin,
+                    QuantizationRecipe.from_preset(qat_preset, group_size),
+                    select_modules(twin),
+                )
+                twin.train()
+
+                def twin_clear() -> None:
+                    for p in twin.parameters():
+                        p.grad = None
+
+                qat_fb = _median_seconds(
+                    lambda _: loss_fn(twin, batch).backward(), repeats, device, twin_clear
+                )
+                del twin
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, saved, strict=True):
+                tensor.copy_(value)
+        for p, flag, grad in zip(params, flags, grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+        for module, training in modes:
+            module.training = training
+    return CostModel.from_measurements(
+        forward_s=forward_s,
+        backward_s=backward_s,
+        optimizer_s=optimizer_s,
+        frozen_backward_s=frozen_backward_s if frozen_trainable < 1 else None,
+        frozen_trainable=frozen_trainable if frozen_trainable < 1 else None,
+        forward_backward_s=plain_fb,
+        qat_forward_backward_s=qat_fb,
+        sparsity_overhead_s=mask_s,
+        teacher_forward_s=teacher_s,
+    )
+
+
+# -- accuracy -------------------------------------------------------------------------------------
+
+
+def _strength_key(axis: str, raw: Any) -> Any:
+    """A strength read from JSON (keys may be strings) as the axis' type."""
+    if axis == "weight_bits":
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
+            return None
+        return int(raw)
+    return float(raw)
+
+
+@dataclass(frozen=True)
+class AccuracyCurves:
+    r"""Accuracy change (points) per axis strength, and a combination's predicted accuracy.
+
+    ``points[axis]`` maps strengths to the accuracy change, in percentage points against the
+    reference run (negative: a loss), measured in runs where only that axis was on; the off
+    strength (:data:`OFF`) is always a point with change 0. Between points the change is
+    interpolated linearly; ``weight_bits`` is discrete (8 or 4: its exact point). A strength
+    outside the measured range is *not* extrapolated: :meth:`covers` is false there and
+    :meth:`change` raises ``ValueError`` (an axis with no points can only be off).
+
+    A combination is predicted as the base accuracy plus the sum of the axes' changes::
+
+        accuracy = base + sum_a c_a(strength_a)
+
+    This additivity assumes the axes do not interact. It is *optimistic* when the losses
+    compound (e.g. freezing the very matrices that pruning thins, as in the ablation table of
+    BENCHMARKS.md, where the combined run lost far more than the sum) and *pessimistic* when one
+    axis masks another's loss (fewer steps matter less to a model that trains fewer parameters).
+    Measure a combined run to check the sum before trusting it far from the measured points.
+
+    Distillation is the one interaction modelled: with ``distill_recovers_compression`` (the
+    default) it only recovers what pruning and quantization lose, so its change is 0 when both
+    are off, and a gain is capped at their combined loss ``-(c_sparsity + c_weight_bits)``.
+
+    Args:
+        points: per axis, ``{strength: change}`` or ``[[strength, change], ...]``.
+        base: the reference run's accuracy in percent, if known (for :meth:`predict`).
+        distill_recovers_compression: the distillation rule above.
+
+    Example:
+        >>> curves = AccuracyCurves({"sparsity": {0.5: -2.0}, "distill": {1.0: 1.0}}, base=80.0)
+        >>> curves.change(sparsity=0.25)  # halfway between 0 -> 0 and 0.5 -> -2
+        -1.0
+        >>> curves.change(sparsity=0.25, distill=0.5), curves.change(distill=0.5)
+        (-0.5, 0.0)
+        >>> curves.predict(sparsity=0.5, distill=1.0), curves.covers("sparsity", 0.6)
+        (79.0, False)
+    """
+
+    points: Mapping[str, Any]
+    base: float | None = None
+    distill_recovers_compression: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.points) - set(AXES))
+        if unknown:
+            raise ValueError(f"unknown axes {unknown}; axes: {list(AXES)}")
+        normalized: dict[str, tuple[tuple[Any, float], ...]] = {}
+        for axis in AXES:
+            raw = self.points.get(axis, {})
+            pairs = list(raw.items()) if isinstance(raw, Mapping) else [tuple(p) for p in raw]
+            seen: dict[Any, float] = {}
+            for pair in pairs:
+                if len(pair) != 2:
+                    raise ValueError(f"{axis}: a point is [strength, change], got {list(pair)}")
+                strength, change = _strength_key(axis, pair[0]), float(pair[1])
+                _check_strength(axis, strength)
+                if not math.isfinite(change):
+                    raise ValueError(f"{axis}: change at {strength} must be finite, got {change}")
+                if not _on(axis, strength):
+                    if change != 0:
+                        raise ValueError(
+                            f"{axis}={strength} is the axis off: its change is 0 by definition, "
+                            f"got {change}"
+                        )
+                    continue
+                if strength in seen:
+                    raise ValueError(f"{axis}: two points at strength {strength}")
+                seen[strength] = change
+            if axis != "weight_bits":
+                seen[OFF[axis]] = 0.0
+            normalized[axis] = tuple(sorted(seen.items(), key=lambda item: item[0]))
+        object.__setattr__(self, "points", normalized)
+        if self.base is not None and not math.isfinite(self.base):
+            raise ValueError(f"base must be finite, got {self.base}")
+
+    def covers(self, axis: str, strength: Any) -> bool:
+        """Whether ``strength`` lies within the measured range of ``axis`` (off always does)."""
+        _check_strength(axis, strength)
+        pairs = self.points[axis]
+        if axis == "weight_bits":
+            return strength is None or any(bits == strength for bits, _ in pairs)
+        return pairs[0][0] - _EPS <= strength <= pairs[-1][0] + _EPS
+
+    def axis_change(self, axis: str, strength: Any) -> float:
+        """The change of ``axis`` alone at ``strength`` (linear between measured points)."""
+        if not self.covers(axis, strength):
+            measured = [s for s, _ in self.points[axis]]
+            raise ValueError(
+                f"{axis}={strength} is outside the measured points {measured}: the curves do "
+                "not extrapolate; measure it or choose a strength within"
+            )
+        if axis == "weight_bits":
+            return 0.0 if strength is None else dict(self.points[axis])[strength]
+        pairs = self.points[axis]
+        for (x0, y0), (x1, y1) in itertools.pairwise(pairs):
+            if strength <= x1 + _EPS:
+                if x1 - x0 <= _EPS:
+                    return y1
+                share = min(1.0, max(0.0, (strength - x0) / (x1 - x0)))
+                return y0 + share * (y1 - y0)
+        return pairs[-1][1]  # a single point: the off one
+
+    def contributions(
+        self,
+        data_budget: float = 1.0,
+        trainable: float = 1.0,
+        sparsity: float = 0.0,
+        weight_bits: int | None = None,
+        distill: float = 0.0,
+        steps: float = 1.0,
+    ) -> dict[str, float]:
+        """Each axis' change in a combination (distillation after its rule)."""
+        strengths = {
+            "data_budget": data_budget,
+            "trainable": trainable,
+            "sparsity": sparsity,
+            "weight_bits": weight_bits,
+            "distill": distill,
+            "steps": steps,
+        }
+        parts = {axis: self.axis_change(axis, value) for axis, value in strengths.items()}
+        if self.distill_recovers_compression and distill > 0:
+            if sparsity == 0 and weight_bits is None:
+                parts["distill"] = 0.0
+            elif parts["distill"] > 0:
+                loss = -(parts["sparsity"] + parts["weight_bits"])
+                parts["distill"] = min(parts["distill"], max(0.0, loss))
+        return parts
+
+    def change(self, **strengths: Any) -> float:
+        """Predicted accuracy change of a combination (points): the sum of
+        :meth:`contributions`. Keywords: the axes of :data:`AXES` (absent: off)."""
+        return sum(self.contributions(**strengths).values())
+
+    def predict(self, **strengths: Any) -> float:
+        """Predicted accuracy (percent): ``base + change``; needs ``base``."""
+        if self.base is None:
+            raise ValueError("these curves have no base accuracy; use change() for the delta")
+        return self.base + self.change(**strengths)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"base", "distill_recovers_compression", "points": {axis: [[s, c], ...]}}``; the
+        off points are implicit and left out."""
+        points = {
+            axis: [[s, c] for s, c in pairs if _on(axis, s)] for axis, pairs in self.points.items()
+        }
+        return {
+            "base": self.base,
+            "distill_recovers_compression": self.distill_recovers_compression,
+            "points": {axis: pairs for axis, pairs in points.items() if pairs},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AccuracyCurves:
+        """Curves from :meth:`to_dict`'s format; unknown keys raise ``ValueError``."""
+        unknown = sorted(set(data) - {"base", "distill_recovers_compression", "points"})
+        if unknown:
+            raise ValueError(f"unknown AccuracyCurves keys {unknown}")
+        return cls(
+            dict(data.get("points", {})),
+            base=data.get("base"),
+            distill_recovers_compression=bool(data.get("distill_recovers_compression", True)),
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the curves as JSON (:meth:`to_dict`)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AccuracyCurves:
+        """Read curves written by :meth:`save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_ablation_summary(
+        cls, summary: Mapping[str, Any], baseline: str | None = None
+    ) -> AccuracyCurves:
+        """Curves from a summary of set-ups, their accuracies and their axis strengths.
+
+        The format::
+
+            {
+              "unit": "fraction",          # optional; "percent" if test_acc is in percent
+              "setups": {NAME: {"test_acc": [acc of each run, ...], ...}},   # other keys ignored
+              "strengths": {NAME: {axis: value, ...}}                        # absent axes: off
+            }
+
+        Every set-up needs its strengths. The baseline is the set-up with every axis off (or
+        ``baseline``); its mean accuracy is ``base``. A set-up with exactly one axis on gives a
+        point on that axis: its mean accuracy minus the baseline's. A set-up with distillation
+        and pruning or quantization on gives a ``distill`` point against the same set-up
+        without distillation (which must be in the summary), since distillation only recovers
+        what compression loses; distillation without compression is not read. Set-ups with
+        several other axes on are combinations the curves predict, and are not read either.
+
+        Example:
+            >>> curves = AccuracyCurves.from_ablation_summary({
+            ...     "setups": {"Standard": {"test_acc": [0.80, 0.82]},
+            ...                "DataOpt": {"test_acc": [0.75]},
+            ...                "Int8": {"test_acc": [0.80]}, "Int8+KD": {"test_acc": [0.805]}},
+            ...     "strengths": {"Standard": {}, "DataOpt": {"data_budget": 0.4},
+            ...                   "Int8": {"weight_bits": 8},
+            ...                   "Int8+KD": {"weight_bits": 8, "distill": 0.5}},
+            ... })
+            >>> round(curves.base, 6), round(curves.axis_change("data_budget", 0.4), 6)
+            (81.0, -6.0)
+            >>> round(curves.axis_change("weight_bits", 8), 6)
+            -1.0
+            >>> round(curves.axis_change("distill", 0.5), 6)
+            0.5
+        """
+        unit = summary.get("unit", "fraction")
+        if unit not in ("fraction", "percent"):
+            raise ValueError(f"unit must be 'fraction' or 'percent', got {unit!r}")
+        scale = 100.0 if unit == "fraction" else 1.0
+        setups, given = summary.get("setups", {}), summary.get("strengths", {})
+        missing = sorted(set(setups) - set(given))
+        extra = sorted(set(given) - set(setups))
+        if missing or extra:
+            raise ValueError(
+                f"every set-up needs its strengths and every strength a set-up: no strengths "
+                f"for {missing}, no set-up for {extra}"
+            )
+        strengths: dict[str, dict[str, Any]] = {}
+        means: dict[str, float] = {}
+        for name, row in setups.items():
+            unknown = sorted(set(given[name]) - set(AXES))
+            if unknown:
+                raise ValueError(f"set-up {name!r}: unknown axes {unknown}")
+            full = {axis: given[name].get(axis, OFF[axis]) for axis in AXES}
+            for axis, value in full.items():
+                _check_strength(axis, value)
+            accuracies = row.get("test_acc") if isinstance(row, Mapping) else None
+            if not accuracies:
+                raise ValueError(f"set-up {name!r} has no test_acc values")
+            strengths[name] = full
+            means[name] = scale * statistics.fmean(float(a) for a in accuracies)
+
+        def on(name: str) -> list[str]:
+            return [axis for axis in AXES if _on(axis, strengths[name][axis])]
+
+        if baseline is None:
+            off = [name for name in strengths if not on(name)]
+            if len(off) != 1:
+                raise ValueError(
+                    f"need exactly one set-up with every axis off as the baseline, found {off}; "
+                    "name it with baseline="
+                )
+            baseline = off[0]
+        if baseline not in strengths or on(baseline):
+            raise ValueError(f"baseline {baseline!r} must be a set-up with every axis off")
+        points: dict[str, list[tuple[Any, float]]] = {axis: [] for axis in AXES}
+        for name, axes in ((n, on(n)) for n in strengths):
+            if "distill" in axes:
+                if "sparsity" not in axes and "weight_bits" not in axes:
+                    continue  # nothing to recover: the curves' rule makes it 0
+                reference = {**strengths[name], "distill": 0.0}
+                matches = [n for n, s in strengths.items() if s == reference]
+                if matches:
+                    change = means[name] - means[matches[0]]
+                    points["distill"].append((strengths[name]["distill"], change))
+            elif len(axes) == 1:
+                axis = axes[0]
+                points[axis].append((strengths[name][axis], means[name] - means[baseline]))
+        return cls({a: p for a, p in points.items() if p}, base=means[baseline])
+
+
+#: A conservative prior (points of accuracy, against the reference run), to replace with curves
+#: measured on your model and data (:meth:`AccuracyCurves.from_ablation_summary`). Every
+#: compression costs something and costs more the harder it is: a data budget of 0.5 costs 1.25
+#: points, training a quarter of the parameters 1, sparsity 0.5 1.6, int8 weights 0.5 and int4
+#: 2; a shorter run costs too (half the steps: 2 points). Distillation gains at most 0.5 points,
+#: and only with pruning or quantization on (:class:`AccuracyCurves`' rule). The ablation table
+#: in BENCHMARKS.md measured larger single-axis losses for harder settings on a 2-epoch,
+#: 100-step fine-tune (40% of the data: -6.0 points with the hardest samples dropped; 10% of the
+#: parameters: -1.3; sparsity 0.5 with int4 QAT: -4.6); the prior is milder, for the gentler
+#: grid of :data:`DEFAULT_CANDIDATES`, and no substitute for measuring.
+DEFAULT_CURVES = AccuracyCurves(
+    {
+        "data_budget": {0.8: -0.25, 0.6: -0.75, 0.5: -1.25, 0.4: -2.0, 0.3: -3.5, 0.2: -6.0},
+        "trainable": {0.75: -0.2, 0.5: -0.5, 0.25: -1.0, 0.1: -1.5},
+        "sparsity": {0.2: -0.3, 0.3: -0.6, 0.4: -1.0, 0.5: -1.6, 0.7: -4.0, 0.9: -10.0},
+        "weight_bits": {8: -0.5, 4: -2.0},
+        "distill": {0.5: 0.3, 0.9: 0.5, 1.0: 0.5},
+        "steps": {0.9: -0.2, 0.8: -0.5, 0.7: -0.9, 0.6: -1.4, 0.5: -2.0, 0.4: -2.8, 0.3: -4.0},
+    }
+)
+
+
+# -- size -----------------------------------------------------------------------------------------
+
+
+def size_fraction(
+    sparsity: float,
+    weight_bits: int | None,
+    prune_pattern: str,
+    compressible_share: float,
+) -> float:
+    r"""Exported model bytes relative to the fp32 dense model.
+
+    With ``c`` the share of the parameters the pruner targets (the transformer blocks' linear
+    weights; embeddings and the head are not pruned), sparsity ``s`` and ``k`` bits per weight::
+
+        size = kept * k / 32
+        kept = 1 - c * s    for "heads+neurons" (pruned heads and neurons are removed)
+        kept = 1            for "unstructured" (a dense export stores the zeros)
+
+    and ``k = 32`` when ``weight_bits`` is ``None``. Quantization divides *every* weight by
+    ``32 / k`` (the int8 and int4 presets quantize the embeddings too). Quantization scales,
+    norms and the float head make real files slightly larger (an int8 export of
+    all-MiniLM-L6-v2 measured 1 / 3.85, not 1 / 4).
+
+    Example:
+        >>> size_fraction(0.5, None, "heads+neurons", 0.6)  # 1 - 0.6 * 0.5
+        0.7
+        >>> size_fraction(0.5, 8, "unstructured", 0.6), size_fraction(0.5, 4, "heads+neurons", 0.6)
+        (0.25, 0.0875)
+    """
+    _check_strength("sparsity", sparsity)
+    _check_strength("weight_bits", weight_bits)
+    if prune_pattern not in PRUNE_PATTERNS:
+        raise ValueError(f"prune_pattern must be one of {PRUNE_PATTERNS}, got {prune_pattern!r}")
+    _check_fraction("compressible_share", compressible_share, closed_top=True)
+    kept = 1.0 - compressible_share * sparsity if prune_pattern == "heads+neurons" else 1.0
+    bits = 32 if weight_bits is None else weight_bits
+    return kept * bits / 32
+
+
+# -- the solver -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetAllocation:
+    """The strengths :func:`solve_budget` chose, what they are predicted to cost, and why.
+
+    Attributes:
+        data_budget, trainable, sparsity, weight_bits, distill, steps: the strengths.
+        time_s: predicted training seconds; ``time_fraction``: of ``reference_time_s``, the
+            reference run's (every axis off).
+        size_fraction: predicted export bytes relative to the fp32 dense model.
+        accuracy_change: predicted accuracy change (points); ``accuracy``: the predicted
+            accuracy (percent) when the curves have a base, else ``None``.
+        breakdown: predicted seconds per component (:class:`RunCost`).
+        binding: the budgets that bind (``"time"``, ``"size"``): relaxing one alone would allow
+            a more accurate allocation of the grid.
+        reason: a human-readable account of the choice.
+        warmup, qat_start, prune_pattern: the schedule the prediction assumed.
+
+    Example:
+        >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
+        >>> curves = AccuracyCurves({"trainable": {0.5: -1.0}, "steps": {0.5: -3.0}})
+        >>> allocation = solve_budget(
+        ...     0.85, None, cost, curves, reference_steps=100, epochs=2, compressible_share=0.5,
+        ...     candidates={"data_budget": [1.0], "trainable": [1.0, 0.5], "sparsity": [0.0],
+        ...                 "weight_bits": [None], "distill": [0.0], "steps": [1.0, 0.5]},
+        ... )
+        >>> allocation.plan_arguments()  # doctest: +NORMALIZE_WHITESPACE
+        {'data_budget': 1.0, 'trainable': 0.5, 'sparsity': 0.0, 'weight_bits': None,
+         'distill': 0.0, 'steps_fraction': 1.0}
+        >>> allocation.binding, round(allocation.time_fraction, 4)
+        (('time',), 0.8125)
+    """
+
+    data_budget: float
+    trainable: float
+    sparsity: float
+    weight_bits: int | None
+    distill: float
+    steps: float
+    time_s: float
+    time_fraction: float
+    reference_time_s: float
+    size_fraction: float
+    accuracy_change: float
+    accuracy: float | None
+    breakdown: Mapping[str, float]
+    binding: tuple[str, ...]
+    reason: str
+    warmup: float = 0.25
+    qat_start: float = 0.8
+    prune_pattern: str = "heads+neurons"
+
+    @property
+    def strengths(self) -> dict[str, Any]:
+        """The chosen strength of every axis of :data:`AXES`."""
+        return {axis: getattr(self, axis) for axis in AXES}
+
+    def plan_arguments(self) -> dict[str, Any]:
+        """:class:`~lightning_3d.plan.ThreeDPlan` keyword arguments of the axes, and
+        ``steps_fraction`` (the run length as a share of the reference run's optimizer steps,
+        for ``max_steps``)."""
+        return {
+            "data_budget": self.data_budget,
+            "trainable": self.trainable,
+            "sparsity": self.sparsity,
+            "weight_bits": self.weight_bits,
+            "distill": self.distill,
+            "steps_fraction": self.steps,
+        }
+
+
+def _grid(
+    candidates: Mapping[str, Sequence[Any]] | None, curves: AccuracyCurves
+) -> tuple[dict[str, list[Any]], list[str]]:
+    """The search grid (given candidates, else the defaults the curves cover), and the default
+    strengths left out because the curves do not cover them."""
+    given = dict(candidates or {})
+    unknown = sorted(set(given) - set(AXES))
+    if unknown:
+        raise ValueError(f"unknown candidate axes {unknown}; axes: {list(AXES)}")
+    grid: dict[str, list[Any]] = {}
+    dropped: list[str] = []
+    for axis in AXES:
+        if axis in given:
+            values = list(given[axis])
+            if not values:
+                raise ValueError(f"candidates[{axis!r}] is empty")
+            for value in values:
+                _check_strength(axis, value)
+                if not curves.covers(axis, value):
+                    raise ValueError(
+                        f"candidate {axis}={value} is outside the accuracy curves' measured "
+                        "points; measure it or leave it out"
+                    )
+        else:
+            values = []
+            for value in DEFAULT_CANDIDATES[axis]:
+                if curves.covers(axis, value):
+                    values.append(value)
+                else:
+                    dropped.append(f"{axis}={value}")
+        unique: list[Any] = []
+        for value in values:
+            if value not in unique:
+                unique.append(value)
+        grid[axis] = unique
+    return grid, dropped
+
+
+def solve_budget(
+    time: float,
+    size: float | None,
+    cost: CostModel,
+    curves: AccuracyCurves,
+    *,
+    reference_steps: int,
+    epochs: int,
+    compressible_share: float,
+    prune_pattern: str = "heads+neurons",
+    candidates: Mapping[str, Sequence[Any]] | None = None,
+    warmup: float = 0.25,
+    qat_start: float = 0.8,
+) -> BudgetAllocation:
+    r"""The most accurate allocation of the candidate grid within a time and a size budget.
+
+    Every combination of the candidate strengths is predicted (:meth:`CostModel.run_seconds`,
+    :func:`size_fraction`, :meth:`AccuracyCurves.change`) and kept when::
+
+        run_seconds(a) <= time * run_seconds(every axis off, steps = 1)
+        size_fraction(a) <= size                      (no size constraint when size is None)
+
+    The kept allocation with the highest predicted accuracy wins; ties go to the lower
+    predicted time, then the smaller size, then fewer axes on. The grid is
+    :data:`DEFAULT_CANDIDATES` for axes ``candidates`` does not name; default strengths the
+    curves do not cover are left out (and said so in ``reason``), while a given candidate the
+    curves do not cover raises ``ValueError``.
+
+    Args:
+        time: the training time budget as a share of the reference run's, ``> 0``
+            (``math.inf``: no limit).
+        size: the export size budget as a share of the fp32 dense bytes, in ``(0, 1]``, or
+            ``None``.
+        cost, curves: the time and accuracy models.
+        reference_steps, epochs: the reference recipe's optimizer steps and epochs.
+        compressible_share: the share of the parameters the pruner targets.
+        prune_pattern: ``"heads+neurons"`` or ``"unstructured"`` (:func:`size_fraction`).
+        candidates: per axis, the strengths to try.
+        warmup, qat_start: fractions of the run's steps (:meth:`CostModel.run_seconds`).
+
+    Raises:
+        ValueError: a bad argument, or no allocation of the grid meets the budgets (the
+            message names the budget and what the cheapest or smallest allocation needs).
+
+    Example:
+        >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
+        >>> solve_budget(0.05, None, cost, DEFAULT_CURVES, reference_steps=100, epochs=2,
+        ...              compressible_share=0.5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: time=0.05 cannot be met: ... takes 0.287 of the reference run (115 s of 400 s)
+    """
+    if isinstance(time, bool) or not isinstance(time, int | float) or math.isnan(time) or time <= 0:
+        raise ValueError(f"time must be a share of the reference run's time > 0, got {time!r}")
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int | float) or not 0.0 < size <= 1.0
+    ):
+        raise ValueError(f"size must be a share of the fp32 dense bytes in (0, 1], got {size!r}")
+    if prune_pattern not in PRUNE_PATTERNS:
+        raise ValueError(f"prune_pattern must be one of {PRUNE_PATTERNS}, got {prune_pattern!r}")
+    _check_fraction("compressible_share", compressible_share, closed_top=True)
+    _check_recipe(reference_steps, epochs)
+    _check_fraction("warmup", warmup)
+    _check_fraction("qat_start", qat_start)
+    grid, dropped = _grid(candidates, curves)
+    schedule = {
+        "reference_steps": reference_steps,
+        "epochs": epochs,
+        "warmup": warmup,
+        "qat_start": qat_start,
+    }
+    reference = cost.run_seconds(**schedule).total_s
+
+    def evaluate(strengths: Mapping[str, Any]) -> tuple[RunCost, float, float]:
+        run = cost.run_seconds(**schedule, **strengths)
+        size_ = size_fraction(
+            strengths["sparsity"], strengths["weight_bits"], prune_pattern, compressible_share
+        )
+        return run, size_, curves.change(**strengths)
+
+    rows: list[tuple[Any, ...]] = []
+    for index, combo in enumerate(itertools.product(*(grid[axis] for axis in AXES))):
+        strengths = dict(zip(AXES, combo, strict=True))
+        run, size_, change = evaluate(strengths)
+        fraction = run.total_s / reference
+        axes_on = sum(_on(axis, value) for axis, value in strengths.items())
+        key = (-round(change, 9), round(fraction, 12), round(size_, 12), axes_on, index)
+        rows.append((key, strengths, run, fraction, size_, change))
+
+    def fits_time(row: tuple[Any, ...]) -> bool:
+        return row[3] <= time * (1 + _EPS)
+
+    def fits_size(row: tuple[Any, ...]) -> bool:
+        return size is None or row[4] <= size * (1 + _EPS)
+
+    feasible = [row for row in rows if fits_time(row) and fits_size(row)]
+    if not feasible:
+        raise ValueError(_infeasible(time, size, rows, fits_time, fits_size, reference))
+    key, strengths, run, fraction, size_, change = min(feasible, key=lambda row: row[0])
+
+    binding = []
+    time_only = min((row for row in rows if fits_size(row)), key=lambda row: row[0])
+    if time_only[5] > change + _EPS:
+        binding.append("time")
+    size_only = min((row for row in rows if fits_time(row)), key=lambda row: row[0])
+    if size is not None and size_only[5] > change + _EPS:
+        binding.append("size")
+
+    lines = [
+        _budget_line(
+            "time", time, fraction, run.total_s, reference, "time" in binding, time_only[5] - change
+        ),
+        _budget_line("size", size, size_, None, None, "size" in binding, size_only[5] - change),
+    ]
+    if not binding:
+        lines.append("no budget binds: this is the most accurate allocation of the grid")
+    if any(_on(axis, strengths[axis]) for axis in AXES):
+        lines.append(f"axes on ({_describe(strengths)}), each against switching it off:")
+    else:
+        lines.append("every axis off: nothing in the grid is predicted to pay for itself")
+    for axis in AXES:
+        if not _on(axis, strengths[axis]):
+            continue
+        without = {**strengths, axis: OFF[axis]}
+        run_off, size_off, change_off = evaluate(without)
+        lines.append(
+            "  "
+            + _axis_line(
+                axis,
+                strengths[axis],
+                run_off.total_s - run.total_s,
+                size_off,
+                size_,
+                change - change_off,
+            )
+        )
+    if dropped:
+        lines.append(
+            "left out of the default grid (beyond the accuracy curves' measured points): "
+            + ", ".join(dropped)
+        )
+    return BudgetAllocation(
+        **strengths,
+        time_s=run.total_s,
+        time_fraction=fraction,
+        reference_time_s=reference,
+        size_fraction=size_,
+        accuracy_change=change,
+        accuracy=None if curves.base is None else curves.base + change,
+        breakdown=dict(run.breakdown),
+        binding=tuple(binding),
+        reason="\n".join(lines),
+        warmup=warmup,
+        qat_start=qat_start,
+        prune_pattern=prune_pattern,
+    )
+
+
+def _infeasible(
+    time: float,
+    size: float | None,
+    rows: Sequence[tuple[Any, ...]],
+    fits_time: Callable[[tuple[Any, ...]], bool],
+    fits_size: Callable[[tuple[Any, ...]], bool],
+    reference: float,
+) -> str:
+    """The message of a budget nothing in the grid meets."""
+    cheapest = min(rows, key=lambda row: (row[3], row[0]))
+    smallest = min(rows, key=lambda row: (row[4], row[0]))
+    if not any(fits_size(row) for row in rows):
+        return (
+            f"size={size} cannot be met: the smallest allocation in the grid "
+            f"({_describe(smallest[1])}) exports {smallest[4]:.3g} of the fp32 dense bytes"
+        )
+    if not any(fits_time(row) for row in rows):
+        return (
+            f"time={time} cannot be met: the cheapest allocation in the grid "
+            f"({_describe(cheapest[1])}) takes {cheapest[3]:.3g} of the reference run "
+            f"({cheapest[2].total_s:.4g} s of {reference:.4g} s)"
+        )
+    within = min((row for row in rows if fits_size(row)), key=lambda row: (row[3], row[0]))
+    return (
+        f"time={time} and size={size} cannot be met together: the cheapest allocation within "
+        f"size={size} ({_describe(within[1])}) takes {within[3]:.3g} of the reference run"
+    )
+
+
+def _budget_line(
+    name: str,
+    budget: float | None,
+    used: float,
+    seconds: float | None,
+    reference: float | None,
+    binds: bool,
+    gain: float,
+) -> str:
+    if budget is None:
+        return f"{name}: no budget (predicted {used:.3g} of the fp32 dense bytes)"
+    what = "the reference run" if name == "time" else "the fp32 dense bytes"
+    text = f"{name} budget {budget:g} of {what}: predicted {used:.3g}"
+    if seconds is not None and reference is not None:
+        text += f" ({seconds:.4g} s of {reference:.4g} s)"
+    if binds:
+        return text + f"; binds: without it the grid's best is {gain:.3g} points more accurate"
+    return text + "; does not bind"
+
+
+def _axis_line(
+    axis: str, value: Any, saved_s: float, size_off: float, size_on: float, gained: float
+) -> str:
+    """One axis' effect: seconds saved (or added), bytes saved, accuracy given up (or won)."""
+    parts = []
+    if saved_s > _EPS:
+        parts.append(f"saves {saved_s:.4g} s")
+    elif saved_s < -_EPS:
+        parts.append(f"adds {-saved_s:.4g} s")
+    if size_off - size_on > _EPS:
+        parts.append(f"shrinks the export from {size_off:.3g} to {size_on:.3g} of fp32 dense")
+    if gained < -_EPS:
+        accuracy = f"costs {-gained:.3g} points"
+        if saved_s > _EPS:
+            accuracy += f" ({-gained / saved_s:.3g} points per second saved)"
+    elif gained > _EPS:
+        accuracy = f"gains {gained:.3g} points"
+    else:
+        accuracy = "costs no accuracy by the curves"
+    parts.append(accuracy)
+    shown = value if axis == "weight_bits" else f"{value:g}"
+    return f"{axis}={shown}: " + ", ".join(parts)
