@@ -70,28 +70,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pruning import PeakMemory, child
 
 #: Each set-up: the keyword arguments of its ThreeDPlan, and optionally ``"steps"``, the fraction
-#: of Standard's optimizer steps it may take (the trainer's ``max_steps``).
+#: of Standard's optimizer steps it may take (the trainer's ``max_steps``). The single-axis rows
+#: use the strengths the 3D plan uses where it uses them.
 SETUPS: dict[str, dict[str, Any]] = {
     "Standard": {},
     "Standard-half": {"steps": 0.5},
     "DataOpt": {"data_budget": 0.5},
     "ParamOpt": {"trainable": 0.5},
-    "ModelOpt": {"sparsity": 0.3, "prune_pattern": "heads+neurons", "weight_bits": 8},
+    "ModelOpt": {"sparsity": 0.2, "prune_pattern": "heads+neurons", "weight_bits": 8},
     "Distill": {"distill": 0.5},
+    # The budget solver's allocation for time=0.5, size=0.25 (``--calibrate``, then
+    # ``--solve 0.5 0.25``: allocation_cpu-2c-b.json): half the steps, half the parameters
+    # trainable after the warm-up, 20% of the heads and FFN neurons, int8. The data axis and
+    # distillation do not pay within half of a 2-epoch run: the data scores need the first
+    # epoch, which is the whole budget, and the teacher's forwards cost more than the prior
+    # curves say distillation recovers.
     "3D": {
-        "data_budget": 0.5,
         "trainable": 0.5,
-        "sparsity": 0.3,
+        "sparsity": 0.2,
         "prune_pattern": "heads+neurons",
         "weight_bits": 8,
-        "distill": 0.5,
+        "steps": 0.5,
     },
 }
 #: The 3D row less one axis each (derived, so they follow the 3D row when it is tuned).
 WITHOUT = {
     "3D-no-data": ("data_budget",),
     "3D-no-params": ("trainable",),
-    "3D-no-model": ("sparsity", "prune_pattern", "weight_bits"),
+    "3D-no-model": ("sparsity", "prune_pattern", "weight_bits", "distill"),
 }
 SETUPS.update(
     {
@@ -100,6 +106,9 @@ SETUPS.update(
     }
 )
 STEPS = "steps"  # the key of a row that is not a ThreeDPlan field
+#: What an int8 ONNX export adds beyond its int8 weights, as a share of the fp32 export: the
+#: main job's export measured 1 / 3.84 of fp32 (BENCHMARKS.md, Deployment), not 1 / 4.
+QUANTIZED_OVERHEAD = 1 / 3.84 - 1 / 4
 THREE_SEEDS = ("Standard", "Standard-half", "3D")  # the set-ups run with seeds 0 1 2 by default
 SINGLE_AXIS = ("DataOpt", "ParamOpt", "ModelOpt", "Distill")
 BATCHES = (1, 32)  # latency batch sizes
@@ -120,6 +129,12 @@ def build_plan(setup: str, args: argparse.Namespace) -> Any:
     from lightning_3d.plan import ThreeDPlan
 
     return ThreeDPlan(**plan_arguments(setup), seed=args.data_seed)
+
+
+def same_as(setup: str) -> str:
+    """The first set-up with the same row as ``setup`` (``setup`` itself when none comes
+    before it): such a row is not run again; its results are the other's."""
+    return next(other for other in SETUPS if SETUPS[other] == SETUPS[setup])
 
 
 def export_format(setup: str) -> str:
@@ -291,6 +306,9 @@ def sweep(args: argparse.Namespace) -> int:
             target = result_path(args, setup, seed)
             if seed not in seeds_of(setup, args):
                 continue
+            if same_as(setup) != setup:
+                print(f"{setup}: the same plan as {same_as(setup)}; not run again", flush=True)
+                continue
             if target.exists() and not args.force:
                 print(f"{setup} seed {seed}: {target.name} exists; skipped", flush=True)
                 continue
@@ -327,6 +345,8 @@ def measure_latency(args: argparse.Namespace) -> Path:
 
     runners, formats, vocabulary = {}, {}, None
     for setup in args.setups:
+        if same_as(setup) != setup:
+            continue
         kind = export_format(setup)
         path = export_folder(args, setup, 0) / kind / ONNX_FILE
         if not path.exists():
@@ -390,7 +410,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
     setups: dict[str, Any] = {}
     for setup in SETUPS:
-        runs = sorted((d for d in documents if d["setup"] == setup), key=lambda d: d["seed"])
+        source = same_as(setup)  # a leave-one-out row whose axis is off is the 3D row itself
+        runs = sorted((d for d in documents if d["setup"] == source), key=lambda d: d["seed"])
         if not runs:
             continue
         entry: dict[str, Any] = {"seeds": [d["seed"] for d in runs]}
@@ -398,7 +419,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
             entry[key] = [d["row"][key] for d in runs]
         first = next((d for d in runs if d["seed"] == 0), None)
         entry["model_bytes"] = None if first is None else int(first["row"]["model_bytes"])
-        timed = latency.get("latency", {}).get(setup, {})
+        timed = latency.get("latency", {}).get(source, {})
         for batch in BATCHES:
             key = f"latency_b{batch}_ms"
             entry[key] = None if timed.get(key) is None else float(timed[key])
@@ -612,6 +633,70 @@ def summarize(args: argparse.Namespace) -> None:
         write_benchmarks(text)
 
 
+# ----------------------------------------------------------------------------- budget
+def cost_model_path(args: argparse.Namespace) -> Path:
+    return args.results_dir / f"cost_model_{args.machine}.json"
+
+
+def calibrate(args: argparse.Namespace) -> None:
+    """Measure the step-cost model of this regime (a training batch of MiniLM, AdamW, int8
+    fake quantization) and save it as the budget solver's calibration file."""
+    import torch.nn.functional as F
+    from curriculum import prepare_data
+
+    from lightning_3d.budget import measure_cost_model
+    from lightning_3d.tasks import SequenceClassificationTask
+
+    task = SequenceClassificationTask(learning_rate=args.learning_rate)
+    data = prepare_data(args, 0.0, task.tokenizer)
+    batch = next(iter(data.train_dataloader()))
+
+    def loss_fn(model: Any, batch: dict[str, Any]) -> Any:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return F.cross_entropy(logits.logits, batch["labels"])
+
+    cost = measure_cost_model(task.model, batch, loss_fn, repeats=5, qat_preset="int8_weight_only")
+    path = cost_model_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cost.save(path)
+    print(json.dumps(cost.to_dict(), indent=1))
+
+
+def solve(args: argparse.Namespace) -> None:
+    """The budget solver's plan for ``--solve TIME SIZE`` from the calibration file: print the
+    allocation, its reasons and the predicted cost, and save them beside the results."""
+    from curriculum import prepare_data
+
+    from lightning_3d.plan import ThreeDPlan, compressible_share
+    from lightning_3d.tasks import SequenceClassificationTask
+
+    time_budget, size_budget = args.solve
+    task = SequenceClassificationTask()
+    data = prepare_data(args, 0.0, task.tokenizer)
+    per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
+    plan = ThreeDPlan.for_budget(
+        time_budget, size_budget,
+        cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,
+        epochs=args.epochs, compressible_share=compressible_share(task.model),
+        quantized_overhead=QUANTIZED_OVERHEAD,
+    )  # fmt: skip
+    allocation = plan.allocation
+    assert allocation is not None
+    document = {
+        "budget": {"time": time_budget, "size": size_budget},
+        "strengths": allocation.strengths,
+        "predicted_train_s": allocation.time_s,
+        "time_fraction": allocation.time_fraction,
+        "size_fraction": allocation.size_fraction,
+        "accuracy_change": allocation.accuracy_change,
+        "breakdown": dict(allocation.breakdown),
+        "reason": allocation.reason,
+    }
+    path = args.results_dir / f"allocation_{args.machine}.json"
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    print(json.dumps(document, indent=1))
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -640,6 +725,13 @@ def main() -> None:
     parser.add_argument(
         "--write", action="store_true", help="summarize and replace BENCHMARKS.md's section"
     )
+    parser.add_argument(
+        "--calibrate", action="store_true", help="measure the budget solver's step-cost model"
+    )
+    parser.add_argument(
+        "--solve", type=float, nargs=2, metavar=("TIME", "SIZE"),
+        help="the budget solver's allocation for these budgets (after --calibrate)",
+    )  # fmt: skip
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)
@@ -647,6 +739,12 @@ def main() -> None:
     if args.one:  # a child process: one run, one JSON line
         result = run_one(args.one[0], int(args.one[1]), args)
         print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.calibrate or args.solve:
+        if args.calibrate:
+            calibrate(args)
+        if args.solve:
+            solve(args)
         return
     if not (args.latency or args.summarize or args.write):
         sys.exit(1 if sweep(args) else 0)

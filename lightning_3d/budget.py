@@ -963,6 +963,7 @@ def size_fraction(
     weight_bits: int | None,
     prune_pattern: str,
     compressible_share: float,
+    quantized_overhead: float = 0.0,
 ) -> float:
     r"""Exported model bytes relative to the fp32 dense model.
 
@@ -975,8 +976,9 @@ def size_fraction(
 
     and ``k = 32`` when ``weight_bits`` is ``None``. Quantization divides *every* weight by
     ``32 / k`` (the int8 and int4 presets quantize the embeddings too). Quantization scales,
-    norms and the float head make real files slightly larger (an int8 export of
-    all-MiniLM-L6-v2 measured 1 / 3.85, not 1 / 4).
+    norms, biases and the graph make real files larger: a quantized export adds
+    ``quantized_overhead`` (a share of the fp32 bytes; the int8 ONNX export of
+    all-MiniLM-L6-v2 measured 1 / 3.84, an overhead of 0.0104).
 
     Example:
         >>> size_fraction(0.5, None, "heads+neurons", 0.6)  # 1 - 0.6 * 0.5
@@ -989,9 +991,12 @@ def size_fraction(
     if prune_pattern not in PRUNE_PATTERNS:
         raise ValueError(f"prune_pattern must be one of {PRUNE_PATTERNS}, got {prune_pattern!r}")
     _check_fraction("compressible_share", compressible_share, closed_top=True)
+    if not 0.0 <= quantized_overhead < 1.0:
+        raise ValueError(f"quantized_overhead must be in [0, 1), got {quantized_overhead}")
     kept = 1.0 - compressible_share * sparsity if prune_pattern == "heads+neurons" else 1.0
-    bits = 32 if weight_bits is None else weight_bits
-    return kept * bits / 32
+    if weight_bits is None:
+        return kept
+    return kept * weight_bits / 32 + quantized_overhead
 
 
 # -- the solver -----------------------------------------------------------------------------------
@@ -1118,6 +1123,7 @@ def solve_budget(
     candidates: Mapping[str, Sequence[Any]] | None = None,
     warmup: float = 0.25,
     qat_start: float = 0.8,
+    quantized_overhead: float = 0.0,
 ) -> BudgetAllocation:
     r"""The most accurate allocation of the candidate grid within a time and a size budget.
 
@@ -1144,6 +1150,7 @@ def solve_budget(
         prune_pattern: ``"heads+neurons"`` or ``"unstructured"`` (:func:`size_fraction`).
         candidates: per axis, the strengths to try.
         warmup, qat_start: fractions of the run's steps (:meth:`CostModel.run_seconds`).
+        quantized_overhead: what a quantized export adds to its weights (:func:`size_fraction`).
 
     Raises:
         ValueError: a bad argument, or no allocation of the grid meets the budgets (the
@@ -1181,8 +1188,9 @@ def solve_budget(
     def evaluate(strengths: Mapping[str, Any]) -> tuple[RunCost, float, float]:
         run = cost.run_seconds(**schedule, **strengths)
         size_ = size_fraction(
-            strengths["sparsity"], strengths["weight_bits"], prune_pattern, compressible_share
-        )
+            strengths["sparsity"], strengths["weight_bits"], prune_pattern, compressible_share,
+            quantized_overhead,
+        )  # fmt: skip
         return run, size_, curves.change(**strengths)
 
     rows: list[tuple[Any, ...]] = []

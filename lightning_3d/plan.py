@@ -137,8 +137,9 @@ class ThreeDPlan:
         qat_start: fraction of the run at which fake quantization goes on (``>= prune_end``).
         max_steps: optimizer steps of the run when the plan shortens it (a budget's choice);
             pass ``Trainer(**plan.trainer_arguments())``. ``None``: the trainer's own length.
-        prune_include: regex over parameter names of the weights to prune; default: every linear
-            weight of the transformer blocks.
+        prune_include: regex over parameter names of the weights to prune (unstructured) and
+            that the freezer leaves trainable; default: every linear weight of the transformer
+            blocks. ``"heads+neurons"`` prunes every head and FFN neuron of the blocks.
         adaptive: back off sparsity from validation feedback (:class:`SparsityBackoff`).
         monitor, mode: the validation metric that feedback reads, and whether higher (``"max"``)
             or lower (``"min"``) is better.
@@ -324,7 +325,7 @@ class ThreeDPlan:
                     pattern=self.prune_pattern,
                     score="magnitude",
                     layer_sparsity="sensitivity" if unstructured else "uniform",
-                    include=self.prune_include,
+                    include=self.prune_include if unstructured else None,  # units: + biases
                 )
             )
         if "quantization" in self.axes:  # and the start
@@ -392,6 +393,7 @@ class ThreeDPlan:
         compressible_share: float,
         curves: AccuracyCurves | str | os.PathLike[str] | None = None,
         candidates: Mapping[str, Sequence[Any]] | None = None,
+        quantized_overhead: float = 0.0,
         **settings: Any,
     ) -> ThreeDPlan:
         """The plan whose axis strengths :func:`~lightning_3d.budget.solve_budget` picks for a
@@ -411,6 +413,9 @@ class ThreeDPlan:
                 :class:`~lightning_3d.budget.AccuracyCurves`); default: the documented prior
                 :data:`~lightning_3d.budget.DEFAULT_CURVES`.
             candidates: the strengths to try per axis (default: the solver's grid).
+            quantized_overhead: what a quantized export adds beyond its weights, as a share of
+                the fp32 bytes (graph, scales, float vectors; see
+                :func:`~lightning_3d.budget.size_fraction`).
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 
@@ -442,6 +447,7 @@ class ThreeDPlan:
             reference_steps=reference_steps, epochs=epochs,
             compressible_share=compressible_share, prune_pattern=settings["prune_pattern"],
             candidates=candidates, warmup=warmup, qat_start=qat_start,
+            quantized_overhead=quantized_overhead,
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")

@@ -188,6 +188,11 @@ def test_size_fraction_by_hand() -> None:
     assert size_fraction(0.3, 8, "heads+neurons", 0.6) == pytest.approx((1 - 0.18) / 4)
     assert size_fraction(0.5, 4, "unstructured", 0.6) == pytest.approx(1 / 8)
     assert size_fraction(0.5, 4, "heads+neurons", 1.0) == pytest.approx(0.5 / 8)
+    # a quantized export's overhead (graph, scales, float vectors) adds to its weights only
+    assert size_fraction(0.3, 8, "heads+neurons", 0.6, 0.01) == pytest.approx(0.82 / 4 + 0.01)
+    assert size_fraction(0.3, None, "heads+neurons", 0.6, 0.01) == pytest.approx(0.82)
+    with pytest.raises(ValueError, match="quantized_overhead must be in"):
+        size_fraction(0.3, 8, "heads+neurons", 0.6, 1.0)
     for bad in (
         (0.5, 16, "heads+neurons", 0.6),
         (0.5, None, "rows", 0.6),
