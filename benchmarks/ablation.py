@@ -53,6 +53,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -69,29 +70,43 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from pruning import PeakMemory, child
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS = REPOSITORY / "benchmarks" / "results"
+#: The budget solver's allocation the 3D row trains (``--calibrate``, then ``--solve 0.5 0.25``).
+ALLOCATION = RESULTS / "ablation" / "allocation_cpu-2c-b.json"
+STEPS = "steps"  # the key of a row that is not a ThreeDPlan field
+
+
+def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
+    """The 3D row: the solver's strengths (the axes it turned on), heads+neurons pruning, and
+    ``"steps"`` when it shortens the run."""
+    strengths = json.loads(path.read_text())["strengths"]
+    off = {"data_budget": 1.0, "trainable": 1.0, "sparsity": 0.0, "weight_bits": None}
+    row = {k: v for k, v in strengths.items() if k in off and v != off[k]}
+    if strengths.get("distill", 0.0) > 0:
+        row["distill"] = strengths["distill"]
+    if row.get("sparsity"):
+        row["prune_pattern"] = "heads+neurons"
+    if strengths.get(STEPS, 1.0) < 1:
+        row[STEPS] = strengths[STEPS]
+    return row
+
+
 #: Each set-up: the keyword arguments of its ThreeDPlan, and optionally ``"steps"``, the fraction
 #: of Standard's optimizer steps it may take (the trainer's ``max_steps``). The single-axis rows
-#: use the strengths the 3D plan uses where it uses them.
+#: use the strengths the 3D plan uses where it uses them; 3D is the solver's allocation for
+#: time 0.5 and size 0.25.
+THREE_D = solver_row() if ALLOCATION.exists() else {}
+MODEL_AXIS = ("sparsity", "prune_pattern", "weight_bits")
 SETUPS: dict[str, dict[str, Any]] = {
     "Standard": {},
-    "Standard-half": {"steps": 0.5},
-    "DataOpt": {"data_budget": 0.5},
-    "ParamOpt": {"trainable": 0.5},
-    "ModelOpt": {"sparsity": 0.2, "prune_pattern": "heads+neurons", "weight_bits": 8},
-    "Distill": {"distill": 0.5},
-    # The budget solver's allocation for time=0.5, size=0.25 (``--calibrate``, then
-    # ``--solve 0.5 0.25``: allocation_cpu-2c-b.json): half the steps, half the parameters
-    # trainable after the warm-up, 20% of the heads and FFN neurons, int8. The data axis and
-    # distillation do not pay within half of a 2-epoch run: the data scores need the first
-    # epoch, which is the whole budget, and the teacher's forwards cost more than the prior
-    # curves say distillation recovers.
-    "3D": {
-        "trainable": 0.5,
-        "sparsity": 0.2,
-        "prune_pattern": "heads+neurons",
-        "weight_bits": 8,
-        "steps": 0.5,
-    },
+    "Standard-half": {STEPS: 0.5},
+    "DataOpt": {"data_budget": THREE_D.get("data_budget", 0.5)},
+    "ParamOpt": {"trainable": THREE_D.get("trainable", 0.5)},
+    "ModelOpt": {k: v for k, v in THREE_D.items() if k in MODEL_AXIS}
+    or {"sparsity": 0.2, "prune_pattern": "heads+neurons", "weight_bits": 8},
+    "Distill": {"distill": THREE_D.get("distill", 0.5)},
+    "3D": THREE_D,
 }
 #: The 3D row less one axis each (derived, so they follow the 3D row when it is tuned).
 WITHOUT = {
@@ -105,7 +120,8 @@ SETUPS.update(
         for name, keys in WITHOUT.items()
     }
 )
-STEPS = "steps"  # the key of a row that is not a ThreeDPlan field
+if "trainable" in THREE_D:  # the parameter axis's other policy: it may freeze pruned tensors
+    SETUPS["3D-freeze-any"] = {**THREE_D, "freeze": "any"}
 #: What an int8 ONNX export adds beyond its int8 weights, as a share of the fp32 export: the
 #: main job's export measured 1 / 3.84 of fp32 (BENCHMARKS.md, Deployment), not 1 / 4.
 QUANTIZED_OVERHEAD = 1 / 3.84 - 1 / 4
@@ -113,9 +129,6 @@ THREE_SEEDS = ("Standard", "Standard-half", "3D")  # the set-ups run with seeds 
 SINGLE_AXIS = ("DataOpt", "ParamOpt", "ModelOpt", "Distill")
 BATCHES = (1, 32)  # latency batch sizes
 PER_SEED = ("test_acc", "train_s", "cpu_s", "peak_train_mib")  # the summary's per-seed lists
-
-REPOSITORY = Path(__file__).resolve().parents[1]
-RESULTS = REPOSITORY / "benchmarks" / "results"
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
@@ -638,15 +651,56 @@ def cost_model_path(args: argparse.Namespace) -> Path:
     return args.results_dir / f"cost_model_{args.machine}.json"
 
 
+def real_step_seconds(args: argparse.Namespace, steps: int = 40, skip: int = 5) -> float:
+    """Median period of a real Standard run's steps ``skip``..``steps`` (same trainer settings
+    as :func:`run_one`), what the component timings miss included."""
+    import lightning.pytorch as pl
+    from curriculum import prepare_data
+
+    from lightning_3d.tasks import SequenceClassificationTask
+
+    pl.seed_everything(0, verbose=False)
+    task = SequenceClassificationTask(
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+    )
+    data = prepare_data(args, 0.0, task.tokenizer)
+    starts: list[float] = []
+
+    class Starts(pl.Callback):  # a step's period: from one batch's start to the next one's
+        def on_train_batch_start(self, *unused: Any) -> None:
+            starts.append(time.perf_counter())
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[Starts()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with PeakMemory():  # the same sampling thread as the measured runs
+        trainer.fit(task, datamodule=data)
+    return statistics.median(b - a for a, b in itertools.pairwise(starts[skip:]))
+
+
 def calibrate(args: argparse.Namespace) -> None:
-    """Measure the step-cost model of this regime (a training batch of MiniLM, AdamW, int8
-    fake quantization) and save it as the budget solver's calibration file."""
+    """Measure the step-cost model of this regime (a training batch of MiniLM, AdamW, int8 fake
+    quantization, freezing what the plan's freezer may freeze), scaled to the step period of a
+    real run's first steps, and save it as the budget solver's calibration."""
+    import lightning.pytorch as pl
     import torch.nn.functional as F
     from curriculum import prepare_data
 
     from lightning_3d.budget import measure_cost_model
+    from lightning_3d.plan import DEFAULT_PRUNE_INCLUDE
+    from lightning_3d.sensitivity import DEFAULT_HEAD
     from lightning_3d.tasks import SequenceClassificationTask
 
+    pl.seed_everything(0, verbose=False)
     task = SequenceClassificationTask(learning_rate=args.learning_rate)
     data = prepare_data(args, 0.0, task.tokenizer)
     batch = next(iter(data.train_dataloader()))
@@ -655,7 +709,15 @@ def calibrate(args: argparse.Namespace) -> None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return F.cross_entropy(logits.logits, batch["labels"])
 
-    cost = measure_cost_model(task.model, batch, loss_fn, repeats=5, qat_preset="int8_weight_only")
+    pruned, head = re.compile(DEFAULT_PRUNE_INCLUDE), re.compile(DEFAULT_HEAD)
+
+    def frozen(name: str) -> bool:  # what the plan's freezer may freeze: neither pruned nor head
+        return not pruned.search(name) and not head.search(name)
+
+    cost = measure_cost_model(
+        task.model, batch, loss_fn, repeats=5, qat_preset="int8_weight_only", frozen=frozen
+    )
+    cost = cost.scaled_to(real_step_seconds(args))
     path = cost_model_path(args)
     path.parent.mkdir(parents=True, exist_ok=True)
     cost.save(path)
@@ -667,17 +729,18 @@ def solve(args: argparse.Namespace) -> None:
     allocation, its reasons and the predicted cost, and save them beside the results."""
     from curriculum import prepare_data
 
-    from lightning_3d.plan import ThreeDPlan, compressible_share
+    from lightning_3d.plan import ThreeDPlan, parameter_shares
     from lightning_3d.tasks import SequenceClassificationTask
 
     time_budget, size_budget = args.solve
     task = SequenceClassificationTask()
     data = prepare_data(args, 0.0, task.tokenizer)
     per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
+    compressible, head = parameter_shares(task.model)
     plan = ThreeDPlan.for_budget(
         time_budget, size_budget,
         cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,
-        epochs=args.epochs, compressible_share=compressible_share(task.model),
+        epochs=args.epochs, compressible_share=compressible, head_share=head,
         quantized_overhead=QUANTIZED_OVERHEAD,
     )  # fmt: skip
     allocation = plan.allocation

@@ -9,9 +9,12 @@ Life cycle (``global_step`` counts optimizer steps):
    student as it is then (the end of a dense warm-up; frozen, eval mode). The batch's samples
    missing from the :class:`~lightning_3d.distillation.TeacherCache` go through the teacher once;
    the batch gets the teacher's targets under ``batch["teacher_targets"]`` for
-   :func:`~lightning_3d.distillation.distil` in ``training_step``. Once the cache holds every
-   training sample the teacher is released.
-3. Checkpoints hold the cache and, while the teacher is still needed, the snapshot's weights:
+   :func:`~lightning_3d.distillation.distil` in ``training_step``.
+3. ``on_train_epoch_end``: under several processes the ranks share the classifier outputs each
+   cached this epoch (one all-gather per epoch). After the first whole epoch of distillation the
+   teacher is released (its memory freed): no teacher forward runs after that pass; a sample it
+   never saw (dropped by a data budget in that epoch) trains on its task loss alone.
+4. Checkpoints hold the cache and, while the teacher is still needed, the snapshot's weights:
    a resumed run distils from the same teacher and reuses the same cached outputs (the cache is
    saved, not rebuilt).
 
@@ -117,8 +120,11 @@ class Distiller(Callback):
         self.teacher_samples = 0
         self.teacher_batches = 0
         self.snapshot_taken = False
+        self.released = False
         self._snapshot_state: dict[str, torch.Tensor] | None = None
         self._dataset_size: int | None = None
+        self._first_full_epoch: int | None = None  # the first epoch distilled from its start
+        self._shared = 0  # cache entries already shared with the other ranks
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -128,6 +134,9 @@ class Distiller(Callback):
             "teacher_samples": self.teacher_samples,
             "teacher_batches": self.teacher_batches,
             "snapshot_taken": self.snapshot_taken,
+            "released": self.released,
+            "first_full_epoch": self._first_full_epoch,
+            "shared": self._shared,
             "snapshot": (
                 {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
                 if keep_snapshot and self.teacher is not None
@@ -141,6 +150,9 @@ class Distiller(Callback):
         self.teacher_samples = state_dict["teacher_samples"]
         self.teacher_batches = state_dict["teacher_batches"]
         self.snapshot_taken = state_dict["snapshot_taken"]
+        self.released = state_dict["released"]
+        self._first_full_epoch = state_dict["first_full_epoch"]
+        self._shared = state_dict["shared"]
         self._snapshot_state = state_dict["snapshot"]
 
     @property
@@ -182,8 +194,13 @@ class Distiller(Callback):
                 "Distiller: teacher='snapshot' copies the student, which is sharded here; pass "
                 "a checkpoint or model path as the teacher under a sharding strategy"
             )
-        if self._snapshot_state is not None:  # resumed while the snapshot was still needed
-            teacher = copy.deepcopy(student)
+        self._restore_snapshot(pl_module)
+
+    def _restore_snapshot(self, pl_module: LightningModule) -> None:
+        """Rebuild a checkpoint's snapshot teacher (strategies that restore after ``setup``
+        load the callback state after ``on_fit_start``: the first batch does it then)."""
+        if self._snapshot_state is not None:
+            teacher = copy.deepcopy(self._student(pl_module))
             teacher.load_state_dict(self._snapshot_state)
             self.teacher, self._snapshot_state = freeze(teacher), None
 
@@ -200,26 +217,70 @@ class Distiller(Callback):
             return
         if not isinstance(batch, dict):
             raise ValueError("Distiller needs dict batches (input_ids, attention_mask, index)")
+        self._restore_snapshot(pl_module)
         if self.source == SNAPSHOT and not self.snapshot_taken:
             self.teacher = freeze(copy.deepcopy(self._student(pl_module)))
             self.snapshot_taken = True
             log.info("Distiller: teacher snapshot taken at step %d", trainer.global_step)
+        if self._first_full_epoch is None:
+            self._first_full_epoch = trainer.current_epoch + (batch_idx > 0)
         with trainer.precision_plugin.forward_context():
-            values, indices = self._targets(batch, pl_module.device)
-        batch[TEACHER_KEY] = TeacherTargets(values, indices, self.alpha, self.temperature)
-        if self.complete and self.teacher is not None:
-            self.teacher = None  # every training sample is cached: the teacher is not needed
-            log.info("Distiller: every training sample is cached; teacher released")
+            targets = self._targets(batch, pl_module.device)
+        if targets is not None:  # None: released, and none of these samples was cached
+            values, indices, present = targets
+            batch[TEACHER_KEY] = TeacherTargets(
+                values, indices, self.alpha, self.temperature, present
+            )
+        if self.complete:
+            self._release("every training sample is cached")
+
+    def _release(self, why: str) -> None:
+        if self.teacher is not None and self.cache is not None:
+            self.teacher, self.released = None, True
+            log.info("Distiller: %s; teacher released", why)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.cache is None or self._first_full_epoch is None:
+            return
+        if trainer.world_size > 1 and not self.cache.holds_sequences:
+            self._share(trainer, pl_module, *self.cache.classifier_entries(self._shared))
+            self._shared = len(self.cache)
+        if trainer.current_epoch >= self._first_full_epoch:
+            self._release(f"a whole epoch was distilled ({len(self.cache)} samples cached)")
+
+    def _share(
+        self, trainer: Trainer, pl_module: LightningModule, index: torch.Tensor, values: Any
+    ) -> int:
+        """All-gather every rank's new classifier entries into this rank's cache (one padded
+        collective); returns how many this rank lacked."""
+        count = trainer.strategy.all_gather(torch.tensor(len(index), device=pl_module.device))
+        most = int(count.max())
+        if most == 0:
+            return 0
+        classes = int(values.shape[-1]) if len(index) else 0
+        classes = int(trainer.strategy.all_gather(torch.tensor(classes, device=pl_module.device))
+                      .max())  # fmt: skip
+        padded_index = torch.full((most,), -1, dtype=torch.long)
+        padded_values = torch.zeros(most, classes)
+        padded_index[: len(index)] = index
+        if len(index):
+            padded_values[: len(index)] = values
+        every_index = trainer.strategy.all_gather(padded_index.to(pl_module.device))
+        every_value = trainer.strategy.all_gather(padded_values.to(pl_module.device))
+        real = every_index.flatten() >= 0
+        return self.cache.merge(
+            every_index.flatten()[real].cpu(), every_value.reshape(-1, classes)[real].cpu()
+        )
 
     def _targets(
         self, batch: dict[str, Any], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         mask = batch.get("attention_mask")
         if self.cache is None:
             logits = self._run_teacher(batch)
             if logits.dim() == 2:
-                return logits.float(), None
-            return top_k_targets(logits, self.top_k)
+                return logits.float(), None, None
+            return (*top_k_targets(logits, self.top_k), None)
         if "index" not in batch:
             raise ValueError(
                 "Distiller(cache=True) keys the teacher's outputs by batch['index'] (the "
@@ -228,17 +289,19 @@ class Distiller(Callback):
             )
         index = batch["index"]
         missing = self.cache.missing(index)
-        if bool(missing.any()):
+        if bool(missing.any()) and self.teacher is not None:
             rows = missing.nonzero().flatten().to(index.device)
             subset = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
             logits = self._run_teacher(subset)
             self.cache.store(index[rows], logits, subset.get("attention_mask"))
+            missing = torch.zeros_like(missing)
+        if bool(missing.all()):
+            return None
         values, indices = self.cache.targets(index, mask)
-        return values.to(device), None if indices is None else indices.to(device)
+        present = None if not bool(missing.any()) else (~missing).to(device)
+        return values.to(device), None if indices is None else indices.to(device), present
 
     def _run_teacher(self, batch: dict[str, Any]) -> torch.Tensor:
-        if self.teacher is None:
-            raise RuntimeError("Distiller: the teacher was released but a sample is not cached")
         logits = teacher_logits(self.teacher, batch, self.inputs)
         self.teacher_samples += int(logits.shape[0])
         self.teacher_batches += 1

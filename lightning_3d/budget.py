@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -57,6 +58,10 @@ from typing import Any
 import torch
 from torch import nn
 
+# Pruning patterns: a dense export of "unstructured" sparsity keeps every weight;
+# "heads+neurons" removes the pruned heads and FFN neurons.
+from lightning_3d.plan import MAX_SPARSITY, PRESET_FOR_BITS, PRUNE_PATTERNS
+
 #: The axes the solver allocates, in the order of :func:`solve_budget`'s grid.
 AXES = ("data_budget", "trainable", "sparsity", "weight_bits", "distill", "steps")
 #: The strength at which each axis is off (the reference run has every axis off).
@@ -69,12 +74,7 @@ OFF: dict[str, float | None] = {
     "steps": 1.0,
 }
 #: Bit widths of the quantization axis (``None``: off).
-WEIGHT_BITS = (8, 4)
-#: Pruning patterns :func:`size_fraction` knows: a dense export of ``"unstructured"`` sparsity
-#: keeps every weight; ``"heads+neurons"`` removes the pruned heads and FFN neurons.
-PRUNE_PATTERNS = ("unstructured", "heads+neurons")
-#: The most the plan prunes any tensor (the same bound as :class:`~lightning_3d.plan.ThreeDPlan`).
-MAX_SPARSITY = 0.98
+WEIGHT_BITS = tuple(sorted(PRESET_FOR_BITS, reverse=True))
 #: Multiplier on forward + backward while fake quantization is on, when none is measured: the
 #: QAT benchmark (all-MiniLM-L6-v2 on a 2-core CPU, int4 weights with int8 activations) trained
 #: 2.4x slower than fp32 over a whole fit, and the ablation's ModelOpt row (QAT over the last
@@ -180,6 +180,11 @@ class CostModel:
     * ``teacher_forward_s`` (``g``): one teacher forward of one batch, without autograd
       (``None``: the same as ``forward_s``).
 
+    Parts timed in isolation are not a real loop's steps (loading the batch, the framework's
+    hooks, caches the optimizer's sweep evicted, the batch's length): :meth:`scaled_to` scales
+    every coefficient so that a dense step takes a real run's median step period, measured on
+    its first steps; the parts keep their shares.
+
     One step with a share ``t`` of the parameters trainable (:meth:`step_seconds`)::
 
         step(t, qat, pruning) = Q * (f + b * (1 - w * (1 - t))) + o * t + M
@@ -199,7 +204,7 @@ class CostModel:
         backward  = b * W + b * (1 - w * (1 - t)) * F
         optimizer = o * W + o * t * F
         qat       = (q - 1) * ((f + b) * QW + (f + b * (1 - w * (1 - t))) * QF)   if bits
-        masks     = m * N                                                        if sparsity > 0
+        masks     = m * F                          (pruning starts after warm-up) if sparsity > 0
         teacher   = g * T                                                        if distill > 0
 
     which is the sum of :meth:`step_seconds` over the run's steps plus the teacher forwards.
@@ -325,7 +330,7 @@ class CostModel:
             "optimizer": o * dense + o * trainable * frozen,
             "qat": (self.qat_factor - 1.0)
             * ((f + b) * qat_dense + (f + frozen_backward) * qat_frozen),
-            "masks": self.sparsity_overhead_s * total if sparsity > 0 else 0.0,
+            "masks": self.sparsity_overhead_s * frozen if sparsity > 0 else 0.0,
             "teacher": self.teacher_s * teacher_batches,
         }
         counts = {
@@ -405,6 +410,27 @@ class CostModel:
             qat_factor=qat_factor,
             sparsity_overhead_s=sparsity_overhead_s,
             teacher_forward_s=teacher_forward_s,
+        )
+
+    def scaled_to(self, real_step_s: float) -> CostModel:
+        """This model with every time coefficient scaled by ``real_step_s / (f + b + o)``, so
+        that a dense step takes ``real_step_s``: the median period of a real run's first steps.
+
+        Example:
+            >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
+            >>> cost.scaled_to(6.0).step_seconds(), cost.scaled_to(6.0).backward_s
+            (6.0, 3.0)
+        """
+        if not real_step_s > 0:
+            raise ValueError(f"real_step_s must be > 0, got {real_step_s}")
+        factor = real_step_s / (self.forward_s + self.backward_s + self.optimizer_s)
+        return dataclasses.replace(
+            self,
+            forward_s=self.forward_s * factor,
+            backward_s=self.backward_s * factor,
+            optimizer_s=self.optimizer_s * factor,
+            sparsity_overhead_s=self.sparsity_overhead_s * factor,
+            teacher_forward_s=self.teacher_s * factor,
         )
 
     def to_dict(self) -> dict[str, float | None]:
@@ -490,6 +516,7 @@ def measure_cost_model(
     repeats: int = 3,
     qat_preset: str | None = None,
     group_size: int = 32,
+    frozen: Callable[[str], bool] | None = None,
 ) -> CostModel:
     r"""Time the parts of one training step of ``model`` on ``batch`` and fit a :class:`CostModel`.
 
@@ -524,6 +551,10 @@ def measure_cost_model(
         repeats: timed calls per figure (the median is kept), ``>= 1``.
         qat_preset: a torchao QAT preset name to measure ``qat_factor`` with, or ``None``.
         group_size: input columns per weight scale of the int4 presets.
+        frozen: ``frozen(name)`` says which parameters the weight-gradient probe freezes, so
+            ``weight_grad_share`` measures what freezing *those* saves (e.g. the tensors a plan
+            with ``freeze="uncompressed"`` may freeze); default: every parameter of 2 or more
+            dimensions except the head's.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -575,7 +606,10 @@ def measure_cost_model(
             backward_s = _median_seconds(step_backward, repeats, device, setup=forward_only)
             plain_fb = _median_seconds(forward_backward, repeats, device, setup=clear)
 
-            kept = _head_and_vectors(model)
+            if frozen is None:
+                kept = _head_and_vectors(model)
+            else:
+                kept = {p for n, p in model.named_parameters() if not frozen(n)}
             for p in params:
                 p.requires_grad_(p in kept)
             frozen_trainable = sum(p.numel() for p in kept) / sum(p.numel() for p in params)
@@ -1124,6 +1158,8 @@ def solve_budget(
     warmup: float = 0.25,
     qat_start: float = 0.8,
     quantized_overhead: float = 0.0,
+    freezable_share: float = 1.0,
+    freezable_share_pruned: float | None = None,
 ) -> BudgetAllocation:
     r"""The most accurate allocation of the candidate grid within a time and a size budget.
 
@@ -1151,6 +1187,10 @@ def solve_budget(
         candidates: per axis, the strengths to try.
         warmup, qat_start: fractions of the run's steps (:meth:`CostModel.run_seconds`).
         quantized_overhead: what a quantized export adds to its weights (:func:`size_fraction`).
+        freezable_share: the most of the parameters the freezer may freeze (the head stays
+            trainable): a ``trainable`` below ``1 - freezable_share`` cannot be reached and is
+            not tried. ``freezable_share_pruned``: the same while pruning is on (default: the
+            same), smaller when the freezer leaves the pruned tensors trainable.
 
     Raises:
         ValueError: a bad argument, or no allocation of the grid meets the budgets (the
@@ -1194,8 +1234,12 @@ def solve_budget(
         return run, size_, curves.change(**strengths)
 
     rows: list[tuple[Any, ...]] = []
+    pruned_share = freezable_share if freezable_share_pruned is None else freezable_share_pruned
     for index, combo in enumerate(itertools.product(*(grid[axis] for axis in AXES))):
         strengths = dict(zip(AXES, combo, strict=True))
+        freezable = pruned_share if strengths["sparsity"] > 0 else freezable_share
+        if strengths["trainable"] < 1.0 - freezable - _EPS:
+            continue  # the freezer cannot freeze that much
         run, size_, change = evaluate(strengths)
         fraction = run.total_s / reference
         axes_on = sum(_on(axis, value) for axis, value in strengths.items())

@@ -15,7 +15,9 @@ What it adds to plain LightningCLI:
   see :mod:`lightning_3d.loggers`) and to CSV under ``trainer.default_root_dir``;
 * ``--test_after_fit true`` tests the best checkpoint right after ``fit``;
 * a top-level ``plan:`` (:class:`~lightning_3d.plan.ThreeDPlan`: ``data_budget``, ``trainable``,
-  ``sparsity``, ``weight_bits``, ...) puts the plan's callbacks before ``trainer.callbacks``;
+  ``sparsity``, ``weight_bits``, ``distill``, ...) puts the plan's callbacks before
+  ``trainer.callbacks``; a ``plan.budget`` (``time``, ``size``, ...) is solved first
+  (:func:`solve_plan`), and a plan that shortens the run sets ``trainer.max_steps``;
 * every run is seeded (``seed_everything: 42`` unless set);
 * ``export`` (:func:`run_export`) reads a run's YAML and checkpoint and writes deployable formats
   with :func:`lightning_3d.export.export`.
@@ -28,6 +30,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Trainer
@@ -37,6 +40,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import lightning_3d.strategies  # noqa: F401  (registers strategy names such as "fsdp_compressed")
 from lightning_3d.loggers import default_loggers
 from lightning_3d.plan import ThreeDPlan
+
+log = logging.getLogger(__name__)
 
 
 class Lightning3DCLI(LightningCLI):
@@ -66,6 +71,9 @@ class Lightning3DCLI(LightningCLI):
             kwargs["logger"] = default_loggers(root)
         plan = self._get(self.config_init, "plan", default=None)
         if plan is not None:
+            if plan.budget is not None:
+                plan = solve_plan(plan, self.model, self.datamodule, config, save_cost=True)
+                kwargs.update(plan.trainer_arguments())
             own = config.get("callbacks") or []
             kwargs["callbacks"] = [*plan.callbacks(), *(own if isinstance(own, list) else [own])]
         return super().instantiate_trainer(**kwargs)
@@ -78,6 +86,97 @@ class Lightning3DCLI(LightningCLI):
         self.trainer.test(
             self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None
         )
+
+
+COST_MODEL_FILE = "cost_model.json"
+
+
+def solve_plan(
+    plan: ThreeDPlan, model: Any, datamodule: Any, trainer_config: Any, save_cost: bool = False
+) -> ThreeDPlan:
+    """``plan`` with its budget solved for this run (:meth:`ThreeDPlan.solve`).
+
+    The reference run is the trainer's ``max_epochs`` of optimizer steps over the training data
+    (per rank, with ``accumulate_grad_batches`` and ``limit_train_batches``), or its
+    ``max_steps`` when fewer. Without ``plan.budget.calibration``, ``fit`` (``save_cost``)
+    measures the step-cost model on the first training batch (``model.score_batch``, on the
+    GPU when the run uses one) and saves it as ``cost_model.json`` under
+    ``trainer.default_root_dir``; ``export`` reads that file back and never measures, so it
+    rebuilds the plan the run trained with. Several processes need a calibration file (each
+    would measure, and could solve, differently).
+    """
+    import math
+
+    import torch
+
+    from lightning_3d.budget import CostModel, measure_cost_model
+
+    assert plan.budget is not None
+    epochs = trainer_config.get("max_epochs")
+    if not epochs or epochs < 1:
+        raise ValueError("a plan with a budget needs trainer.max_epochs (the reference run)")
+    if datamodule is None:
+        raise ValueError("a plan with a budget needs a data module to measure the run on")
+    devices, nodes = trainer_config.get("devices", 1), trainer_config.get("num_nodes") or 1
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    world = (len(devices) if isinstance(devices, list | tuple) else devices) * nodes
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(
+            f"a plan with a budget needs trainer.devices as a number or a list, got {devices!r}"
+        )
+    if world > 1 and plan.budget.calibration is None:
+        raise ValueError(
+            "a plan with a budget on several processes needs plan.budget.calibration (a "
+            "cost_model.json measured once, e.g. by a one-device run): every process would "
+            "measure its own and could solve a different plan"
+        )
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    batches = math.ceil(len(loader) / world)
+    limit = trainer_config.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = max(1, int(batches * limit))
+    per_epoch = math.ceil(batches / (trainer_config.get("accumulate_grad_batches") or 1))
+    reference_steps = epochs * per_epoch
+    max_steps = trainer_config.get("max_steps")
+    if max_steps is not None and 0 < max_steps < reference_steps:
+        reference_steps, epochs = max_steps, math.ceil(max_steps / per_epoch)
+    cost = None
+    saved = Path(trainer_config.get("default_root_dir") or os.getcwd()) / COST_MODEL_FILE
+    if plan.budget.calibration is None:
+        if not save_cost:
+            if not saved.exists():
+                raise ValueError(
+                    f"the run's plan has a budget but {saved} (the step-cost model its fit "
+                    "measured) is missing: set plan.budget.calibration to that file"
+                )
+            cost = CostModel.load(saved)
+        else:
+            if not callable(getattr(model, "score_batch", None)):
+                raise ValueError(
+                    "measuring the step cost needs a `score_batch(batch)` method on the model "
+                    "(the built-in tasks have one), or set plan.budget.calibration"
+                )
+            accelerator = trainer_config.get("accelerator") or "auto"
+            on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+            device = torch.device("cuda" if on_gpu else "cpu")
+            batch = {
+                k: v.to(device) if torch.is_tensor(v) else v for k, v in next(iter(loader)).items()
+            }
+            model.to(device)
+            try:
+                cost = measure_cost_model(
+                    model, batch, lambda m, b: m.score_batch(b)["per_sample_loss"].mean()
+                )
+            finally:
+                model.to("cpu")
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            cost.save(saved)
+            log.info("plan budget: the step-cost model was measured and saved to %s", saved)
+    return plan.solve(model, reference_steps=reference_steps, epochs=epochs, cost=cost)
 
 
 def _tokenizer_of(model: Any) -> Any:
@@ -106,6 +205,8 @@ class _ExportCLI(Lightning3DCLI):
         config = self.config_init.get("trainer") or {}
         own = config.get("callbacks") or []
         plan = self.config_init.get("plan")
+        if plan is not None and plan.budget is not None:  # the plan the run trained with
+            plan = solve_plan(plan, self.model, self.datamodule, config)
         self.run_callbacks = [
             *(plan.callbacks() if plan else []),
             *(own if isinstance(own, list) else [own]),

@@ -136,19 +136,25 @@ class TeacherTargets:
         indices: ``None`` (full logits), or ``[B, L, k]`` the vocabulary positions of ``values``.
         alpha: weight of the distillation term.
         temperature: softening temperature ``T``.
+        present: ``[B]`` bools, ``False`` for samples without targets (not cached when the
+            teacher was released): their loss stays the task loss. ``None``: all present.
     """
 
     values: torch.Tensor
     indices: torch.Tensor | None
     alpha: float
     temperature: float
+    present: torch.Tensor | None = None
 
     def per_sample(
-        self, student_logits: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        student_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``kd_i`` per sample: for ``[B, C]`` logits one value per row; for ``[B, L, V]``
         logits (a causal LM) the mean over the tokens that predict a label (``labels[:, 1:]``
-        other than ``-100``; every position when ``labels`` is ``None``)."""
+        other than ``-100``; without labels, every real token of ``attention_mask``)."""
         if student_logits.dim() == 2:
             if self.indices is not None:
                 return top_k_kd_loss(student_logits, self.values, self.indices, self.temperature)
@@ -158,10 +164,12 @@ class TeacherTargets:
         predicting = student_logits[:, :-1]
         values, indices = self.values[:, :-1], self.indices[:, :-1]
         tokens = top_k_kd_loss(predicting, values, indices, self.temperature)
-        if labels is None:
-            mask = torch.ones_like(tokens)
-        else:
+        if labels is not None:
             mask = (labels[:, 1:] != IGNORE_INDEX).to(tokens.dtype)
+        elif attention_mask is not None:
+            mask = attention_mask[:, 1:].to(tokens.dtype)
+        else:
+            mask = torch.ones_like(tokens)
         return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
@@ -171,8 +179,9 @@ def distil(
     """The one line a training step needs: blend the task loss with the teacher's targets.
 
     Returns ``(1 - alpha) * per_sample_loss + alpha * kd`` (:class:`TeacherTargets`) when the
-    ``Distiller`` put targets in ``batch``, else ``per_sample_loss`` itself. Reduce the result
-    as before (e.g. :func:`~lightning_3d.tasks.weighted_mean`).
+    ``Distiller`` put targets in ``batch`` (for the samples that have them), else
+    ``per_sample_loss`` itself. Reduce the result as before (e.g.
+    :func:`~lightning_3d.tasks.weighted_mean`).
 
     Args:
         per_sample_loss: ``[B]`` task losses.
@@ -190,9 +199,13 @@ def distil(
     targets = batch.get(TEACHER_KEY) if isinstance(batch, Mapping) else None
     if targets is None:
         return per_sample_loss
-    labels = batch.get("labels") if logits.dim() == 3 else None
-    soft = targets.per_sample(logits, labels)
-    return blend(per_sample_loss, soft, targets.alpha)
+    sequences = logits.dim() == 3
+    labels = batch.get("labels") if sequences else None
+    soft = targets.per_sample(logits, labels, batch.get("attention_mask") if sequences else None)
+    blended = blend(per_sample_loss, soft, targets.alpha)
+    if targets.present is None:
+        return blended
+    return torch.where(targets.present.to(blended.device), blended, per_sample_loss)
 
 
 def teacher_logits(
@@ -237,6 +250,16 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self._values)
 
+    @property
+    def samples(self) -> list[int]:
+        """The dataset indices of the cached samples, ascending."""
+        return sorted(self._values)
+
+    @property
+    def holds_sequences(self) -> bool:
+        """Whether the entries are per-token top-k targets (a causal LM), not classifier logits."""
+        return bool(self._indices)
+
     def missing(self, index: torch.Tensor) -> torch.Tensor:
         """A bool per sample of ``index``: ``True`` where the cache has no entry."""
         return torch.tensor([int(i) not in self._values for i in index.tolist()], dtype=torch.bool)
@@ -267,21 +290,44 @@ class TeacherCache:
         self, index: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cached ``(values, indices)`` of the samples ``index`` (``indices`` is ``None``
-        for classifier logits), token entries scattered back to the batch's real positions."""
+        for classifier logits), token entries scattered back to the batch's real positions;
+        rows of samples the cache lacks are zeros (see :meth:`missing`)."""
         keys = [int(i) for i in index.tolist()]
+        some = next((self._values[i] for i in keys if i in self._values), None)
+        if some is None:
+            raise ValueError("none of the batch's samples is cached")
         if not self._indices:
-            return torch.stack([self._values[i] for i in keys]), None
+            return torch.stack([self._values.get(i, torch.zeros_like(some)) for i in keys]), None
         if attention_mask is None:
             raise ValueError("top-k targets are placed by the batch's attention_mask")
         mask = attention_mask.bool().cpu()
-        k = self._values[keys[0]].shape[-1]
-        shape = (*mask.shape, k)
+        shape = (*mask.shape, some.shape[-1])
         values = torch.zeros(shape, dtype=torch.float32)
         indices = torch.zeros(shape, dtype=torch.long)
         for row, i in enumerate(keys):
-            values[row][mask[row]] = self._values[i]
-            indices[row][mask[row]] = self._indices[i].long()
+            if i in self._values:
+                values[row][mask[row]] = self._values[i]
+                indices[row][mask[row]] = self._indices[i].long()
         return values, indices
+
+    def classifier_entries(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample indices and ``[n, C]`` logits of the classifier entries stored after the
+        first ``start`` (in the order they were stored), to share with other ranks."""
+        if self._indices:
+            raise ValueError("only classifier entries are shared between ranks")
+        keys = list(self._values)[start:]
+        if not keys:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        return torch.tensor(keys, dtype=torch.long), torch.stack([self._values[i] for i in keys])
+
+    def merge(self, index: torch.Tensor, values: torch.Tensor) -> int:
+        """Add classifier entries (another rank's) that this cache lacks; returns how many."""
+        added = 0
+        for i, row in zip(index.tolist(), values, strict=True):
+            if int(i) not in self._values:
+                self._values[int(i)] = row.float().cpu().clone()
+                added += 1
+        return added
 
     def state_dict(self) -> dict[str, Any]:
         """Every entry as flat tensors: sample indices, rows per entry, values (and indices)."""

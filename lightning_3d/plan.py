@@ -62,8 +62,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -94,6 +95,44 @@ FREEZE_POLICIES = ("uncompressed", "any")
 MODES = ("max", "min")
 MAX_SPARSITY = 0.98  # the most the plan prunes any tensor (see ProgressivePruner)
 DEFAULT_PRUNE_INCLUDE = r"(?:^|\.)(?:layer|layers|h|blocks)\.\d+\.(?:.*\.)?weight$"
+
+
+@dataclass(frozen=True)
+class PlanBudget:
+    """A budget the plan's axis strengths are solved for (:meth:`ThreeDPlan.for_budget`).
+
+    Args:
+        time: training time as a share of the reference run's (every axis off), ``> 0``.
+        size: exported model bytes as a share of the fp32 dense model's, in ``(0, 1]``;
+            ``None``: no size limit.
+        calibration: a step-cost model JSON (:meth:`~lightning_3d.budget.CostModel.save`);
+            ``None``: measured on the first training batch before training (``lightning-3d
+            fit`` saves it as ``cost_model.json`` under the run's root folder).
+        curves: accuracy curves JSON (:class:`~lightning_3d.budget.AccuracyCurves`); ``None``:
+            the documented prior :data:`~lightning_3d.budget.DEFAULT_CURVES`.
+        quantized_overhead: what a quantized export adds beyond its weights, as a share of the
+            fp32 bytes (:func:`~lightning_3d.budget.size_fraction`).
+
+    Example:
+        >>> PlanBudget(time=0.5, size=0.25).size
+        0.25
+    """
+
+    time: float
+    size: float | None = None
+    calibration: str | None = None
+    curves: str | None = None
+    quantized_overhead: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.time > 0:
+            raise ValueError(f"budget time must be > 0, got {self.time}")
+        if self.size is not None and not 0.0 < self.size <= 1.0:
+            raise ValueError(f"budget size must be in (0, 1] or None, got {self.size}")
+
+
+#: The strengths a budget chooses (a plan with ``budget`` leaves them at their defaults).
+SOLVED_FIELDS = ("data_budget", "trainable", "sparsity", "weight_bits", "distill", "max_steps")
 
 
 @dataclass(frozen=True)
@@ -146,6 +185,9 @@ class ThreeDPlan:
         margin: how far below its running best the metric may fall before sparsity backs off.
         backoff: each back-off multiplies the sparsity target by this factor, in ``(0, 1)``.
         seed: seeds the data order and random drops.
+        budget: solve ``data_budget``, ``trainable``, ``sparsity``, ``weight_bits``,
+            ``distill`` and ``max_steps`` for a :class:`PlanBudget` (:meth:`solve`;
+            ``lightning-3d fit`` does it before training) instead of setting them.
 
     Example:
         >>> ThreeDPlan(sparsity=0.5, weight_bits=4, qat_start=0.2)  # doctest: +ELLIPSIS
@@ -180,8 +222,9 @@ class ThreeDPlan:
     margin: float = 0.01
     backoff: float = 0.5
     seed: int = 0
+    budget: PlanBudget | None = None
     #: The budget solver's choice, when the plan comes from :meth:`for_budget`.
-    allocation: BudgetAllocation | None = field(default=None, init=False, compare=False)
+    allocation: BudgetAllocation | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("data_budget", "trainable", "gradient_density"):
@@ -242,6 +285,19 @@ class ThreeDPlan:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.budget is not None:
+            defaults = {f: getattr(ThreeDPlan, f) for f in SOLVED_FIELDS}
+            chosen = {f: getattr(self, f) for f in SOLVED_FIELDS if getattr(self, f) != defaults[f]}
+            if chosen:
+                raise ValueError(
+                    f"the plan's budget chooses {', '.join(SOLVED_FIELDS)}; do not set them as "
+                    f"well (got {', '.join(f'{k}={v}' for k, v in chosen.items())})"
+                )
+        if self.budget is not None and (self.adaptive or self.quantization is not None):
+            raise ValueError(
+                "a plan with a budget chooses sparsity and weight_bits itself: adaptive=True and "
+                "quantization= need them set by hand (drop the budget or those settings)"
+            )
         if self.adaptive and self.sparsity == 0:
             raise ValueError("adaptive=True backs off sparsity; set sparsity > 0")
         if self.margin < 0 or not 0.0 < self.backoff < 1.0:
@@ -289,6 +345,11 @@ class ThreeDPlan:
             SensitivityFreezer,
         )
 
+        if self.budget is not None:
+            raise ValueError(
+                "this plan has a budget: solve it first (plan.solve(module, ...); lightning-3d "
+                "fit does it before training)"
+            )
         signal_pass_first = self.warmup == 0
         callbacks: list[Callback] = []
         if "data" in self.axes:
@@ -379,7 +440,7 @@ class ThreeDPlan:
                 "the plan places its phases at fractions of the run; set "
                 "Trainer(max_epochs=...) or max_steps so the run has a known length"
             )
-        return int(fraction * total_steps)
+        return math.floor(fraction * total_steps + 1e-9)  # 0.29 * 100 is 28.999...
 
     @classmethod
     def for_budget(
@@ -394,6 +455,7 @@ class ThreeDPlan:
         curves: AccuracyCurves | str | os.PathLike[str] | None = None,
         candidates: Mapping[str, Sequence[Any]] | None = None,
         quantized_overhead: float = 0.0,
+        head_share: float = 0.0,
         **settings: Any,
     ) -> ThreeDPlan:
         """The plan whose axis strengths :func:`~lightning_3d.budget.solve_budget` picks for a
@@ -416,6 +478,9 @@ class ThreeDPlan:
             quantized_overhead: what a quantized export adds beyond its weights, as a share of
                 the fp32 bytes (graph, scales, float vectors; see
                 :func:`~lightning_3d.budget.size_fraction`).
+            head_share: share of the parameters in the task head, which the freezer keeps
+                trainable (:func:`parameter_shares`); with ``freeze="uncompressed"`` the pruned
+                share stays trainable too, so smaller ``trainable`` values are not tried.
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 
@@ -439,15 +504,17 @@ class ThreeDPlan:
         elif not isinstance(curves, AccuracyCurves):
             curves = AccuracyCurves.load(curves)
         settings.setdefault("prune_pattern", "heads+neurons")
-        defaults = cls()
-        warmup = settings.get("warmup", defaults.warmup)
-        qat_start = settings.get("qat_start", defaults.qat_start)
+        warmup = settings.get("warmup", cls.warmup)
+        qat_start = settings.get("qat_start", cls.qat_start)
+        freezable = 1.0 - head_share
+        keeps_pruned = settings.get("freeze", cls.freeze) == "uncompressed"
         allocation = solve_budget(
             time, size, cost, curves,
             reference_steps=reference_steps, epochs=epochs,
             compressible_share=compressible_share, prune_pattern=settings["prune_pattern"],
-            candidates=candidates, warmup=warmup, qat_start=qat_start,
-            quantized_overhead=quantized_overhead,
+            candidates=_allowed(settings, candidates), warmup=warmup, qat_start=qat_start,
+            quantized_overhead=quantized_overhead, freezable_share=freezable,
+            freezable_share_pruned=freezable - compressible_share if keeps_pruned else freezable,
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")
@@ -455,27 +522,103 @@ class ThreeDPlan:
             settings["max_steps"] = max(1, round(steps * reference_steps))
         plan = cls(**arguments, **settings)
         object.__setattr__(plan, "allocation", allocation)
-        log.info("ThreeDPlan.for_budget: %s", allocation.reason)
+        log.debug("ThreeDPlan.for_budget: %s", allocation.reason)
         return plan
 
+    def solve(
+        self,
+        module: torch.nn.Module,
+        *,
+        reference_steps: int,
+        epochs: int,
+        cost: CostModel | None = None,
+        batch: Any = None,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+    ) -> ThreeDPlan:
+        """The plan with this plan's :class:`PlanBudget` solved (:meth:`for_budget`), every
+        other setting kept.
 
-def compressible_share(model: torch.nn.Module, prune_include: str = DEFAULT_PRUNE_INCLUDE) -> float:
-    """Share of ``model``'s parameters whose names match ``prune_include`` (what the pruner
-    targets), for :meth:`ThreeDPlan.for_budget`.
+        Args:
+            module: the model to train (its parameter names give the compressible share).
+            reference_steps, epochs: the reference run (the trainer's own length).
+            cost: the step-cost model; default: the budget's ``calibration`` file, else
+                measured on ``batch`` with ``loss_fn(module, batch) -> loss``.
+        """
+        from lightning_3d.budget import CostModel, measure_cost_model
+
+        if self.budget is None:
+            return self
+        budget = self.budget
+        if cost is not None:
+            pass
+        elif budget.calibration is not None:
+            cost = CostModel.load(budget.calibration)
+        elif batch is None or loss_fn is None:
+            raise ValueError(
+                "the plan's budget has no calibration file: pass a training batch and loss_fn "
+                "to measure the step-cost model on"
+            )
+        else:
+            cost = measure_cost_model(module, batch, loss_fn)
+        settings = {  # the user's own settings: the solver fills in the defaults it prefers
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.init
+            and f.name not in (*SOLVED_FIELDS, "budget")
+            and getattr(self, f.name) != f.default
+        }
+        compressible, head = parameter_shares(module, self.prune_include)
+        return ThreeDPlan.for_budget(
+            budget.time, budget.size,
+            cost=cost, reference_steps=reference_steps, epochs=epochs,
+            compressible_share=compressible, head_share=head, curves=budget.curves,
+            quantized_overhead=budget.quantized_overhead, **settings,
+        )  # fmt: skip
+
+
+def parameter_shares(
+    model: torch.nn.Module, prune_include: str = DEFAULT_PRUNE_INCLUDE
+) -> tuple[float, float]:
+    """Shares of ``model``'s parameters whose names match ``prune_include`` (what the pruner
+    targets) and the freezer's default head pattern (kept trainable), for
+    :meth:`ThreeDPlan.for_budget`.
 
     Example:
-        >>> net = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(4, 4)])})
-        >>> round(compressible_share(net), 3)  # 16 of the 20 parameters
-        0.8
+        >>> net = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(4, 4)]),
+        ...                            "classifier": torch.nn.Linear(4, 1)})
+        >>> [round(share, 3) for share in parameter_shares(net)]  # 16 and 5 of 25
+        [0.64, 0.2]
     """
-    import re
+    from lightning_3d.sensitivity import DEFAULT_HEAD
 
-    pattern = re.compile(prune_include)
+    pruned, head = re.compile(prune_include), re.compile(DEFAULT_HEAD)
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(sizes.values())
     if total == 0:
         raise ValueError("the model has no parameters")
-    return sum(n for name, n in sizes.items() if pattern.search(name)) / total
+    return (
+        sum(n for name, n in sizes.items() if pruned.search(name)) / total,
+        sum(n for name, n in sizes.items() if head.search(name)) / total,
+    )
+
+
+def _allowed(
+    settings: Mapping[str, Any], candidates: Mapping[str, Sequence[Any]] | None
+) -> dict[str, Sequence[Any]] | None:
+    """The solver's grid less what the user's other settings rule out: distillation from a
+    snapshot without a warm-up, pruning that cannot ramp after the warm-up, quantization the
+    user's preset or schedule forbids."""
+    allowed = dict(candidates or {})
+    warmup = settings.get("warmup", ThreeDPlan.warmup)
+    snapshot = settings.get("teacher", ThreeDPlan.teacher) == "snapshot"
+    if warmup == 0 and snapshot:
+        allowed["distill"] = [0.0]
+    prune_end = settings.get("prune_end", ThreeDPlan.prune_end)
+    if prune_end <= warmup:
+        allowed["sparsity"] = [0.0]
+    if settings.get("qat_start", ThreeDPlan.qat_start) < prune_end:
+        allowed["weight_bits"] = [None]
+    return allowed or None
 
 
 @dataclass

@@ -24,6 +24,7 @@ FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
 PRUNER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner.yaml"
 QAT_CONFIG = REPO / "examples" / "configs" / "rt_minilm_pruner_qat.yaml"
 PLAN_CONFIG = REPO / "examples" / "configs" / "rt_minilm_3d.yaml"
+BUDGET_CONFIG = REPO / "examples" / "configs" / "rt_minilm_budget.yaml"
 STRUCTURED_CONFIG = REPO / "examples" / "configs" / "rt_minilm_structured.yaml"
 STRUCTURED_QAT_CONFIG = REPO / "examples" / "configs" / "rt_minilm_structured_qat.yaml"
 # 4 steps of 4 reviews of up to 32 tokens, one validation and one test batch, every step logged
@@ -212,6 +213,7 @@ def test_every_example_config_is_tested() -> None:
             PRUNER_CONFIG,
             QAT_CONFIG,
             PLAN_CONFIG,
+            BUDGET_CONFIG,
             STRUCTURED_CONFIG,
             STRUCTURED_QAT_CONFIG,
         ]
@@ -227,6 +229,7 @@ def test_every_example_config_is_tested() -> None:
         CURRICULUM_CONFIG,
         FREEZER_CONFIG,
         PLAN_CONFIG,
+        BUDGET_CONFIG,
         STRUCTURED_CONFIG,
     ],
 )
@@ -423,3 +426,58 @@ def test_cli_export_reads_a_runs_saved_config(tmp_path) -> None:
     with pytest.raises(ValueError, match="not a Lightning checkpoint"):
         main([*args, "--output", str(tmp_path / "out"), "--formats", "hf"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(tmp_path) -> None:
+    from lightning_3d.callbacks import PlanCoordinator
+    from lightning_3d.cli import Lightning3DCLI, _ExportCLI
+
+    overrides = [
+        "--config",
+        str(BUDGET_CONFIG),
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.max_length=16",
+    ]
+    cli = Lightning3DCLI(
+        subclass_mode_model=True, subclass_mode_data=True, run=False, args=overrides
+    )
+    coordinator = cli.trainer.callbacks[0]
+    assert isinstance(coordinator, PlanCoordinator)
+    plan, allocation = coordinator.plan, coordinator.plan.allocation
+    assert plan.budget is None and allocation is not None  # solved, with its reasons
+    assert allocation.time_fraction <= 0.5 and allocation.size_fraction <= 0.25
+    assert plan.weight_bits == allocation.weight_bits and plan.sparsity == allocation.sparsity
+    assert plan.prune_pattern == "heads+neurons" and "time budget 0.5" in allocation.reason
+    assert cli.trainer.max_steps == (-1 if plan.max_steps is None else plan.max_steps)
+    assert (tmp_path / "cost_model.json").exists()  # the measured step costs, for export
+    kinds = [type(c).__name__ for c in plan.callbacks()]
+    exporting = _ExportCLI(
+        subclass_mode_model=True, subclass_mode_data=True, run=False, args=overrides
+    )
+    assert [type(c).__name__ for c in exporting.run_callbacks][: len(kinds)] == kinds
+    rebuilt = exporting.run_callbacks[0].plan
+    assert rebuilt == plan and rebuilt.allocation.strengths == allocation.strengths
+
+
+def test_a_budget_that_cannot_be_met_fails_before_training(tmp_path) -> None:
+    from lightning_3d.budget import CostModel
+    from lightning_3d.cli import Lightning3DCLI
+
+    calibration = tmp_path / "cost.json"
+    CostModel(forward_s=0.1, backward_s=0.2, optimizer_s=0.05).save(calibration)
+    with pytest.raises(ValueError, match=r"time=0\.01 cannot be met"):
+        Lightning3DCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=[
+                "--config",
+                str(BUDGET_CONFIG),
+                "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--plan.budget.time=0.01",
+                f"--plan.budget.calibration={calibration}",
+            ],
+        )

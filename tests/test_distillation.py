@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_3d.callbacks import Distiller
 from lightning_3d.distillation import (
@@ -201,6 +201,55 @@ def test_resume_with_a_cache_equals_the_uninterrupted_run(tmp_path) -> None:
         assert torch.equal(a, b), name
 
 
+class ShiftingData(UserModule):
+    """Epoch 0 trains on samples 0-11, epoch 1 on samples 6-17 (the loader is reloaded)."""
+
+    def train_dataloader(self) -> DataLoader:
+        first = 6 * self.trainer.current_epoch
+        return DataLoader(Subset(Tokens(), range(first, first + 12)), batch_size=BATCH)
+
+
+def test_after_a_whole_epoch_the_teacher_is_released_and_unseen_samples_keep_the_task_loss(
+    tmp_path,
+) -> None:
+    pl.seed_everything(0)
+    module = ShiftingData()
+    teacher = TinyClassifier().eval()
+    distiller = Distiller(teacher, alpha=1.0, temperature=1.0)  # from step 0: epoch 0 is whole
+
+    class Check(Callback):
+        def __init__(self) -> None:
+            self.present: list[tuple[int, bool]] = []
+            self.expected = torch.tensor(0.0)
+            self.checked = 0
+
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, i: int) -> None:
+            targets = batch.get(TEACHER_KEY)
+            if targets is None:
+                rows = torch.zeros(len(batch["index"]), dtype=torch.bool)
+            else:
+                rows = torch.ones_like(batch["index"], dtype=torch.bool)
+                rows = rows if targets.present is None else targets.present
+            self.present += list(zip(batch["index"].tolist(), rows.tolist(), strict=True))
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            with torch.no_grad():  # alpha 1: the KL for samples with targets, else the task loss
+                logits = module.model(ids, mask)
+                task = F.cross_entropy(logits, batch["labels"], reduction="none")
+                soft = kd_loss(logits, teacher(ids, mask), 1.0)
+            self.expected = torch.where(rows, soft, task).mean()
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, i):
+            torch.testing.assert_close(outputs["loss"], self.expected)
+            self.checked += 1
+
+    check = Check()
+    fit(module, [distiller, check], tmp_path, max_epochs=2, reload_dataloaders_every_n_epochs=1)
+    assert check.checked == 6 and distiller.released and distiller.teacher is None
+    assert distiller.teacher_samples == 12 and len(distiller.cache) == 12
+    assert check.present[:12] == [(i, True) for i in range(12)]
+    assert check.present[12:] == [(i, i < 12) for i in range(6, 18)]
+
+
 class TinyLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -299,3 +348,51 @@ def test_a_teacher_module_distils_from_step_zero_with_the_built_in_task(tmp_path
         expected = teacher(input_ids=collated["input_ids"],
                            attention_mask=collated["attention_mask"]).logits  # fmt: skip
     assert torch.allclose(values, expected, atol=1e-5)
+
+
+def test_a_causal_lm_task_distils_from_cached_top_k_token_targets(tmp_path, smollm2_tokenizer):
+    """A tiny Llama (the SmolLM2 tokenizer, random weights) fine-tuned on Hamlet blocks with the
+    built-in CausalLMTask: the loss is the blended per-sequence loss the targets give."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_3d.data import PlainTextLM
+    from lightning_3d.tasks import CausalLMTask, causal_lm_losses
+
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    folder = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    pl.seed_everything(0)
+    task = CausalLMTask(model_name_or_path=str(folder))
+    data = PlainTextLM(tokenizer=smollm2_tokenizer, block_size=16, batch_size=2)
+    distiller = Distiller("snapshot", alpha=0.5, temperature=2.0, start_step=2, top_k=4)
+
+    class Check(Callback):  # after the Distiller: the batch has its targets
+        checked = 0
+        expected: torch.Tensor | None = None
+
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, i: int) -> None:
+            Check.expected = None
+            if TEACHER_KEY not in batch:
+                return
+            targets = batch[TEACHER_KEY]
+            assert targets.values.shape == (*batch["input_ids"].shape, 4)
+            with torch.no_grad():
+                logits = module(batch["input_ids"], batch["attention_mask"])
+                _, task_loss = causal_lm_losses(logits, batch["labels"])
+                teacher = distiller.teacher(input_ids=batch["input_ids"]).logits
+            values, indices = top_k_targets(teacher, 4)
+            assert torch.allclose(targets.values, values, atol=1e-5)
+            soft = top_k_kd_loss(logits[:, :-1], values[:, :-1], indices[:, :-1], 2.0).mean(1)
+            Check.expected = 0.5 * task_loss + 0.5 * soft  # every block position is labelled
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, i):
+            if Check.expected is not None:  # the weights the step's loss saw, before its update
+                torch.testing.assert_close(outputs["per_sample_loss"], Check.expected)
+                Check.checked += 1
+
+    fit(task, [distiller, Check()], tmp_path, max_steps=4, limit_val_batches=0, datamodule=data)
+    assert Check.checked == 2 and distiller.teacher_samples == 4

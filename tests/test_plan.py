@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_3d.budget import CostModel
 from lightning_3d.callbacks import (
     CurriculumSampler,
     Distiller,
@@ -30,7 +31,7 @@ from lightning_3d.callbacks import (
     SensitivityFreezer,
 )
 from lightning_3d.distillation import TEACHER_KEY, distil
-from lightning_3d.plan import SparsityBackoff, ThreeDPlan, signal_pass
+from lightning_3d.plan import PlanBudget, SparsityBackoff, ThreeDPlan, signal_pass
 from lightning_3d.quantization import load_quantized, quantized_modules
 from lightning_3d.sensitivity import GradientStatistics
 from lightning_3d.tasks import weighted_mean
@@ -149,6 +150,16 @@ def of_type(trainer: pl.Trainer, kind: type) -> Any:
         ({"mode": "best"}, "mode must be one of"),
         ({"adaptive": True}, "adaptive=True backs off sparsity; set sparsity > 0"),
         ({"sparsity": 0.5, "backoff": 1.0}, r"backoff in \(0, 1\)"),
+        ({"distill": 1.5}, r"distill must be in \[0, 1\], got 1.5"),
+        ({"distill": 0.5, "temperature": 0.0}, "temperature must be > 0, got 0.0"),
+        ({"distill": 0.5, "warmup": 0.0}, "teacher='snapshot' copies the model at the end"),
+        ({"warmup": 1.0}, r"warmup must be in \[0, 1\)"),
+        ({"sparsity": 0.5, "warmup": 0.6}, "prune_end=0.6 is not after warmup=0.6"),
+        ({"prune_pattern": "rows"}, "prune_pattern must be one of"),
+        ({"freeze": "all"}, "freeze must be one of"),
+        ({"data_anneal": 1.0}, r"data_anneal must be in \[0, 1\)"),
+        ({"max_steps": 0}, "max_steps must be >= 1 or None"),
+        ({"budget": PlanBudget(0.5), "trainable": 0.5}, "budget chooses .*got trainable=0.5"),
     ],
 )
 def test_bad_plan_arguments_raise_a_clear_value_error(arguments: dict, message: str) -> None:
@@ -169,6 +180,38 @@ def test_the_plan_names_its_axes_preset_steps_and_strategy_arguments() -> None:
         plan.step_of(0.5, float("inf"))
     with pytest.raises(ValueError, match="kind must be one of"):
         plan.strategy("tp")
+
+
+def test_a_budget_plan_takes_the_solvers_strengths_and_the_trainer_must_follow(tmp_path) -> None:
+    cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)  # 4 s a dense step
+    candidates = {"data_budget": [1.0], "trainable": [1.0, 0.5], "sparsity": [0.0],
+                  "weight_bits": [None, 8], "distill": [0.0], "steps": [1.0, 0.5]}  # fmt: skip
+    plan = ThreeDPlan.for_budget(
+        0.6, 0.3, cost=cost, reference_steps=32, epochs=4, compressible_share=0.5,
+        candidates=candidates, warmup=0.0,
+    )  # fmt: skip
+    allocation = plan.allocation
+    assert allocation is not None and allocation.time_fraction <= 0.6
+    # int8 is the only way to 0.3 of the size; half the steps the only way to 0.6 of the time
+    assert (plan.weight_bits, allocation.steps, plan.max_steps) == (8, 0.5, 16)
+    assert plan.trainer_arguments() == {"max_steps": 16} and plan.warmup == 0.0
+    with pytest.raises(ValueError, match=r"time=0\.05 cannot be met"):
+        ThreeDPlan.for_budget(0.05, None, cost=cost, reference_steps=32, epochs=4,
+                              compressible_share=0.5, candidates=candidates)  # fmt: skip
+    with pytest.raises(ValueError, match="solve it first"):
+        ThreeDPlan(budget=PlanBudget(0.5)).callbacks()
+    with pytest.raises(ValueError, match="budget time must be > 0"):
+        PlanBudget(0.0)
+    # the coordinator refuses a trainer that does not run the plan's steps, before step 1
+    with pytest.raises(ValueError, match="max_steps=16 optimizer steps but the trainer has"):
+        trainer_for(plan.callbacks(), tmp_path).fit(Net(), loader())
+    # the same budget from a calibration file, through solve()
+    calibration = tmp_path / "cost.json"
+    cost.save(calibration)
+    budgeted = ThreeDPlan(budget=PlanBudget(0.6, 0.3, calibration=str(calibration)), warmup=0.0)
+    solved = budgeted.solve(Net(), reference_steps=32, epochs=4)
+    assert solved.budget is None and solved.allocation is not None
+    assert solved.allocation.time_fraction <= 0.6 and solved.allocation.size_fraction <= 0.3
 
 
 def test_sparsity_backoff_follows_the_running_best_and_its_margin() -> None:
@@ -397,8 +440,10 @@ class Phases(Callback):
         step = trainer.global_step
         self.weights_at[step] = {k: v.clone() for k, v in module.model.state_dict().items()}
         pruner, freezer = of_type(trainer, ProgressivePruner), of_type(trainer, SensitivityFreezer)
-        if TEACHER_KEY in batch:
-            self.distilled.update(batch["index"].tolist())
+        targets = batch.get(TEACHER_KEY)
+        if targets is not None:
+            rows = batch["index"] if targets.present is None else batch["index"][targets.present]
+            self.distilled.update(rows.tolist())
         self.rows.append({
             "step": step,
             "frozen": len(freezer.frozen),
@@ -438,11 +483,12 @@ def test_the_plan_runs_in_phases_warmup_ramp_recovery_quantization(tmp_path) -> 
     # the parameter axis never froze what the model axis prunes, and froze the projection
     assert "model.embed.weight" in freezer.frozen and not freezer.frozen & set(pruner.targets)
     # the teacher is the model as it was after the warm-up's 5 steps; every sample distilled
-    # from went through it once, over 15 steps of several epochs
+    # from went through it once, over 15 steps of several epochs; it is released after epoch 1,
+    # the first whole epoch of distillation
     seen = sorted(phases.distilled)
     assert distiller.snapshot_taken and len(seen) > 3 * BATCH  # more than epoch 0's last steps
     assert distiller.teacher_samples == len(distiller.cache) == len(seen) < 15 * BATCH
-    assert (distiller.teacher is None) == (len(seen) == SAMPLES)  # released once all are cached
+    assert distiller.released and distiller.teacher is None
     items = next(iter(DataLoader(Items(), batch_size=SAMPLES)))
     teacher = Body()
     teacher.load_state_dict(phases.weights_at[5])
@@ -596,3 +642,36 @@ def test_minilm_3d_run_trains_converts_and_exports(tmp_path, rotten_tomatoes) ->
         expected = task.model(input_ids=ids[0], attention_mask=ids[1]).logits
         got = reloaded(input_ids=ids[0], attention_mask=ids[1]).logits
     assert torch.equal(got, expected)
+
+
+# -- the whole plan on several ranks -------------------------------------------------------------
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_the_whole_plan_agrees_on_every_ddp_rank(launch_two_ranks, tmp_path, ranks) -> None:
+    import json
+
+    results = launch_two_ranks("plan", tmp_path, 900, ranks)
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    runs = [json.loads((tmp_path / f"plan.rank{r}.json").read_text()) for r in range(ranks)]
+    first = runs[0]
+    warm, start, prune_start, prune_end, qat_start = first["phases"]
+    assert first["steps"] == first["total_steps"] and warm == start == prune_start >= 1
+    assert prune_end > prune_start and qat_start >= prune_end
+    # decisions are the same everywhere: phases, data scores, frozen set, masks, parameters
+    for other in runs[1:]:
+        for key in ("steps", "phases", "scores", "frozen", "pruned_targets", "masks"):
+            assert other[key] == first[key], key
+        assert other["mask_spread"] == 0.0 and other["rank_spread"] == 0.0  # against rank 0's
+    assert first["frozen"] and not set(first["frozen"]) & set(first["pruned_targets"])
+    assert first["achieved_sparsity"] == pytest.approx(0.3, abs=0.02)
+    # each rank runs the teacher on its own share, from the snapshot step; the ranks share what
+    # they cached at every epoch's end, so each sample goes through a teacher about once, and the
+    # teacher is released after the first whole epoch of distillation
+    for run in runs:
+        assert run["teacher_steps"][0] == start and run["qat_stage"] == "converted"
+        assert run["cached"] == first["cached"] and run["released"]
+        assert set(run["distilled"]) <= set(run["cached"])
+    # (a rank's shard of an epoch repeats up to ranks - 1 samples so that shards are equal)
+    forwards = sum(run["teacher_samples"] for run in runs)
+    assert len(first["cached"]) <= forwards <= len(first["cached"]) + (ranks - 1) * 3
+    assert all(0 < run["teacher_samples"] < len(first["cached"]) for run in runs)

@@ -30,8 +30,12 @@ Scenarios:
     then resumed, against the uninterrupted run.
   sharded_checkpoint: a compressed FSDP2 run that saves a sharded checkpoint at its last step
     and the same weights as one full state dict, for the export's consolidation test.
+  plan: the whole ThreeDPlan (data budget, distillation from the warm-up snapshot, freezer,
+    heads+neurons pruning, int8 QAT) on the real MiniLM under DDP: the phases, the frozen set,
+    the masks, the parameters before conversion, the data scores and the teacher's samples.
 
-``JOB_RANKS`` (default 2) sets the number of ranks (``sharded_checkpoint`` also runs on 3).
+``JOB_RANKS`` (default 2) sets the number of ranks (``sharded_checkpoint`` and ``plan`` also run
+on 3).
 """
 
 from __future__ import annotations
@@ -642,6 +646,95 @@ def pruner_resume(out: Path) -> dict[str, Any]:
     }
 
 
+class PlanWatcher(Callback):
+    """What the whole plan did on this rank: the samples each step distilled from and, at the
+    end of training (before QAT conversion), full copies of the parameters and the masks."""
+
+    def __init__(self) -> None:
+        self.distilled: set[int] = set()
+        self.params: dict[str, torch.Tensor] = {}
+        self.teacher_steps: list[int] = []
+
+    def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, idx: int) -> None:
+        from lightning_3d.distillation import TEACHER_KEY
+
+        targets = batch.get(TEACHER_KEY)
+        if targets is not None:
+            rows = batch["index"] if targets.present is None else batch["index"][targets.present]
+            self.distilled.update(rows.tolist())
+            self.teacher_steps.append(trainer.global_step)
+
+    def on_train_end(self, trainer: Any, module: Any) -> None:
+        self.params = full_parameters(module)
+
+
+def plan(out: Path) -> dict[str, Any]:
+    """The whole co-optimization plan (data, distillation, parameters, heads+neurons, int8 QAT)
+    on the real MiniLM under DDP: 3 epochs of 48 reviews (all data, then 70% of them)."""
+    from lightning_3d.callbacks import (
+        CurriculumSampler,
+        Distiller,
+        PlanCoordinator,
+        ProgressivePruner,
+        QATHook,
+        SensitivityFreezer,
+    )
+    from lightning_3d.plan import ThreeDPlan
+
+    settings = ThreeDPlan(
+        data_budget=0.7, trainable=0.5, sparsity=0.3, prune_pattern="heads+neurons",
+        weight_bits=8, distill=0.5, warmup=0.25, prune_end=0.6, qat_start=0.8,
+    )  # fmt: skip
+    watcher = PlanWatcher()
+    task = make_task()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=RANKS,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_epochs=3,
+        callbacks=[*settings.callbacks(), watcher],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(task, train_dataloaders=make_loader(task))
+
+    def find(kind: type) -> Any:
+        return next(c for c in trainer.callbacks if isinstance(c, kind))
+
+    coordinator, curriculum = find(PlanCoordinator), find(CurriculumSampler)
+    distiller, freezer = find(Distiller), find(SensitivityFreezer)
+    pruner, qat = find(ProgressivePruner), find(QATHook)
+    masks = {n: m.to(torch.uint8) for n, m in pruner.masks.items()}
+    return {
+        "steps": trainer.global_step,
+        "total_steps": coordinator.total_steps,
+        "phases": [
+            freezer.warmup_steps,
+            distiller.start_step,
+            pruner.start_step,
+            pruner.window_end,
+            qat.start_step,
+        ],
+        "frozen": sorted(freezer.frozen),
+        "pruned_targets": sorted(pruner.targets),
+        "achieved_sparsity": pruner.achieved_sparsity,
+        "masks": {n: m.flatten().tolist() for n, m in masks.items()},
+        "mask_spread": rank_spread({n: m.float() for n, m in masks.items()}),
+        "rank_spread": rank_spread(watcher.params),
+        "scores": curriculum.scores.tolist(),
+        "distilled": sorted(watcher.distilled),
+        "teacher_steps": watcher.teacher_steps,
+        "teacher_samples": distiller.teacher_samples,
+        "cached": distiller.cache.samples,
+        "released": distiller.released,
+        "qat_stage": qat.stage,
+    }
+
+
 SCENARIOS = {
     "parity": parity,
     "resume": resume,
@@ -656,6 +749,7 @@ SCENARIOS = {
     "pruner": pruner,
     "pruner_resume": pruner_resume,
     "sharded_checkpoint": sharded_checkpoint,
+    "plan": plan,
 }
 
 
