@@ -128,7 +128,9 @@ class Distiller(Callback):
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        keep_snapshot = self.source == SNAPSHOT and self.teacher is not None
+        snapshot = None  # the snapshot's weights, while the teacher is still needed
+        if self.source == SNAPSHOT and self.teacher is not None:
+            snapshot = {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
         return {
             "cache": None if self.cache is None else self.cache.state_dict(),
             "teacher_samples": self.teacher_samples,
@@ -137,11 +139,7 @@ class Distiller(Callback):
             "released": self.released,
             "first_full_epoch": self._first_full_epoch,
             "shared": self._shared,
-            "snapshot": (
-                {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}
-                if keep_snapshot and self.teacher is not None
-                else None
-            ),
+            "snapshot": snapshot,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -250,27 +248,24 @@ class Distiller(Callback):
 
     def _share(
         self, trainer: Trainer, pl_module: LightningModule, index: torch.Tensor, values: Any
-    ) -> int:
-        """All-gather every rank's new classifier entries into this rank's cache (one padded
-        collective); returns how many this rank lacked."""
-        count = trainer.strategy.all_gather(torch.tensor(len(index), device=pl_module.device))
-        most = int(count.max())
+    ) -> None:
+        """All-gather every rank's new classifier entries into this rank's cache (padded to the
+        most any rank has; one collective per tensor, once per epoch)."""
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.all_gather(tensor.to(pl_module.device)).cpu()
+
+        classes = values.shape[-1] if len(index) else 0
+        most, classes = (int(x) for x in gather(torch.tensor([len(index), classes])).amax(0))
         if most == 0:
-            return 0
-        classes = int(values.shape[-1]) if len(index) else 0
-        classes = int(trainer.strategy.all_gather(torch.tensor(classes, device=pl_module.device))
-                      .max())  # fmt: skip
+            return
         padded_index = torch.full((most,), -1, dtype=torch.long)
         padded_values = torch.zeros(most, classes)
         padded_index[: len(index)] = index
-        if len(index):
-            padded_values[: len(index)] = values
-        every_index = trainer.strategy.all_gather(padded_index.to(pl_module.device))
-        every_value = trainer.strategy.all_gather(padded_values.to(pl_module.device))
-        real = every_index.flatten() >= 0
-        return self.cache.merge(
-            every_index.flatten()[real].cpu(), every_value.reshape(-1, classes)[real].cpu()
-        )
+        padded_values[: len(index)] = values
+        every_index, every_value = gather(padded_index).flatten(), gather(padded_values)
+        real = every_index >= 0
+        self.cache.merge(every_index[real], every_value.reshape(-1, classes)[real])
 
     def _targets(
         self, batch: dict[str, Any], device: torch.device

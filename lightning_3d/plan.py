@@ -549,16 +549,14 @@ class ThreeDPlan:
         if self.budget is None:
             return self
         budget = self.budget
-        if cost is not None:
-            pass
-        elif budget.calibration is not None:
+        if cost is None and budget.calibration is not None:
             cost = CostModel.load(budget.calibration)
-        elif batch is None or loss_fn is None:
-            raise ValueError(
-                "the plan's budget has no calibration file: pass a training batch and loss_fn "
-                "to measure the step-cost model on"
-            )
-        else:
+        if cost is None:
+            if batch is None or loss_fn is None:
+                raise ValueError(
+                    "the plan's budget has no calibration file: pass a training batch and "
+                    "loss_fn to measure the step-cost model on"
+                )
             cost = measure_cost_model(module, batch, loss_fn)
         settings = {  # the user's own settings: the solver fills in the defaults it prefers
             f.name: getattr(self, f.name)
@@ -606,8 +604,8 @@ def _allowed(
     settings: Mapping[str, Any], candidates: Mapping[str, Sequence[Any]] | None
 ) -> dict[str, Sequence[Any]] | None:
     """The solver's grid less what the user's other settings rule out: distillation from a
-    snapshot without a warm-up, pruning that cannot ramp after the warm-up, quantization the
-    user's preset or schedule forbids."""
+    snapshot without a warm-up, pruning that cannot ramp after the warm-up, quantization that
+    would start before pruning ends."""
     allowed = dict(candidates or {})
     warmup = settings.get("warmup", ThreeDPlan.warmup)
     snapshot = settings.get("teacher", ThreeDPlan.teacher) == "snapshot"
