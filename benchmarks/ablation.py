@@ -113,6 +113,7 @@ WITHOUT = {
     "3D-no-data": ("data_budget",),
     "3D-no-params": ("trainable",),
     "3D-no-model": ("sparsity", "prune_pattern", "weight_bits", "distill"),
+    "3D-no-distill": ("distill",),  # the teacher alone, out of the model axis
 }
 SETUPS.update(
     {
@@ -437,6 +438,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
             key = f"latency_b{batch}_ms"
             entry[key] = None if timed.get(key) is None else float(timed[key])
         setups[setup] = entry
+    # the budget solver's choice for the 3D row, with its predicted training time
+    regime["allocation"] = json.loads(ALLOCATION.read_text()) if ALLOCATION.exists() else {}
     return {"regime": regime, "setups": setups}
 
 
@@ -549,6 +552,13 @@ def goals(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         faster = versus(f"latency_b{batch}_ms", inverse=True)
         row(f">= 2x faster inference at batch {batch}", faster, lambda v: v >= 2, times)
     row("peak training memory <= 0.6x", versus("peak_train_mib"), lambda v: v <= 0.6, times)
+    predicted = summary["regime"].get("allocation", {}).get("predicted_train_s")
+    row(
+        "the solver's predicted training time within 15% of the measured",
+        None if predicted is None or plan_time is None else plan_time / predicted,
+        lambda v: abs(v - 1) <= 0.15,
+        lambda v: f"{plan_time:.0f} s measured, {predicted:.0f} s predicted ({v:.2f}x)",
+    )
     for name in SINGLE_AXIS:
         other = setups.get(name, {})
         goal = f"dominates {name} (as accurate, less train time)"
