@@ -40,8 +40,16 @@ turns), into ``latency_<machine>.json``.
 against training time and against model bytes) to ``--plot``, and with ``--write`` replaces the
 ablation section of BENCHMARKS.md.
 
+The ``3D`` row is the budget solver's: ``--calibrate`` measures this regime's step-cost model
+(``cost_model_<machine>.json``) and ``--solve TIME SIZE`` writes the allocation
+(``allocation_cpu-2c-b.json``) the row reads, from the prior accuracy curves or ``--curves``:
+``--summarize`` saves the curves the finished runs measured (``curves_<machine>.json``: the
+single-axis rows against Standard, 3D against 3D-no-distill for distillation).
+
 Usage::
 
+    python benchmarks/ablation.py --calibrate           # the solver's step-cost model
+    python benchmarks/ablation.py --solve 0.5 0.25      # the 3D row (--curves FILE: measured)
     python benchmarks/ablation.py                       # every set-up, seeds 0 1 2 / 0
     python benchmarks/ablation.py --setups Standard 3D --seeds 1   # a part of the sweep
     python benchmarks/ablation.py --latency             # after the seed-0 runs
@@ -654,6 +662,28 @@ def summarize(args: argparse.Namespace) -> None:
     pareto_plot(summary, args.plot)
     if args.write:
         write_benchmarks(text)
+    measured_curves(summary, args)
+
+
+def measured_curves(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    """The accuracy curves these runs measured (single-axis rows against Standard, 3D against
+    3D-no-distill for distillation), saved for ``--solve`` and ``plan.budget.curves``."""
+    from lightning_3d.budget import AXES, AccuracyCurves
+
+    names = [name for name in summary["setups"] if same_as(name) == name]
+    document = {
+        "unit": "percent",
+        "setups": {name: summary["setups"][name] for name in names},
+        "strengths": {name: {k: v for k, v in SETUPS[name].items() if k in AXES} for name in names},
+    }
+    try:
+        curves = AccuracyCurves.from_ablation_summary(document, baseline="Standard")
+    except ValueError as error:
+        print(f"no measured accuracy curves yet: {error}")
+        return
+    path = args.results_dir / f"curves_{args.machine}.json"
+    curves.save(path)
+    print(f"measured accuracy curves: {json.dumps(curves.to_dict())}")
 
 
 # ----------------------------------------------------------------------------- budget
@@ -751,12 +781,13 @@ def solve(args: argparse.Namespace) -> None:
         time_budget, size_budget,
         cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,
         epochs=args.epochs, compressible_share=compressible, head_share=head,
-        quantized_overhead=QUANTIZED_OVERHEAD,
+        quantized_overhead=QUANTIZED_OVERHEAD, curves=args.curves,
     )  # fmt: skip
     allocation = plan.allocation
     assert allocation is not None
     document = {
         "budget": {"time": time_budget, "size": size_budget},
+        "curves": "prior" if args.curves is None else args.curves.name,
         "strengths": allocation.strengths,
         "predicted_train_s": allocation.time_s,
         "time_fraction": allocation.time_fraction,
@@ -805,6 +836,9 @@ def main() -> None:
         "--solve", type=float, nargs=2, metavar=("TIME", "SIZE"),
         help="the budget solver's allocation for these budgets (after --calibrate)",
     )  # fmt: skip
+    parser.add_argument(
+        "--curves", type=Path, help="--solve with these accuracy curves (default: the prior)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)

@@ -205,6 +205,17 @@ def test_a_budget_plan_takes_the_solvers_strengths_and_the_trainer_must_follow(t
     # the coordinator refuses a trainer that does not run the plan's steps, before step 1
     with pytest.raises(ValueError, match="max_steps=16 optimizer steps but the trainer has"):
         trainer_for(plan.callbacks(), tmp_path).fit(Net(), loader())
+    # with them, it logs the predicted training time before training and the measured after
+    logger = CSVLogger(tmp_path, name="budget")
+    trainer = trainer_for(plan.callbacks(), tmp_path, logger=logger, **plan.trainer_arguments())
+    trainer.fit(Net(), loader())
+    assert trainer.global_step == 16
+    with open(next(tmp_path.glob("budget/version_*/metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    predicted = [float(r["plan/predicted_train_s"]) for r in rows if r["plan/predicted_train_s"]]
+    measured = [float(r["plan/measured_train_s"]) for r in rows if r["plan/measured_train_s"]]
+    assert predicted == [pytest.approx(allocation.time_s)] and len(measured) == 1
+    assert measured[0] > 0
     # the same budget from a calibration file, through solve()
     calibration = tmp_path / "cost.json"
     cost.save(calibration)
