@@ -215,6 +215,21 @@ def cpu_seconds() -> float:
 
 
 # ----------------------------------------------------------------------------- one run
+def quiet_trainer(**settings: Any) -> Any:
+    """A CPU Trainer that trains only: no validation, logging, checkpoints or progress bar."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **settings,
+    )
+
+
 def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Seed, build, fit, test and export one set-up (in a child process)."""
     import lightning
@@ -245,16 +260,8 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     standard_steps = args.epochs * math.ceil(train_rows / args.batch_size)
     fraction = SETUPS[setup].get(STEPS)
     max_steps = -1 if fraction is None else math.ceil(fraction * standard_steps)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        max_steps=max_steps,
-        callbacks=[*plan.callbacks(), CountTrainable()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+    trainer = quiet_trainer(
+        max_epochs=args.epochs, max_steps=max_steps, callbacks=[*plan.callbacks(), CountTrainable()]
     )
     with PeakMemory() as memory:
         cpu, started = cpu_seconds(), time.perf_counter()
@@ -712,16 +719,7 @@ def real_step_seconds(args: argparse.Namespace, steps: int = 40, skip: int = 5) 
         def on_train_batch_start(self, *unused: Any) -> None:
             starts.append(time.perf_counter())
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=[Starts()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=steps, callbacks=[Starts()])
     with PeakMemory():  # the same sampling thread as the measured runs
         trainer.fit(task, datamodule=data)
     return statistics.median(b - a for a, b in itertools.pairwise(starts[skip:]))
