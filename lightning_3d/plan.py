@@ -141,8 +141,8 @@ class ThreeDPlan:
     a fine-tune may use, and the phases in which the axes act (see the module docs).
 
     Args:
-        data_budget: share of the training samples each epoch after the first trains on, in
-            ``(0, 1]`` (1: the data axis is off).
+        data_budget: share of the training samples each epoch after the first trains on (from
+            the first epoch with ``warmup=0``), in ``(0, 1]`` (1: the data axis is off).
         trainable: share of the parameters that keep training after the warm-up, in ``(0, 1]``
             (1: off).
         sparsity: share of the targeted linear weights (or heads and FFN neurons) pruned at
