@@ -300,14 +300,8 @@ class CostModel:
             qat_start: fraction of the run's steps at which fake quantization goes on, in
                 ``[0, 1)``.
         """
-        strengths = {
-            "data_budget": data_budget,
-            "trainable": trainable,
-            "sparsity": sparsity,
-            "weight_bits": weight_bits,
-            "distill": distill,
-            "steps": steps,
-        }
+        values = (data_budget, trainable, sparsity, weight_bits, distill, steps)
+        strengths = dict(zip(AXES, values, strict=True))
         for axis, value in strengths.items():
             _check_strength(axis, value)
         _check_recipe(reference_steps, epochs)
@@ -812,14 +806,8 @@ class AccuracyCurves:
         steps: float = 1.0,
     ) -> dict[str, float]:
         """Each axis' change in a combination (distillation after its rule)."""
-        strengths = {
-            "data_budget": data_budget,
-            "trainable": trainable,
-            "sparsity": sparsity,
-            "weight_bits": weight_bits,
-            "distill": distill,
-            "steps": steps,
-        }
+        values = (data_budget, trainable, sparsity, weight_bits, distill, steps)
+        strengths = dict(zip(AXES, values, strict=True))
         parts = {axis: self.axis_change(axis, value) for axis, value in strengths.items()}
         if self.distill_recovers_compression and distill > 0:
             if sparsity == 0 and weight_bits is None:
