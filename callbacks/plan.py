@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -258,8 +259,12 @@ class PlanCoordinator(Callback):
         parameters = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
+        # A compressed strategy sends these probe gradients exactly and keeps their unsent part
+        # out of its error-feedback residuals (they are measured, never applied).
+        comm_state = getattr(trainer.strategy, "comm_state", None)
+        probing = comm_state.probe() if hasattr(comm_state, "probe") else nullcontext()
         try:
-            with trainer.precision_plugin.forward_context():
+            with trainer.precision_plugin.forward_context(), probing:
                 done = signal_pass(
                     pl_module.score_batch,
                     batches,

@@ -33,6 +33,7 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;     // entries per parallel task
 constexpr uint32_t kNonFinite = 0x7f800000u;  // |e| bits at or above this are Inf or NaN
+constexpr float kFp8Max = 448.0f;             // the largest finite float8 e4m3fn
 
 inline uint32_t magnitude_bits(float value) {
   uint32_t bits;
@@ -61,7 +62,9 @@ inline uint8_t encode_value(float e, float scale, int64_t value_format) {
     float q = std::min(std::max(shifted - 12582912.0f, -127.0f), 127.0f);
     return static_cast<uint8_t>(static_cast<int8_t>(q));
   }
-  return c10::Float8_e4m3fn(ratio).x;
+  // |ratio| <= 448 in exact arithmetic; the clamp keeps a rounding excess from ever reaching a
+  // cast that, depending on the torch version, saturates or gives NaN.
+  return c10::Float8_e4m3fn(std::fmin(std::fmax(ratio, -kFp8Max), kFp8Max)).x;
 }
 
 inline float decode_value(uint8_t code, float scale, int64_t value_format) {
@@ -353,10 +356,6 @@ void decode_typed(const float* scales, const uint8_t* bitmap, const uint8_t* val
     }
   });
   for (int64_t b = 0; b < blocks; ++b) offset[b + 1] += offset[b];
-  // A damaged bitmap must not make the loop below read past the values.
-  TORCH_CHECK(offset[blocks] == value_count, "lightning_3d.decode: the bitmap marks ",
-              offset[blocks], " entries but the message holds ", value_count,
-              " values (a damaged message)");
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / block), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block, stop = std::min(n, start + block);
@@ -369,7 +368,12 @@ void decode_typed(const float* scales, const uint8_t* bitmap, const uint8_t* val
         while (packed) {
           const int64_t i = byte * 8 + __builtin_ctz(packed);
           packed &= packed - 1;
-          const float decoded = decode_value(values[slot++], scale, value_format);
+          // A damaged bitmap marking more entries than there are values: NaN, not a read
+          // past the end (Python checks a whole message's count before it gets here).
+          const float decoded = slot < value_count
+                                    ? decode_value(values[slot], scale, value_format)
+                                    : std::numeric_limits<float>::quiet_NaN();
+          ++slot;
           out[i] = static_cast<T>(accumulate ? static_cast<float>(out[i]) + decoded : decoded);
         }
       }
@@ -456,6 +460,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode(
   return encode_cpu(grad, residual, density, block, value_format, sample_count, tolerance);
 }
 
+// `values` may be longer than the bitmap marks (a fixed-size slot's unused room). Entries a
+// damaged bitmap marks past the values decode to NaN on both devices: no host round trip, no
+// exception from inside a parallel region.
 void decode(const at::Tensor& scales, const at::Tensor& bitmap, const at::Tensor& values,
             int64_t n, int64_t block, int64_t value_format, at::Tensor out, bool accumulate) {
   // Python decodes empty messages itself; n = 0 leaves nothing to decode.
@@ -487,6 +494,33 @@ void decode(const at::Tensor& scales, const at::Tensor& bitmap, const at::Tensor
              value_format, out, accumulate);
 }
 
+void encode_into(const at::Tensor& grad, const c10::optional<at::Tensor>& residual, int64_t k,
+                 int64_t block, int64_t value_format, at::Tensor scales, at::Tensor bitmap,
+                 at::Tensor values, at::Tensor nonfinite) {
+  check_inputs(grad, residual, 1.0, block, value_format, 0);
+  const int64_t n = grad.numel();
+  TORCH_CHECK(k > 0 && k <= n, "lightning_3d.encode_into: k must be in [1, numel], got ", k);
+  const int64_t blocks = (n + block - 1) / block;
+  for (const at::Tensor* view : {&scales, &bitmap, &values, &nonfinite}) {
+    TORCH_CHECK(view->device() == grad.device() && view->is_contiguous(),
+                "lightning_3d.encode_into: outputs must be contiguous on the input's device");
+  }
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == blocks,
+              "lightning_3d.encode_into: scales must be float32 with ", blocks, " entries");
+  TORCH_CHECK(bitmap.scalar_type() == at::kByte && bitmap.numel() == (n + 7) / 8,
+              "lightning_3d.encode_into: bitmap must be uint8 with ", (n + 7) / 8, " entries");
+  TORCH_CHECK(values.scalar_type() == at::kByte && values.numel() == k,
+              "lightning_3d.encode_into: values must be uint8 with ", k, " entries");
+  TORCH_CHECK(nonfinite.scalar_type() == at::kLong && nonfinite.numel() == 1,
+              "lightning_3d.encode_into: nonfinite must be one int64");
+#ifdef LIGHTNING_3D_WITH_CUDA
+  TORCH_CHECK(grad.is_cuda(), "lightning_3d.encode_into runs on CUDA tensors only");
+  encode_into_cuda(grad, residual, k, block, value_format, scales, bitmap, values, nonfinite);
+#else
+  TORCH_CHECK(false, "lightning_3d was built without CUDA kernels");
+#endif
+}
+
 bool has_cuda() {
 #ifdef LIGHTNING_3D_WITH_CUDA
   return true;
@@ -502,5 +536,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "lightning-3d native kernels (see lightning_3d/compression.py for semantics)";
   module.def("encode", &lightning_3d::encode, "top-k + 8-bit block encode with error feedback");
   module.def("decode", &lightning_3d::decode, "decode (or accumulate) a compressed message");
+  module.def("encode_into", &lightning_3d::encode_into,
+             "exact top-k encode into caller-owned views, without host syncs (CUDA)");
   module.def("has_cuda", &lightning_3d::has_cuda, "whether the CUDA kernels were built");
 }

@@ -24,6 +24,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> encode_cuda(
     const at::Tensor& grad, const c10::optional<at::Tensor>& residual, double density,
     int64_t block, int64_t value_format, int64_t sample_count, double tolerance);
 
+// Exact selection of k entries written into caller-owned views (a collective's send slot), with
+// no host synchronization: the non-finite count stays on the device, in `nonfinite` (int64[1]).
+void encode_into_cuda(const at::Tensor& grad, const c10::optional<at::Tensor>& residual,
+                      int64_t k, int64_t block, int64_t value_format, at::Tensor& scales,
+                      at::Tensor& bitmap, at::Tensor& values, at::Tensor& nonfinite);
+
 void decode_cuda(const at::Tensor& scales, const at::Tensor& bitmap, const at::Tensor& values,
                  int64_t n, int64_t block, int64_t value_format, at::Tensor& out,
                  bool accumulate);

@@ -41,15 +41,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
-from lightning_3d.compression import CompressedTensor, GradientCompressor, NonFiniteError
+from lightning_3d.compression import GradientCompressor
+
+# FSDP2 exports its custom-collective base classes from a private module only. This is the one
+# place that imports it; tests/test_strategies.py fails naming it if it moves.
+FSDP_API_MODULE = "torch.distributed.fsdp._fully_shard._fsdp_api"
+try:
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+except ImportError as error:  # pragma: no cover - depends on the torch build
+    ReduceScatter = object  # type: ignore[assignment,misc]
+    _FSDP_API_MISSING: str | None = (
+        f"this torch ({torch.__version__}) has no {FSDP_API_MODULE}.ReduceScatter ({error}); "
+        "the compressed FSDP2 collectives need torch >= 2.9"
+    )
+else:
+    _FSDP_API_MISSING = None
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +73,9 @@ EXCHANGES = ("auto", "all_to_all", "all_gather")
 RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-SLOT_ALIGNMENT = 16  # bytes: every slot (and so every message body) starts aligned for fp32 views
-
-
 def slot_nbytes(compressor: GradientCompressor, numel: int, dtype: torch.dtype, dense: bool) -> int:
-    """Fixed slot size for one message: the largest possible message, rounded up to 16 bytes."""
-    largest = compressor.max_nbytes(numel, dtype, dense=dense)
-    return -(-largest // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+    """Size of one fixed slot (:meth:`GradientCompressor.slot_layout`), a multiple of 16 bytes."""
+    return compressor.slot_layout(numel, dtype, dense).nbytes
 
 
 class CollectiveError(RuntimeError):
@@ -162,22 +172,62 @@ class CompressedCommState:
         self.process_group = process_group
         self.step = 0
         self.residuals: dict[str, torch.Tensor] = {}
+        self.layouts: dict[str, tuple[Any, ...]] = {}
         self.stats = CommStats()
+        self.probing = False
+        self._nonfinite: torch.Tensor | None = None  # counted on the device, read in take_stats
+
+    @contextmanager
+    def probe(self) -> Iterator[None]:
+        """Inside the block collectives send exactly (dense) and leave residuals and the step
+        counter alone: for gradients that are measured, not applied (a signal pass), whose
+        unsent part must not leak into the first real steps.
+
+        >>> state = CompressedCommState(GradientCompressor())
+        >>> with state.probe():
+        ...     state.compressing
+        False
+        """
+        self.probing, before = True, self.probing
+        try:
+            yield
+        finally:
+            self.probing = before
+
+    def count_nonfinite(self, flagged: torch.Tensor) -> None:
+        """Add the non-finite messages in ``flagged`` (a bool tensor) without a host sync."""
+        count = flagged.sum(dtype=torch.int64)
+        self._nonfinite = count if self._nonfinite is None else self._nonfinite + count
 
     @property
     def compressing(self) -> bool:
-        """Whether this step compresses (warm-up over)."""
-        return self.step >= self.warmup_steps
+        """Whether this step compresses (warm-up over, not probing)."""
+        return self.step >= self.warmup_steps and not self.probing
 
-    def residual(self, key: str, numel: int, device: torch.device) -> torch.Tensor | None:
-        """The residual for ``key``: created (zeros) once compression starts, ``None`` before.
+    def residual(
+        self, key: str, numel: int, device: torch.device, layout: tuple[Any, ...] | None = None
+    ) -> torch.Tensor | None:
+        """The residual for ``key``: created (zeros) once compression starts, ``None`` before
+        and while probing.
 
-        A residual whose size no longer matches (DDP rebuilds its buckets after the first
-        iteration) is started again from zero.
+        ``layout`` names what the residual's entries belong to (for an FSDP unit: the names and
+        shapes of the parameters that have gradients). A residual whose size or layout no longer
+        matches (DDP rebuilt its buckets; the freezer changed which parameters train) would add
+        its mass to the wrong entries: it starts again from zero, with a warning for a layout.
         """
-        if not self.error_feedback:
+        if not self.error_feedback or self.probing:
             return None
         residual = self.residuals.get(key)
+        known = self.layouts.get(key)
+        if residual is not None and layout is not None and known is not None and known != layout:
+            log.warning(
+                "the parameters behind residual %s changed (%d -> %d tensors with gradients); "
+                "its carried gradient mass is dropped and it restarts from zero",
+                key,
+                len(known),
+                len(layout),
+            )
+            residual = None
         if residual is not None and residual.numel() == numel:
             if residual.device != device:  # loaded from a checkpoint onto the CPU
                 residual = self.residuals[key] = residual.to(device)
@@ -190,6 +240,8 @@ class CompressedCommState:
             )
         residual = torch.zeros(numel, dtype=self.residual_dtype, device=device)
         self.residuals[key] = residual
+        if layout is not None:
+            self.layouts[key] = layout
         return residual
 
     def residual_norm(self) -> float:
@@ -201,19 +253,28 @@ class CompressedCommState:
         return math.sqrt(float(torch.stack([s.to(device) for s in squares]).sum()))
 
     def take_stats(self) -> CommStats:
-        """Return the statistics gathered since the last call and start new ones."""
+        """Return the statistics gathered since the last call and start new ones (the one place
+        that reads the device's non-finite count on the host)."""
         stats, self.stats = self.stats, CommStats()
+        if self._nonfinite is not None:
+            stats.nonfinite += int(self._nonfinite)
+            self._nonfinite = None
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counter and residuals (on CPU) of this rank."""
+        """Step counter, residuals (on CPU) and their parameter layouts, of this rank."""
         residuals = {key: value.detach().cpu() for key, value in self.residuals.items()}
-        return {"step": self.step, "residuals": residuals}
+        layouts = {key: [list(entry) for entry in value] for key, value in self.layouts.items()}
+        return {"step": self.step, "residuals": residuals, "layouts": layouts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.residuals = {
             key: value.to(self.residual_dtype).clone() for key, value in state["residuals"].items()
+        }
+        self.layouts = {
+            key: tuple((name, tuple(shape)) for name, shape in value)
+            for key, value in state.get("layouts", {}).items()
         }
 
 
@@ -261,35 +322,64 @@ def exchange_bytes_per_call(state: CompressedCommState, slot: int, world: int) -
     return slot * (world - 1)
 
 
-def compress_or_mark(
-    compressor: GradientCompressor,
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    dense: bool,
+def encode_slots(
+    chunks: torch.Tensor,
+    rank: int,
     state: CompressedCommState,
-) -> CompressedTensor:
-    """Compress ``x``; if it holds NaN/Inf, a marker that decodes to NaN (residual untouched).
+    key: str,
+    dense: bool,
+    layout: tuple[Any, ...] | None = None,
+) -> torch.Tensor:
+    """``[W, slot]`` uint8: row ``q`` holds chunk ``q`` compressed with residual ``key/to{q}``
+    (row ``rank`` stays zero: a rank's own chunk never crosses the network).
 
-    Collectives never raise for non-finite gradients (a rank leaving a collective early would
-    hang the others); they pass NaN on, as an uncompressed reduction would, and count it.
+    Nothing here waits for the device: a chunk with NaN/Inf only sets its slot's non-finite
+    count, which the receiver reads on the device and which is counted in the statistics.
     """
-    try:
-        return compressor.compress(x, residual, dense=dense)
-    except NonFiniteError:
-        state.stats.nonfinite += 1
-        return compressor.nonfinite_marker(x.numel(), x.dtype, x.device)
+    world, numel = chunks.shape
+    compressor = state.compressor
+    slot = slot_nbytes(compressor, numel, chunks.dtype, dense)
+    send = torch.zeros(world, slot, dtype=torch.uint8, device=chunks.device)
+    for destination in range(world):
+        if destination == rank:
+            continue
+        residual = state.residual(f"{key}/to{destination}", numel, chunks.device, layout)
+        compressor.encode_into(chunks[destination], residual, send[destination], dense=dense)
+    flags = send[:, :8].contiguous().view(torch.int64).view(-1)
+    state.count_nonfinite(flags > 0)
+    return send
+
+
+def own_chunk(chunk: torch.Tensor, state: CompressedCommState) -> torch.Tensor:
+    """This rank's own chunk in fp32 (a copy), under the compressor's non-finite policy: left as
+    it is with ``"raise"`` (NaN travels on), zeros with ``"skip"``, counted either way."""
+    total = chunk.to(torch.float32, copy=True)  # never write into the caller's input
+    flagged = ~torch.isfinite(total).all()
+    state.count_nonfinite(flagged)
+    if state.compressor.nonfinite == "skip":
+        total.masked_fill_(flagged, 0.0)
+    return total
 
 
 def compressed_reduce_scatter(
-    chunks: torch.Tensor, group: dist.ProcessGroup | None, state: CompressedCommState, key: str
+    chunks: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    state: CompressedCommState,
+    key: str,
+    layout: tuple[Any, ...] | None = None,
 ) -> torch.Tensor:
     """Sum chunk ``rank`` over all ranks, each remote chunk compressed with error feedback.
+
+    Every slot has a size all ranks compute alike (:meth:`GradientCompressor.slot_layout`), so
+    the exchange needs no header on the host; with exact selection on CUDA nothing in the call
+    synchronizes with the host.
 
     Args:
         chunks: ``[W, S]`` gradient (fp32, bf16 or fp16); row ``q`` is destined for rank ``q``.
         group: the process group (``W`` ranks).
         state: settings, residuals and statistics.
         key: names the caller (module or bucket) so each keeps its own residuals.
+        layout: what the entries belong to (see :meth:`CompressedCommState.residual`).
 
     Returns:
         The fp32 sum ``[S]`` for this rank's chunk (not yet scaled for the reduce op).
@@ -298,23 +388,16 @@ def compressed_reduce_scatter(
     world, numel = chunks.shape
     rank = dist.get_rank(group)
     compressor, dense = state.compressor, not state.compressing
-    slot = slot_nbytes(compressor, numel, chunks.dtype, dense)
-    send = torch.zeros(world, slot, dtype=torch.uint8, device=chunks.device)
-    for destination in range(world):
-        if destination == rank:
-            continue
-        residual = state.residual(f"{key}/to{destination}", numel, chunks.device)
-        message = compress_or_mark(compressor, chunks[destination], residual, dense, state)
-        wire = message.to_bytes()
-        send[destination, : wire.numel()] = wire
+    send = encode_slots(chunks, rank, state, key, dense, layout)
     received = exchange_slots(send, group, state)
-    total = chunks[rank].to(torch.float32, copy=True)  # never write into the caller's input
+    total = own_chunk(chunks[rank], state)
     for source in range(world):
         if source != rank:
-            message = CompressedTensor.from_bytes(received[source], padded=True)
-            compressor.decompress(message, total, accumulate=True)
+            compressor.decode_from(
+                received[source], total, chunks.dtype, accumulate=True, dense=dense
+            )
     stats = state.stats
-    stats.wire_bytes += exchange_bytes_per_call(state, slot, world)
+    stats.wire_bytes += exchange_bytes_per_call(state, send.shape[1], world)
     stats.dense_bytes += numel * chunks.element_size() * (world - 1)
     stats.seconds += time.perf_counter() - started
     stats.calls += 1
@@ -324,13 +407,21 @@ def compressed_reduce_scatter(
 class CompressedReduceScatter(ReduceScatter):
     """FSDP2 ``ReduceScatter`` that compresses each destination's chunk (module docstring).
 
-    Install with ``fsdp_module.set_custom_reduce_scatter(CompressedReduceScatter(state, name))``;
-    :class:`~lightning_3d.strategies.CompressedFSDPStrategy` does it for every FSDP module.
+    Install with ``fsdp_module.set_custom_reduce_scatter(CompressedReduceScatter(state, name,
+    fsdp_module))``; :class:`~lightning_3d.strategies.CompressedFSDPStrategy` does it for every
+    FSDP module. With ``unit`` given, residuals are tied to the names and shapes of the unit's
+    parameters that require gradients, so freezing or unfreezing restarts them (with a warning)
+    instead of adding their mass to other parameters.
     """
 
-    def __init__(self, state: CompressedCommState, name: str) -> None:
+    def __init__(
+        self, state: CompressedCommState, name: str, unit: torch.nn.Module | None = None
+    ) -> None:
+        if _FSDP_API_MISSING is not None:
+            raise RuntimeError(_FSDP_API_MISSING)
         self.state = state
         self.name = name
+        self.unit = unit
 
     def allocate(
         self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
@@ -348,11 +439,28 @@ class CompressedReduceScatter(ReduceScatter):
         world = dist.get_world_size(group)
         scale = reduce_op_scale(op, world)
         chunks = input_tensor.view(world, -1)
-        total = compressed_reduce_scatter(chunks, group, self.state, self.name)
+        layout = None if self.unit is None else trainable_layout(self.unit)
+        total = compressed_reduce_scatter(chunks, group, self.state, self.name, layout)
         if scale != 1.0:
             total.mul_(scale)
         output_tensor.view(-1).copy_(total)
         return None
+
+
+def trainable_layout(unit: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Names and shapes of the parameters ``unit`` itself reduces: those that require gradients,
+    without the ones of FSDP units nested in it (they reduce their own)."""
+    nested = {
+        id(param)
+        for name, module in unit.named_modules()
+        if name and hasattr(module, "set_custom_reduce_scatter")
+        for param in module.parameters()
+    }
+    return tuple(
+        (name, tuple(param.shape))
+        for name, param in unit.named_parameters()
+        if param.requires_grad and id(param) not in nested
+    )
 
 
 class CompressedAllReduceState(CompressedCommState):
@@ -400,7 +508,7 @@ def compressed_allreduce_hook(
             raise
         raise CollectiveError(_failure_message(group, error)) from error
     if bucket.is_last():
-        state.step += 1
+        state.step += 0 if state.probing else 1
         state.iterations_since_registered += 1
     future.set_result(buffer)
     return future
@@ -429,15 +537,14 @@ def _compressed_allreduce(
     slot = slot_nbytes(compressor, chunk, torch.float32, dense=False)
     send = torch.zeros(slot, dtype=torch.uint8, device=buffer.device)
     residual = state.residual(f"{key}/server", chunk, buffer.device)
-    wire = compress_or_mark(compressor, total, residual, False, state).to_bytes()
-    send[: wire.numel()] = wire
+    compressor.encode_into(total, residual, send)
+    state.count_nonfinite(send[:8].view(torch.int64) > 0)
     gathered = send.new_empty(world * slot)
     dist.all_gather_into_tensor(gathered, send, group=group)
     gathered = gathered.view(world, slot)
     averaged = torch.zeros(world * chunk, dtype=torch.float32, device=buffer.device)
     for source in range(world):
-        decoded = CompressedTensor.from_bytes(gathered[source], padded=True)
-        compressor.decompress(decoded, averaged[source * chunk : (source + 1) * chunk])
+        compressor.decode_from(gathered[source], averaged[source * chunk : (source + 1) * chunk])
     buffer.copy_(averaged[:numel])
     stats = state.stats
     stats.wire_bytes += slot * (world - 1)

@@ -16,11 +16,14 @@ Semantics (the pure-PyTorch reference below is the definition; the C++ and CUDA 
 3. **Quantization.** Entries are grouped in blocks of ``block_size`` consecutive positions. Block
    ``b`` gets one fp32 scale ``s_b = max_{i selected in b} |e_i| / Q`` with ``Q = 127`` (int8) or
    ``448`` (fp8 e4m3). A kept entry is stored as ``q_i = clamp(round_half_even(e_i / s_b), -127,
-   127)`` (int8) or ``fp8_e4m3(e_i / s_b)`` (round to nearest even); ``q_i = 0`` where ``s_b = 0``.
+   127)`` (int8) or ``fp8_e4m3(clamp(e_i / s_b, -448, 448))`` (round to nearest even; the clamp
+   only catches a rounding excess); ``q_i = 0`` where ``s_b = 0``. Signed zeros keep their sign.
    Decoding gives ``d_i = float32(q_i) * s_b`` for kept entries and ``0`` elsewhere, so each kept
    entry is off by at most half a quantization step of its block (``s_b / 2`` for int8).
 4. **Positions** are a bitmap (bit ``i % 8`` of byte ``i // 8`` is entry ``i``), values follow in
-   index order. With the 32-byte header the wire size is exactly
+   index order. A collective lays these parts out in a fixed-size slot that every rank can size
+   in advance (:class:`SlotLayout`: a 16-byte head with the non-finite count, no header to parse
+   on the host). As a standalone message with the 32-byte header the wire size is exactly
    ``nbytes = 32 + 4 * ceil(n / block_size) + ceil(n / 8) + count``: at density 0.15 with 8-bit
    values that is ``0.29 n`` bytes against ``4 n`` for fp32, a 13.7x reduction.
 5. **Error feedback.** ``r <- e - d``. For an fp32 residual the identity ``d + r_new == e`` holds
@@ -62,6 +65,7 @@ _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _HEADER = struct.Struct("<4sBBBBQIQI")
 assert _HEADER.size == HEADER_BYTES
 MIN_SAMPLE = 1024
+SLOT_HEADER_BYTES = 16  # a slot's non-finite count (int64) and padding
 
 
 class NonFiniteError(ValueError):
@@ -233,7 +237,10 @@ def encode_values(values: torch.Tensor, scales: torch.Tensor, value_format: str)
     ratio = torch.where(scales > 0, values / safe, torch.zeros_like(values))
     if value_format == "int8":
         return torch.round(ratio).clamp(-127, 127).to(torch.int8).view(torch.uint8)
-    return ratio.to(torch.float8_e4m3fn).view(torch.uint8)
+    # Clamped to the largest finite float8 before the cast: |ratio| <= 448 up to rounding, and
+    # casts beyond it saturate in some torch versions and give NaN in others.
+    limit = QMAX["fp8_e4m3"]
+    return ratio.clamp(-limit, limit).to(torch.float8_e4m3fn).view(torch.uint8)
 
 
 def decode_values(codes: torch.Tensor, scales: torch.Tensor, value_format: str) -> torch.Tensor:
@@ -282,12 +289,120 @@ def reference_encode(
 
 def reference_decode(message: CompressedTensor, out: torch.Tensor, accumulate: bool) -> None:
     """Write (or add, with ``accumulate``) the decoded message into the flat float ``out``."""
-    mask = unpack_bits(message.bitmap, message.numel)
-    positions = mask.nonzero().view(-1)
-    scales = message.scales[positions // message.block_size]
-    decoded = torch.zeros(message.numel, dtype=torch.float32, device=out.device)
-    decoded[positions] = decode_values(message.values, scales, message.value_format)
+    reference_decode_parts(
+        message.scales,
+        message.bitmap,
+        message.values,
+        message.block_size,
+        message.value_format,
+        out,
+        accumulate,
+    )
+
+
+def reference_decode_parts(
+    scales: torch.Tensor,
+    bitmap: torch.Tensor,
+    values: torch.Tensor,
+    block_size: int,
+    value_format: str,
+    out: torch.Tensor,
+    accumulate: bool,
+) -> None:
+    """:func:`reference_decode` on a message's parts; ``values`` may hold unused room at its end
+    (a fixed-size slot), only the first as many as the bitmap marks are read."""
+    numel = out.numel()
+    positions = unpack_bits(bitmap, numel).nonzero().view(-1)
+    if positions.numel() > values.numel():
+        raise ValueError(
+            f"the bitmap marks {positions.numel()} entries but the message holds "
+            f"{values.numel()} values (a damaged message)"
+        )
+    decoded = torch.zeros(numel, dtype=torch.float32, device=out.device)
+    codes = values[: positions.numel()]
+    decoded[positions] = decode_values(codes, scales[positions // block_size], value_format)
     out.copy_(out.float() + decoded if accumulate else decoded)  # accumulate in fp32, then round
+
+
+_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+
+
+def marked_entries(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
+    """How many of the first ``numel`` bits of ``bitmap`` are set (a 0-d tensor on its device)."""
+    counts = _POPCOUNT.to(bitmap.device)[bitmap.long()]
+    if numel % 8:
+        last = bitmap[-1:].long() & ((1 << (numel % 8)) - 1)
+        counts = torch.cat([counts[:-1], _POPCOUNT.to(bitmap.device)[last]])
+    return counts.sum()
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where the parts of one fixed-size message lie in a collective's send slot.
+
+    Every rank computes the same layout from ``(numel, dtype, dense)`` and the compressor's
+    settings, so a receiver finds each part without reading a header on the host:
+
+    ``[0, 8)`` int64 count of non-finite input entries (0 for a good message) | ``[8, 16)``
+    padding | then either the dense payload (``numel`` entries of ``dtype``) or the fp32 block
+    scales, the bitmap and ``capacity`` bytes of values (``k`` for exact selection, the most a
+    sampled selection may keep otherwise). The total is rounded up to 16 bytes.
+
+    Example:
+        >>> layout = GradientCompressor(density=0.25, block_size=8, min_numel=0).slot_layout(
+        ...     64, torch.float32
+        ... )
+        >>> layout.scales_offset, layout.bitmap_offset, layout.values_offset, layout.nbytes
+        (16, 48, 56, 80)
+    """
+
+    numel: int
+    dtype: torch.dtype
+    dense: bool
+    block_size: int
+    capacity: int
+
+    scales_offset = SLOT_HEADER_BYTES
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.numel // self.block_size)
+
+    @property
+    def bitmap_offset(self) -> int:
+        return self.scales_offset + 4 * self.blocks
+
+    @property
+    def values_offset(self) -> int:
+        return self.bitmap_offset + -(-self.numel // 8)
+
+    @property
+    def nbytes(self) -> int:
+        """Slot size: every part, rounded up to 16 bytes (so slots stay aligned in a buffer)."""
+        if self.dense:
+            end = SLOT_HEADER_BYTES + self.numel * torch.finfo(self.dtype).bits // 8
+        else:
+            end = self.values_offset + self.capacity
+        return -(-end // SLOT_HEADER_BYTES) * SLOT_HEADER_BYTES
+
+    def views(self, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(nonfinite, payload)`` for a dense slot, ``(nonfinite, scales, bitmap, values)``
+        otherwise: views into ``slot`` (1-D uint8, 16-byte aligned, at least :attr:`nbytes`)."""
+        if slot.dtype != torch.uint8 or slot.dim() != 1 or slot.numel() < self.nbytes:
+            raise ValueError(
+                f"a slot is a 1-D uint8 tensor of at least {self.nbytes} bytes, got "
+                f"{slot.dtype} of shape {tuple(slot.shape)}"
+            )
+        nonfinite = slot[:8].view(torch.int64)
+        if self.dense:
+            size = self.numel * torch.finfo(self.dtype).bits // 8
+            return nonfinite, slot[SLOT_HEADER_BYTES : SLOT_HEADER_BYTES + size].view(self.dtype)
+        return (
+            nonfinite,
+            slot[self.scales_offset : self.bitmap_offset].view(torch.float32),
+            slot[self.bitmap_offset : self.values_offset],
+            slot[self.values_offset : self.values_offset + self.capacity],
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,8 +573,145 @@ class GradientCompressor:
             else:
                 from lightning_3d import ops
 
-                ops.decode(message, flat, accumulate)
+                # The kernels turn entries past the values into NaN rather than raise (that
+                # check needs no host round trip); a message is checked whole before.
+                marked = int(marked_entries(message.bitmap, message.numel))
+                if marked != message.values.numel():
+                    raise ValueError(
+                        f"the bitmap marks {marked} entries but the message holds "
+                        f"{message.values.numel()} values (a damaged message)"
+                    )
+                ops.decode_parts(
+                    message.scales,
+                    message.bitmap,
+                    message.values,
+                    message.block_size,
+                    message.value_format,
+                    flat,
+                    accumulate,
+                )
         return out
+
+    def slot_layout(self, numel: int, dtype: torch.dtype, dense: bool = False) -> SlotLayout:
+        """The fixed layout of :meth:`encode_into` for ``numel`` entries of ``dtype``.
+
+        Small tensors (``numel < min_numel``) and ``dense=True`` get a dense slot.
+        """
+        if dtype not in _DTYPE_CODES:
+            raise TypeError(f"can compress float32, bfloat16 or float16 tensors, not {dtype}")
+        dense = dense or numel < max(self.min_numel, 1)
+        k, _, most = selection_counts(numel, self.density, self.tolerance)
+        capacity = 0 if dense else (k if self.selection == "exact" else min(numel, most))
+        return SlotLayout(numel, dtype, dense, self.block_size, capacity)
+
+    def encode_into(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        slot: torch.Tensor,
+        dense: bool = False,
+    ) -> None:
+        """Compress ``x + residual`` into ``slot`` (layout :meth:`slot_layout`); what a collective
+        sends. With a residual, set it to what was not sent.
+
+        Unlike :meth:`compress` this never raises and never waits for the device: NaN/Inf in
+        ``x + residual`` only set the slot's non-finite count (its scales, bitmap or payload are
+        zeros and the residual is left as it was), which :meth:`decode_from` reads on the device.
+        With exact selection on CUDA no step of the encode synchronizes with the host; sampled
+        selection decides its fallback on the host.
+        """
+        layout = self.slot_layout(x.numel(), x.dtype, dense)
+        nonfinite, *parts = layout.views(slot)
+        if residual is not None and residual.numel() != x.numel():
+            raise ValueError("the residual must have as many entries as the input")
+        if layout.dense:
+            self._dense_into(x, residual, nonfinite, parts[0])
+            return
+        scales, bitmap, values = parts
+        flat = x.reshape(-1)
+        backend = self.backend_for(x.device)
+        from lightning_3d import ops
+
+        if backend == "cuda" and self.selection == "exact":
+            ops.encode_into(
+                flat,
+                residual,
+                layout.capacity,
+                self.block_size,
+                self.value_format,
+                scales,
+                bitmap,
+                values,
+                nonfinite,
+            )
+            return
+        args = (self.density, self.block_size, self.value_format, self.sample_count(x.numel()))
+        encode = reference_encode if backend == "reference" else ops.encode
+        encoded_scales, encoded_bitmap, codes, bad = encode(flat, residual, *args, self.tolerance)
+        nonfinite.fill_(bad)
+        if bad:
+            scales.zero_()
+            bitmap.zero_()
+            return
+        scales.copy_(encoded_scales)
+        bitmap.copy_(encoded_bitmap)
+        values[: codes.numel()].copy_(codes)
+
+    def decode_from(
+        self,
+        slot: torch.Tensor,
+        out: torch.Tensor,
+        dtype: torch.dtype | None = None,
+        accumulate: bool = False,
+        dense: bool = False,
+    ) -> None:
+        """Decode a slot written by :meth:`encode_into` into ``out`` (or add it, with
+        ``accumulate``), without reading anything on the host.
+
+        ``dtype`` is the sender's input dtype (``out``'s by default). A slot flagged non-finite
+        adds nothing; with ``nonfinite="raise"`` it turns ``out`` into NaN (as an uncompressed
+        reduction of NaN would), with ``"skip"`` it is left out.
+        """
+        layout = self.slot_layout(out.numel(), dtype or out.dtype, dense)
+        nonfinite, *parts = layout.views(slot)
+        flat = out.view(-1)
+        if layout.dense:
+            payload = parts[0].float()
+            flat.copy_(flat.float() + payload if accumulate else payload)
+        else:
+            scales, bitmap, values = parts
+            backend = self.backend_for(flat.device)
+            if backend == "reference":
+                reference_decode_parts(
+                    scales, bitmap, values, self.block_size, self.value_format, flat, accumulate
+                )
+            else:
+                from lightning_3d import ops
+
+                ops.decode_parts(
+                    scales, bitmap, values, self.block_size, self.value_format, flat, accumulate
+                )
+        if self.nonfinite == "raise":
+            flat.masked_fill_(nonfinite > 0, float("nan"))
+
+    def _dense_into(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        nonfinite: torch.Tensor,
+        payload: torch.Tensor,
+    ) -> None:
+        e = x.reshape(-1).float()
+        if residual is not None:
+            e = e + residual.reshape(-1).float()
+        bad = (~torch.isfinite(e)).sum(dtype=torch.int64).view(1)
+        nonfinite.copy_(bad)
+        good = bad == 0
+        dense = e.to(x.dtype)
+        payload.copy_(torch.where(good, dense, torch.zeros_like(dense)))
+        if residual is not None:
+            kept = torch.where(good, e - dense.float(), residual.reshape(-1).float())
+            residual.copy_(kept.view_as(residual))
 
     def nonfinite_marker(
         self, numel: int, dtype: torch.dtype, device: torch.device

@@ -30,14 +30,10 @@ import warnings
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 
 from lightning_3d.cache import cache_root, fingerprint
-
-if TYPE_CHECKING:
-    from lightning_3d.compression import CompressedTensor
 
 EXTENSION_NAME = "lightning_3d_ops"
 _VALUE_FORMAT_CODES = {"int8": 0, "fp8_e4m3": 1}
@@ -177,19 +173,57 @@ def encode(
     return scales, bitmap, values, int(nonfinite)
 
 
-def decode(message: CompressedTensor, out: torch.Tensor, accumulate: bool) -> None:
-    """Kernel twin of :func:`lightning_3d.compression.reference_decode` (``out`` is flat)."""
+def decode_parts(
+    scales: torch.Tensor,
+    bitmap: torch.Tensor,
+    values: torch.Tensor,
+    block_size: int,
+    value_format: str,
+    out: torch.Tensor,
+    accumulate: bool,
+) -> None:
+    """Kernel twin of :func:`lightning_3d.compression.reference_decode_parts` (``out`` is flat;
+    ``values`` may hold unused room at its end). Entries a damaged bitmap marks past the values
+    decode to NaN: the check needs no host round trip and never raises."""
     module = _loaded()
     assert module is not None
     module.decode(
-        message.scales,
-        message.bitmap,
-        message.values,
-        message.numel,
-        message.block_size,
-        _VALUE_FORMAT_CODES[message.value_format],
+        scales,
+        bitmap,
+        values,
+        out.numel(),
+        block_size,
+        _VALUE_FORMAT_CODES[value_format],
         out,
         accumulate,
+    )
+
+
+def encode_into(
+    grad: torch.Tensor,
+    residual: torch.Tensor | None,
+    k: int,
+    block_size: int,
+    value_format: str,
+    scales: torch.Tensor,
+    bitmap: torch.Tensor,
+    values: torch.Tensor,
+    nonfinite: torch.Tensor,
+) -> None:
+    """Exact selection of ``k`` entries encoded into caller-owned views, on CUDA, with no host
+    synchronization (the non-finite count stays in ``nonfinite``, an int64 view)."""
+    module = _loaded()
+    assert module is not None
+    module.encode_into(
+        grad.contiguous(),
+        residual,
+        k,
+        block_size,
+        _VALUE_FORMAT_CODES[value_format],
+        scales,
+        bitmap,
+        values,
+        nonfinite,
     )
 
 

@@ -114,6 +114,14 @@ class CompressionStrategyMixin:
             )
         super().on_exception(exception)  # type: ignore[misc]
 
+    def _prepare_kernels(self) -> None:
+        """Compile (or load from the cache) the codec's kernels for this rank's device, then wait
+        for every rank: a rank compiling inside its first collective would keep the others
+        waiting in ``all_to_all`` for minutes, close to the collective timeout."""
+        backend = self.comm_state.compressor.backend_for(self.root_device)  # type: ignore[attr-defined]
+        log.info("compression kernels on %s: %s", self.root_device, backend)  # type: ignore[attr-defined]
+        self.barrier("lightning_3d_kernels")  # type: ignore[attr-defined]
+
     def _local_comm_state(self) -> dict[str, Any]:
         return {"world_size": self.world_size, **self.comm_state.state_dict()}  # type: ignore[attr-defined]
 

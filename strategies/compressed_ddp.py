@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -26,8 +27,8 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
     Args:
         density, value_format, block_size, selection, min_numel, residual_dtype, error_feedback,
             nonfinite: as for :class:`~lightning_3d.strategies.CompressedFSDPStrategy`.
-        warmup_steps: iterations sent dense first (the first iteration after DDP wraps the model
-            always is: DDP rebuilds its gradient buckets after it).
+        warmup_steps: optimizer steps sent dense first (the first iteration after DDP wraps the
+            model always is: DDP rebuilds its gradient buckets after it).
         **ddp_kwargs: passed to Lightning's ``DDPStrategy`` (``process_group_backend``,
             ``timeout``, ``find_unused_parameters``, ...).
 
@@ -66,6 +67,16 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
             ddp_comm_hook=compressed_allreduce_hook, ddp_comm_state=self.comm_state, **ddp_kwargs
         )
         self._init_comm_metrics()
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._prepare_kernels()  # before DDP's first collective
+        super().setup(trainer)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The step from the trainer, the same on every rank, also on one resumed without its own
+        # saved state: ranks that disagreed on warm-up would mix all_reduce and all_to_all.
+        self.comm_state.step = self.lightning_module.trainer.global_step
+        super().on_train_batch_start(batch, batch_idx)
 
     def configure_ddp(self) -> None:
         self.comm_state.iterations_since_registered = 0  # a new DDP wrapper: buckets rebuilt

@@ -158,6 +158,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             self._shard(module)
         if self.compress:
             self._install_reduce_scatter(module)
+            self._prepare_kernels()
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -191,7 +192,9 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
                     "this PyTorch has no FSDPModule.set_custom_reduce_scatter; the compressed "
                     f"strategy needs a newer torch (found {torch.__version__})"
                 )
-            unit.set_custom_reduce_scatter(CompressedReduceScatter(self.comm_state, name or "root"))
+            unit.set_custom_reduce_scatter(
+                CompressedReduceScatter(self.comm_state, name or "root", unit)
+            )
 
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

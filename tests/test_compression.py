@@ -398,3 +398,177 @@ def test_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path, mon
         ops._loaded.cache_clear()
     monkeypatch.undo()
     assert ops.backend("cpu") == "cpp"
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-size slots: what the collectives send (encode_into / decode_from)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("selection", ["exact", "sampled"])
+@pytest.mark.parametrize("value_format", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_round_trip_equals_the_message_api(backend, selection, value_format, dtype) -> None:
+    device = BACKEND_DEVICE[backend]
+    numel = 70_001  # a partial last block and bitmap byte
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(numel, generator=generator) ** 3).to(dtype).to(device)
+    residual = (0.1 * torch.randn(numel, generator=generator)).to(device)
+    base = torch.randn(numel, generator=generator).to(device)
+    compressor = GradientCompressor(
+        backend=backend, selection=selection, value_format=value_format, block_size=128
+    )
+    message_residual, slot_residual = residual.clone(), residual.clone()
+    message = compressor.compress(x, message_residual)
+    layout = compressor.slot_layout(numel, dtype)
+    slot = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=device)  # stale bytes
+    compressor.encode_into(x, slot_residual, slot)
+    assert torch.equal(slot_residual.view(torch.int32), message_residual.view(torch.int32))
+    nonfinite, scales, bitmap, values = layout.views(slot)
+    assert int(nonfinite) == 0
+    assert torch.equal(scales.view(torch.int32), message.scales.view(torch.int32))
+    assert torch.equal(bitmap, message.bitmap)
+    assert torch.equal(values[: message.count], message.values)
+    expected = compressor.decompress(message, base.clone(), accumulate=True)
+    decoded = base.clone()
+    compressor.decode_from(slot, decoded, dtype, accumulate=True)
+    assert torch.equal(decoded.view(torch.int32), expected.view(torch.int32))
+    assert layout.nbytes % 16 == 0 and layout.nbytes >= message.nbytes - 16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize("numel", [100, 10_000])  # a dense and a sparse slot
+def test_nonfinite_slot_is_flagged_and_decoded_by_policy(backend, policy, numel) -> None:
+    device = BACKEND_DEVICE[backend]
+    compressor = GradientCompressor(backend=backend, nonfinite=policy, min_numel=1000)
+    x = torch.randn(numel, device=device)
+    x[[3, 7]] = torch.tensor([float("inf"), float("nan")], device=device)
+    residual = torch.ones(numel, device=device)
+    slot = torch.zeros(compressor.slot_layout(numel, x.dtype).nbytes, dtype=torch.uint8)
+    slot = slot.to(device)
+    compressor.encode_into(x, residual, slot)  # never raises: a collective must not leave early
+    assert int(slot[:8].view(torch.int64)) == 2
+    assert torch.equal(residual, torch.ones(numel, device=device))  # untouched
+    out = torch.full((numel,), 2.0, device=device)
+    compressor.decode_from(slot, out, accumulate=True)
+    if policy == "raise":
+        assert out.isnan().all()  # as an uncompressed sum with a NaN would be
+    else:
+        assert torch.equal(out, torch.full((numel,), 2.0, device=device))  # left out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_slot_carries_the_rounding_in_the_residual(dtype) -> None:
+    compressor = GradientCompressor()  # 1000 entries < min_numel: a dense slot
+    x = torch.randn(1000).to(dtype)
+    residual = 0.01 * torch.randn(1000)
+    e = x.float() + residual
+    layout = compressor.slot_layout(1000, dtype)
+    assert layout.dense and layout.nbytes == 16 + math.ceil(1000 * x.element_size() / 16) * 16
+    slot = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    compressor.encode_into(x, residual, slot)
+    out = torch.zeros(1000)
+    compressor.decode_from(slot, out, dtype)
+    assert torch.equal(out, e.to(dtype).float())  # sent in the input's dtype
+    assert torch.equal(out + residual, e)  # what was sent plus what is kept: nothing lost
+    if dtype == torch.float32:
+        assert not residual.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damaged_slot_never_reads_past_its_values(backend) -> None:
+    device = BACKEND_DEVICE[backend]
+    compressor = GradientCompressor(backend=backend)
+    layout = compressor.slot_layout(5000, torch.float32)
+    slot = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+    compressor.encode_into(torch.randn(5000, device=device), None, slot)
+    slot[layout.bitmap_offset : layout.values_offset] = 0xFF  # marks 5000 > 750 values
+    out = torch.zeros(5000, device=device)
+    if backend == "reference":
+        with pytest.raises(ValueError, match="bitmap marks 5000 entries but the message holds"):
+            compressor.decode_from(slot, out)
+    else:  # the kernels check as they go, never waiting for the host: the excess becomes NaN
+        compressor.decode_from(slot, out)
+        assert int(out.isnan().sum()) == 5000 - layout.capacity
+        assert not out[: layout.capacity].isnan().any()
+
+
+def test_slot_layout_of_a_slot_too_small_is_refused() -> None:
+    compressor = GradientCompressor()
+    layout = compressor.slot_layout(5000, torch.float32)
+    with pytest.raises(ValueError, match=f"at least {layout.nbytes} bytes"):
+        compressor.encode_into(
+            torch.randn(5000), None, torch.zeros(layout.nbytes - 16, dtype=torch.uint8)
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compressed_reduce_scatter_never_syncs_with_the_host(dtype) -> None:
+    """Everything a rank does in a compressed reduce-scatter but the exchange itself (encode every
+    destination's chunk, add its own, decode every source), on 3 simulated ranks, passes under
+    ``set_sync_debug_mode("error")``; the result equals the message API's."""
+    from lightning_3d.collectives import CompressedCommState, encode_slots, own_chunk
+
+    world, numel = 3, 1 << 18
+    chunks = [torch.randn(world, numel, device="cuda").to(dtype) for _ in range(world)]
+    states = [CompressedCommState(GradientCompressor()) for _ in range(world)]
+    for state in states:  # residuals and kernels exist before the checked step, as after step 1
+        state.step = 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sends = [encode_slots(chunks[p], p, states[p], "unit", False) for p in range(world)]
+        totals = []
+        for q in range(world):
+            total = own_chunk(chunks[q][q], states[q])
+            for p in range(world):
+                if p != q:
+                    states[q].compressor.decode_from(sends[p][q], total, dtype, accumulate=True)
+            totals.append(total)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for q in range(world):  # the same sums through compress/decompress (which may sync)
+        expected = chunks[q][q].float()
+        for p in range(world):
+            if p != q:
+                reference = GradientCompressor()
+                residual = torch.zeros(numel, device="cuda")
+                message = reference.compress(chunks[p][q], residual)
+                expected = reference.decompress(message, expected, accumulate=True)
+        assert torch.equal(totals[q].view(torch.int32), expected.view(torch.int32))
+    assert states[0].take_stats().nonfinite == 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("value_format", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_signed_zeros_and_the_largest_ratio_agree_bit_for_bit(
+    backend, value_format, with_residual
+) -> None:
+    """-0.0 entries (kept and not), all-zero blocks and entries at their block's maximum give the
+    same bits in the kernels as in the reference: scales, codes, decoded values and residual."""
+    device = BACKEND_DEVICE[backend]
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    x[300:700:2] = -0.0  # kept (density 0.95 keeps 252 zeros, lowest index first), scale > 0
+    x[-256:] = -0.0  # a whole block of negative zeros, 52 of them kept, scale 0
+    x[1000] = 3.0e38  # a block maximum near the top of fp32
+    x[1001] = -3.0e38
+    results = []
+    for name in ("reference", backend):
+        compressor = GradientCompressor(
+            backend=name, density=0.95, value_format=value_format, min_numel=0
+        )
+        on = "cpu" if name == "reference" else device
+        residual = torch.zeros(4096, device=on) if with_residual else None
+        message = compressor.compress(x.to(on), residual)
+        decoded = compressor.decompress(message)
+        results.append((message, decoded, residual))
+    (ref, ref_out, ref_r), (ker, ker_out, ker_r) = results
+    assert torch.equal(ker.scales.cpu().view(torch.int32), ref.scales.view(torch.int32))
+    assert torch.equal(ker.values.cpu(), ref.values)
+    assert torch.equal(ker_out.cpu().view(torch.int32), ref_out.view(torch.int32))
+    if with_residual:
+        assert torch.equal(ker_r.cpu().view(torch.int32), ref_r.view(torch.int32))
+    assert not ref_out.isnan().any()

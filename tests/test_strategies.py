@@ -20,11 +20,12 @@ import torch.distributed as dist
 
 from lightning_3d.collectives import (
     CompressedCommState,
-    compress_or_mark,
+    encode_slots,
+    own_chunk,
     reduce_op_scale,
     slot_nbytes,
 )
-from lightning_3d.compression import CompressedTensor, GradientCompressor
+from lightning_3d.compression import GradientCompressor
 from lightning_3d.sharding import shard_targets, transformer_block_classes
 from lightning_3d.strategies import CompressedDDPStrategy, CompressedFSDPStrategy
 
@@ -79,7 +80,8 @@ def test_nan_on_one_rank_reaches_every_shard_without_hanging(job):
     rank0, rank1 = job[1]
     assert rank0["poisoned_all_nan"] and rank1["poisoned_all_nan"]
     assert rank0["poisoned_nonfinite_messages"] == 0  # rank 0's gradients were finite
-    assert rank1["poisoned_nonfinite_messages"] == 2  # one NaN marker per FSDP unit
+    # per FSDP unit: the NaN chunk sent to rank 0 and the NaN chunk rank 1 keeps
+    assert rank1["poisoned_nonfinite_messages"] == 4
 
 
 def test_configure_model_sharding_wins(job):
@@ -246,22 +248,16 @@ def test_slots_hold_every_message(numel, selection):
     compressor = GradientCompressor(density=0.15, selection=selection)
     x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
     message = compressor.compress(x)
-    largest = compressor.max_nbytes(numel, x.dtype)
-    assert message.nbytes <= largest
-    if selection == "exact":
-        assert message.nbytes == largest
+    layout = compressor.slot_layout(numel, x.dtype)
     slot = slot_nbytes(compressor, numel, x.dtype, dense=False)
-    assert slot % 16 == 0 and slot >= largest
-    dense = compressor.compress(x, dense=True)
-    assert dense.nbytes == compressor.max_nbytes(numel, x.dtype, dense=True) == 32 + 4 * numel
-    # a message in a slot with trailing bytes parses with padded=True, and only then
-    buffer = torch.zeros(slot, dtype=torch.uint8)
-    buffer[: message.nbytes] = message.to_bytes()
-    parsed = CompressedTensor.from_bytes(buffer, padded=True)
-    assert torch.equal(compressor.decompress(parsed), compressor.decompress(message))
-    if slot > message.nbytes:
-        with pytest.raises(ValueError, match="its header says"):
-            CompressedTensor.from_bytes(buffer)
+    assert slot == layout.nbytes and slot % 16 == 0
+    # the slot holds the message's parts (its 16-byte head replaces the 32-byte header)
+    assert message.count <= layout.capacity and slot >= message.nbytes - 16
+    if selection == "exact":
+        assert layout.capacity == message.count == math.ceil(0.15 * numel)
+        assert slot - (message.nbytes - 16) < 16  # no room wasted but the alignment
+    dense = slot_nbytes(compressor, numel, x.dtype, dense=True)
+    assert dense == -(-(16 + 4 * numel) // 16) * 16
 
 
 def test_comm_state_residual_life_cycle():
@@ -286,21 +282,28 @@ def test_comm_state_residual_life_cycle():
     )
 
 
-def test_nonfinite_gradient_becomes_a_nan_marker():
-    state = CompressedCommState(GradientCompressor(min_numel=0))
-    residual = state.residual("unit/to1", 64, torch.device("cpu"))
-    assert residual is not None
-    residual += 1
-    x = torch.randn(64)
-    x[3] = float("inf")
-    message = compress_or_mark(state.compressor, x, residual, False, state)
-    parsed = CompressedTensor.from_bytes(message.to_bytes())
-    assert parsed.nonfinite and parsed.count == 0
-    assert state.stats.nonfinite == 1
-    assert torch.equal(residual, torch.ones(64))  # nothing non-finite reached the residual
-    out = torch.zeros(64)
-    state.compressor.decompress(parsed, out, accumulate=True)
-    assert out.isnan().all()
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_chunks_are_flagged_counted_and_reduced_by_policy(policy):
+    """Rank 0 of 3 sends a chunk with Inf to rank 1 and holds a NaN in its own chunk: both are
+    counted, the residual stays clean, and each receiver's sum follows the policy."""
+    state = CompressedCommState(GradientCompressor(min_numel=0, nonfinite=policy))
+    chunks = torch.randn(3, 64)
+    chunks[1, 3] = float("inf")
+    chunks[0, 5] = float("nan")
+    send = encode_slots(chunks, 0, state, "unit", dense=False)
+    assert torch.equal(state.residuals["unit/to1"], torch.zeros(64))  # nothing non-finite kept
+    assert state.residuals["unit/to2"].any()  # the good chunk left its unsent part
+    own = own_chunk(chunks[0], state)
+    assert state.take_stats().nonfinite == 2 and state.take_stats().nonfinite == 0
+    received = torch.zeros(64)
+    state.compressor.decode_from(send[1], received, accumulate=True)
+    if policy == "raise":  # NaN travels on, as in an uncompressed reduction
+        assert received.isnan().all() and own.isnan().any()
+    else:  # the bad contributions are left out, the good ones kept
+        assert torch.equal(received, torch.zeros(64)) and torch.equal(own, torch.zeros(64))
+    good = torch.zeros(64)
+    state.compressor.decode_from(send[2], good, accumulate=True)
+    assert good.isfinite().all() and good.any()
 
 
 @pytest.mark.parametrize(
@@ -337,3 +340,56 @@ def test_strategies_are_registered_by_name():
     assert trainer.strategy.comm_state.compressor.density == 0.15
     trainer = Trainer(strategy="ddp_compressed", accelerator="cpu", devices=1, logger=False)
     assert isinstance(trainer.strategy, CompressedDDPStrategy)
+
+
+def test_probe_sends_exactly_and_leaves_residuals_and_step_alone():
+    """A signal pass's gradients cross dense and exact; nothing of them stays in a residual."""
+    state = CompressedCommState(GradientCompressor(min_numel=0, density=0.1))
+    state.step = 5
+    chunks = torch.randn(2, 4096)
+    encode_slots(chunks, 0, state, "unit", dense=not state.compressing)  # a real step
+    before = state.residuals["unit/to1"].clone()
+    assert before.any()
+    with state.probe():
+        assert not state.compressing
+        probe = torch.randn(2, 4096)
+        send = encode_slots(probe, 0, state, "unit", dense=not state.compressing)
+        assert state.residual("unit/to1", 4096, torch.device("cpu")) is None
+    received = torch.zeros(4096)
+    state.compressor.decode_from(send[1], received, dense=True)
+    assert torch.equal(received, probe[1])  # exact: no compression, no residual added
+    assert torch.equal(state.residuals["unit/to1"], before) and state.step == 5
+    assert state.compressing
+
+
+def test_residual_restarts_with_a_warning_when_its_parameters_change(caplog):
+    state = CompressedCommState(GradientCompressor())
+    layout = (("0.weight", (8, 8)), ("0.bias", (8,)))
+    residual = state.residual("unit/to1", 72, torch.device("cpu"), layout)
+    assert residual is not None
+    residual += 1.0
+    assert state.residual("unit/to1", 72, torch.device("cpu"), layout) is residual
+    # same size, other parameters: the freezer froze 0.weight and unfroze 1.weight (8 x 8)
+    other = (("0.bias", (8,)), ("1.weight", (8, 8)))
+    with caplog.at_level("WARNING", logger="lightning_3d.collectives"):
+        restarted = state.residual("unit/to1", 72, torch.device("cpu"), other)
+    assert restarted is not None and not restarted.any()
+    assert "the parameters behind residual unit/to1 changed" in caplog.text
+    saved = state.state_dict()  # the layout travels with the residual
+    again = CompressedCommState(GradientCompressor())
+    again.load_state_dict(saved)
+    assert again.layouts["unit/to1"] == other
+
+
+def test_trainable_layout_leaves_out_frozen_and_nested_unit_parameters():
+    class Unit(torch.nn.Module):  # stands in for a module fully_shard made an FSDP unit
+        def set_custom_reduce_scatter(self, reduce_scatter: Any) -> None:
+            raise AssertionError("not called")
+
+    outer = torch.nn.Sequential(torch.nn.Linear(4, 3), Unit())
+    outer[1].add_module("inner", torch.nn.Linear(3, 2))
+    outer[0].bias.requires_grad_(False)
+    from lightning_3d.collectives import trainable_layout
+
+    assert trainable_layout(outer) == (("0.weight", (3, 4)),)
+    assert trainable_layout(outer[1]) == (("inner.weight", (2, 3)), ("inner.bias", (2,)))

@@ -345,7 +345,7 @@ def reduce_ops(out: Path) -> dict[str, Any]:
         if poison and RANK == 1:
             x[0, 0] = float("nan")
         model(x).pow(2).sum().backward()
-        nonfinite_messages.append(state.stats.nonfinite)
+        nonfinite_messages.append(state.take_stats().nonfinite)
         return [p.grad.to_local().clone() for p in model.parameters()]
 
     def difference(a: list, b: list) -> float:
