@@ -268,10 +268,15 @@ def test_two_ranks_ddp_and_fsdp2_share_one_mask_and_fsdp2_resumes(
     ranks = [json.loads((tmp_path / f"pruner.rank{r}.json").read_text()) for r in range(2)]
     for strategy in ("ddp", "fsdp"):
         zero, one = ranks[0][strategy], ranks[1][strategy]
-        assert zero["masks"] == one["masks"]  # every rank holds rank 0's masks
-        assert zero["rank_spread"] == 0.0  # under DDP: the replicas did not drift apart
+        assert zero["masks"] == one["masks"]
         assert zero["sparsity"] == pytest.approx(0.5, abs=0.005)
-        assert zero["pruned_nonzero"] == 0  # the pruned weights are zero on every shard
+        for rank in (zero, one):  # each rank's own shard is zero where its own mask prunes
+            assert rank["own_pruned_nonzero"] == 0
+    for rank in ranks:
+        assert rank["ddp"]["rank_spread"] == 0.0  # the DDP replicas did not drift apart
+        # each FSDP2 rank's own mask shard is its part of the DDP run's masks (movement scores
+        # from gradients summed in another order may flip an entry at the threshold, no more)
+        assert rank["fsdp"]["mask_disagreement"] <= 1e-3
     resume = json.loads((tmp_path / "pruner_resume.rank0.json").read_text())
     assert resume["steps"] == 6 and resume["difference"] == 0.0  # FSDP2 resume, bit for bit
     assert resume["masks_equal"]

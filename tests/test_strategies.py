@@ -76,6 +76,37 @@ def test_reduce_ops_and_uneven_shards_match_fsdp2(job):
         assert rank["difference_divide_factor_compressed"] <= 1e-6
 
 
+@pytest.mark.parametrize("ranks", [3, 4])
+def test_reduce_ops_uneven_and_empty_shards_on_more_ranks(ranks, launch_two_ranks, tmp_path):
+    """The reduce-op checks on 3 and 4 ranks: Linear(7, 5) and Linear(5, 3) split 2/2/1 and
+    2/2/1/0 rows (4 ranks: the last rank holds an empty shard of the second layer)."""
+    results = launch_two_ranks("reduce_ops", tmp_path, 600, ranks=ranks)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
+    outputs = [
+        json.loads((tmp_path / f"reduce_ops.rank{r}.json").read_text()) for r in range(ranks)
+    ]
+    rows = [len(c) for c in torch.arange(5).chunk(ranks)]
+    assert [o["shard_rows"][0] for o in outputs] == rows + [0] * (ranks - len(rows))
+    if ranks == 4:
+        assert outputs[3]["shard_rows"][0] == outputs[3]["shard_rows"][2] == 0  # empty shards
+    for rank, output in enumerate(outputs):
+        # three or more addends: another summation order than gloo's ring, so not bit for bit
+        fp16_rounding = ranks * 2**-10 * output["largest_gradient"]  # a few fp16 half-ulps
+        assert output["difference_avg"] <= 1e-6
+        assert output["difference_fp16_reduce"] <= fp16_rounding
+        assert output["difference_divide_factor"] <= 1e-6
+        if output["largest_gradient"]:  # a rank with rows: compression changed its sums
+            assert output["compressed_vs_average"] > 1e-4
+        assert output["difference_divide_factor_compressed"] <= 1e-6
+        assert output["poisoned_all_nan"]
+        # rank 1 flags, per unit, each chunk holding real rows (others send padding only): for
+        # every rank with a shard of that unit, its own chunk included
+        holding = sum(o["shard_rows"][0] > 0 for o in outputs)
+        holding += sum(o["shard_rows"][2] > 0 for o in outputs)
+        assert output["poisoned_nonfinite_messages"] == (holding if rank == 1 else 0)
+
+
 def test_nan_on_one_rank_reaches_every_shard_without_hanging(job):
     rank0, rank1 = job[1]
     assert rank0["poisoned_all_nan"] and rank1["poisoned_all_nan"]

@@ -112,6 +112,30 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def own_shards(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's own part of each tensor: its local shard under FSDP2 (no collective), the
+    whole tensor under DDP."""
+    return {
+        name: (t.to_local() if hasattr(t, "to_local") else t).detach().cpu()
+        for name, t in tensors.items()
+    }
+
+
+def expected_shard(full: torch.Tensor) -> torch.Tensor:
+    """Rank ``RANK``'s part of ``full`` as FSDP2 shards it: ``torch.chunk`` along dim 0, empty
+    past the last chunk."""
+    chunks = torch.chunk(full, RANKS, dim=0)
+    return chunks[RANK] if len(chunks) > RANK else full[:0]
+
+
+def shard_difference(task: Any, expected: dict[str, torch.Tensor]) -> float:
+    """Largest difference between this rank's own parameter shards and the matching part of an
+    independently computed model (a DDP run of the same training)."""
+    own = own_shards(dict(task.named_parameters()))
+    differences = [(own[n] - expected_shard(expected[n])).abs() for n in own]
+    return max(float(d.max()) if d.numel() else 0.0 for d in differences)
+
+
 def rank_spread(params: dict[str, torch.Tensor]) -> float:
     """Largest difference between this rank's parameters and rank 0's."""
     spread = 0.0
@@ -320,8 +344,8 @@ def reduce_ops(out: Path) -> dict[str, Any]:
     from lightning_3d.collectives import CompressedCommState, CompressedReduceScatter
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=RANK, world_size=2)
-    mesh = init_device_mesh("cpu", (2,))
+        dist.init_process_group("gloo", rank=RANK, world_size=RANKS)
+    mesh = init_device_mesh("cpu", (RANKS,))
     nonfinite_messages = []
 
     def gradients(
@@ -348,26 +372,29 @@ def reduce_ops(out: Path) -> dict[str, Any]:
         nonfinite_messages.append(state.take_stats().nonfinite)
         return [p.grad.to_local().clone() for p in model.parameters()]
 
-    def difference(a: list, b: list) -> float:
-        return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+    def difference(a: list, b: list) -> float:  # an empty shard (4 ranks, 3 rows) differs by 0
+        return max(
+            float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b, strict=True)
+        )
 
     average = gradients(False)
     compressed = gradients(True, compressing=True)
     poisoned = gradients(True, compressing=True, poison=True)
     return {
-        "largest_gradient": max(float(g.abs().max()) for g in average),
+        "largest_gradient": max((float(g.abs().max()) for g in average if g.numel()), default=0.0),
         "difference_avg": difference(gradients(True), average),
         "difference_fp16_reduce": difference(
             gradients(True, torch.float16), gradients(False, torch.float16)
         ),
         "difference_divide_factor": difference(
-            gradients(True, factor=3.0), [g * 2 / 3 for g in average]
+            gradients(True, factor=3.0), [g * RANKS / 3 for g in average]
         ),
         "compressed_vs_average": difference(compressed, average),
         "difference_divide_factor_compressed": difference(
-            gradients(True, factor=3.0, compressing=True), [g * 2 / 3 for g in compressed]
+            gradients(True, factor=3.0, compressing=True), [g * RANKS / 3 for g in compressed]
         ),
         "poisoned_all_nan": all(bool(g.isnan().all()) for g in poisoned),
+        "shard_rows": [g.shape[0] if g.dim() else 1 for g in average],
         "poisoned_nonfinite_messages": nonfinite_messages[2],
     }
 
@@ -546,6 +573,8 @@ def freezer(out: Path) -> dict[str, Any]:
         snapshot = Snapshot(step=2)
         task, _ = fit(strategy, callbacks=[sensitivity, snapshot])
         final = full_parameters(task)
+        if name == "ddp":
+            ddp_final = final  # the independent expectation for every FSDP2 rank's own shards
         optimizer = task.trainer.optimizers[0]
         in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
         names = {id(p): n for n, p in task.named_parameters()}
@@ -561,7 +590,10 @@ def freezer(out: Path) -> dict[str, Any]:
                 for n in snapshot.params
                 if n not in sensitivity.frozen
             ),
-            "rank_spread": rank_spread(final),
+            # DDP: every replica equals rank 0's; FSDP2: every rank's own shard equals its part
+            # of the DDP model (a gathered tensor compared across ranks could not differ)
+            "rank_spread": rank_spread(final) if name == "ddp" else None,
+            "shard_vs_ddp": None if name == "ddp" else shard_difference(task, ddp_final),
             "optimizer_params": sorted(names[i] for i in in_groups),
             "state_params": sorted(names[id(p)] for p in optimizer.state),
             "requires_grad": sorted(n for n, p in task.named_parameters() if p.requires_grad),
@@ -621,13 +653,27 @@ def pruner(out: Path) -> dict[str, Any]:
     ):
         pruning = ProgressivePruner(0.5, score="movement", start_step=2, end_step=4, frequency=2)
         task, _ = fit(strategy, callbacks=[pruning])
+        own_masks = own_shards(pruning.masks)  # before any gather: what this rank applies
+        own_params = own_shards(dict(task.named_parameters()))
         params, masks = full_parameters(task), pruner_masks(pruning)
         result[name] = {
             "masks": {n: hashlib.sha1(m.numpy().tobytes()).hexdigest() for n, m in masks.items()},
             "sparsity": mask_sparsity(masks),
-            "pruned_nonzero": sum(int(params[n][~m].count_nonzero()) for n, m in masks.items()),
-            "rank_spread": rank_spread(params),
+            # each rank's own shard is zero where its own mask shard prunes
+            "own_pruned_nonzero": sum(
+                int(own_params[n][~m].count_nonzero()) for n, m in own_masks.items()
+            ),
         }
+        if name == "ddp":
+            ddp_masks = masks
+            result[name]["rank_spread"] = rank_spread(params)  # replicas: rank 0's model
+        else:  # each rank's own mask shard against its part of the DDP run's masks
+            disagree = sum(
+                int((m != expected_shard(ddp_masks[n])).sum()) for n, m in own_masks.items()
+            )
+            result[name]["mask_disagreement"] = disagree / sum(
+                m.numel() for m in own_masks.values()
+            )
     return result
 
 
