@@ -55,11 +55,11 @@ from lightning_3d.compression import GradientCompressor
 # place that imports it; tests/test_strategies.py fails naming it if it moves.
 FSDP_API_MODULE = "torch.distributed.fsdp._fully_shard._fsdp_api"
 try:
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 except ImportError as error:  # pragma: no cover - depends on the torch build
-    ReduceScatter = object  # type: ignore[assignment,misc]
+    AllGather = ReduceScatter = object  # type: ignore[assignment,misc]
     _FSDP_API_MISSING: str | None = (
-        f"this torch ({torch.__version__}) has no {FSDP_API_MODULE}.ReduceScatter ({error}); "
+        f"this torch ({torch.__version__}) has no {FSDP_API_MODULE} ({error}); "
         "the compressed FSDP2 collectives need torch >= 2.9"
     )
 else:
@@ -108,7 +108,9 @@ class CommStats:
         seconds: host wall time spent in compression, exchange and decoding (on a GPU this
             includes the syncs the codec makes, not kernels still queued when it returns).
         calls: number of collective calls.
-        nonfinite: messages sent as NaN because the gradient held NaN/Inf.
+        nonfinite: chunks with NaN/Inf (sent flagged, or kept by their own rank).
+        all_gather_wire_bytes: bytes this rank put into compressed parameter all-gathers.
+        all_gather_dense_bytes: bytes FSDP2's own all-gathers would have sent for them.
     """
 
     wire_bytes: int = 0
@@ -116,6 +118,8 @@ class CommStats:
     seconds: float = 0.0
     calls: int = 0
     nonfinite: int = 0
+    all_gather_wire_bytes: int = 0
+    all_gather_dense_bytes: int = 0
 
     def add(self, other: CommStats) -> None:
         """Add ``other``'s figures to these."""
@@ -124,6 +128,8 @@ class CommStats:
         self.seconds += other.seconds
         self.calls += other.calls
         self.nonfinite += other.nonfinite
+        self.all_gather_wire_bytes += other.all_gather_wire_bytes
+        self.all_gather_dense_bytes += other.all_gather_dense_bytes
 
 
 class CompressedCommState:
@@ -447,19 +453,132 @@ class CompressedReduceScatter(ReduceScatter):
         return None
 
 
-def trainable_layout(unit: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Names and shapes of the parameters ``unit`` itself reduces: those that require gradients,
-    without the ones of FSDP units nested in it (they reduce their own)."""
+ALL_GATHER_FORMATS = ("none", "bf16", "int8")
+GATHERABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quantize_blocks(
+    x: torch.Tensor, block_size: int, codes: torch.Tensor, scales: torch.Tensor
+) -> None:
+    """Symmetric int8 with one fp32 scale per ``block_size`` entries (as DeepSpeed's qwZ):
+    ``s_b = max|x_b| / 127``, ``q_i = round(x_i / s_b)`` (0 where ``s_b = 0``), into ``codes``
+    (int8, ``blocks * block_size``: the tail past ``x`` is zero) and ``scales`` (fp32)."""
+    blocks = scales.numel()
+    padded = x.new_zeros(blocks * block_size, dtype=torch.float32)
+    padded[: x.numel()] = x.reshape(-1)
+    grouped = padded.view(blocks, block_size)
+    scales.copy_(grouped.abs().amax(dim=1) / 127.0)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
+    codes.view(blocks, block_size).copy_(torch.round(grouped / safe).clamp_(-127, 127))
+
+
+def int8_slot_nbytes(numel: int, block_size: int) -> int:
+    """Bytes one rank sends in an int8 all-gather of ``numel`` entries: scales, then codes."""
+    blocks = -(-numel // block_size)
+    return 4 * blocks + blocks * block_size
+
+
+class CompressedAllGather(AllGather):
+    """FSDP2 ``AllGather`` that sends each rank's parameter shard as ``"bf16"`` or block-``"int8"``.
+
+    Every rank, its own shard included, writes the *decoded* shards into the unsharded
+    parameters, so all ranks compute with identical weights; the sharded fp32 master weights the
+    optimizer updates are untouched. Sizes follow from the shard size alone (FSDP2 pads every
+    rank's shard to the same length), so nothing waits for the host.
+
+    Wire bytes per rank and gather, for ``n`` fp32 entries: ``n`` (+ ``4 n / block_size`` of
+    scales) for int8, ``2 n`` for bf16, against ``4 n`` (``2 n`` with a bf16 ``param_dtype``).
+
+    Example (per FSDP unit; :class:`~lightning_3d.strategies.CompressedFSDPStrategy` does it)::
+
+        unit.set_custom_all_gather(CompressedAllGather(state, "layers.0", "int8"))
+    """
+
+    def __init__(
+        self, state: CompressedCommState, name: str, value_format: str, block_size: int = 256
+    ) -> None:
+        if _FSDP_API_MISSING is not None:
+            raise RuntimeError(_FSDP_API_MISSING)
+        if value_format not in ALL_GATHER_FORMATS[1:]:
+            raise ValueError(
+                f"all_gather must be one of {ALL_GATHER_FORMATS}, got {value_format!r}"
+            )
+        self.state = state
+        self.name = name
+        self.value_format = value_format
+        self.block_size = block_size
+
+    def allocate(
+        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        async_op: bool = False,
+    ) -> None:
+        if input_tensor.dtype not in GATHERABLE_DTYPES:
+            raise ValueError(
+                f"all_gather={self.value_format!r} needs floating-point parameters of one dtype "
+                f"in FSDP unit {self.name!r}; FSDP2 gathers them as {input_tensor.dtype} (mixed "
+                "dtypes in one unit): use all_gather='none' or one dtype per unit"
+            )
+        started = time.perf_counter()
+        world, numel = dist.get_world_size(group), input_tensor.numel()
+        gathered_view = output_tensor.view(world, numel)
+        try:
+            if self.value_format == "bf16":
+                send = input_tensor.to(torch.bfloat16)
+                received = send.new_empty(world * numel)
+                dist.all_gather_into_tensor(received, send, group=group)
+                gathered_view.copy_(received.view(world, numel))
+                slot = 2 * numel
+            else:
+                slot = int8_slot_nbytes(numel, self.block_size)
+                blocks = -(-numel // self.block_size)
+                send = torch.empty(slot, dtype=torch.uint8, device=input_tensor.device)
+                quantize_blocks(
+                    input_tensor,
+                    self.block_size,
+                    send[4 * blocks :].view(torch.int8),
+                    send[: 4 * blocks].view(torch.float32),
+                )
+                received = send.new_empty(world * slot)
+                dist.all_gather_into_tensor(received, send, group=group)
+                rows = received.view(world, slot)
+                scales = rows[:, : 4 * blocks].contiguous().view(torch.float32)
+                codes = rows[:, 4 * blocks :].contiguous().view(torch.int8)
+                decoded = codes.view(world, blocks, self.block_size).float() * scales.unsqueeze(2)
+                gathered_view.copy_(decoded.view(world, -1)[:, :numel])
+        except RuntimeError as error:
+            raise CollectiveError(_failure_message(group, error)) from error
+        stats = self.state.stats
+        stats.all_gather_wire_bytes += slot * (world - 1)
+        stats.all_gather_dense_bytes += numel * input_tensor.element_size() * (world - 1)
+        stats.seconds += time.perf_counter() - started
+        return None
+
+
+def own_parameters(unit: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters FSDP unit ``unit`` itself gathers and reduces: its own, without those of
+    FSDP units nested in it (they handle their own)."""
     nested = {
         id(param)
         for name, module in unit.named_modules()
         if name and hasattr(module, "set_custom_reduce_scatter")
         for param in module.parameters()
     }
+    return [(name, param) for name, param in unit.named_parameters() if id(param) not in nested]
+
+
+def trainable_layout(unit: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Names and shapes of the parameters ``unit`` itself reduces: its own that require
+    gradients (see :func:`own_parameters`)."""
     return tuple(
-        (name, tuple(param.shape))
-        for name, param in unit.named_parameters()
-        if param.requires_grad and id(param) not in nested
+        (name, tuple(param.shape)) for name, param in own_parameters(unit) if param.requires_grad
     )
 
 

@@ -23,7 +23,15 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
-from lightning_3d.collectives import CompressedCommState, CompressedReduceScatter, Exchange
+from lightning_3d.collectives import (
+    ALL_GATHER_FORMATS,
+    GATHERABLE_DTYPES,
+    CompressedAllGather,
+    CompressedCommState,
+    CompressedReduceScatter,
+    Exchange,
+    own_parameters,
+)
 from lightning_3d.sharding import shard_targets
 from lightning_3d.strategies._compressed import (
     STATE_KEY,
@@ -73,6 +81,11 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             with FSDP2's own reduce-scatter) or ``"skip"`` (send zeros and count it); the
             residual is never touched.
         compress: ``False`` keeps FSDP2's own reduce-scatter (same sharding; a baseline).
+        all_gather: how parameters travel in FSDP2's all-gathers (twice a step by default):
+            ``"none"`` (FSDP2's own, in the parameter dtype), ``"bf16"`` or ``"int8"`` (one fp32
+            scale per ``block_size`` entries, as DeepSpeed's qwZ). Every rank computes with the
+            same decoded weights, its own shard included; the fp32 master shards the optimizer
+            updates are untouched.
         shard_modules: class names to shard as units (default: the transformer blocks).
         min_num_params: also shard every module with this many parameters not yet in a unit.
         param_dtype, reduce_dtype: FSDP2 mixed precision (``"bfloat16"``, ``"float16"``,
@@ -104,6 +117,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         exchange: Exchange = "auto",
         nonfinite: str = "propagate",
         compress: bool = True,
+        all_gather: str = "none",
         shard_modules: list[str] | None = None,
         min_num_params: int | None = None,
         param_dtype: str | None = None,
@@ -125,6 +139,9 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         self.comm_state = CompressedCommState(
             compressor, warmup_steps, error_feedback, residual_dtype, exchange
         )
+        if all_gather not in ALL_GATHER_FORMATS:
+            raise ValueError(f"all_gather must be one of {ALL_GATHER_FORMATS}, got {all_gather!r}")
+        self.all_gather = all_gather
         if min_num_params is not None and min_num_params <= 0:
             raise ValueError(f"min_num_params must be positive, got {min_num_params}")
         self.compress = compress
@@ -159,6 +176,8 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         if self.compress:
             self._install_reduce_scatter(module)
             self._prepare_kernels()
+        if self.all_gather != "none":
+            self._install_all_gather(module)
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -196,6 +215,37 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
                 CompressedReduceScatter(self.comm_state, name or "root", unit)
             )
 
+    def _install_all_gather(self, module: torch.nn.Module) -> None:
+        gathered = self.mp_policy.param_dtype
+        for name, unit in module.named_modules():
+            if not isinstance(unit, FSDPModule):
+                continue
+            dtypes = {
+                gathered if gathered is not None and p.is_floating_point() else p.dtype
+                for _, p in own_parameters(unit)
+            }
+            if not dtypes <= set(GATHERABLE_DTYPES) or len(dtypes) > 1:
+                found = sorted(map(str, dtypes))
+                raise ValueError(
+                    f"all_gather={self.all_gather!r} needs the parameters of FSDP unit "
+                    f"{name or 'root'!r} in one floating-point dtype, found {found}; set "
+                    "param_dtype, shard differently or use all_gather='none'"
+                )
+            try:
+                unit.set_custom_all_gather(
+                    CompressedAllGather(
+                        self.comm_state,
+                        name or "root",
+                        self.all_gather,
+                        self.comm_state.compressor.block_size,
+                    )
+                )
+            except ValueError as error:  # e.g. several parameter groups from shard_placement_fn
+                raise ValueError(
+                    f"all_gather={self.all_gather!r} cannot serve FSDP unit {name or 'root'!r}: "
+                    f"{error}"
+                ) from error
+
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.comm_state.step = self.lightning_module.trainer.global_step
@@ -203,7 +253,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
         output = super().optimizer_step(*args, **kwargs)
-        if self.compress:
+        if self.compress or self.all_gather != "none":
             self._log_comm_metrics()
         return output
 

@@ -572,3 +572,35 @@ def test_signed_zeros_and_the_largest_ratio_agree_bit_for_bit(
     if with_residual:
         assert torch.equal(ker_r.cpu().view(torch.int32), ref_r.view(torch.int32))
     assert not ref_out.isnan().any()
+
+
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path) -> None:
+    """benchmarks/gpu_check.py, prepared on the CPU: every step but the tests, its JSON complete."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    out = tmp_path / "check.json"
+    command = [sys.executable, str(script), "--device", "cpu", "--sizes", "1", "--repeats", "1"]
+    completed = subprocess.run(
+        [*command, "--skip-tests", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["build"]["backends"] == {"cpu": "cpp"}
+    syncs = results["syncs"]
+    assert {"exact/encode_into", "exact/decode_from", "reduce_scatter_step"} <= set(syncs)
+    assert all(
+        entry["syncs"] == 0 and entry["sync_free"] is None
+        for entry in syncs.values()
+        if isinstance(entry, dict)
+    )
+    (row,) = results["codec"]
+    assert row["mi_entries"] == 1
+    for name in ("clone", "topk", "exact_compress", "exact_encode_into", "sampled_decompress"):
+        assert row[f"{name}_gbps"] > 0
+    assert row["exact_compress_over_clone"] == pytest.approx(
+        row["exact_compress_gbps"] / row["clone_gbps"], rel=0.02, abs=1e-3
+    )

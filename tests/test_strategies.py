@@ -107,6 +107,38 @@ def test_reduce_ops_uneven_and_empty_shards_on_more_ranks(ranks, launch_two_rank
         assert output["poisoned_nonfinite_messages"] == (holding if rank == 1 else 0)
 
 
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_parameters_all_gathered_as_bf16_and_int8(ranks, launch_two_ranks, tmp_path):
+    """Every rank computes with the same decoded weights, equal to an independent expectation;
+    the fp32 master shards stay exact; a fit compressed both ways trains."""
+    results = launch_two_ranks("all_gather", tmp_path, 900, ranks=ranks)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
+    outputs = [
+        json.loads((tmp_path / f"all_gather.rank{r}.json").read_text()) for r in range(ranks)
+    ]
+    for output in outputs:
+        for value_format, block_bytes in (("bf16", 2.0), ("int8", 1.0 + 4 / 8)):
+            figures = output[value_format]
+            assert figures["whole_vs_expected"] <= 1e-6 and figures["changed"]
+            assert figures["uneven_error"] <= figures["uneven_bound"] / 2 + 1e-7
+            assert figures["masters_exact"] and figures["spread"] == 0.0
+            # per rank and gather: block_bytes per entry against 4 (padding rounds up)
+            ratio = figures["dense_bytes"] / figures["wire_bytes"]
+            assert 4 / block_bytes * 0.8 <= ratio <= 4 / block_bytes
+        both = output["both_ways"]
+        assert both["steps"] == 6 and 3.0 <= both["all_gather_ratio"] <= 4.0
+        assert both["gradient_ratio"] > 8
+        assert all(math.isfinite(loss) for loss in output["losses_both_ways"])
+        # int8 weights and compressed gradients stay close to dense FSDP2 over 6 steps
+        assert output["losses_both_ways"] == pytest.approx(output["losses_dense_fsdp"], abs=0.05)
+
+
+def test_all_gather_format_is_checked_at_construction():
+    with pytest.raises(ValueError, match="all_gather must be one of"):
+        CompressedFSDPStrategy(all_gather="int4")
+
+
 def test_nan_on_one_rank_reaches_every_shard_without_hanging(job):
     rank0, rank1 = job[1]
     assert rank0["poisoned_all_nan"] and rank1["poisoned_all_nan"]

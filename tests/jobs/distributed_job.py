@@ -399,6 +399,68 @@ def reduce_ops(out: Path) -> dict[str, Any]:
     }
 
 
+def all_gather(out: Path) -> dict[str, Any]:
+    """Parameters all-gathered as bf16 and int8 through ``CompressedAllGather``: what every rank
+    computes with, against independent expectations; then a compressed-both-ways fit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_3d.collectives import CompressedAllGather, CompressedCommState
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=RANK, world_size=RANKS)
+    mesh = init_device_mesh("cpu", (RANKS,))
+    result: dict[str, Any] = {}
+    for value_format in ("bf16", "int8"):
+        torch.manual_seed(0)  # the same full weights on every rank, known here without a gather
+        model = torch.nn.Sequential(torch.nn.Linear(16, 12, bias=False), torch.nn.Linear(12, 5))
+        full = {n: p.detach().clone() for n, p in model.named_parameters()}
+        state = CompressedCommState(GradientCompressor())
+        for index, layer in enumerate(model):
+            fully_shard(layer, mesh=mesh)
+            layer.set_custom_all_gather(CompressedAllGather(state, str(index), value_format, 8))
+        gathered = {}
+        for index, layer in enumerate(model):
+            layer.unshard()
+            for name, param in layer.named_parameters():
+                gathered[f"{index}.{name}"] = param.detach().clone()
+            layer.reshard()
+        masters = own_shards(dict(model.named_parameters()))
+        stats = state.take_stats()
+        weight = full["0.weight"]  # 12 rows: whole, equal shards on 2, 3 and 4 ranks
+        if value_format == "bf16":
+            expected = weight.to(torch.bfloat16).float()
+        else:  # each rank's shard alone in its unit: blocks of 8 over the flattened shard
+            shards = [chunk.reshape(-1, 8) for chunk in weight.chunk(RANKS)]
+            decoded = []
+            for shard in shards:
+                scale = shard.abs().amax(dim=1, keepdim=True) / 127.0
+                decoded.append((torch.round(shard / scale).clamp(-127, 127) * scale).view(-1))
+            expected = torch.cat(decoded).view_as(weight)
+        bias_scale = full["1.bias"].abs().max()
+        result[value_format] = {
+            "whole_vs_expected": float((gathered["0.weight"] - expected).abs().max()),
+            "changed": bool((gathered["0.weight"] != weight).any()),
+            "uneven_error": float((gathered["1.weight"] - full["1.weight"]).abs().max()),
+            "uneven_bound": float(full["1.weight"].abs().max()) / 127.0,
+            "bias_error": float((gathered["1.bias"] - full["1.bias"]).abs().max() / bias_scale),
+            "masters_exact": all(torch.equal(masters[n], expected_shard(full[n])) for n in full),
+            "spread": rank_spread(gathered),
+            "wire_bytes": stats.all_gather_wire_bytes,
+            "dense_bytes": stats.all_gather_dense_bytes,
+        }
+    both_ways = CompressedFSDPStrategy(all_gather="int8")
+    task, result["losses_both_ways"] = fit(both_ways)
+    _, result["losses_dense_fsdp"] = fit(CompressedFSDPStrategy(compress=False))
+    totals = both_ways.comm_totals
+    result["both_ways"] = {
+        "all_gather_ratio": totals.all_gather_dense_bytes / totals.all_gather_wire_bytes,
+        "gradient_ratio": totals.dense_bytes / totals.wire_bytes,
+        "steps": task.trainer.global_step,
+    }
+    return result
+
+
 class SelfShardingModule(pl.LightningModule):
     """Applies fully_shard itself in configure_model: the strategy must keep that sharding."""
 
@@ -787,6 +849,7 @@ SCENARIOS = {
     "ddp": ddp,
     "feedback": feedback,
     "reduce_ops": reduce_ops,
+    "all_gather": all_gather,
     "own_sharding": own_sharding,
     "die": die,
     "curriculum": curriculum,
