@@ -50,10 +50,12 @@ def make_compressor(
 class CompressionStrategyMixin:
     """Mixed into a Lightning strategy that owns a :class:`CompressedCommState` as ``comm_state``.
 
-    Logs, every ``log_every_n_steps`` optimizer steps, summed over ranks: ``comm/wire_bytes``,
-    ``comm/dense_bytes``, ``comm/compression_ratio`` (dense / wire), ``comm/residual_norm``,
-    ``comm/seconds`` (mean per rank), ``comm/compressing`` (0 during warm-up) and
-    ``comm/nonfinite_messages``.
+    Logs, every ``log_every_n_steps`` optimizer steps, summed over ranks, to the loggers and into
+    ``trainer.callback_metrics``: ``comm/wire_bytes`` and ``comm/dense_bytes`` (gradients),
+    ``comm/all_gather_wire_bytes`` and ``comm/all_gather_dense_bytes`` (parameters),
+    ``comm/compression_ratio`` (dense over wire bytes, both directions together),
+    ``comm/residual_norm``, ``comm/seconds`` (mean per rank), ``comm/compressing`` (0 during
+    warm-up) and ``comm/nonfinite_messages``.
     ``comm_totals`` keeps this rank's figures over the whole run.
     """
 
@@ -69,14 +71,17 @@ class CompressionStrategyMixin:
         self._comm_window.add(stats)
         trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
         every = trainer.log_every_n_steps
-        # as Lightning's own logging: every n-th step (counting from 1), never when n is 0
-        if not trainer.loggers or not every or (trainer.global_step + 1) % every:
+        # as Lightning's own logging: every n-th step (counting from 1), never when n is 0; the
+        # same steps on every rank (the sums below are a collective)
+        if not every or (trainer.global_step + 1) % every:
             return
         window, self._comm_window = self._comm_window, CommStats()
         figures = torch.tensor(
             [
                 window.wire_bytes,
                 window.dense_bytes,
+                window.all_gather_wire_bytes,
+                window.all_gather_dense_bytes,
                 window.seconds,
                 self.comm_state.residual_norm() ** 2,
                 window.nonfinite,
@@ -86,16 +91,21 @@ class CompressionStrategyMixin:
         )
         if _distributed_is_initialized():
             dist.all_reduce(figures, group=self.comm_state.process_group)
-        wire, dense, seconds, residual_sq, nonfinite = figures.tolist()
+        wire, dense, gather_wire, gather_dense, seconds, residual_sq, nonfinite = figures.tolist()
+        sent, replaced = wire + gather_wire, dense + gather_dense
         metrics = {
             "comm/wire_bytes": wire,
             "comm/dense_bytes": dense,
-            "comm/compression_ratio": dense / wire if wire else 1.0,
+            "comm/all_gather_wire_bytes": gather_wire,
+            "comm/all_gather_dense_bytes": gather_dense,
+            "comm/compression_ratio": replaced / sent if sent else 1.0,
             "comm/residual_norm": math.sqrt(residual_sq),
             "comm/seconds": seconds / self.world_size,  # type: ignore[attr-defined]
             "comm/compressing": float(self.comm_state.compressing),
             "comm/nonfinite_messages": nonfinite,
         }
+        # where EarlyStopping, ModelCheckpoint and the progress bar look, also without a logger
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.is_global_zero:  # type: ignore[attr-defined]
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -129,6 +129,10 @@ def test_parameters_all_gathered_as_bf16_and_int8(ranks, launch_two_ranks, tmp_p
         both = output["both_ways"]
         assert both["steps"] == 6 and 3.0 <= both["all_gather_ratio"] <= 4.0
         assert both["gradient_ratio"] > 8
+        # the last step's figures, summed over ranks, in trainer.callback_metrics without a logger
+        seen = both["callback_metrics"]
+        assert seen["comm/all_gather_wire_bytes"] > 0 and seen["comm/wire_bytes"] > 0
+        assert 3.0 <= seen["comm/compression_ratio"] <= both["gradient_ratio"]
         assert all(math.isfinite(loss) for loss in output["losses_both_ways"])
         # int8 weights and compressed gradients stay close to dense FSDP2 over 6 steps
         assert output["losses_both_ways"] == pytest.approx(output["losses_dense_fsdp"], abs=0.05)

@@ -453,9 +453,13 @@ def all_gather(out: Path) -> dict[str, Any]:
     task, result["losses_both_ways"] = fit(both_ways)
     _, result["losses_dense_fsdp"] = fit(CompressedFSDPStrategy(compress=False))
     totals = both_ways.comm_totals
+    seen = task.trainer.callback_metrics  # no logger in this fit: the strategy still reports
     result["both_ways"] = {
         "all_gather_ratio": totals.all_gather_dense_bytes / totals.all_gather_wire_bytes,
         "gradient_ratio": totals.dense_bytes / totals.wire_bytes,
+        "overall_ratio": (totals.dense_bytes + totals.all_gather_dense_bytes)
+        / (totals.wire_bytes + totals.all_gather_wire_bytes),
+        "callback_metrics": {k: float(v) for k, v in seen.items() if k.startswith("comm/")},
         "steps": task.trainer.global_step,
     }
     return result
