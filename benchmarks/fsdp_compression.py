@@ -8,8 +8,10 @@ against ``CompressedFSDPStrategy``: bytes on the wire, validation accuracy, wall
 ``network`` (needs root and iproute2): two network namespaces joined by a veth pair, both ends
 rate-limited with ``tc`` (token bucket), one rank in each, gloo over that link only (addresses
 10.77.0.1 and 10.77.0.2 inside namespaces this script creates and removes). Per-step time of
-dense FSDP2, compressed FSDP2, DDP, DDP with PyTorch's PowerSGD hook, and DDP with our compressed
-hook, at each rate.
+dense FSDP2 (also with ``reshard_after_forward=False``: one parameter all-gather less per step),
+FSDP2 with compressed gradients, with compressed gradients and int8 or bf16 parameter
+all-gathers, DDP, DDP with PyTorch's PowerSGD hook, and DDP with our compressed hook, at each
+rate, with the bytes each rank sends per step in both directions.
 
 Usage::
 
@@ -54,10 +56,15 @@ def make_strategy(name: str) -> Any:
             if self.root_device.type != "cuda":
                 self.model.register_comm_hook(self._ddp_comm_state, self._ddp_comm_hook)
 
-    if name == "fsdp2":
-        return CompressedFSDPStrategy(compress=False)
-    if name == "fsdp2_compressed":
-        return CompressedFSDPStrategy()
+    fsdp = {
+        "fsdp2": {"compress": False},
+        "fsdp2_no_reshard": {"compress": False, "reshard_after_forward": False},
+        "fsdp2_compressed": {},
+        "fsdp2_compressed_int8_gather": {"all_gather": "int8"},
+        "fsdp2_compressed_bf16_gather": {"all_gather": "bf16"},
+    }
+    if name in fsdp:
+        return CompressedFSDPStrategy(**fsdp[name])
     if name == "ddp":
         return DDPStrategy(process_group_backend="gloo")
     if name == "ddp_powersgd":
@@ -151,14 +158,24 @@ def run_network(name: str, args: argparse.Namespace) -> dict[str, Any]:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    strategy = trainer.strategy
     trainer.fit(task, datamodule=data)
     timed = timer.seconds[args.warmup :]
     params = sum(p.numel() for p in task.parameters())  # a DTensor's numel is the full size
+    totals = getattr(strategy, "comm_totals", None)
+    steps = trainer.global_step
     return {
         "strategy": name,
         "params": params,
         "median_step_s": statistics.median(timed),
         "step_s": timed,
+        # per rank and step, compressed collectives only (None for FSDP2's and DDP's own)
+        "wire_bytes_per_step": (totals.wire_bytes + totals.all_gather_wire_bytes) / steps
+        if totals
+        else None,
+        "dense_bytes_per_step": (totals.dense_bytes + totals.all_gather_dense_bytes) / steps
+        if totals
+        else None,
     }
 
 
@@ -260,6 +277,14 @@ def print_network(table: dict[str, list[dict[str, Any]]]) -> None:
         speedup = steps.get("fsdp2", float("nan")) / steps.get("fsdp2_compressed", float("nan"))
         cells = " | ".join(f"{steps[n]:.2f}" for n in names)
         print(f"| {rate} | {cells} | {speedup:.2f}x |")
+    print("\nbytes per rank and step through the compressed collectives (both directions):")
+    for row in next(iter(table.values())):
+        if row.get("wire_bytes_per_step"):
+            ratio = row["dense_bytes_per_step"] / row["wire_bytes_per_step"]
+            print(
+                f"{row['strategy']}: {row['wire_bytes_per_step'] / 1e6:.1f} MB sent for "
+                f"{row['dense_bytes_per_step'] / 1e6:.1f} MB dense ({ratio:.2f}x)"
+            )
 
 
 def main() -> None:
@@ -279,7 +304,16 @@ def main() -> None:
         args.strategies = (
             ["fsdp2", "fsdp2_compressed"]
             if args.mode == "accuracy"
-            else ["fsdp2", "fsdp2_compressed", "ddp", "ddp_powersgd", "ddp_compressed"]
+            else [
+                "fsdp2",
+                "fsdp2_no_reshard",
+                "fsdp2_compressed",
+                "fsdp2_compressed_int8_gather",
+                "fsdp2_compressed_bf16_gather",
+                "ddp",
+                "ddp_powersgd",
+                "ddp_compressed",
+            ]
         )
     if "LOCAL_RANK" in os.environ:
         worker(args)
