@@ -410,7 +410,20 @@ def compressed_reduce_scatter(
     return total
 
 
-class CompressedReduceScatter(ReduceScatter):
+class _FSDPComm:
+    """What both custom FSDP2 collectives share: the API check and a plain output buffer."""
+
+    def __init__(self) -> None:
+        if _FSDP_API_MISSING is not None:
+            raise RuntimeError(_FSDP_API_MISSING)
+
+    def allocate(
+        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+
+class CompressedReduceScatter(_FSDPComm, ReduceScatter):
     """FSDP2 ``ReduceScatter`` that compresses each destination's chunk (module docstring).
 
     Install with ``fsdp_module.set_custom_reduce_scatter(CompressedReduceScatter(state, name,
@@ -423,16 +436,10 @@ class CompressedReduceScatter(ReduceScatter):
     def __init__(
         self, state: CompressedCommState, name: str, unit: torch.nn.Module | None = None
     ) -> None:
-        if _FSDP_API_MISSING is not None:
-            raise RuntimeError(_FSDP_API_MISSING)
+        super().__init__()
         self.state = state
         self.name = name
         self.unit = unit
-
-    def allocate(
-        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(
         self,
@@ -478,7 +485,7 @@ def int8_slot_nbytes(numel: int, block_size: int) -> int:
     return 4 * blocks + blocks * block_size
 
 
-class CompressedAllGather(AllGather):
+class CompressedAllGather(_FSDPComm, AllGather):
     """FSDP2 ``AllGather`` that sends each rank's parameter shard as ``"bf16"`` or block-``"int8"``.
 
     Every rank, its own shard included, writes the *decoded* shards into the unsharded
@@ -497,8 +504,7 @@ class CompressedAllGather(AllGather):
     def __init__(
         self, state: CompressedCommState, name: str, value_format: str, block_size: int = 256
     ) -> None:
-        if _FSDP_API_MISSING is not None:
-            raise RuntimeError(_FSDP_API_MISSING)
+        super().__init__()
         if value_format not in ALL_GATHER_FORMATS[1:]:
             raise ValueError(
                 f"all_gather must be one of {ALL_GATHER_FORMATS}, got {value_format!r}"
@@ -507,11 +513,6 @@ class CompressedAllGather(AllGather):
         self.name = name
         self.value_format = value_format
         self.block_size = block_size
-
-    def allocate(
-        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(
         self,
