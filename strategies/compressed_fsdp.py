@@ -141,7 +141,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         )
         if all_gather not in ALL_GATHER_FORMATS:
             raise ValueError(f"all_gather must be one of {ALL_GATHER_FORMATS}, got {all_gather!r}")
-        self.all_gather = all_gather
+        self.all_gather_format = all_gather
         if min_num_params is not None and min_num_params <= 0:
             raise ValueError(f"min_num_params must be positive, got {min_num_params}")
         self.compress = compress
@@ -176,7 +176,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         if self.compress:
             self._install_reduce_scatter(module)
             self._prepare_kernels()
-        if self.all_gather != "none":
+        if self.all_gather_format != "none":
             self._install_all_gather(module)
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -227,7 +227,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             if not dtypes <= set(GATHERABLE_DTYPES) or len(dtypes) > 1:
                 found = sorted(map(str, dtypes))
                 raise ValueError(
-                    f"all_gather={self.all_gather!r} needs the parameters of FSDP unit "
+                    f"all_gather={self.all_gather_format!r} needs the parameters of FSDP unit "
                     f"{name or 'root'!r} in one floating-point dtype, found {found}; set "
                     "param_dtype, shard differently or use all_gather='none'"
                 )
@@ -236,14 +236,14 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
                     CompressedAllGather(
                         self.comm_state,
                         name or "root",
-                        self.all_gather,
+                        self.all_gather_format,
                         self.comm_state.compressor.block_size,
                     )
                 )
             except ValueError as error:  # e.g. several parameter groups from shard_placement_fn
                 raise ValueError(
-                    f"all_gather={self.all_gather!r} cannot serve FSDP unit {name or 'root'!r}: "
-                    f"{error}"
+                    f"all_gather={self.all_gather_format!r} cannot serve FSDP unit "
+                    f"{name or 'root'!r}: {error}"
                 ) from error
 
     # ---------------------------------------------------------------- training
@@ -253,7 +253,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
         output = super().optimizer_step(*args, **kwargs)
-        if self.compress or self.all_gather != "none":
+        if self.compress or self.all_gather_format != "none":
             self._log_comm_metrics()
         return output
 

@@ -143,6 +143,14 @@ def test_all_gather_format_is_checked_at_construction():
         CompressedFSDPStrategy(all_gather="int4")
 
 
+def test_all_gather_option_keeps_the_strategys_collective():
+    """The option must not shadow ``Strategy.all_gather``, which callbacks call on any strategy."""
+    strategy = CompressedFSDPStrategy(all_gather="int8")
+    assert strategy.all_gather_format == "int8"
+    gathered = strategy.all_gather(torch.tensor([3.0]))  # not set up: returns its input
+    assert gathered.tolist() == [3.0]
+
+
 def test_nan_on_one_rank_reaches_every_shard_without_hanging(job):
     rank0, rank1 = job[1]
     assert rank0["poisoned_all_nan"] and rank1["poisoned_all_nan"]
