@@ -3,7 +3,8 @@
 Two benchmarks, each comparing strategies side by side in one run:
 
 ``accuracy``: MiniLM fine-tuned on Rotten Tomatoes for one full epoch on 2 ranks, dense FSDP2
-against ``CompressedFSDPStrategy``: bytes on the wire, validation accuracy, wall time.
+against ``CompressedFSDPStrategy`` compressing both ways (gradients, int8 parameter
+all-gathers): bytes on the wire, validation accuracy, wall time.
 
 ``network`` (needs root and iproute2): two network namespaces joined by a veth pair, both ends
 rate-limited with ``tc`` (token bucket), one rank in each, gloo over that link only (addresses
@@ -110,8 +111,9 @@ def run_accuracy(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "val_acc": float(trainer.callback_metrics["val/acc"]),
         "steps": trainer.global_step,
         "wall_s": wall,
-        "wire_bytes": totals.wire_bytes if totals else None,
-        "dense_bytes": totals.dense_bytes if totals else None,
+        # both directions: gradients and, when compressed, parameter all-gathers
+        "wire_bytes": totals.wire_bytes + totals.all_gather_wire_bytes if totals else None,
+        "dense_bytes": totals.dense_bytes + totals.all_gather_dense_bytes if totals else None,
         "comm_s": totals.seconds if totals else None,
     }
 
@@ -269,14 +271,20 @@ def print_accuracy(results: list[dict[str, Any]]) -> None:
 
 
 def print_network(table: dict[str, list[dict[str, Any]]]) -> None:
+    """Median s/step per strategy and rate, and each one's speed-up over dense FSDP2."""
     names = [row["strategy"] for row in next(iter(table.values()))]
-    print("| rate | " + " | ".join(f"{n} s/step" for n in names) + " | fsdp2 / fsdp2_compressed |")
-    print("|---|" + "---|" * (len(names) + 1))
-    for rate, rows in table.items():
-        steps = {row["strategy"]: row["median_step_s"] for row in rows}
-        speedup = steps.get("fsdp2", float("nan")) / steps.get("fsdp2_compressed", float("nan"))
-        cells = " | ".join(f"{steps[n]:.2f}" for n in names)
-        print(f"| {rate} | {cells} | {speedup:.2f}x |")
+    print("| strategy | " + " | ".join(f"{rate} s/step | vs fsdp2" for rate in table) + " |")
+    print("|---|" + "---|---|" * len(table))
+    steps = {
+        rate: {row["strategy"]: row["median_step_s"] for row in rows}
+        for rate, rows in table.items()
+    }
+    for name in names:
+        cells = []
+        for rate in table:
+            seconds, dense = steps[rate][name], steps[rate].get("fsdp2", float("nan"))
+            cells.append(f"{seconds:.2f} | {dense / seconds:.2f}x")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nbytes per rank and step through the compressed collectives (both directions):")
     for row in next(iter(table.values())):
         if row.get("wire_bytes_per_step"):
@@ -302,7 +310,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.strategies is None:
         args.strategies = (
-            ["fsdp2", "fsdp2_compressed"]
+            ["fsdp2", "fsdp2_compressed_int8_gather"]
             if args.mode == "accuracy"
             else [
                 "fsdp2",

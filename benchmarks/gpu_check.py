@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,9 @@ from typing import Any
 import torch
 
 from lightning_3d.compression import GradientCompressor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compression import best_seconds  # the codec benchmark's timer
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSITY = 0.15
@@ -132,18 +136,22 @@ def run_tests(junit_dir: Path, deselect: list[str]) -> dict[str, Any]:
 def counting_syncs(device: torch.device):
     """Count host synchronizations inside the block (CUDA only; ``[0]`` on the CPU).
 
-    ``set_sync_debug_mode("warn")`` reports each one through c10's warning handler, which writes
-    to the process's stderr outside of Python's ``warnings``: the block's stderr goes to a file
-    and the reports in it are counted.
+    ``set_sync_debug_mode("warn")`` reports each one as a warning. An op called from Python
+    raises it as a Python warning, which the default filter shows once per place (later reports
+    would vanish): they are recorded with the filter set to ``"always"``. An op called from C++
+    writes it to the process's stderr instead: the block's stderr goes to a file, counted too.
     """
     count = [0]
     if device.type != "cuda":
         yield count
         return
+    marker = "called a synchronizing CUDA operation"
     previous = torch.cuda.get_sync_debug_mode()
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+") as captured:
+    recorder = warnings.catch_warnings(record=True)
+    with tempfile.TemporaryFile(mode="w+") as captured, recorder as seen:
+        warnings.simplefilter("always")
         os.dup2(captured.fileno(), 2)
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -154,7 +162,8 @@ def counting_syncs(device: torch.device):
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            count[0] = captured.read().count("called a synchronizing CUDA operation")
+            from_python = sum(marker in str(warning.message) for warning in seen)
+            count[0] = captured.read().count(marker) + from_python
 
 
 def sync_free(run: Callable[[], object], device: torch.device) -> bool | None:
@@ -231,22 +240,6 @@ def codec_calls(selection: str, x: torch.Tensor) -> dict[str, Callable[[], objec
     return calls
 
 
-def best_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up (synchronizing on CUDA)."""
-
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
-
-    timed()
-    return min(timed() for _ in range(repeats))
-
-
 def codec_figures(device: torch.device, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     """GB/s of fp32 input (``4 n / s``) for clone, topk, compress + EF and decompress."""
     rows = []
@@ -263,18 +256,18 @@ def codec_row(size: int, device: torch.device, repeats: int) -> dict[str, Any]:
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
     k = math.ceil(DENSITY * numel)
     gbps = {
-        "clone": 4 * numel / best_seconds(x.clone, device, repeats),
-        "topk": 4 * numel / best_seconds(lambda: x.abs().topk(k), device, repeats),
+        "clone": 4 * numel / best_seconds(x.clone, repeats, device),
+        "topk": 4 * numel / best_seconds(lambda: x.abs().topk(k), repeats, device),
     }
     for selection in ("exact", "sampled"):
         calls = codec_calls(selection, x)
-        gbps[f"{selection}_compress"] = 4 * numel / best_seconds(calls["compress"], device, repeats)
+        gbps[f"{selection}_compress"] = 4 * numel / best_seconds(calls["compress"], repeats, device)
         gbps[f"{selection}_decompress"] = (
-            4 * numel / best_seconds(calls["decompress"], device, repeats)
+            4 * numel / best_seconds(calls["decompress"], repeats, device)
         )
         if "encode_into" in calls:
             gbps[f"{selection}_encode_into"] = (
-                4 * numel / best_seconds(calls["encode_into"], device, repeats)
+                4 * numel / best_seconds(calls["encode_into"], repeats, device)
             )
     row: dict[str, Any] = {"mi_entries": size}
     row.update({f"{name}_gbps": round(value / 1e9, 2) for name, value in gbps.items()})

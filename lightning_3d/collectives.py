@@ -200,8 +200,17 @@ class CompressedCommState:
         finally:
             self.probing = before
 
+    @property
+    def recorded(self) -> CommStats:
+        """Where a collective adds its figures: :attr:`stats`, or a scratch record while
+        probing (a signal pass's traffic is not the run's)."""
+        return CommStats() if self.probing else self.stats
+
     def count_nonfinite(self, flagged: torch.Tensor) -> None:
-        """Add the non-finite messages in ``flagged`` (a bool tensor) without a host sync."""
+        """Add the non-finite messages in ``flagged`` (a bool tensor) without a host sync (not
+        while probing)."""
+        if self.probing:
+            return
         count = flagged.sum(dtype=torch.int64)
         self._nonfinite = count if self._nonfinite is None else self._nonfinite + count
 
@@ -224,16 +233,19 @@ class CompressedCommState:
         if not self.error_feedback or self.probing:
             return None
         residual = self.residuals.get(key)
-        known = self.layouts.get(key)
-        if residual is not None and layout is not None and known is not None and known != layout:
-            log.warning(
-                "the parameters behind residual %s changed (%d -> %d tensors with gradients); "
-                "its carried gradient mass is dropped and it restarts from zero",
-                key,
-                len(known),
-                len(layout),
-            )
-            residual = None
+        if layout is not None:
+            known = self.layouts.get(key)
+            if known is not None and known != layout and residual is not None:
+                log.warning(
+                    "the parameters behind residual %s changed (%d -> %d tensors with "
+                    "gradients); its carried gradient mass is dropped and it restarts from zero",
+                    key,
+                    len(known),
+                    len(layout),
+                )
+                del self.residuals[key]
+                residual = None
+            self.layouts[key] = layout
         if residual is not None and residual.numel() == numel:
             if residual.device != device:  # loaded from a checkpoint onto the CPU
                 residual = self.residuals[key] = residual.to(device)
@@ -246,8 +258,6 @@ class CompressedCommState:
             )
         residual = torch.zeros(numel, dtype=self.residual_dtype, device=device)
         self.residuals[key] = residual
-        if layout is not None:
-            self.layouts[key] = layout
         return residual
 
     def residual_norm(self) -> float:
@@ -258,11 +268,14 @@ class CompressedCommState:
         device = squares[0].device  # one host sync for all residuals, not one each
         return math.sqrt(float(torch.stack([s.to(device) for s in squares]).sum()))
 
-    def take_stats(self) -> CommStats:
-        """Return the statistics gathered since the last call and start new ones (the one place
-        that reads the device's non-finite count on the host)."""
+    def take_stats(self, read_device: bool = True) -> CommStats:
+        """Return the statistics gathered since the last call and start new ones.
+
+        With ``read_device`` (the one place that waits for the device) the non-finite count
+        kept on the device is read and included; without it, that count waits for a later call.
+        """
         stats, self.stats = self.stats, CommStats()
-        if self._nonfinite is not None:
+        if read_device and self._nonfinite is not None:
             stats.nonfinite += int(self._nonfinite)
             self._nonfinite = None
         return stats
@@ -402,7 +415,7 @@ def compressed_reduce_scatter(
             compressor.decode_from(
                 received[source], total, chunks.dtype, accumulate=True, dense=dense
             )
-    stats = state.stats
+    stats = state.recorded
     stats.wire_bytes += exchange_bytes_per_call(state, send.shape[1], world)
     stats.dense_bytes += numel * chunks.element_size() * (world - 1)
     stats.seconds += time.perf_counter() - started
@@ -440,6 +453,8 @@ class CompressedReduceScatter(_FSDPComm, ReduceScatter):
         self.state = state
         self.name = name
         self.unit = unit
+        # the names are fixed once sharded; the parameter objects are not (FSDP2 swaps them)
+        self._own_names = None if unit is None else [n for n, _ in own_parameters(unit)]
 
     def __call__(
         self,
@@ -452,7 +467,7 @@ class CompressedReduceScatter(_FSDPComm, ReduceScatter):
         world = dist.get_world_size(group)
         scale = reduce_op_scale(op, world)
         chunks = input_tensor.view(world, -1)
-        layout = None if self.unit is None else trainable_layout(self.unit)
+        layout = None if self.unit is None else trainable_layout(self.unit, self._own_names)
         total = compressed_reduce_scatter(chunks, group, self.state, self.name, layout)
         if scale != 1.0:
             total.mul_(scale)
@@ -550,13 +565,14 @@ class CompressedAllGather(_FSDPComm, AllGather):
                 received = send.new_empty(world * slot)
                 dist.all_gather_into_tensor(received, send, group=group)
                 rows = received.view(world, slot)
-                scales = rows[:, : 4 * blocks].contiguous().view(torch.float32)
-                codes = rows[:, 4 * blocks :].contiguous().view(torch.int8)
-                decoded = codes.view(world, blocks, self.block_size).float() * scales.unsqueeze(2)
-                gathered_view.copy_(decoded.view(world, -1)[:, :numel])
+                for source in range(world):  # one shard's fp32 copy at a time, not all of them
+                    scales = rows[source, : 4 * blocks].clone().view(torch.float32)
+                    codes = rows[source, 4 * blocks :].view(torch.int8)
+                    decoded = codes.view(blocks, self.block_size).float() * scales.unsqueeze(1)
+                    gathered_view[source].copy_(decoded.view(-1)[:numel])
         except RuntimeError as error:
             raise CollectiveError(_failure_message(group, error)) from error
-        stats = self.state.stats
+        stats = self.state.recorded
         stats.all_gather_wire_bytes += slot * (world - 1)
         stats.all_gather_dense_bytes += numel * input_tensor.element_size() * (world - 1)
         stats.seconds += time.perf_counter() - started
@@ -575,12 +591,16 @@ def own_parameters(unit: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]
     return [(name, param) for name, param in unit.named_parameters() if id(param) not in nested]
 
 
-def trainable_layout(unit: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Names and shapes of the parameters ``unit`` itself reduces: its own that require
-    gradients (see :func:`own_parameters`)."""
-    return tuple(
-        (name, tuple(param.shape)) for name, param in own_parameters(unit) if param.requires_grad
-    )
+def trainable_layout(
+    unit: torch.nn.Module, names: Sequence[str] | None = None
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Names and shapes of the parameters ``unit`` itself reduces that require gradients: what
+    its reduce-scatter carries this step. ``names`` are the unit's :func:`own_parameters` names
+    (found once by the caller; looked up again here when not given)."""
+    if names is None:
+        names = [name for name, _ in own_parameters(unit)]
+    parameters = ((name, unit.get_parameter(name)) for name in names)
+    return tuple((name, tuple(param.shape)) for name, param in parameters if param.requires_grad)
 
 
 class CompressedAllReduceState(CompressedCommState):
@@ -619,8 +639,9 @@ def compressed_allreduce_hook(
             dist.all_reduce(buffer, group=group)
             buffer.div_(world)
             ring_bytes = 2 * (world - 1) * -(-buffer.numel() // world) * buffer.element_size()
-            state.stats.wire_bytes += ring_bytes
-            state.stats.dense_bytes += ring_bytes
+            stats = state.recorded
+            stats.wire_bytes += ring_bytes
+            stats.dense_bytes += ring_bytes
         else:
             _compressed_allreduce(buffer, group, state, f"bucket{bucket.index()}")
     except RuntimeError as error:
@@ -666,7 +687,7 @@ def _compressed_allreduce(
     for source in range(world):
         compressor.decode_from(gathered[source], averaged[source * chunk : (source + 1) * chunk])
     buffer.copy_(averaged[:numel])
-    stats = state.stats
+    stats = state.recorded
     stats.wire_bytes += slot * (world - 1)
     stats.dense_bytes += chunk * buffer.element_size() * (world - 1)
     stats.seconds += time.perf_counter() - started

@@ -34,6 +34,8 @@ Semantics (the pure-PyTorch reference below is the definition; the C++ and CUDA 
 7. **NaN/Inf.** A non-finite ``e`` is never written into the residual: ``nonfinite="raise"``
    (default) raises :class:`NonFiniteError` and leaves the residual untouched; ``"skip"`` sends an
    all-zero message, leaves the residual untouched and counts the step in ``skipped_steps``.
+   :meth:`GradientCompressor.encode_into` never raises and counts nothing on the host: it sets
+   the slot's non-finite count, which the receiver and the collectives' statistics read.
 
 Example:
     >>> import torch
@@ -132,12 +134,8 @@ class CompressedTensor:
         return torch.cat([head, self.scales.view(torch.uint8), self.bitmap, self.values])
 
     @classmethod
-    def from_bytes(cls, buffer: torch.Tensor, padded: bool = False) -> CompressedTensor:
-        """Parse a buffer made by :meth:`to_bytes` (views into ``buffer``, the body not copied).
-
-        With ``padded=True`` the buffer may be longer than the message (a fixed-size slot of a
-        collective); the bytes after the length the header gives are ignored.
-        """
+    def from_bytes(cls, buffer: torch.Tensor) -> CompressedTensor:
+        """Parse a buffer made by :meth:`to_bytes` (views into ``buffer``, the body not copied)."""
         if buffer.dtype != torch.uint8 or buffer.dim() != 1:
             raise ValueError("a compressed buffer is a 1-D uint8 tensor")
         if buffer.numel() < HEADER_BYTES:
@@ -149,7 +147,7 @@ class CompressedTensor:
         dtype, value_format = _CODE_DTYPES[dtype_code], VALUE_FORMATS[fmt]
         dense_bytes = HEADER_BYTES + numel * torch.finfo(dtype).bits // 8
         expected = dense_bytes if dense else wire_nbytes(numel, block_size, count)
-        if buffer.numel() < expected or (buffer.numel() > expected and not padded):
+        if buffer.numel() != expected:
             raise ValueError(f"buffer has {buffer.numel()} bytes, its header says {expected}")
         body = buffer[HEADER_BYTES:expected]
         if dense:
@@ -490,19 +488,6 @@ class GradientCompressor:
             ops.require(self.backend, device)
         return self.backend
 
-    def max_nbytes(self, numel: int, dtype: torch.dtype, dense: bool = False) -> int:
-        """The largest message :meth:`compress` can return for ``numel`` entries of ``dtype``.
-
-        Exact selection always keeps ``k = ceil(density * n)`` entries, so its messages have
-        exactly this size; sampled selection keeps at most ``ceil((1 + tolerance) * k)``. A
-        collective that exchanges fixed-size slots uses this as the slot size.
-        """
-        if dense or numel < max(self.min_numel, 1):
-            return HEADER_BYTES + numel * torch.finfo(dtype).bits // 8
-        k, _, most = selection_counts(numel, self.density, self.tolerance)
-        count = k if self.selection == "exact" else min(numel, most)
-        return wire_nbytes(numel, self.block_size, count)
-
     def compress(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, dense: bool = False
     ) -> CompressedTensor:
@@ -516,10 +501,7 @@ class GradientCompressor:
         """
         if x.dtype not in _DTYPE_CODES:
             raise TypeError(f"can compress float32, bfloat16 or float16 tensors, not {x.dtype}")
-        if residual is not None and (
-            residual.numel() != x.numel() or residual.dtype not in (torch.float32, torch.bfloat16)
-        ):
-            raise ValueError("the residual must be fp32 or bf16 with as many entries as the input")
+        self._check_residual(x, residual)
         numel = x.numel()
         if dense or numel < max(self.min_numel, 1):
             return self._dense(x, residual)
@@ -567,20 +549,20 @@ class GradientCompressor:
             dense = message.dense.reshape(-1).float()
             flat.copy_(flat.float() + dense if accumulate else dense)
         elif message.numel:
+            # A whole message is checked here, on the host; a slot's decode cannot afford that
+            # round trip, so the kernels turn entries past the values into NaN instead.
+            marked = int(marked_entries(message.bitmap, message.numel))
+            if marked != message.values.numel():
+                raise ValueError(
+                    f"the bitmap marks {marked} entries but the message holds "
+                    f"{message.values.numel()} values (a damaged message)"
+                )
             backend = self.backend_for(flat.device)
             if backend == "reference":
                 reference_decode(message, flat, accumulate)
             else:
                 from lightning_3d import ops
 
-                # The kernels turn entries past the values into NaN rather than raise (that
-                # check needs no host round trip); a message is checked whole before.
-                marked = int(marked_entries(message.bitmap, message.numel))
-                if marked != message.values.numel():
-                    raise ValueError(
-                        f"the bitmap marks {marked} entries but the message holds "
-                        f"{message.values.numel()} values (a damaged message)"
-                    )
                 ops.decode_parts(
                     message.scales,
                     message.bitmap,
@@ -622,8 +604,7 @@ class GradientCompressor:
         """
         layout = self.slot_layout(x.numel(), x.dtype, dense)
         nonfinite, *parts = layout.views(slot)
-        if residual is not None and residual.numel() != x.numel():
-            raise ValueError("the residual must have as many entries as the input")
+        self._check_residual(x, residual)
         if layout.dense:
             self._dense_into(x, residual, nonfinite, parts[0])
             return
@@ -713,16 +694,14 @@ class GradientCompressor:
             kept = torch.where(good, e - dense.float(), residual.reshape(-1).float())
             residual.copy_(kept.view_as(residual))
 
-    def nonfinite_marker(
-        self, numel: int, dtype: torch.dtype, device: torch.device
-    ) -> CompressedTensor:
-        """An empty message flagged non-finite: it decodes to NaN. A collective sends it for an
-        input with NaN/Inf, so receivers see NaN as an uncompressed exchange would show it."""
-        return self._empty(numel, dtype, device, nonfinite=True)
+    @staticmethod
+    def _check_residual(x: torch.Tensor, residual: torch.Tensor | None) -> None:
+        if residual is not None and (
+            residual.numel() != x.numel() or residual.dtype not in (torch.float32, torch.bfloat16)
+        ):
+            raise ValueError("the residual must be fp32 or bf16 with as many entries as the input")
 
-    def _empty(
-        self, numel: int, dtype: torch.dtype, device: torch.device, nonfinite: bool = False
-    ) -> CompressedTensor:
+    def _empty(self, numel: int, dtype: torch.dtype, device: torch.device) -> CompressedTensor:
         return CompressedTensor(
             numel,
             dtype,
@@ -732,7 +711,6 @@ class GradientCompressor:
             torch.zeros(-(-numel // self.block_size), dtype=torch.float32, device=device),
             torch.zeros(-(-numel // 8), dtype=torch.uint8, device=device),
             torch.empty(0, dtype=torch.uint8, device=device),
-            nonfinite=nonfinite,
         )
 
     def _dense(self, x: torch.Tensor, residual: torch.Tensor | None) -> CompressedTensor:

@@ -56,7 +56,9 @@ class CompressionStrategyMixin:
     ``comm/compression_ratio`` (dense over wire bytes, both directions together),
     ``comm/residual_norm``, ``comm/seconds`` (mean per rank), ``comm/compressing`` (0 during
     warm-up) and ``comm/nonfinite_messages``.
-    ``comm_totals`` keeps this rank's figures over the whole run.
+    ``comm_totals`` keeps this rank's figures over the whole run (its non-finite count as of
+    the last logging step: reading it from the device waits for the device, so only logging
+    steps do).
     """
 
     comm_state: CompressedCommState
@@ -66,14 +68,15 @@ class CompressionStrategyMixin:
         self._comm_window = CommStats()
 
     def _log_comm_metrics(self) -> None:
-        stats = self.comm_state.take_stats()
-        self.comm_totals.add(stats)
-        self._comm_window.add(stats)
         trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
         every = trainer.log_every_n_steps
         # as Lightning's own logging: every n-th step (counting from 1), never when n is 0; the
         # same steps on every rank (the sums below are a collective)
-        if not every or (trainer.global_step + 1) % every:
+        logging_step = bool(every) and (trainer.global_step + 1) % every == 0
+        stats = self.comm_state.take_stats(read_device=logging_step)
+        self.comm_totals.add(stats)
+        self._comm_window.add(stats)
+        if not logging_step:
             return
         window, self._comm_window = self._comm_window, CommStats()
         figures = torch.tensor(

@@ -231,6 +231,12 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
                     f"{name or 'root'!r} in one floating-point dtype, found {found}; set "
                     "param_dtype, shard differently or use all_gather='none'"
                 )
+            if not hasattr(unit, "set_custom_all_gather"):
+                raise RuntimeError(
+                    "this PyTorch has no FSDPModule.set_custom_all_gather; all_gather="
+                    f"{self.all_gather_format!r} needs a newer torch (found {torch.__version__}) "
+                    "or use all_gather='none'"
+                )
             try:
                 unit.set_custom_all_gather(
                     CompressedAllGather(

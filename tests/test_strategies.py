@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_3d.collectives import (
+    CommStats,
     CompressedCommState,
     encode_slots,
     own_chunk,
@@ -435,6 +436,14 @@ def test_probe_sends_exactly_and_leaves_residuals_and_step_alone():
     assert torch.equal(received, probe[1])  # exact: no compression, no residual added
     assert torch.equal(state.residuals["unit/to1"], before) and state.step == 5
     assert state.compressing
+    state.take_stats()
+    with state.probe():  # a probe's traffic and non-finite messages are not the run's
+        state.recorded.wire_bytes += 100
+        state.count_nonfinite(torch.tensor([True, True]))
+    state.recorded.wire_bytes += 7
+    state.count_nonfinite(torch.tensor([True, False]))
+    assert state.take_stats(read_device=False) == CommStats(wire_bytes=7)
+    assert state.take_stats() == CommStats(nonfinite=1)  # the device count waited for this read
 
 
 def test_residual_restarts_with_a_warning_when_its_parameters_change(caplog):
@@ -450,6 +459,16 @@ def test_residual_restarts_with_a_warning_when_its_parameters_change(caplog):
         restarted = state.residual("unit/to1", 72, torch.device("cpu"), other)
     assert restarted is not None and not restarted.any()
     assert "the parameters behind residual unit/to1 changed" in caplog.text
+    # a residual that did not exist yet (warm-up) still learns its layout
+    assert state.residual("unit/to2", 72, torch.device("cpu"), other) is not None
+    state.warmup_steps = 10
+    assert state.residual("unit/to3", 72, torch.device("cpu"), layout) is None
+    assert state.layouts["unit/to3"] == layout
+    state.warmup_steps = 0
+    with caplog.at_level("WARNING", logger="lightning_3d.collectives"):
+        caplog.clear()
+        assert state.residual("unit/to3", 72, torch.device("cpu"), layout) is not None
+    assert "changed" not in caplog.text
     saved = state.state_dict()  # the layout travels with the residual
     again = CompressedCommState(GradientCompressor())
     again.load_state_dict(saved)
@@ -464,7 +483,12 @@ def test_trainable_layout_leaves_out_frozen_and_nested_unit_parameters():
     outer = torch.nn.Sequential(torch.nn.Linear(4, 3), Unit())
     outer[1].add_module("inner", torch.nn.Linear(3, 2))
     outer[0].bias.requires_grad_(False)
-    from lightning_3d.collectives import trainable_layout
+    from lightning_3d.collectives import own_parameters, trainable_layout
 
     assert trainable_layout(outer) == (("0.weight", (3, 4)),)
     assert trainable_layout(outer[1]) == (("inner.weight", (2, 3)), ("inner.bias", (2,)))
+    # names found once; requires_grad read from the parameters registered now
+    names = [name for name, _ in own_parameters(outer)]
+    outer[0].bias.requires_grad_(True)
+    outer[0].weight = torch.nn.Parameter(torch.zeros(3, 4), requires_grad=False)  # swapped
+    assert trainable_layout(outer, names) == (("0.bias", (3,)),)

@@ -438,11 +438,13 @@ def all_gather(out: Path) -> dict[str, Any]:
                 decoded.append((torch.round(shard / scale).clamp(-127, 127) * scale).view(-1))
             expected = torch.cat(decoded).view_as(weight)
         bias_scale = full["1.bias"].abs().max()
+        uneven_entries = torch.cat([full["1.weight"].flatten(), full["1.bias"]])
         result[value_format] = {
             "whole_vs_expected": float((gathered["0.weight"] - expected).abs().max()),
             "changed": bool((gathered["0.weight"] != weight).any()),
             "uneven_error": float((gathered["1.weight"] - full["1.weight"]).abs().max()),
-            "uneven_bound": float(full["1.weight"].abs().max()) / 127.0,
+            # a block may hold weight and bias entries: the larger of the two sets its scale
+            "uneven_bound": float(uneven_entries.abs().max()) / 127.0,
             "bias_error": float((gathered["1.bias"] - full["1.bias"]).abs().max() / bias_scale),
             "masters_exact": all(torch.equal(masters[n], expected_shard(full[n])) for n in full),
             "spread": rank_spread(gathered),
