@@ -286,8 +286,25 @@ def _check_source(dataset: str | None, data_files: Any) -> None:
     if data_files is not None:
         files = data_files.values() if isinstance(data_files, dict) else data_files
         for file in [files] if isinstance(files, str) else files:
-            if not any(Path(p).exists() for p in _glob(file)):
+            paths = [p for p in _glob(file) if p.exists()]
+            if not paths:
                 raise FileNotFoundError(f"data file '{file}' does not exist")
+            for path in paths:
+                _check_has_rows(path)
+
+
+def _check_has_rows(path: Path) -> None:
+    """Refuse a text-format data file without rows (a CSV/TSV header alone counts as none)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json", ".txt"):
+        return  # binary or compressed formats: the loader reports them
+    header = 1 if suffix in (".csv", ".tsv") else 0
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        lines = (line for line in handle if line.strip() and line.strip() not in ("[]", "{}"))
+        rows = sum(1 for _ in zip(range(header + 1), lines, strict=False)) - header
+    if rows <= 0:
+        kind = "a header and no rows" if header else "no rows"
+        raise ValueError(f"data file '{path}' has {kind}; give it at least one example")
 
 
 def _glob(pattern: str) -> list[Path]:

@@ -238,10 +238,21 @@ class SequenceClassificationTask(PretrainedTask):
         """Check that the data's labels fit the classifier before any step runs."""
         datamodule = getattr(self.trainer, "datamodule", None)
         data_labels = getattr(datamodule, "label_names", None)
-        if data_labels and len(data_labels) != self.hparams.num_labels:
+        wanted = self.hparams.num_labels
+        if data_labels and len(data_labels) != wanted:
             raise ValueError(
                 f"the data has {len(data_labels)} labels {data_labels} but the task was built "
-                f"with num_labels={self.hparams.num_labels}; set model num_labels to match"
+                f"with num_labels={wanted}; set model num_labels to match"
+            )
+        splits = getattr(datamodule, "splits", None) or {}
+        integer_labels = {
+            label for split in splits.values() for label in (getattr(split, "labels", None) or [])
+        }
+        if integer_labels and not data_labels and max(integer_labels) >= wanted:
+            raise ValueError(
+                f"the data has integer labels up to {max(integer_labels)} "
+                f"({len(integer_labels)} distinct) but the task was built with "
+                f"num_labels={wanted}; set model num_labels to {max(integer_labels) + 1}"
             )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -213,6 +213,28 @@ def test_bad_arguments_fail_at_construction(kwargs, error, message) -> None:
         RottenTomatoes(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("reviews.csv", "text,label\n\n", "has a header and no rows"),
+        ("reviews.tsv", "text\tlabel\n", "has a header and no rows"),
+        ("reviews.jsonl", "\n", "has no rows"),
+        ("reviews.csv", "", "has a header and no rows"),
+    ],
+)
+def test_an_empty_data_file_is_named_at_construction(tmp_path, name, content, message) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"data file '{path}' {message}"):
+        RottenTomatoes(data_files={"train": str(path)})
+
+
+def test_a_data_file_with_one_row_is_accepted(tmp_path) -> None:
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\ngood film,1\n")
+    assert RottenTomatoes(data_files=str(path)).hparams.data_files == str(path)
+
+
 # -- plain-text LM -------------------------------------------------------------------------------
 def test_hamlet_blocks_are_contiguous_and_disjoint(smollm2_tokenizer) -> None:
     data = PlainTextLM(tokenizer=smollm2_tokenizer, block_size=64, batch_size=2)

@@ -112,6 +112,17 @@ def test_label_count_mismatch_fails_before_training(tmp_path, minilm_tokenizer) 
     assert torch.equal(task.model.classifier.weight, initial)  # no step was taken
 
 
+def test_integer_labels_beyond_num_labels_fail_before_training(tmp_path, minilm_tokenizer) -> None:
+    path = tmp_path / "three_integer_classes.csv"
+    path.write_text("text,label\n" + "".join(f"sample {i},{i % 3}\n" for i in range(30)))
+    data = RottenTomatoes(tokenizer=minilm_tokenizer, data_files=str(path))
+    task = SequenceClassificationTask()
+    initial = task.model.classifier.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"integer labels up to 2 .*num_labels=2; set model"):
+        _trainer(tmp_path).fit(task, data)
+    assert torch.equal(task.model.classifier.weight, initial)  # no step was taken
+
+
 def test_data_labels_outside_label_names_are_named(minilm_tokenizer) -> None:
     data = RottenTomatoes(tokenizer=minilm_tokenizer, label_names=["a", "b", "c"])
     with pytest.raises(ValueError, match=r"labels \['fresh', 'rotten'\] are not in label_names"):
