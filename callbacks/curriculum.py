@@ -126,6 +126,9 @@ class CurriculumSampler(Callback):
             annealing; ``floor(anneal * epochs)`` epochs), in ``[0, 1)``.
         warmup_epochs: epochs on all data before the curriculum starts; default 1 for
             training-signal scores (they need one epoch of observations), 0 for ``"quality"``.
+            When the default would leave no epoch for the curriculum (a budget in a one-epoch
+            run), the samples are scored by a forward-only pass before training instead
+            (``prescore``, logged), so ``budget=0.5`` with ``max_epochs=1`` trains on half.
         epochs: epochs the pacing spans; default ``Trainer(max_epochs)``.
         ema_decay: weight of the previous score in the per-epoch EMA.
         quality_key: item key of the static score for ``score="quality"``.
@@ -170,6 +173,7 @@ class CurriculumSampler(Callback):
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        self._warmup_defaulted = warmup_epochs is None
         if warmup_epochs is None:
             warmup_epochs = 0 if score == "quality" or prescore else 1
         # Validates pacing, budget and warm-up now; ``epochs`` is settled in ``setup``.
@@ -317,13 +321,24 @@ class CurriculumSampler(Callback):
             )
         schedule = self.schedule
         annealed = int(self.anneal * epochs)
-        if schedule.warmup_epochs + annealed >= epochs and (
+        no_room = schedule.warmup_epochs + annealed >= epochs and (
             schedule.pacing != "none" or schedule.budget < 1
-        ):
+        )
+        scorable = callable(getattr(pl_module, "score_batch", None))
+        if no_room and self._warmup_defaulted and annealed < epochs and scorable:
+            rank_zero_info(
+                f"CurriculumSampler: {epochs} epoch(s) leave no room for a warm-up epoch, so "
+                "every sample is scored by a forward-only pass before training (prescore=True, "
+                "warmup_epochs=0)"
+            )
+            self.prescore, no_room = True, False
+            schedule = dataclasses.replace(schedule, warmup_epochs=0)
+        if no_room:
             raise ValueError(
                 f"warmup_epochs={schedule.warmup_epochs} and {annealed} annealing epochs leave "
-                f"no epoch for the curriculum out of epochs={epochs}; train longer or lower "
-                "warmup_epochs or anneal"
+                f"no epoch for the curriculum out of epochs={epochs}; train longer, lower "
+                "warmup_epochs or anneal, or give the LightningModule a `score_batch(batch)` "
+                "method (then a forward-only pass scores the samples before training)"
             )
         self.schedule = dataclasses.replace(schedule, epochs=epochs, anneal_epochs=annealed)
         if (self.scoring_epochs or self.prescore) and not callable(

@@ -458,3 +458,23 @@ def test_loss_budget_drops_mostly_flipped_labels_on_rotten_tomatoes(minilm_token
     # seed); after a single warm-up epoch only 0.24-0.37. Half the dropped part being mislabelled
     # where a fifth is mislabelled overall is the effect; 0.4 leaves room for numerics.
     assert precision >= 0.4
+
+
+def test_a_budget_in_a_one_epoch_run_scores_before_training(caplog) -> None:
+    """With the default warm-up there would be no curriculum epoch: a forward-only pass scores
+    every sample first, and the one epoch trains on the easiest half."""
+    data = Points()
+    scorer = Classifier(data)  # the same seeded initial weights as the trained module
+    with torch.no_grad():
+        batch = {"x": data.x, "labels": data.y, "index": torch.arange(len(data))}
+        losses = scorer.score_batch(batch)["per_sample_loss"]
+    expected = set(torch.argsort(losses)[: math.ceil(0.5 * len(data))].tolist())
+    sampler = CurriculumSampler(budget=0.5, balance_classes=False)
+    with caplog.at_level("INFO"):
+        module, _ = fit(sampler, Classifier(data), epochs=1)
+    assert set(module.epoch_indices(0)) == expected
+    assert len(module.epoch_indices(0)) == len(expected)
+    assert "scored by a forward-only pass before training" in caplog.text
+    # an explicit warm-up epoch is the user's choice: still refused, naming the way out
+    with pytest.raises(ValueError, match="score_batch"):
+        fit(CurriculumSampler(budget=0.5, warmup_epochs=1), Classifier(data), epochs=1)
