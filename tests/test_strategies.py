@@ -231,6 +231,20 @@ def test_resume_mid_run_reproduces_the_uninterrupted_run(job, layout):
         assert rank[f"resumed_vs_uninterrupted_{layout}"] == 0.0
 
 
+@pytest.mark.slow
+def test_resume_on_three_ranks_reproduces_the_uninterrupted_run(launch_two_ranks, tmp_path):
+    """Every one of 3 ranks restores its own residuals (uneven shards of the MiniLM layers)."""
+    results = launch_two_ranks("resume", tmp_path, 1800, ranks=3)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
+    for rank in range(3):
+        output = json.loads((tmp_path / f"resume.rank{rank}.json").read_text())
+        for layout in ("sharded", "single_file"):
+            assert output[f"saved_residual_norm_{layout}"] > 0
+            assert output[f"losses_resumed_{layout}"] == output["losses_uninterrupted"]
+            assert output[f"resumed_vs_uninterrupted_{layout}"] == 0.0
+
+
 def test_ddp_hook_parity(job):
     _, (rank0, rank1) = job
     assert rank0["ddp_hook_dense_vs_ddp"] <= 1e-6
