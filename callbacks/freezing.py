@@ -34,6 +34,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.sensitivity import (
     DEFAULT_HEAD,
     DEFAULT_LAYER_PATTERN,
@@ -466,8 +467,7 @@ class SensitivityFreezer(Callback):
             "freezer/trainable_fraction": self.trainable_fraction,
             "freezer/optimizer_state_mb": state_mb,
         }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_axis_metrics(trainer, metrics)
         if not trainer.is_global_zero:
             return
         rows = [

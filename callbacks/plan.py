@@ -50,6 +50,7 @@ from lightning_3d.callbacks.distillation import Distiller
 from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
 from lightning_3d.callbacks.pruning import ProgressivePruner
 from lightning_3d.callbacks.quantization import QATHook
+from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.plan import STEP_ORDER, SparsityBackoff, ThreeDPlan, signal_pass
 from lightning_3d.tasks import total_training_steps
 
@@ -170,8 +171,7 @@ class PlanCoordinator(Callback):
                 allocation.strengths, allocation.time_s, allocation.time_fraction,
                 allocation.reason,
             )  # fmt: skip
-            for logger in trainer.loggers:
-                logger.log_metrics({"plan/predicted_train_s": allocation.time_s}, step=0)
+            log_axis_metrics(trainer, {"plan/predicted_train_s": allocation.time_s}, step=0)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         allocation = self.plan.allocation
@@ -182,8 +182,7 @@ class PlanCoordinator(Callback):
             "PlanCoordinator: training took %.0f s, predicted %.0f s (measured / predicted = "
             "%.2f)", measured, allocation.time_s, measured / max(allocation.time_s, 1e-9),
         )  # fmt: skip
-        for logger in trainer.loggers:
-            logger.log_metrics({"plan/measured_train_s": measured}, step=trainer.global_step)
+        log_axis_metrics(trainer, {"plan/measured_train_s": measured})
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for handle in self._gradient_masks:
@@ -283,8 +282,7 @@ class PlanCoordinator(Callback):
             "PlanCoordinator: signal pass: %s%d batches with gradients",
             "every sample scored, " if scoring else "", done,
         )  # fmt: skip
-        for logger in trainer.loggers:
-            logger.log_metrics({"plan/signal_batches": float(done)}, step=trainer.global_step)
+        log_axis_metrics(trainer, {"plan/signal_batches": float(done)})
 
     def _mask_pruned_gradients(self, pl_module: LightningModule) -> None:
         """Zero the gradients of pruned weights as autograd produces them, before any gradient
@@ -330,8 +328,7 @@ class PlanCoordinator(Callback):
             "plan/sparsity_target": pruner.target_sparsity,
             "plan/backoffs": float(len(self.backoff.decisions)),
         }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_axis_metrics(trainer, metrics, step=step)
 
 
 def _masker(pruner: ProgressivePruner, name: str) -> Callable[[torch.Tensor], torch.Tensor]:

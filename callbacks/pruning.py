@@ -34,7 +34,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from lightning_3d.callbacks.freezing import find_gradient_statistics
-from lightning_3d.loggers import log_histogram
+from lightning_3d.loggers import log_axis_metrics, log_histogram
 from lightning_3d.pruning import (
     DEFAULT_EXCLUDE,
     SCHEDULES,
@@ -492,8 +492,7 @@ class ProgressivePruner(Callback):
         metrics = {"pruner/sparsity": achieved}
         for layer, layer_masks in layers.items():
             metrics[f"pruner/sparsity_{layer}"] = mask_sparsity(dict(enumerate(layer_masks)))
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_axis_metrics(trainer, metrics)
         if self.log_histograms and trainer.loggers and trainer.is_global_zero:
             kept = torch.cat([s[masks[n]].flatten() for n, s in scores.items()])
             stride = max(1, kept.numel() // HISTOGRAM_VALUES)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.pruning import DEFAULT_EXCLUDE
 from lightning_3d.quantization import (
     FLOAT8_PRESETS,
@@ -246,11 +247,10 @@ class QATHook(Callback):
     def _log_errors(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         self._last_error_step = trainer.global_step
         errors = weight_quantization_errors(pl_module)
-        if errors and trainer.loggers:
+        if errors:
             metrics = {f"qat/weight_error/{name}": value for name, value in errors.items()}
             metrics["qat/weight_error"] = sum(errors.values()) / len(errors)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            log_axis_metrics(trainer, metrics)
         return errors
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

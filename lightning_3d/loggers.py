@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,21 @@ def log_histogram(trainer: Any, tag: str, values: Any) -> None:
             logger.experiment.log({tag: wandb.Histogram(values), "trainer/global_step": step})
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_histogram(tag, values, step)
+
+
+def log_axis_metrics(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Report an axis's figures where users look for them: ``trainer.callback_metrics`` (so
+    ``EarlyStopping``, ``ModelCheckpoint`` and the progress bar can use them, also without a
+    logger) and every logger of ``trainer``, at ``step`` (default: the global step).
+
+    Lightning's loggers write on rank 0 only; every rank updates its own ``callback_metrics``.
+
+    Example:
+        >>> log_axis_metrics(trainer, {"pruner/sparsity": 0.5})  # doctest: +SKIP
+    """
+    import torch
+
+    trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
+    at = trainer.global_step if step is None else step
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=at)

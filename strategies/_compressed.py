@@ -14,6 +14,7 @@ from lightning.fabric.utilities.distributed import _distributed_is_initialized
 
 from lightning_3d.collectives import CollectiveError, CommStats, CompressedCommState
 from lightning_3d.compression import GradientCompressor
+from lightning_3d.loggers import log_axis_metrics
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,7 @@ class CompressionStrategyMixin:
             "comm/compressing": float(self.comm_state.compressing),
             "comm/nonfinite_messages": nonfinite,
         }
-        # where EarlyStopping, ModelCheckpoint and the progress bar look, also without a logger
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        if self.is_global_zero:  # type: ignore[attr-defined]
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        log_axis_metrics(trainer, metrics)
 
     def on_exception(self, exception: BaseException) -> None:
         """Name the likely cause when a collective fails, so the log of every survivor says it."""

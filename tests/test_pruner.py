@@ -218,6 +218,15 @@ def test_logs_global_and_per_layer_sparsity(tmp_path: Path) -> None:
     assert float([r for r in rows if r.get("pruner/sparsity")][-1]["pruner/sparsity"]) == 0.5
 
 
+def test_sparsity_reaches_callback_metrics_without_a_logger() -> None:
+    """EarlyStopping, ModelCheckpoint and the progress bar read ``trainer.callback_metrics``."""
+    pruner = ProgressivePruner(0.5, start_step=2, end_step=6, frequency=2)
+    trainer = trainer_for([pruner], steps=8)
+    trainer.fit(Stack(), points())
+    assert float(trainer.callback_metrics["pruner/sparsity"]) == pytest.approx(0.5)
+    assert float(trainer.callback_metrics["pruner/sparsity_layer_3"]) == pytest.approx(0.5)
+
+
 def test_bad_arguments_raise_clear_errors() -> None:
     cases = [
         ({"target_sparsity": 1.0}, r"target_sparsity must be in \[0, 1\)"),
