@@ -109,6 +109,7 @@ def test_cli_fit_writes_offline_wandb_run_and_csv_metrics(tmp_path) -> None:
     assert list(root.rglob("best-*.ckpt"))
 
 
+@pytest.mark.slow  # the strategy is tested in test_strategies; this is the CLI wiring
 def test_cli_fits_with_the_compressed_fsdp_strategy_on_two_processes(tmp_path) -> None:
     root = tmp_path / "run"
     args = [
@@ -220,29 +221,44 @@ def test_every_example_config_is_tested() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        BASELINE,
-        LM_CONFIG,
-        FSDP_CONFIG,
-        CURRICULUM_CONFIG,
-        FREEZER_CONFIG,
-        PLAN_CONFIG,
-        BUDGET_CONFIG,
-        STRUCTURED_CONFIG,
-    ],
-)
-def test_example_configs_parse(config, tmp_path) -> None:
+EXAMPLE_CONFIGS = [
+    BASELINE,
+    LM_CONFIG,
+    FSDP_CONFIG,
+    CURRICULUM_CONFIG,
+    FREEZER_CONFIG,
+    PLAN_CONFIG,
+    BUDGET_CONFIG,
+    STRUCTURED_CONFIG,
+]
+# Parses every config given on its command line in one process (the CLI's start-up, not the
+# parsing, takes the time), printing a marker line before each.
+PARSE_ALL = """
+import sys
+from lightning_3d.cli import main
+for config in sys.argv[1:]:
+    print("=== " + config, flush=True)
+    try:
+        main(["fit", "--config", config, "--print_config"])
+    except SystemExit as stop:
+        if stop.code:
+            raise
+"""
+
+
+def test_example_configs_parse(tmp_path) -> None:
     result = subprocess.run(
-        [*_cli(), "fit", "--config", str(config), "--print_config"],
+        [sys.executable, "-c", PARSE_ALL, *map(str, EXAMPLE_CONFIGS)],
         env=_offline_env(tmp_path),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "class_path: lightning_3d." in result.stdout
+    printed = result.stdout.split("=== ")[1:]
+    assert len(printed) == len(EXAMPLE_CONFIGS)
+    for config, text in zip(EXAMPLE_CONFIGS, printed, strict=True):
+        assert text.startswith(str(config)) and "class_path: lightning_3d." in text, config
 
 
 def test_bad_config_value_fails_before_training(tmp_path) -> None:
@@ -341,6 +357,7 @@ def test_cli_prunes_and_quantizes_in_one_run_and_tests_the_converted_model(tmp_p
     assert [r for r in rows if r.get("test/acc")]  # the best checkpoint, converted, was tested
 
 
+@pytest.mark.slow  # export of pruned + quantized models: test_export; this is the CLI path
 def test_cli_exports_a_pruned_and_quantized_run(tmp_path) -> None:
     """rt_minilm_structured_qat.yaml, shortened: heads and neurons pruned by step 2, QAT from
     step 2; its last checkpoint exported to every format from the same configuration."""

@@ -424,6 +424,7 @@ def test_two_ranks_share_one_order_and_take_equal_disjoint_parts(
         assert sizes == [60, math.ceil(0.4 * 48), math.ceil(0.7 * 48)]
 
 
+@pytest.mark.slow  # trains MiniLM for 3 epochs; the selection rule is tested on Points
 def test_loss_budget_drops_mostly_flipped_labels_on_rotten_tomatoes(minilm_tokenizer) -> None:
     """Real MiniLM, 800 Rotten Tomatoes reviews with 20% of their labels flipped: after two
     warm-up epochs on all of them, the 80% budget keeps the lowest loss EMAs, and the 20% it

@@ -224,7 +224,7 @@ def test_a_qat_converted_model_exports_to_torchao_and_onnx(trained, tmp_path) ->
     assert report.row("torchao").bytes < 0.35 * report.row(BASELINE).bytes
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_fsdp2_checkpoint_is_consolidated(launch_two_ranks, tmp_path, ranks) -> None:
     from lightning_3d.checkpoints import checkpoint_state, load_run_weights
     from lightning_3d.tasks import SequenceClassificationTask

@@ -656,7 +656,7 @@ def test_minilm_3d_run_trains_converts_and_exports(tmp_path, rotten_tomatoes) ->
 
 
 # -- the whole plan on several ranks -------------------------------------------------------------
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_the_whole_plan_agrees_on_every_ddp_rank(launch_two_ranks, tmp_path, ranks) -> None:
     import json
 

@@ -77,7 +77,7 @@ def test_reduce_ops_and_uneven_shards_match_fsdp2(job):
         assert rank["difference_divide_factor_compressed"] <= 1e-6
 
 
-@pytest.mark.parametrize("ranks", [3, 4])
+@pytest.mark.parametrize("ranks", [3, pytest.param(4, marks=pytest.mark.slow)])
 def test_reduce_ops_uneven_and_empty_shards_on_more_ranks(ranks, launch_two_ranks, tmp_path):
     """The reduce-op checks on 3 and 4 ranks: Linear(7, 5) and Linear(5, 3) split 2/2/1 and
     2/2/1/0 rows (4 ranks: the last rank holds an empty shard of the second layer)."""
