@@ -200,8 +200,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: argparse.Namespace, result: Path, namespaced: bool) -> list[dict[str, Any]]:
-    """Start both ranks (in their namespaces when ``namespaced``) and wait for them."""
+def launch(
+    args: argparse.Namespace, result: Path, namespaced: bool, strategies: list[str]
+) -> list[dict[str, Any]]:
+    """Start both ranks (in their namespaces when ``namespaced``) on ``strategies``, one after
+    the other, and wait for them."""
     port = str(free_port())
     processes = []
     for rank in range(2):
@@ -214,14 +217,22 @@ def launch(args: argparse.Namespace, result: Path, namespaced: bool) -> list[dic
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
         }
-        command = [sys.executable, __file__, *sys.argv[1:], "--result", str(result)]
+        command = [
+            sys.executable,
+            __file__,
+            *sys.argv[1:],
+            "--strategies",
+            *strategies,
+            "--result",
+            str(result),
+        ]
         if namespaced:
             env["GLOO_SOCKET_IFNAME"] = INTERFACES[rank]
             command = ["ip", "netns", "exec", NAMESPACES[rank], *command]
         processes.append(subprocess.Popen(command, env=env))
     codes = [process.wait() for process in processes]
     if any(codes):
-        raise SystemExit(f"a rank failed (exit codes {codes})")
+        raise RuntimeError(f"a rank failed (exit codes {codes})")
     return json.loads(result.read_text())
 
 
@@ -276,18 +287,22 @@ def print_network(table: dict[str, list[dict[str, Any]]]) -> None:
     print("| strategy | " + " | ".join(f"{rate} s/step | vs fsdp2" for rate in table) + " |")
     print("|---|" + "---|---|" * len(table))
     steps = {
-        rate: {row["strategy"]: row["median_step_s"] for row in rows}
+        rate: {row["strategy"]: row["median_step_s"] for row in rows if "error" not in row}
         for rate, rows in table.items()
     }
     for name in names:
         cells = []
         for rate in table:
-            seconds, dense = steps[rate][name], steps[rate].get("fsdp2", float("nan"))
-            cells.append(f"{seconds:.2f} | {dense / seconds:.2f}x")
+            seconds, dense = steps[rate].get(name), steps[rate].get("fsdp2", float("nan"))
+            cells.append(
+                "failed | -" if seconds is None else f"{seconds:.2f} | {dense / seconds:.2f}x"
+            )
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nbytes per rank and step through the compressed collectives (both directions):")
     for row in next(iter(table.values())):
-        if row.get("wire_bytes_per_step"):
+        if "error" in row:
+            print(f"{row['strategy']}: {row['error']}")
+        elif row.get("wire_bytes_per_step"):
             ratio = row["dense_bytes_per_step"] / row["wire_bytes_per_step"]
             print(
                 f"{row['strategy']}: {row['wire_bytes_per_step'] / 1e6:.1f} MB sent for "
@@ -329,7 +344,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "result.json"
         if args.mode == "accuracy":
-            results: Any = launch(args, result, namespaced=False)
+            results: Any = launch(args, result, namespaced=False, strategies=args.strategies)
             print_accuracy(results)
         else:
             if os.geteuid() != 0:
@@ -338,7 +353,19 @@ def main() -> None:
             try:
                 for rate in args.rates:
                     create_link(rate)
-                    results[rate] = launch(args, result, namespaced=True)
+                    results[rate] = []
+                    # fresh processes per strategy: one that fails (or leaves state behind in
+                    # the process group) cannot take the others with it
+                    for name in args.strategies:
+                        try:
+                            results[rate] += launch(
+                                args, result, namespaced=True, strategies=[name]
+                            )
+                        except RuntimeError as error:
+                            print(f"{name} at {rate}: {error}", file=sys.stderr)
+                            results[rate].append({"strategy": name, "error": str(error)})
+                        if args.out:  # what is measured so far survives a later failure
+                            args.out.write_text(json.dumps(results, indent=1))
             finally:
                 remove_link()
             print_network(results)
