@@ -78,6 +78,11 @@ def slot_nbytes(compressor: GradientCompressor, numel: int, dtype: torch.dtype, 
     return compressor.slot_layout(numel, dtype, dense).nbytes
 
 
+# torch 2.13 renamed ``all_gather_into_tensor`` to ``all_gather_single`` (the old name warns on
+# every call site); older torch has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class CollectiveError(RuntimeError):
     """A compressed collective failed, usually because another rank died or timed out."""
 
@@ -320,7 +325,7 @@ def exchange_slots(
                 state.exchange = "all_gather"
         world, rank = send.shape[0], dist.get_rank(group)
         gathered = send.new_empty(world * world, send.shape[1])
-        dist.all_gather_into_tensor(gathered, send, group=group)
+        _all_gather_single(gathered, send, group=group)
         return gathered.view(world, world, -1)[:, rank]
     except RuntimeError as error:
         raise CollectiveError(_failure_message(group, error)) from error
@@ -549,7 +554,7 @@ class CompressedAllGather(_FSDPComm, AllGather):
             if self.value_format == "bf16":
                 send = input_tensor.to(torch.bfloat16)
                 received = send.new_empty(world * numel)
-                dist.all_gather_into_tensor(received, send, group=group)
+                _all_gather_single(received, send, group=group)
                 gathered_view.copy_(received.view(world, numel))
                 slot = 2 * numel
             else:
@@ -563,7 +568,7 @@ class CompressedAllGather(_FSDPComm, AllGather):
                     send[: 4 * blocks].view(torch.float32),
                 )
                 received = send.new_empty(world * slot)
-                dist.all_gather_into_tensor(received, send, group=group)
+                _all_gather_single(received, send, group=group)
                 rows = received.view(world, slot)
                 for source in range(world):  # one shard's fp32 copy at a time, not all of them
                     scales = rows[source, : 4 * blocks].clone().view(torch.float32)
@@ -681,7 +686,7 @@ def _compressed_allreduce(
     compressor.encode_into(total, residual, send)
     state.count_nonfinite(send[:8].view(torch.int64) > 0)
     gathered = send.new_empty(world * slot)
-    dist.all_gather_into_tensor(gathered, send, group=group)
+    _all_gather_single(gathered, send, group=group)
     gathered = gathered.view(world, slot)
     averaged = torch.zeros(world * chunk, dtype=torch.float32, device=buffer.device)
     for source in range(world):
