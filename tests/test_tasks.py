@@ -101,24 +101,22 @@ def test_lora_trains_adapters_and_head_only(tmp_path, rotten_tomatoes) -> None:
     assert any("lora_B" in n for n in changed)
 
 
-def test_label_count_mismatch_fails_before_training(tmp_path, minilm_tokenizer) -> None:
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ("abc", r"3 labels \['a', 'b', 'c'\].*num_labels=2"),  # named labels
+        ("012", r"integer labels up to 2 .*num_labels=2; set model num_labels to 3"),
+    ],
+)
+def test_label_count_mismatch_fails_before_training(
+    tmp_path, minilm_tokenizer, labels, message
+) -> None:
     path = tmp_path / "three_classes.csv"
-    path.write_text("text,label\n" + "".join(f"sample {i},{'abc'[i % 3]}\n" for i in range(30)))
+    path.write_text("text,label\n" + "".join(f"sample {i},{labels[i % 3]}\n" for i in range(30)))
     data = RottenTomatoes(tokenizer=minilm_tokenizer, data_files=str(path))
     task = SequenceClassificationTask()
     initial = task.model.classifier.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"3 labels \['a', 'b', 'c'\].*num_labels=2"):
-        _trainer(tmp_path).fit(task, data)
-    assert torch.equal(task.model.classifier.weight, initial)  # no step was taken
-
-
-def test_integer_labels_beyond_num_labels_fail_before_training(tmp_path, minilm_tokenizer) -> None:
-    path = tmp_path / "three_integer_classes.csv"
-    path.write_text("text,label\n" + "".join(f"sample {i},{i % 3}\n" for i in range(30)))
-    data = RottenTomatoes(tokenizer=minilm_tokenizer, data_files=str(path))
-    task = SequenceClassificationTask()
-    initial = task.model.classifier.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"integer labels up to 2 .*num_labels=2; set model"):
+    with pytest.raises(ValueError, match=message):
         _trainer(tmp_path).fit(task, data)
     assert torch.equal(task.model.classifier.weight, initial)  # no step was taken
 
