@@ -22,9 +22,13 @@ Each run (one set-up, one seed) is a fresh process that seeds, builds, fits and 
   before it (sampled from ``/proc`` every 5 ms), so gradients, optimizer state, activations;
 * ``steps``: optimizer steps done, and the trainable parameters at the end of training;
 * the deployed model: :func:`lightning_3d.export.export` to ``onnx-int8`` when the plan has
-  ``weight_bits`` (the QAT-converted model, re-quantized by ONNX Runtime), else ``onnx`` (the
-  fp32 graph, pruned heads and neurons removed): ``model_bytes`` of that file, and the exported
+  ``weight_bits`` (ONNX Runtime's int8 of the trained model: post-training with
+  ``quantize_at="export"``, of the QAT-converted model otherwise), else ``onnx`` (the fp32
+  graph, pruned heads and neurons removed): ``model_bytes`` of that file, and the exported
   graph's accuracy on the test split (``export_acc``) with its agreement with the trained model.
+  With ``quantize_at="export"`` the row's ``test_acc`` is that int8 graph's accuracy (what is
+  deployed) and ``trained_acc`` the float model's. Every run exports both graphs
+  (``onnx_acc``, ``onnx_int8_acc``): the pair measures what int8 at export costs.
 
 Each run writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir`` (the row, the
 settings, the git commit) and is skipped when that file exists (``--force`` reruns it), so a
@@ -34,7 +38,9 @@ sweep can be done in parts. The seed-0 export of each set-up stays under ``--exp
 them round-robin at batch 1 and 32 of ``--max-length`` tokens (median of ``--latency-rounds``
 turns), into ``latency_<machine>.json``.
 
-``--summarize`` merges the result files of ``--machine`` and its latency file into
+``--summarize`` merges the result files of ``--machine`` that trained their set-up's current
+row (a row follows the solver's allocation; files of an earlier one are left out, with a
+warning) and its latency file into
 ``--summary`` (JSON), prints a Markdown table (mean ± sd over seeds, ratios against
 ``Standard``) and the goals of ``3D`` against ``Standard``, draws the Pareto plot (accuracy
 against training time and against model bytes) to ``--plot``, and with ``--write`` replaces the
@@ -42,14 +48,17 @@ ablation section of BENCHMARKS.md.
 
 The ``3D`` row is the budget solver's: ``--calibrate`` measures this regime's step-cost model
 (``cost_model_<machine>.json``) and ``--solve TIME SIZE`` writes the allocation
-(``allocation_cpu-2c-b.json``) the row reads, from the prior accuracy curves or ``--curves``:
-``--summarize`` saves the curves the finished runs measured (``curves_<machine>.json``: the
-single-axis rows against Standard, 3D against 3D-no-distill for distillation).
+(``allocation_cpu-2c-b.json``) the row reads, from the prior accuracy curves or ``--curves``,
+quantizing where ``--quantize-at`` says (default: at export). ``--summarize`` saves the curves
+the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`). Until an
+allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
+default strengths.
 
 Usage::
 
     python benchmarks/ablation.py --calibrate           # the solver's step-cost model
-    python benchmarks/ablation.py --solve 0.5 0.25      # the 3D row (--curves FILE: measured)
+    python benchmarks/ablation.py --solve 0.5 0.25 \\
+        --curves benchmarks/results/ablation/curves_cpu-2c-b.json   # the 3D row
     python benchmarks/ablation.py                       # every set-up, seeds 0 1 2 / 0
     python benchmarks/ablation.py --setups Standard 3D --seeds 1   # a part of the sweep
     python benchmarks/ablation.py --latency             # after the seed-0 runs
@@ -88,13 +97,16 @@ STEPS = "steps"  # the key of a row that is not a ThreeDPlan field
 def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
     """The 3D row: the solver's strengths (the axes it turned on), heads+neurons pruning, and
     ``"steps"`` when it shortens the run."""
-    strengths = json.loads(path.read_text())["strengths"]
+    document = json.loads(path.read_text())
+    strengths = document["strengths"]
     off = {"data_budget": 1.0, "trainable": 1.0, "sparsity": 0.0, "weight_bits": None}
     row = {k: v for k, v in strengths.items() if k in off and v != off[k]}
     if strengths.get("distill", 0.0) > 0:
         row["distill"] = strengths["distill"]
     if row.get("sparsity"):
         row["prune_pattern"] = "heads+neurons"
+    if row.get("weight_bits") and document.get("quantize_at", "train") != "train":
+        row["quantize_at"] = document["quantize_at"]
     if strengths.get(STEPS, 1.0) < 1:
         row[STEPS] = strengths[STEPS]
     return row
@@ -105,14 +117,21 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
 #: use the strengths the 3D plan uses where it uses them; 3D is the solver's allocation for
 #: time 0.5 and size 0.25.
 THREE_D = solver_row() if ALLOCATION.exists() else {}
-MODEL_AXIS = ("sparsity", "prune_pattern", "weight_bits")
+MODEL_AXIS = ("sparsity", "prune_pattern", "weight_bits", "quantize_at")
+#: The model-axis row before the solver has chosen one: the smallest sparsity of its grid with
+#: int8 weights quantized at export (the deployment this CPU runs fastest).
+DEFAULT_MODEL = {
+    "sparsity": 0.2,
+    "prune_pattern": "heads+neurons",
+    "weight_bits": 8,
+    "quantize_at": "export",
+}
 SETUPS: dict[str, dict[str, Any]] = {
     "Standard": {},
     "Standard-half": {STEPS: 0.5},
     "DataOpt": {"data_budget": THREE_D.get("data_budget", 0.5)},
     "ParamOpt": {"trainable": THREE_D.get("trainable", 0.5)},
-    "ModelOpt": {k: v for k, v in THREE_D.items() if k in MODEL_AXIS}
-    or {"sparsity": 0.2, "prune_pattern": "heads+neurons", "weight_bits": 8},
+    "ModelOpt": {k: v for k, v in THREE_D.items() if k in MODEL_AXIS} or DEFAULT_MODEL,
     "Distill": {"distill": THREE_D.get("distill", 0.5)},
     "3D": THREE_D,
 }
@@ -120,7 +139,7 @@ SETUPS: dict[str, dict[str, Any]] = {
 WITHOUT = {
     "3D-no-data": ("data_budget",),
     "3D-no-params": ("trainable",),
-    "3D-no-model": ("sparsity", "prune_pattern", "weight_bits", "distill"),
+    "3D-no-model": (*MODEL_AXIS, "distill"),
     "3D-no-distill": ("distill",),  # the teacher alone, out of the model axis
 }
 SETUPS.update(
@@ -137,6 +156,9 @@ QUANTIZED_OVERHEAD = 1 / 3.84 - 1 / 4
 THREE_SEEDS = ("Standard", "Standard-half", "3D")  # the set-ups run with seeds 0 1 2 by default
 SINGLE_AXIS = ("DataOpt", "ParamOpt", "ModelOpt", "Distill")
 BATCHES = (1, 32)  # latency batch sizes
+#: Every run exports both: the int8 graph of a float-trained model measures what quantizing at
+#: export costs (the ``weight_bits`` point of ``quantize_at="export"`` in the accuracy curves).
+EXPORTS = ("onnx", "onnx-int8")
 PER_SEED = ("test_acc", "train_s", "cpu_s", "peak_train_mib")  # the summary's per-seed lists
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
@@ -162,6 +184,13 @@ def same_as(setup: str) -> str:
 def export_format(setup: str) -> str:
     """The deployed form: int8 ONNX when the plan quantizes weights, else fp32 ONNX."""
     return "onnx-int8" if SETUPS[setup].get("weight_bits") else "onnx"
+
+
+def quantized_at_export(setup: str) -> bool:
+    """Whether the set-up trains in float and its export quantizes (its accuracy is then the
+    int8 export's)."""
+    row = SETUPS[setup]
+    return bool(row.get("weight_bits")) and row.get("quantize_at") == "export"
 
 
 def seeds_of(setup: str, args: argparse.Namespace) -> list[int]:
@@ -277,25 +306,32 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         task.model,
         task.tokenizer,
         folder,
-        formats=(kind,),
+        formats=EXPORTS,
         eval_data=data.test_dataloader(),
         latency_rounds=0,  # timed later, every set-up side by side (--latency)
         sequence_length=args.max_length,
     )
     export_s = time.perf_counter() - started
-    exported = report.row(kind)
+    exported, dense, int8 = report.row(kind), report.row("onnx"), report.row("onnx-int8")
     if seed != 0:
         shutil.rmtree(folder)  # latency is measured on the seed-0 exports only
+    trained = 100 * accuracy
+    percent = None if exported.accuracy is None else 100 * exported.accuracy
     row = {
-        "test_acc": 100 * accuracy,
+        # the deployed model's accuracy when the export quantizes, else the trained model's
+        "test_acc": percent if quantized_at_export(setup) else trained,
+        "trained_acc": trained,
         "train_s": train_s,
         "cpu_s": cpu_s,
         "peak_train_mib": memory.peak_mib,
         "steps": trainer.global_step,
         "trainable_params": trainable[0] if trainable else None,
         "model_bytes": exported.bytes,
-        "export_acc": None if exported.accuracy is None else 100 * exported.accuracy,
+        "export_acc": percent,
         "export_agreement": exported.agreement,
+        "onnx_acc": None if dense.accuracy is None else 100 * dense.accuracy,
+        "onnx_int8_acc": None if int8.accuracy is None else 100 * int8.accuracy,
+        "onnx_int8_bytes": int8.bytes,
         "export_s": export_s,
     }
     run = {
@@ -411,13 +447,34 @@ def measure_latency(args: argparse.Namespace) -> Path:
 
 
 # ----------------------------------------------------------------------------- summary
-def merge(args: argparse.Namespace) -> dict[str, Any]:
-    """The summary document from ``--machine``'s result files and latency file."""
+def trained_as_now(document: dict[str, Any]) -> bool:
+    """Whether a result file trained its set-up's current row (the plan and the run length):
+    a row follows the solver's allocation, so files of an earlier allocation are stale."""
+    settings = document["settings"]
+    fraction = SETUPS[document["setup"]].get(STEPS)
+    steps = -1 if fraction is None else math.ceil(fraction * settings["standard_steps"])
+    return settings.get("plan") == plan_arguments(document["setup"]) and (
+        settings.get("max_steps") == steps
+    )
+
+
+def current_documents(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The result files of ``--machine`` that trained their set-up's current row."""
     documents = []
     for path in sorted(args.results_dir.glob(f"*_seed*_{args.machine}.json")):
         document = json.loads(path.read_text())
-        if document.get("machine") == args.machine and document.get("setup") in SETUPS:
-            documents.append(document)
+        if document.get("machine") != args.machine or document.get("setup") not in SETUPS:
+            continue
+        if not trained_as_now(document):
+            print(f"warning: {path.name} trained another {document['setup']} row; left out")
+            continue
+        documents.append(document)
+    return documents
+
+
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """The summary document from ``--machine``'s result files and latency file."""
+    documents = current_documents(args)
     if not documents:
         raise SystemExit(f"no result files of machine {args.machine!r} in --results-dir")
     latency_path = args.results_dir / f"latency_{args.machine}.json"
@@ -669,22 +726,45 @@ def summarize(args: argparse.Namespace) -> None:
     pareto_plot(summary, args.plot)
     if args.write:
         write_benchmarks(text)
-    measured_curves(summary, args)
+    measured_curves(args)
 
 
-def measured_curves(summary: dict[str, Any], args: argparse.Namespace) -> None:
-    """The accuracy curves these runs measured (single-axis rows against Standard, 3D against
-    3D-no-distill for distillation), saved for ``--solve`` and ``plan.budget.curves``."""
+def measured_curves(args: argparse.Namespace) -> None:
+    """The accuracy curves these runs measured, saved for ``--solve`` and
+    ``plan.budget.curves``: each single-axis row against Standard, and, since every run exports
+    both an fp32 and an int8 graph of one trained model, two more readings per float-trained
+    run: its fp32 export (the run without ``weight_bits``) and its int8 export (the run with
+    ``weight_bits=8`` quantized at export). So Standard's int8 export gives the ``weight_bits``
+    point and a pruned row's fp32 export the ``sparsity`` point."""
     from lightning_3d.budget import AXES, AccuracyCurves
 
-    names = [name for name in summary["setups"] if same_as(name) == name]
+    readings: dict[str, list[float]] = {}
+    strengths: dict[str, dict[str, Any]] = {}
+    for document in current_documents(args):
+        setup, row = document["setup"], document["row"]
+        axes = {k: v for k, v in SETUPS[setup].items() if k in AXES}
+        float_axes = {k: v for k, v in axes.items() if k != "weight_bits"}
+        if axes.get("weight_bits") and not quantized_at_export(setup):
+            pairs = [(setup, axes, row["test_acc"])]  # QAT: the trained model is quantized
+        else:  # files from before both exports were made hold the fp32 one as export_acc
+            fp32 = row.get("onnx_acc")
+            if fp32 is None and document["settings"].get("export_format") == "onnx":
+                fp32 = row["export_acc"]
+            pairs = [
+                (f"{setup} fp32", float_axes, fp32),
+                (f"{setup} int8", {**float_axes, "weight_bits": 8}, row.get("onnx_int8_acc")),
+            ]
+        for name, given, accuracy in pairs:
+            if accuracy is not None:
+                readings.setdefault(name, []).append(accuracy)
+                strengths[name] = given
     document = {
         "unit": "percent",
-        "setups": {name: summary["setups"][name] for name in names},
-        "strengths": {name: {k: v for k, v in SETUPS[name].items() if k in AXES} for name in names},
+        "setups": {name: {"test_acc": values} for name, values in readings.items()},
+        "strengths": strengths,
     }
     try:
-        curves = AccuracyCurves.from_ablation_summary(document, baseline="Standard")
+        curves = AccuracyCurves.from_ablation_summary(document, baseline="Standard fp32")
     except ValueError as error:
         print(f"no measured accuracy curves yet: {error}")
         return
@@ -780,12 +860,14 @@ def solve(args: argparse.Namespace) -> None:
         cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,
         epochs=args.epochs, compressible_share=compressible, head_share=head,
         quantized_overhead=QUANTIZED_OVERHEAD, curves=args.curves,
+        quantize_at=args.quantize_at,
     )  # fmt: skip
     allocation = plan.allocation
     assert allocation is not None
     document = {
         "budget": {"time": time_budget, "size": size_budget},
         "curves": "prior" if args.curves is None else args.curves.name,
+        "quantize_at": allocation.quantize_at,
         "strengths": allocation.strengths,
         "predicted_train_s": allocation.time_s,
         "time_fraction": allocation.time_fraction,
@@ -837,6 +919,10 @@ def main() -> None:
     parser.add_argument(
         "--curves", type=Path, help="--solve with these accuracy curves (default: the prior)"
     )
+    parser.add_argument(
+        "--quantize-at", choices=("train", "export"), default="export",
+        help="--solve: where the plan quantizes (default: at export, ONNX Runtime int8)",
+    )  # fmt: skip
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)

@@ -174,6 +174,11 @@ class PlanCoordinator(Callback):
             log_axis_metrics(trainer, {"plan/predicted_train_s": allocation.time_s}, step=0)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.plan.weight_bits is not None and not self.plan.trains_quantized:
+            log.info(
+                "PlanCoordinator: the plan quantizes at export: the trained model is float; "
+                "export it to onnx-int8 (lightning-3d export --formats onnx-int8)"
+            )
         allocation = self.plan.allocation
         if allocation is None or self._started_at is None:
             return

@@ -24,7 +24,7 @@ axis            strength                                                 off
 ``data_budget`` share of the samples each epoch from epoch 1 on visits  ``1``
 ``trainable``   share of the parameters training after the warm-up      ``1``
 ``sparsity``    share of the block linear weights pruned                ``0``
-``weight_bits`` bits of the exported weights (QAT from ``qat_start``)   ``None``
+``weight_bits`` bits of the exported weights (QAT or at export)         ``None``
 ``distill``     weight of distillation from the warm-up teacher         ``0``
 ``steps``       run length as a share of the reference run's steps      ``1``
 =============== ======================================================= =========
@@ -60,7 +60,7 @@ from torch import nn
 
 # Pruning patterns: a dense export of "unstructured" sparsity keeps every weight;
 # "heads+neurons" removes the pruned heads and FFN neurons.
-from lightning_3d.plan import MAX_SPARSITY, PRESET_FOR_BITS, PRUNE_PATTERNS
+from lightning_3d.plan import MAX_SPARSITY, PRESET_FOR_BITS, PRUNE_PATTERNS, QUANTIZE_AT
 
 #: The axes the solver allocates, in the order of :func:`solve_budget`'s grid.
 AXES = ("data_budget", "trainable", "sparsity", "weight_bits", "distill", "steps")
@@ -288,6 +288,7 @@ class CostModel:
         steps: float = 1.0,
         warmup: float = 0.25,
         qat_start: float = 0.8,
+        quantize_at: str = "train",
     ) -> RunCost:
         """Predicted seconds of a run, with the breakdown (formulas in the class docstring).
 
@@ -299,6 +300,8 @@ class CostModel:
                 snapshot), in ``[0, 1)``.
             qat_start: fraction of the run's steps at which fake quantization goes on, in
                 ``[0, 1)``.
+            quantize_at: ``"train"`` (quantization-aware training from ``qat_start``) or
+                ``"export"`` (the export quantizes: no fake-quantized steps, ``qat`` is 0).
         """
         values = (data_budget, trainable, sparsity, weight_bits, distill, steps)
         strengths = dict(zip(AXES, values, strict=True))
@@ -307,13 +310,15 @@ class CostModel:
         _check_recipe(reference_steps, epochs)
         _check_fraction("warmup", warmup)
         _check_fraction("qat_start", qat_start)
+        _check_quantize_at(quantize_at)
 
         per_epoch = reference_steps / epochs
         total = min(per_epoch * (1 + (epochs - 1) * data_budget), steps * reference_steps)
         dense = warmup * total
         frozen = total - dense
-        qat_dense = max(0.0, warmup - qat_start) * total if weight_bits is not None else 0.0
-        qat_frozen = (1.0 - max(warmup, qat_start)) * total if weight_bits is not None else 0.0
+        qat = weight_bits is not None and quantize_at == "train"
+        qat_dense = max(0.0, warmup - qat_start) * total if qat else 0.0
+        qat_frozen = (1.0 - max(warmup, qat_start)) * total if qat else 0.0
         teacher_batches = min(per_epoch, frozen) if distill > 0 else 0.0
 
         f, b, o = self.forward_s, self.backward_s, self.optimizer_s
@@ -447,6 +452,11 @@ class CostModel:
     def load(cls, path: str | os.PathLike[str]) -> CostModel:
         """Read a calibration written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_quantize_at(quantize_at: str) -> None:
+    if quantize_at not in QUANTIZE_AT:
+        raise ValueError(f"quantize_at must be one of {QUANTIZE_AT}, got {quantize_at!r}")
 
 
 def _check_recipe(reference_steps: int, epochs: int) -> None:
@@ -1039,7 +1049,7 @@ class BudgetAllocation:
         binding: the budgets that bind (``"time"``, ``"size"``): relaxing one alone would allow
             a more accurate allocation of the grid.
         reason: a human-readable account of the choice.
-        warmup, qat_start, prune_pattern: the schedule the prediction assumed.
+        warmup, qat_start, quantize_at, prune_pattern: the schedule the prediction assumed.
 
     Example:
         >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
@@ -1073,6 +1083,7 @@ class BudgetAllocation:
     reason: str
     warmup: float = 0.25
     qat_start: float = 0.8
+    quantize_at: str = "train"
     prune_pattern: str = "heads+neurons"
 
     @property
@@ -1148,6 +1159,7 @@ def solve_budget(
     quantized_overhead: float = 0.0,
     freezable_share: float = 1.0,
     freezable_share_pruned: float | None = None,
+    quantize_at: str = "train",
 ) -> BudgetAllocation:
     r"""The most accurate allocation of the candidate grid within a time and a size budget.
 
@@ -1174,6 +1186,8 @@ def solve_budget(
         prune_pattern: ``"heads+neurons"`` or ``"unstructured"`` (:func:`size_fraction`).
         candidates: per axis, the strengths to try.
         warmup, qat_start: fractions of the run's steps (:meth:`CostModel.run_seconds`).
+        quantize_at: ``"train"`` (QAT, which costs time) or ``"export"`` (int8 only, no
+            training time): :meth:`CostModel.run_seconds`.
         quantized_overhead: what a quantized export adds to its weights (:func:`size_fraction`).
         freezable_share: the most of the parameters the freezer may freeze (the head stays
             trainable): a ``trainable`` below ``1 - freezable_share`` cannot be reached and is
@@ -1204,12 +1218,20 @@ def solve_budget(
     _check_recipe(reference_steps, epochs)
     _check_fraction("warmup", warmup)
     _check_fraction("qat_start", qat_start)
+    _check_quantize_at(quantize_at)
     grid, dropped = _grid(candidates, curves)
+    if quantize_at == "export":
+        if candidates is not None and 4 in candidates.get("weight_bits", ()):
+            raise ValueError(
+                "quantize_at='export' quantizes to int8 only: leave 4 out of weight_bits"
+            )
+        grid["weight_bits"] = [bits for bits in grid["weight_bits"] if bits != 4]
     schedule = {
         "reference_steps": reference_steps,
         "epochs": epochs,
         "warmup": warmup,
         "qat_start": qat_start,
+        "quantize_at": quantize_at,
     }
     reference = cost.run_seconds(**schedule).total_s
 
@@ -1299,6 +1321,7 @@ def solve_budget(
         reason="\n".join(lines),
         warmup=warmup,
         qat_start=qat_start,
+        quantize_at=quantize_at,
         prune_pattern=prune_pattern,
     )
 

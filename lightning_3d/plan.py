@@ -5,8 +5,9 @@ A :class:`ThreeDPlan` says how much of each resource a fine-tune may use:
 * ``data_budget``: the share of the training samples each epoch visits (the data axis);
 * ``trainable``: the share of the parameters that keep training (the parameter axis);
 * ``sparsity``: the share of the transformer blocks' linear weights (or heads and FFN neurons)
-  pruned, ``weight_bits``: 4 or 8-bit weights after quantization-aware training, and
-  ``distill``: the weight of distillation from a teacher (the model axis);
+  pruned, ``weight_bits``: 4 or 8-bit weights (after quantization-aware training, or 8-bit
+  quantized at export with ``quantize_at="export"``), and ``distill``: the weight of
+  distillation from a teacher (the model axis);
 * ``gradient_density``: the share of gradient entries sent between ranks (communication).
 
 :meth:`ThreeDPlan.callbacks` turns it into Lightning callbacks in the order a step needs them::
@@ -25,6 +26,8 @@ dense model do: NNCF/optimum-intel JPQD, SparseML oBERT, InfoBatch)::
                               with distillation from the snapshot
     [prune_end*N, qat_start*N) recovery: masks fixed, distillation goes on
     [qat_start*N, N)          quantization last: fake quantization, converted at the end
+                              (``quantize_at="export"``: none in training; the int8 export
+                              quantizes the trained float model)
 
 * **Data, InfoBatch-style.** The first epoch trains on every sample and scores it by its loss;
   later epochs drop a random part of the below-mean-loss samples and weigh the kept ones up so
@@ -91,6 +94,8 @@ STEP_ORDER = (
 PRESET_FOR_BITS = {4: "int4_weight_only", 8: "int8_weight_only"}
 DATA_DROPS = ("hardest", "easiest_random")
 PRUNE_PATTERNS = ("unstructured", "heads+neurons")
+#: Where the quantization axis quantizes: in training (QAT) or at export (ONNX Runtime int8).
+QUANTIZE_AT = ("train", "export")
 FREEZE_POLICIES = ("uncompressed", "any")
 MODES = ("max", "min")
 MAX_SPARSITY = 0.98  # the most the plan prunes any tensor (see ProgressivePruner)
@@ -147,8 +152,7 @@ class ThreeDPlan:
             (1: off).
         sparsity: share of the targeted linear weights (or heads and FFN neurons) pruned at
             ``prune_end``, in ``[0, 0.98]`` (0: off).
-        weight_bits: ``4`` or ``8`` for quantization-aware training and integer weights at the
-            end; ``None``: off.
+        weight_bits: ``4`` or ``8`` for integer weights at the end; ``None``: off.
         distill: weight ``alpha`` of distillation from ``teacher`` from the end of the warm-up,
             in ``[0, 1]`` (0: off).
         gradient_density: share of the gradient entries each rank sends in a multi-process run,
@@ -174,6 +178,10 @@ class ThreeDPlan:
         probe_batches: with ``warmup=0``, batches of the signal pass that compute gradients.
         prune_end: fraction of the run's optimizer steps at which the sparsity target is reached.
         qat_start: fraction of the run at which fake quantization goes on (``>= prune_end``).
+        quantize_at: ``"train"``: quantization-aware training from ``qat_start`` (torchao),
+            converted at the end of fit; ``"export"``: training stays float and the export
+            quantizes (``onnx-int8``: ONNX Runtime int8, post-training), so the run pays no
+            fake-quantization time; ``weight_bits`` must then be 8.
         max_steps: optimizer steps of the run when the plan shortens it (a budget's choice);
             pass ``Trainer(**plan.trainer_arguments())``. ``None``: the trainer's own length.
         prune_include: regex over parameter names of the weights to prune (unstructured) and
@@ -214,6 +222,7 @@ class ThreeDPlan:
     probe_batches: int = 8
     prune_end: float = 0.6
     qat_start: float = 0.8
+    quantize_at: str = "train"
     max_steps: int | None = None
     prune_include: str = DEFAULT_PRUNE_INCLUDE
     adaptive: bool = False
@@ -254,9 +263,18 @@ class ThreeDPlan:
             ("prune_pattern", self.prune_pattern, PRUNE_PATTERNS),
             ("freeze", self.freeze, FREEZE_POLICIES),
             ("mode", self.mode, MODES),
+            ("quantize_at", self.quantize_at, QUANTIZE_AT),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.quantize_at == "export" and (
+            self.weight_bits not in (None, 8) or self.quantization is not None
+        ):
+            raise ValueError(
+                "quantize_at='export' quantizes the trained float model with ONNX Runtime's int8: "
+                f"it needs weight_bits=8 and no QAT preset, got weight_bits={self.weight_bits}, "
+                f"quantization={self.quantization!r}"
+            )
         if not 0.0 <= self.data_anneal < 1.0:
             raise ValueError(f"data_anneal must be in [0, 1), got {self.data_anneal}")
         if self.probe_batches < 1:
@@ -278,7 +296,7 @@ class ThreeDPlan:
                 f"prune_end={self.prune_end} is not after warmup={self.warmup}: pruning ramps up "
                 "between the two"
             )
-        if self.sparsity > 0 and self.weight_bits is not None and self.qat_start < self.prune_end:
+        if self.sparsity > 0 and self.trains_quantized and self.qat_start < self.prune_end:
             raise ValueError(
                 f"qat_start={self.qat_start} is before prune_end={self.prune_end}: fake "
                 "quantization (and conversion) must come after the last mask update"
@@ -320,9 +338,23 @@ class ThreeDPlan:
         return tuple(axis for axis, active in on.items() if active)
 
     @property
+    def trains_quantized(self) -> bool:
+        """Whether the run does quantization-aware training (``weight_bits`` with
+        ``quantize_at="train"``).
+
+        Example:
+            >>> ThreeDPlan(weight_bits=8).trains_quantized
+            True
+            >>> ThreeDPlan(weight_bits=8, quantize_at="export").trains_quantized
+            False
+        """
+        return self.weight_bits is not None and self.quantize_at == "train"
+
+    @property
     def preset(self) -> str | None:
-        """The torchao QAT preset of the quantization axis (``None`` when it is off)."""
-        if self.weight_bits is None:
+        """The torchao QAT preset of the quantization axis (``None`` when the run does no
+        quantization-aware training)."""
+        if not self.trains_quantized:
             return None
         return self.quantization or PRESET_FOR_BITS[self.weight_bits]
 
@@ -389,7 +421,7 @@ class ThreeDPlan:
                     include=self.prune_include if unstructured else None,  # units: + biases
                 )
             )
-        if "quantization" in self.axes:  # and the start
+        if self.trains_quantized:  # and the start
             callbacks.append(QATHook(self.preset, group_size=self.group_size))
         scheduled = [c for c in callbacks if not isinstance(c, CurriculumSampler)]
         return [PlanCoordinator(self, scheduled), *callbacks]
@@ -514,6 +546,7 @@ class ThreeDPlan:
             compressible_share=compressible_share, prune_pattern=settings["prune_pattern"],
             candidates=_allowed(settings, candidates), warmup=warmup, qat_start=qat_start,
             quantized_overhead=quantized_overhead, freezable_share=freezable,
+            quantize_at=settings.get("quantize_at", cls.quantize_at),
             freezable_share_pruned=freezable - compressible_share if keeps_pruned else freezable,
         )  # fmt: skip
         arguments = allocation.plan_arguments()
@@ -604,8 +637,8 @@ def _allowed(
     settings: Mapping[str, Any], candidates: Mapping[str, Sequence[Any]] | None
 ) -> dict[str, Sequence[Any]] | None:
     """The solver's grid less what the user's other settings rule out: distillation from a
-    snapshot without a warm-up, pruning that cannot ramp after the warm-up, quantization that
-    would start before pruning ends."""
+    snapshot without a warm-up, pruning that cannot ramp after the warm-up, quantization-aware
+    training that would start before pruning ends, 4-bit weights when the export quantizes."""
     allowed = dict(candidates or {})
     warmup = settings.get("warmup", ThreeDPlan.warmup)
     snapshot = settings.get("teacher", ThreeDPlan.teacher) == "snapshot"
@@ -614,7 +647,10 @@ def _allowed(
     prune_end = settings.get("prune_end", ThreeDPlan.prune_end)
     if prune_end <= warmup:
         allowed["sparsity"] = [0.0]
-    if settings.get("qat_start", ThreeDPlan.qat_start) < prune_end:
+    if settings.get("quantize_at", ThreeDPlan.quantize_at) == "export":
+        bits = allowed.get("weight_bits", (None, 8))
+        allowed["weight_bits"] = [b for b in bits if b in (None, 8)]
+    elif settings.get("qat_start", ThreeDPlan.qat_start) < prune_end:
         allowed["weight_bits"] = [None]
     return allowed or None
 

@@ -406,6 +406,32 @@ def test_solver_size_budget_forces_int8() -> None:
     assert tighter.binding == ("time", "size")
 
 
+def test_solver_quantizing_at_export_pays_no_training_time() -> None:
+    curves = AccuracyCurves({"weight_bits": {8: -0.2}, "steps": {0.9: -0.2}}, base=80.0)
+    candidates = grid(weight_bits=[None, 8], steps=[1.0, 0.9])
+    # Quantized at export, int8 adds nothing to the run: 400 s, time 1.0, the size budget met
+    # without the shorter run QAT needed above.
+    allocation = solve_budget(
+        1.1, 0.3, PLAIN, curves, **RECIPE, compressible_share=0.6, candidates=candidates,
+        quantize_at="export",
+    )  # fmt: skip
+    assert allocation.strengths == {**OFF, "weight_bits": 8}
+    assert allocation.time_fraction == pytest.approx(1.0)
+    assert allocation.breakdown["qat"] == 0.0 and allocation.quantize_at == "export"
+    assert allocation.accuracy == pytest.approx(79.8)
+    run = PLAIN.run_seconds(**RECIPE, weight_bits=8, quantize_at="export")
+    assert run.total_s == pytest.approx(400.0) and run.step_counts["qat"] == 0.0
+    # int4 has no export path: left out of the default grid, refused when asked for
+    default = solve_budget(0.9, None, PLAIN, DEFAULT_CURVES, **RECIPE, compressible_share=0.6,
+                           quantize_at="export")  # fmt: skip
+    assert default.weight_bits != 4
+    with pytest.raises(ValueError, match="int8 only: leave 4 out of weight_bits"):
+        solve_budget(1.1, None, PLAIN, DEFAULT_CURVES, **RECIPE, compressible_share=0.6,
+                     candidates={"weight_bits": [None, 4]}, quantize_at="export")  # fmt: skip
+    with pytest.raises(ValueError, match="quantize_at must be one of"):
+        PLAIN.run_seconds(**RECIPE, quantize_at="never")
+
+
 def test_solver_breaks_ties_by_lower_cost() -> None:
     # Freezing half the parameters is free by these curves; data and steps cost the same.
     curves = AccuracyCurves(

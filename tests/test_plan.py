@@ -159,6 +159,12 @@ def of_type(trainer: pl.Trainer, kind: type) -> Any:
         ({"freeze": "all"}, "freeze must be one of"),
         ({"data_anneal": 1.0}, r"data_anneal must be in \[0, 1\)"),
         ({"max_steps": 0}, "max_steps must be >= 1 or None"),
+        ({"quantize_at": "deploy"}, "quantize_at must be one of"),
+        ({"weight_bits": 4, "quantize_at": "export"}, "needs weight_bits=8 and no QAT preset"),
+        (
+            {"weight_bits": 8, "quantization": "int8_weight_only", "quantize_at": "export"},
+            "needs weight_bits=8 and no QAT preset",
+        ),
         ({"budget": PlanBudget(0.5), "trainable": 0.5}, "budget chooses .*got trainable=0.5"),
     ],
 )
@@ -175,6 +181,13 @@ def test_the_plan_names_its_axes_preset_steps_and_strategy_arguments() -> None:
     assert ThreeDPlan(weight_bits=8).preset == "int8_weight_only"
     custom = ThreeDPlan(weight_bits=4, quantization="int8_dynamic_act_int4_weight")
     assert custom.preset == "int8_dynamic_act_int4_weight"
+    # quantized at export: the axis is on, but no QATHook trains it and pruning may end last
+    export = ThreeDPlan(sparsity=0.3, weight_bits=8, quantize_at="export", qat_start=0.2)
+    assert export.axes == ("pruning", "quantization") and export.preset is None
+    assert [type(c).__name__ for c in export.callbacks()] == [
+        "PlanCoordinator",
+        "ProgressivePruner",
+    ]
     assert plan.step_of(0.5, 41) == 20 and plan.strategy_arguments() == {"density": 0.1}
     with pytest.raises(ValueError, match="known length"):
         plan.step_of(0.5, float("inf"))
