@@ -19,10 +19,11 @@ Each callback is thin glue: it decides *when* (which hook, which step) and calls
 
 from lightning_3d.callbacks.curriculum import CurriculumSampler
 from lightning_3d.callbacks.distillation import Distiller
-from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
+from lightning_3d.callbacks.freezing import SensitivityFreezer
 from lightning_3d.callbacks.plan import PlanCoordinator
 from lightning_3d.callbacks.pruning import ProgressivePruner
 from lightning_3d.callbacks.quantization import QATHook
+from lightning_3d.sensitivity import find_gradient_statistics  # re-exported: it moved
 
 __all__ = [
     "CurriculumSampler",

@@ -495,14 +495,15 @@ class CurriculumSampler(Callback):
     def _values(
         self, outputs: Any, batch: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This batch's sample indices, score values and class labels (``None`` when the labels
-        are not one class per sample) from ``training_step``'s outputs and the batch."""
+        """This batch's sample indices, score values and class labels (``class_label`` when the
+        batch has it, as prompt-and-answer batches do; else ``labels`` when they are one class
+        per sample; else ``None``) from ``training_step``'s outputs and the batch."""
         outputs = outputs if isinstance(outputs, Mapping) else {}
         batch_map = batch if isinstance(batch, Mapping) else {}
         index = outputs.get("index", batch_map.get("index"))
         if index is None:
             raise RuntimeError(f"{_INDEX_HELP}; this batch has no 'index'")
-        labels = outputs.get("labels", batch_map.get("labels"))
+        labels = batch_map.get("class_label", outputs.get("labels", batch_map.get("labels")))
         classes = labels if _is_class_label(labels) and labels.shape == index.shape else None
         if self.score == "loss":
             values = outputs.get("per_sample_loss")

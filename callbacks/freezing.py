@@ -96,9 +96,10 @@ class SensitivityFreezer(Callback):
         seed: seed of the ``random`` baseline.
 
     The statistics are public (``freezer.statistics``) so other callbacks read them instead of
-    measuring again; :func:`find_gradient_statistics` finds them on a trainer. Per-tensor
-    statistics cover every trainable tensor (the pruner's per-layer sparsity reads them for
-    tensors this freezer may not freeze), finer ones only the candidates.
+    measuring again; :func:`~lightning_3d.sensitivity.find_gradient_statistics` finds them
+    among a trainer's callbacks. Per-tensor statistics cover every trainable tensor (the
+    pruner's per-layer sparsity reads them for tensors this freezer may not freeze), finer ones
+    only the candidates.
 
     Example:
         >>> SensitivityFreezer(target_trainable=0.03, schedule="progressive").schedule
@@ -492,21 +493,6 @@ class SensitivityFreezer(Callback):
             elif isinstance(logger, TensorBoardLogger):
                 figure = figure or sensitivity_heatmap(scores, self.layer_pattern)
                 logger.experiment.add_figure("freezer/heatmap", figure, trainer.global_step)
-
-
-def find_gradient_statistics(
-    trainer: Trainer, exclude: Callback | None = None
-) -> GradientStatistics | None:
-    """The gradient statistics a callback of ``trainer`` (other than ``exclude``) already
-    measures (the freezer's), so a second axis reads them instead of measuring again; ``None``
-    when no callback has them."""
-    for callback in trainer.callbacks:
-        if callback is exclude:
-            continue
-        statistics = getattr(callback, "statistics", None)
-        if isinstance(statistics, GradientStatistics):
-            return statistics
-    return None
 
 
 def _position_in(order: dict[int, int]) -> Any:

@@ -47,11 +47,12 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_3d.callbacks.curriculum import CurriculumSampler
 from lightning_3d.callbacks.distillation import Distiller
-from lightning_3d.callbacks.freezing import SensitivityFreezer, find_gradient_statistics
+from lightning_3d.callbacks.freezing import SensitivityFreezer
 from lightning_3d.callbacks.pruning import ProgressivePruner
 from lightning_3d.callbacks.quantization import QATHook
 from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.plan import STEP_ORDER, SparsityBackoff, ThreeDPlan, signal_pass
+from lightning_3d.sensitivity import find_gradient_statistics
 from lightning_3d.tasks import total_training_steps
 
 log = logging.getLogger(__name__)

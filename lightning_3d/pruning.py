@@ -298,6 +298,10 @@ def find_structures(model: nn.Module, kinds: Sequence[str]) -> list[StructureGro
 
     * heads, BERT family: a module with ``query``/``key``/``value`` linears and
       ``num_attention_heads``; the output projection is ``<parent>.output.dense``;
+    * heads, Llama family (grouped-query attention): a module with ``q_proj``/``k_proj``/
+      ``v_proj``/``o_proj`` and ``head_dim``; a unit is one key/value head with the query heads
+      that share it (``num_attention_heads / num_key_value_heads`` of them), so pruning keeps
+      the groups consistent;
     * neurons, BERT family: a block with ``intermediate.dense`` (up) and ``output.dense`` (down);
     * neurons, Llama family: a block with ``gate_proj``/``up_proj`` (up) and ``down_proj``.
 
@@ -329,6 +333,8 @@ def find_structures(model: nn.Module, kinds: Sequence[str]) -> list[StructureGro
                     (f"{parent}.output.dense.weight" if parent else "output.dense.weight", 1)
                 )
                 groups.append(StructureGroup(f"{prefix}heads", "heads", heads, tuple(members)))
+        if "heads" in kinds and _is_linear(module, "q_proj", "k_proj", "v_proj", "o_proj"):
+            groups.extend(_query_groups(module, prefix))
         if "neurons" in kinds:
             up, down = _ffn(module)
             if up:
@@ -342,6 +348,24 @@ def find_structures(model: nn.Module, kinds: Sequence[str]) -> list[StructureGro
                 members.append((f"{prefix}{down}.weight", 1))
                 groups.append(StructureGroup(f"{prefix}neurons", "neurons", width, tuple(members)))
     return groups
+
+
+def _query_groups(attention: nn.Module, prefix: str) -> list[StructureGroup]:
+    """The key/value groups of a Llama-style attention module as one structure group (empty
+    when the module has no ``head_dim`` or its projections do not divide into groups)."""
+    head_dim = int(getattr(attention, "head_dim", 0) or 0)
+    key, query = attention.k_proj, attention.q_proj
+    if not head_dim or key.out_features % head_dim or query.out_features % key.out_features:
+        return []
+    units = key.out_features // head_dim
+    members = [
+        (f"{prefix}{proj}.{kind}", 0)
+        for proj in ("q_proj", "k_proj", "v_proj")
+        for kind in ("weight", "bias")
+        if getattr(getattr(attention, proj), kind) is not None
+    ]
+    members.append((f"{prefix}o_proj.weight", 1))
+    return [StructureGroup(f"{prefix}heads", "heads", units, tuple(members))]
 
 
 def _is_linear(module: nn.Module, *names: str) -> bool:
@@ -429,11 +453,34 @@ def remove_pruned_structures(
         kept_counts[group.name] = int(kept.sum())
     config = getattr(model, "config", None)
     if config is not None:
-        neurons = {kept_counts[g.name] for g in groups if g.kind == "neurons"}
-        if len(neurons) == 1:
-            config.intermediate_size = neurons.pop()
+        _describe_in_config(model, config, groups, kept_counts)
         config.pruned_structures = kept_counts
     return kept_counts
+
+
+def _is_query_group(group: StructureGroup) -> bool:
+    """Whether ``group`` holds the key/value groups of a Llama-style attention module."""
+    return group.kind == "heads" and group.members[0][0].endswith("q_proj.weight")
+
+
+def _describe_in_config(
+    model: nn.Module, config: Any, groups: Sequence[StructureGroup], counts: Mapping[str, int]
+) -> None:
+    """Write the kept sizes into a Hugging Face config where every block keeps the same count:
+    ``intermediate_size`` (neurons) and, for grouped-query attention,
+    ``num_key_value_heads``, ``num_attention_heads`` and an explicit ``head_dim`` (so it is not
+    derived from the head count), so the model reloads with plain ``from_pretrained``."""
+    neurons = {counts[g.name] for g in groups if g.kind == "neurons"}
+    if len(neurons) == 1:
+        config.intermediate_size = neurons.pop()
+    query_groups = [g for g in groups if _is_query_group(g)]
+    kept = {counts[g.name] for g in query_groups}
+    if len(kept) == 1 and len(query_groups) == len([g for g in groups if g.kind == "heads"]):
+        attention = model.get_submodule(query_groups[0].name.removesuffix(".heads"))
+        per_group = attention.q_proj.out_features // attention.k_proj.out_features
+        config.head_dim = int(attention.head_dim)
+        config.num_key_value_heads = kept.pop()
+        config.num_attention_heads = config.num_key_value_heads * per_group
 
 
 def live_units(model: nn.Module, group: StructureGroup) -> torch.Tensor:
@@ -475,11 +522,12 @@ def remove_dead_units(
     unstructured pruning that happened to empty a unit) and the logits do not change.
 
     With ``config_compatible=True`` only what a Hugging Face config can describe is removed, so
-    the model reloads with plain ``from_pretrained``: neurons, down to the largest live count of
-    any block (blocks with fewer live neurons keep some zero ones), and no heads (BERT configs
-    derive the head size from ``hidden_size / num_attention_heads``); ``config.intermediate_size``
-    is updated. Otherwise each block keeps exactly its live units and ``config.pruned_structures``
-    records the counts (read by :func:`load_pruned`).
+    the model reloads with plain ``from_pretrained``: neurons and Llama-style key/value groups,
+    down to the largest live count of any block (blocks with fewer live units keep some zero
+    ones), and no BERT heads (BERT configs derive the head size from
+    ``hidden_size / num_attention_heads``); the config's sizes are updated. Otherwise each block
+    keeps exactly its live units and ``config.pruned_structures`` records the counts (read by
+    :func:`load_pruned`).
 
     Returns:
         ``{group name: (units kept, units before)}``.
@@ -492,11 +540,13 @@ def remove_dead_units(
     groups = find_structures(model, kinds)
     live = {group.name: live_units(model, group) for group in groups}
     if config_compatible:
-        groups = [group for group in groups if group.kind == "neurons"]
-        width = max((int(live[g.name].sum()) for g in groups), default=0)
-        for group in groups:  # top up with the first dead units to one width for every block
-            dead = torch.nonzero(~live[group.name]).squeeze(1)
-            live[group.name][dead[: width - int(live[group.name].sum())]] = True
+        groups = [g for g in groups if g.kind == "neurons" or _is_query_group(g)]
+        for kind in ("heads", "neurons"):  # top up with dead units to one width per kind
+            same = [g for g in groups if g.kind == kind]
+            width = max((int(live[g.name].sum()) for g in same), default=0)
+            for group in same:
+                dead = torch.nonzero(~live[group.name]).squeeze(1)
+                live[group.name][dead[: width - int(live[group.name].sum())]] = True
     counts = {}
     for group in groups:
         units = torch.nonzero(live[group.name]).squeeze(1)
@@ -506,9 +556,8 @@ def remove_dead_units(
             _shrink(model, group, units)
         counts[group.name] = (len(units), group.units)
     config = getattr(model, "config", None)
-    neurons = {counts[g.name][0] for g in groups if g.kind == "neurons"}
-    if config is not None and len(neurons) == 1:
-        config.intermediate_size = neurons.pop()
+    if config is not None:
+        _describe_in_config(model, config, groups, {n: kept for n, (kept, _) in counts.items()})
     if config is not None and not config_compatible:
         config.pruned_structures = {name: kept for name, (kept, _) in counts.items()}
     return counts
@@ -530,8 +579,10 @@ def _shrink(model: nn.Module, group: StructureGroup, units: torch.Tensor) -> Non
             weight = linear.weight.index_select(dim, index)
             linear.weight = nn.Parameter(weight)
         linear.out_features, linear.in_features = weight.shape
-    if group.kind == "heads":
-        attention = model.get_submodule(group.name.removesuffix("heads").rstrip("."))
+    if group.kind != "heads":
+        return
+    attention = model.get_submodule(group.name.removesuffix("heads").rstrip("."))
+    if hasattr(attention, "attention_head_size"):  # BERT family; Llama reads its shapes
         attention.num_attention_heads = len(units)
         attention.all_head_size = len(units) * attention.attention_head_size
 
@@ -543,9 +594,10 @@ def export_structured(
     path: str | Path | None = None,
 ) -> nn.Module:
     """Remove the pruned structures (:func:`remove_pruned_structures`) and, with ``path``, save
-    the Hugging Face model there with ``save_pretrained``. Neuron-only exports load with
-    ``from_pretrained``; exports with removed heads load with :func:`load_pruned`, because the
-    configs of the BERT family derive the head size from the head count."""
+    the Hugging Face model there with ``save_pretrained``. Exports of neurons and of Llama-style
+    key/value groups, the same count in every block, load with ``from_pretrained``; exports with
+    removed BERT heads (or uneven counts) load with :func:`load_pruned`, because the configs of
+    the BERT family derive the head size from the head count."""
     remove_pruned_structures(model, groups, masks)
     if path is not None:
         model.save_pretrained(path)

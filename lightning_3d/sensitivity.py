@@ -536,6 +536,34 @@ def sensitivity_heatmap(
     return figure
 
 
+def find_gradient_statistics(source: Any, exclude: Any = None) -> GradientStatistics | None:
+    """The gradient statistics a callback (other than ``exclude``) already measures, as its
+    public ``statistics`` attribute (the freezer's), so a second axis reads them instead of
+    measuring again; ``None`` when none has them.
+
+    Args:
+        source: a trainer (its ``callbacks`` are searched) or an iterable of callbacks.
+        exclude: a callback to skip (the one asking).
+
+    Example:
+        >>> class Measuring:
+        ...     statistics = GradientStatistics()
+        >>> freezer = Measuring()
+        >>> find_gradient_statistics([object(), freezer]) is freezer.statistics
+        True
+        >>> find_gradient_statistics([freezer], exclude=freezer) is None
+        True
+    """
+    callbacks = getattr(source, "callbacks", source)
+    for callback in callbacks:
+        if callback is exclude:
+            continue
+        statistics = getattr(callback, "statistics", None)
+        if isinstance(statistics, GradientStatistics):
+            return statistics
+    return None
+
+
 __all__ = [
     "DEFAULT_HEAD",
     "DEFAULT_LAYER_PATTERN",
@@ -549,6 +577,7 @@ __all__ = [
     "compile_pattern",
     "composite_sensitivity",
     "drop_from_optimizer",
+    "find_gradient_statistics",
     "group_parameters",
     "grouped",
     "layer_index",

@@ -6,6 +6,9 @@
   callback can read them in ``on_train_batch_end(outputs=...)``.
 * :class:`CausalLMTask`: any ``AutoModelForCausalLM`` (default SmolLM2-135M-Instruct from a GGUF
   file, converted once to safetensors); logs loss and perplexity.
+* :class:`PromptClassificationTask`: a causal LM fine-tuned to answer a prompt with one of a few
+  answers (:class:`~lightning_3d.data.RottenTomatoesPrompts`); accuracy by comparing the
+  log-probabilities of the answers (:func:`answer_log_probs`), no generation loop.
 
 Both accept an optional :class:`LoRASettings` to train ``peft`` LoRA adapters, not all weights.
 
@@ -22,6 +25,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +35,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_3d.data import IGNORE_INDEX
+from lightning_3d.data import IGNORE_INDEX, PromptTemplate
 from lightning_3d.distillation import TEACHER_KEY, distil
 from lightning_3d.models import (
     load_pretrained,
@@ -409,11 +413,155 @@ class CausalLMTask(PretrainedTask):
         self._log_epoch("test", self.test_loss)
 
 
+def answer_log_probs(
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    answers: Sequence[torch.Tensor],
+    logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""The log-probability of every candidate answer after every prompt, ``[batch, answers]``.
+
+    With ``p_i`` the prompt of row ``i`` (its first ``prompt_lengths[i]`` tokens) and answer
+    ``c`` the tokens ``a_c1 .. a_cm``::
+
+        score[i, c] = sum_j log softmax(logits(p_i + a_c)[|p_i| + j - 2])[a_cj]
+
+    the sum of the log-probabilities of the answer's tokens, each given everything before it.
+    When every answer is one token, one forward over the rows suffices: in a causal model the
+    logits at the prompt's last position do not depend on what follows it, so ``logits`` of the
+    batch itself (prompt and true answer) can be passed in and no forward runs. Otherwise each
+    prompt is run once per answer (``batch * answers`` rows).
+
+    Args:
+        logits_fn: ``(input_ids, attention_mask) -> logits [rows, length, vocabulary]``.
+        input_ids: ``[batch, length]``, each row starting with its prompt (right-padded).
+        prompt_lengths: ``[batch]`` prompt tokens per row.
+        answers: the token ids of each answer.
+        logits: ``logits_fn`` of ``input_ids`` already computed (used when every answer is one
+            token).
+
+    Example:
+        >>> table = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.25, 0.25]]))
+        >>> def bigram(ids, mask):  # next-token log-probabilities by the current token
+        ...     return table[ids]
+        >>> ids = torch.tensor([[0, 1], [1, 0]])
+        >>> answer_log_probs(bigram, ids, torch.tensor([1, 1]), [torch.tensor([1]),
+        ...                  torch.tensor([2])]).exp()
+        tensor([[0.2000, 0.7000],
+                [0.2500, 0.2500]])
+    """
+    rows = torch.arange(len(input_ids), device=input_ids.device)
+    if all(len(answer) == 1 for answer in answers):
+        if logits is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            mask = (positions < prompt_lengths[:, None]).long()
+            logits = logits_fn(input_ids, mask)
+        last = logits[rows, prompt_lengths - 1].float().log_softmax(-1)
+        return last[:, torch.stack([answer[0] for answer in answers]).to(last.device)]
+    sequences, spans = [], []
+    for row, length in zip(input_ids, prompt_lengths.tolist(), strict=True):
+        for answer in answers:
+            sequences.append(torch.cat([row[:length], answer.to(row.device)]))
+            spans.append((length, len(answer)))
+    longest = max(len(sequence) for sequence in sequences)
+    ids = input_ids.new_zeros((len(sequences), longest))
+    mask = torch.zeros_like(ids)
+    for index, sequence in enumerate(sequences):
+        ids[index, : len(sequence)] = sequence
+        mask[index, : len(sequence)] = 1
+    log_probs = logits_fn(ids, mask).float().log_softmax(-1)
+    scores = torch.stack(
+        [
+            log_probs[index, start - 1 : start - 1 + count]
+            .gather(-1, ids[index, start : start + count, None])
+            .sum()
+            for index, (start, count) in enumerate(spans)
+        ]
+    )
+    return scores.view(len(input_ids), len(answers))
+
+
+class PromptClassificationTask(CausalLMTask):
+    """Classify with a causal LM that answers a prompt: train on the answer tokens, predict the
+    answer of highest log-probability (:class:`~lightning_3d.data.PromptTemplate`).
+
+    The loss is :class:`CausalLMTask`'s over the answer tokens only (the data's labels mask the
+    prompt), so per-sample scores for the data axis are each sequence's mean answer-token loss.
+    Validation and test log ``acc`` (the answer of highest :func:`answer_log_probs` against the
+    true one), ``loss`` and ``ppl`` over the answer tokens. A test on plain text (for example
+    :class:`~lightning_3d.data.PlainTextLM` on Hamlet) logs ``loss`` and ``ppl`` over its tokens.
+
+    Args:
+        template: the answers to score, one per label; it must be the data's
+            (:class:`~lightning_3d.data.RottenTomatoesPrompts` ``template``), checked at setup.
+        The rest: as :class:`CausalLMTask`.
+
+    Example:
+        >>> task = PromptClassificationTask(lora=LoRASettings(r=16))  # doctest: +SKIP
+        >>> data = RottenTomatoesPrompts(tokenizer=task.tokenizer)  # doctest: +SKIP
+        >>> trainer.fit(task, datamodule=data)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        gguf_file: str | None = None,
+        lora: LoRASettings | None = None,
+        template: PromptTemplate | None = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+    ) -> None:
+        super().__init__(
+            model_name_or_path, gguf_file, lora, learning_rate, weight_decay, warmup_ratio
+        )
+        self.template = template or PromptTemplate()
+        self.answer_ids = self.template.answer_ids(self.tokenizer)
+        accuracy = MulticlassAccuracy(len(self.answer_ids), average="micro")
+        self.val_accuracy, self.test_accuracy = accuracy, accuracy.clone()
+
+    def setup(self, stage: str) -> None:
+        """Check that the data's prompts end in this task's answers, before any step runs."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        given = getattr(datamodule, "template", None)
+        if isinstance(given, PromptTemplate) and given.answers != self.template.answers:
+            raise ValueError(
+                f"the data's template answers {list(given.answers)} differ from the task's "
+                f"{list(self.template.answers)}; pass the same template to both"
+            )
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss, _ = causal_lm_losses(logits, batch["labels"])
+        metric.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if "class_label" not in batch:
+            return  # plain text: loss and perplexity only
+        scores = answer_log_probs(
+            self, batch["input_ids"], batch["prompt_length"], self.answer_ids, logits=logits
+        )
+        accuracy = self.val_accuracy if metric is self.val_loss else self.test_accuracy
+        accuracy.update(scores.argmax(-1), batch["class_label"])
+
+    def _log_epoch(self, stage: str, metric: MeanMetric) -> None:
+        super()._log_epoch(stage, metric)
+        accuracy = self.val_accuracy if stage == "val" else self.test_accuracy
+        if accuracy.update_called:
+            self.log(f"{stage}/acc", accuracy.compute(), prog_bar=True)
+            accuracy.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        scores = answer_log_probs(self, batch["input_ids"], batch["prompt_length"], self.answer_ids)
+        return {"index": batch["index"], "prediction": scores.argmax(-1), "scores": scores}
+
+
 __all__ = [
     "CausalLMTask",
     "LoRASettings",
     "PretrainedTask",
+    "PromptClassificationTask",
     "SequenceClassificationTask",
+    "answer_log_probs",
     "causal_lm_losses",
     "peak_memory_mb",
     "total_training_steps",

@@ -18,6 +18,7 @@ from lightning_3d.loggers import default_loggers, wandb_credentials_available
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "examples" / "configs" / "rt_minilm_baseline.yaml"
 LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
+PROMPT_CONFIG = REPO / "examples" / "configs" / "rt_smollm2_lora.yaml"
 FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
@@ -224,6 +225,7 @@ def test_every_example_config_is_tested() -> None:
 EXAMPLE_CONFIGS = [
     BASELINE,
     LM_CONFIG,
+    PROMPT_CONFIG,
     FSDP_CONFIG,
     CURRICULUM_CONFIG,
     FREEZER_CONFIG,

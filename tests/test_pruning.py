@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 from lightning_3d.pruning import (
@@ -25,6 +28,7 @@ from lightning_3d.pruning import (
     n_m_mask,
     obeys_n_m,
     parse_pattern,
+    remove_dead_units,
     remove_pruned_structures,
     sparsity_at,
     structured_masks,
@@ -199,6 +203,88 @@ def test_structured_export_is_smaller_and_computes_the_masked_function(
             plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
             assert plain.config.intermediate_size == 6
             assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """Grouped-query attention: 6 query heads of size 4 in 3 key/value groups, 10 neurons."""
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=24, intermediate_size=10, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=3, head_dim=4, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_llama_heads_are_key_value_groups_with_their_query_heads() -> None:
+    model = tiny_llama()
+    heads = find_structures(model, ["heads"])
+    assert [g.name for g in heads] == [f"model.layers.{i}.self_attn.heads" for i in range(2)]
+    group = heads[0]
+    assert group.units == 3  # key/value heads; each carries 2 query heads
+    prefix = "model.layers.0.self_attn."
+    assert group.members == (
+        (prefix + "q_proj.weight", 0),
+        (prefix + "k_proj.weight", 0),
+        (prefix + "v_proj.weight", 0),
+        (prefix + "o_proj.weight", 1),
+    )
+    # unit 1 is query rows 8..15 (query heads 2 and 3), key and value rows 4..7, output
+    # columns 8..15: the heads that Llama's attention pairs with key/value head 1
+    shapes = {p: model.get_parameter(p).shape for p, _ in group.members}
+    masks = group.element_masks(torch.tensor([True, False, True]), shapes)
+    assert torch.nonzero(~masks[prefix + "q_proj.weight"][:, 0]).flatten().tolist() == list(
+        range(8, 16)
+    )
+    assert torch.nonzero(~masks[prefix + "k_proj.weight"][:, 0]).flatten().tolist() == [4, 5, 6, 7]
+    assert torch.nonzero(~masks[prefix + "o_proj.weight"][0]).flatten().tolist() == list(
+        range(8, 16)
+    )
+
+
+def test_llama_structured_export_loads_with_plain_from_pretrained(tmp_path: Path) -> None:
+    model = tiny_llama()
+    groups = find_structures(model, ["heads", "neurons"])
+    params = dict(model.named_parameters())
+    scores = {p: params[p].detach().abs() for g in groups for p, _ in g.members}
+    masks = structured_masks(groups, scores, 0.4)  # 2 of 3 groups and 6 of 10 neurons kept
+    masked_copy(model, masks)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    export_structured(model, groups, masks, tmp_path)
+    attention = model.model.layers[1].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features) == (16, 8)
+    assert model.model.layers[1].mlp.up_proj.out_features == 6
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    config = plain.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 4)
+    assert config.intermediate_size == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_llama_dead_groups_are_removed_to_one_count_per_block() -> None:
+    model = tiny_llama()
+    with torch.no_grad():  # block 0: group 2 dead; block 1: groups 0 and 1 dead
+        for layer, dead in ((0, [2]), (1, [0, 1])):
+            attention = model.model.layers[layer].self_attn
+            for group in dead:
+                attention.q_proj.weight[group * 8 : (group + 1) * 8] = 0
+                attention.k_proj.weight[group * 4 : (group + 1) * 4] = 0
+                attention.v_proj.weight[group * 4 : (group + 1) * 4] = 0
+                attention.o_proj.weight[:, group * 8 : (group + 1) * 8] = 0
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    counts = remove_dead_units(model, ["heads"], config_compatible=True)
+    # one count for every block (the larger live count, 2), so the config describes it
+    assert counts == {
+        "model.layers.0.self_attn.heads": (2, 3),
+        "model.layers.1.self_attn.heads": (2, 3),
+    }
+    assert (model.config.num_key_value_heads, model.config.num_attention_heads) == (2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_remove_pruned_structures_counts_kept_units() -> None:
