@@ -48,6 +48,7 @@ from lightning_3d.distillation import (
     TeacherTargets,
     check_distillation,
     check_teacher,
+    check_tokenizers,
     teacher_logits,
     top_k_targets,
 )
@@ -182,6 +183,10 @@ class Distiller(Callback):
             teacher = self.source
         else:
             teacher = load_teacher(self.source, student, self.student)
+            own_tokenizer = getattr(pl_module, "tokenizer", None)
+            theirs = None if Path(self.source).is_file() else teacher_tokenizer(self.source)
+            if own_tokenizer is not None and theirs is not None:
+                check_tokenizers(theirs, own_tokenizer, self.source)
         check_teacher(teacher, student)
         self.teacher = freeze(teacher).to(pl_module.device)
 
@@ -317,6 +322,17 @@ def freeze(teacher: nn.Module) -> nn.Module:
     teacher.eval().requires_grad_(False)
     set_fake_quantization(teacher, False)
     return teacher
+
+
+def teacher_tokenizer(source: str) -> Any:
+    """The tokenizer saved with a Hugging Face teacher (folder or Hub id), or ``None`` when it
+    was saved without one (the vocabulary-size check still applies)."""
+    from lightning_3d.models import load_tokenizer, resolve_model_source
+
+    try:
+        return load_tokenizer(resolve_model_source(source))
+    except (OSError, ValueError):
+        return None
 
 
 def load_teacher(source: str, student: nn.Module, attribute: str) -> nn.Module:

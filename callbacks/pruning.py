@@ -268,8 +268,9 @@ class ProgressivePruner(Callback):
             if not self.groups:
                 raise ValueError(
                     f"ProgressivePruner: pattern={self.pattern!r} found no {' or '.join(kinds)} "
-                    "(BERT-family attention with query/key/value; BERT or Llama-family FFN "
-                    "blocks) whose tensors pass include/exclude"
+                    "(BERT-family attention with query/key/value, Llama-family attention with "
+                    "q/k/v/o_proj; BERT or Llama-family FFN blocks) whose tensors pass "
+                    "include/exclude"
                 )
             self.targets = list(dict.fromkeys(p for g in self.groups for p, _ in g.members))
         else:

@@ -403,6 +403,33 @@ def check_teacher(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
         )
 
 
+def check_tokenizers(teacher: Any, student: Any, source: str) -> None:
+    """Raise ``ValueError`` when the teacher at ``source`` has another tokenizer than the
+    student (other tokens, or the same tokens at other ids): the batch's token ids would mean
+    other text to it, even when the vocabularies have the same size.
+
+    Example:
+        >>> class Vocabulary:
+        ...     def __init__(self, tokens): self.tokens = tokens
+        ...     def get_vocab(self): return {t: i for i, t in enumerate(self.tokens)}
+        >>> check_tokenizers(Vocabulary(["a", "b"]), Vocabulary(["b", "a"]), "teacher/")
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Distiller: the teacher teacher/ has another tokenizer ... e.g. 'a': 0 vs 1)...
+    """
+    mine, theirs = student.get_vocab(), teacher.get_vocab()
+    differing = sorted(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
+    if differing:
+        token = differing[0]
+        raise ValueError(
+            f"Distiller: the teacher {source} has another tokenizer than the student "
+            f"({len(differing)} of {len(mine)} token ids differ, e.g. {token!r}: "
+            f"{theirs.get(token)} vs {mine.get(token)}); distil from a model of the student's "
+            "tokenizer"
+        )
+
+
 __all__ = [
     "TEACHER_INPUTS",
     "TEACHER_KEY",
@@ -411,6 +438,7 @@ __all__ = [
     "blend",
     "check_distillation",
     "check_teacher",
+    "check_tokenizers",
     "distil",
     "kd_loss",
     "output_shape",

@@ -351,12 +351,21 @@ def find_structures(model: nn.Module, kinds: Sequence[str]) -> list[StructureGro
 
 
 def _query_groups(attention: nn.Module, prefix: str) -> list[StructureGroup]:
-    """The key/value groups of a Llama-style attention module as one structure group (empty
-    when the module has no ``head_dim`` or its projections do not divide into groups)."""
+    """The key/value groups of a Llama-style attention module as one structure group.
+
+    Raises:
+        ValueError: the module has no ``head_dim``, or its query heads do not divide into its
+            key/value groups (so no pruning could keep the groups consistent).
+    """
     head_dim = int(getattr(attention, "head_dim", 0) or 0)
     key, query = attention.k_proj, attention.q_proj
     if not head_dim or key.out_features % head_dim or query.out_features % key.out_features:
-        return []
+        raise ValueError(
+            f"cannot prune the heads of {prefix.rstrip('.') or 'the model'}: "
+            f"q_proj has {query.out_features} and k_proj {key.out_features} outputs with "
+            f"head_dim={head_dim or None}; grouped-query heads need whole key/value heads and "
+            "the same number of query heads per key/value head. Prune 'neurons' only"
+        )
     units = key.out_features // head_dim
     members = [
         (f"{prefix}{proj}.{kind}", 0)

@@ -150,7 +150,22 @@ class PretrainedTask(LightningModule):
         if lora is not None:
             from peft import get_peft_model
 
-            model = get_peft_model(model, lora.to_peft(task_type))
+            try:
+                model = get_peft_model(model, lora.to_peft(task_type))
+            except ValueError as error:
+                if "not found in the base model" not in str(error):
+                    raise
+                linears = sorted(
+                    {
+                        name.rsplit(".", 1)[-1]
+                        for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear)
+                    }
+                )
+                raise ValueError(
+                    f"LoRA target_modules={lora.target_modules!r} match no module of "
+                    f"{type(model).__name__}; its linear layers are named {linears}"
+                ) from error
         self.model = model.train()
 
     def configure_optimizers(self) -> dict[str, Any]:

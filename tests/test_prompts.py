@@ -210,3 +210,30 @@ def test_a_data_template_with_other_answers_is_refused_before_training(
     trainer = Trainer(max_steps=1, logger=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"template answers \[' bad', ' good'\] differ"):
         trainer.fit(prompt_task, datamodule=data)
+
+
+def test_a_lora_target_that_matches_nothing_names_the_layers_there() -> None:
+    with pytest.raises(ValueError, match=r"target_modules=\['query'\] match no module .*'q_proj'"):
+        PromptClassificationTask(lora=LoRASettings(target_modules=["query"]))
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_training(
+    prompt_task, minilm_tokenizer, tmp_path
+) -> None:
+    from lightning_3d.callbacks import Distiller
+
+    # the same architecture and vocabulary size as SmolLM2, saved with another tokenizer
+    teacher = tmp_path / "teacher"
+    vocabulary = prompt_task.model.get_base_model().config.vocab_size
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocabulary, hidden_size=16, intermediate_size=32,
+                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    ).save_pretrained(teacher)  # fmt: skip
+    minilm_tokenizer.save_pretrained(teacher)
+    data = RottenTomatoesPrompts(tokenizer=prompt_task.tokenizer, max_length=40, batch_size=2)
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        callbacks=[Distiller(str(teacher), alpha=0.5)],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"the teacher .*teacher has another tokenizer"):
+        trainer.fit(prompt_task, datamodule=data)

@@ -263,6 +263,16 @@ def test_llama_structured_export_loads_with_plain_from_pretrained(tmp_path: Path
         torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_llama_heads_that_do_not_divide_into_groups_are_refused() -> None:
+    model = tiny_llama()
+    attention = model.model.layers[1].self_attn
+    attention.q_proj = torch.nn.Linear(24, 20, bias=False)  # 5 query heads over 3 groups
+    attention.o_proj = torch.nn.Linear(20, 24, bias=False)
+    with pytest.raises(ValueError, match=r"heads of model\.layers\.1\.self_attn: q_proj has 20"):
+        find_structures(model, ["heads"])
+    assert len(find_structures(model, ["neurons"])) == 2  # neurons alone still prune
+
+
 def test_llama_dead_groups_are_removed_to_one_count_per_block() -> None:
     model = tiny_llama()
     with torch.no_grad():  # block 0: group 2 dead; block 1: groups 0 and 1 dead
