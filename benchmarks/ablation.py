@@ -32,7 +32,10 @@ Each run (one set-up, one seed) is a fresh process that seeds, builds, fits and 
 
 Each run writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir`` (the row, the
 settings, the git commit) and is skipped when that file exists (``--force`` reruns it), so a
-sweep can be done in parts. The seed-0 export of each set-up stays under ``--export-dir``.
+sweep can be done in parts. The seed-0 export of each set-up stays under ``--export-dir``. A
+file with a ``"contended"`` entry (a note saying what else ran) comes from a run that shared
+the CPU with other work: its accuracy counts, its times are left out of the means (``null`` in
+the summary).
 
 ``--latency`` then loads the ONNX file of every set-up's seed-0 export in one process and times
 them round-robin at batch 1 and 32 of ``--max-length`` tokens (median of ``--latency-rounds``
@@ -114,12 +117,13 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
 
 #: Each set-up: the keyword arguments of its ThreeDPlan, and optionally ``"steps"``, the fraction
 #: of Standard's optimizer steps it may take (the trainer's ``max_steps``). The single-axis rows
-#: use the strengths the 3D plan uses where it uses them; 3D is the solver's allocation for
-#: time 0.5 and size 0.25.
+#: are fixed strengths, the points of the measured accuracy curves the solver reads (it
+#: interpolates between them and the axis off); 3D is the solver's allocation for time 0.5 and
+#: size 0.25, and the leave-one-out rows measure what each of its axes adds.
 THREE_D = solver_row() if ALLOCATION.exists() else {}
 MODEL_AXIS = ("sparsity", "prune_pattern", "weight_bits", "quantize_at")
-#: The model-axis row before the solver has chosen one: the smallest sparsity of its grid with
-#: int8 weights quantized at export (the deployment this CPU runs fastest).
+#: The model-axis row: the smallest sparsity of the solver's grid, with int8 weights quantized at
+#: export (the deployment this CPU runs fastest).
 DEFAULT_MODEL = {
     "sparsity": 0.2,
     "prune_pattern": "heads+neurons",
@@ -129,10 +133,10 @@ DEFAULT_MODEL = {
 SETUPS: dict[str, dict[str, Any]] = {
     "Standard": {},
     "Standard-half": {STEPS: 0.5},
-    "DataOpt": {"data_budget": THREE_D.get("data_budget", 0.5)},
-    "ParamOpt": {"trainable": THREE_D.get("trainable", 0.5)},
-    "ModelOpt": {k: v for k, v in THREE_D.items() if k in MODEL_AXIS} or DEFAULT_MODEL,
-    "Distill": {"distill": THREE_D.get("distill", 0.5)},
+    "DataOpt": {"data_budget": 0.5},
+    "ParamOpt": {"trainable": 0.5},
+    "ModelOpt": DEFAULT_MODEL,
+    "Distill": {"distill": 0.5},
     "3D": THREE_D,
 }
 #: The 3D row less one axis each (derived, so they follow the 3D row when it is tuned).
@@ -160,6 +164,8 @@ BATCHES = (1, 32)  # latency batch sizes
 #: export costs (the ``weight_bits`` point of ``quantize_at="export"`` in the accuracy curves).
 EXPORTS = ("onnx", "onnx-int8")
 PER_SEED = ("test_acc", "train_s", "cpu_s", "peak_train_mib")  # the summary's per-seed lists
+#: Figures a run that shared the CPU with other work (``"contended"`` in its file) cannot give.
+TIMES = ("train_s", "cpu_s")
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
@@ -501,8 +507,10 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
         if not runs:
             continue
         entry: dict[str, Any] = {"seeds": [d["seed"] for d in runs]}
-        for key in PER_SEED:
-            entry[key] = [d["row"][key] for d in runs]
+        for key in PER_SEED:  # a contended run's times are null: other work shared the CPU
+            entry[key] = [
+                None if key in TIMES and d.get("contended") else d["row"][key] for d in runs
+            ]
         first = next((d for d in runs if d["seed"] == 0), None)
         entry["model_bytes"] = None if first is None else int(first["row"]["model_bytes"])
         timed = latency.get("latency", {}).get(source, {})
@@ -515,12 +523,19 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     return {"regime": regime, "setups": setups}
 
 
-def mean(values: list[float] | None) -> float | None:
-    return statistics.mean(values) if values else None
+def measured_values(values: list[float | None] | None) -> list[float]:
+    """The values that were measured (a contended run's times are ``None``)."""
+    return [value for value in values or [] if value is not None]
 
 
-def spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+def mean(values: list[float | None] | None) -> float | None:
+    kept = measured_values(values)
+    return statistics.mean(kept) if kept else None
+
+
+def spread(values: list[float | None]) -> float:
+    kept = measured_values(values)
+    return statistics.stdev(kept) if len(kept) > 1 else 0.0
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -542,9 +557,13 @@ def table(summary: dict[str, Any]) -> str:
     ]
 
     def measured(entry: dict[str, Any], key: str, spec: str) -> str:
-        values = entry[key]
+        values = measured_values(entry[key])
+        if not values:
+            return "-"
         text = f"{statistics.mean(values):{spec}}"
-        return f"{text} ± {spread(values):{spec}}" if len(values) > 1 else text
+        text = f"{text} ± {spread(values):{spec}}" if len(values) > 1 else text
+        left_out = len(entry[key]) - len(values)
+        return f"{text} ({len(values)} of {len(entry[key])})" if left_out else text
 
     def versus(entry: dict[str, Any], key: str) -> str:
         return times(ratio(mean(entry[key]), mean(base.get(key))))
@@ -690,7 +709,9 @@ def pareto_plot(summary: dict[str, Any], path: Path) -> Path:
                     continue
                 x, x_sd = entry[key] / 2**20, 0.0
             else:
-                x, x_sd = statistics.mean(entry[key]), spread(entry[key])
+                x, x_sd = mean(entry[key]), spread(entry[key])
+                if x is None:
+                    continue
             panel.errorbar(x, accuracy, xerr=x_sd, yerr=accuracy_sd, fmt="o", capsize=3)
             panel.annotate(name, (x, accuracy), textcoords="offset points", xytext=(5, 5))
             points.append((x, accuracy))
@@ -732,32 +753,38 @@ def summarize(args: argparse.Namespace) -> None:
 def measured_curves(args: argparse.Namespace) -> None:
     """The accuracy curves these runs measured, saved for ``--solve`` and
     ``plan.budget.curves``: each single-axis row against Standard, and, since every run exports
-    both an fp32 and an int8 graph of one trained model, two more readings per float-trained
-    run: its fp32 export (the run without ``weight_bits``) and its int8 export (the run with
-    ``weight_bits=8`` quantized at export). So Standard's int8 export gives the ``weight_bits``
-    point and a pruned row's fp32 export the ``sparsity`` point."""
+    both an fp32 and an int8 graph of one trained model, two readings per float-trained set-up:
+    its fp32 exports (the set-up without ``weight_bits``) and its int8 exports (the set-up with
+    ``weight_bits=8`` quantized at export). The int8 reading is the fp32 mean plus the mean
+    change from fp32 to int8 over the runs that have both, so it is paired run by run even when
+    only some runs have an int8 export. Standard's int8 reading gives the ``weight_bits`` point,
+    a pruned set-up's fp32 reading the ``sparsity`` point."""
     from lightning_3d.budget import AXES, AccuracyCurves
 
     readings: dict[str, list[float]] = {}
+    changes: dict[str, list[float]] = {}  # set-up -> int8 - fp32, run by run
     strengths: dict[str, dict[str, Any]] = {}
     for document in current_documents(args):
         setup, row = document["setup"], document["row"]
         axes = {k: v for k, v in SETUPS[setup].items() if k in AXES}
-        float_axes = {k: v for k, v in axes.items() if k != "weight_bits"}
         if axes.get("weight_bits") and not quantized_at_export(setup):
-            pairs = [(setup, axes, row["test_acc"])]  # QAT: the trained model is quantized
-        else:  # files from before both exports were made hold the fp32 one as export_acc
-            fp32 = row.get("onnx_acc")
-            if fp32 is None and document["settings"].get("export_format") == "onnx":
-                fp32 = row["export_acc"]
-            pairs = [
-                (f"{setup} fp32", float_axes, fp32),
-                (f"{setup} int8", {**float_axes, "weight_bits": 8}, row.get("onnx_int8_acc")),
-            ]
-        for name, given, accuracy in pairs:
-            if accuracy is not None:
-                readings.setdefault(name, []).append(accuracy)
-                strengths[name] = given
+            readings.setdefault(setup, []).append(row["test_acc"])  # QAT: quantized in training
+            strengths[setup] = axes
+            continue
+        fp32 = row.get("onnx_acc")  # older files hold the fp32 export's accuracy as export_acc
+        if fp32 is None and document["settings"].get("export_format") == "onnx":
+            fp32 = row["export_acc"]
+        if fp32 is None:
+            continue
+        float_axes = {k: v for k, v in axes.items() if k != "weight_bits"}
+        readings.setdefault(f"{setup} fp32", []).append(fp32)
+        strengths[f"{setup} fp32"] = float_axes
+        if row.get("onnx_int8_acc") is not None:
+            changes.setdefault(setup, []).append(row["onnx_int8_acc"] - fp32)
+            strengths[f"{setup} int8"] = {**float_axes, "weight_bits": 8}
+    for setup, deltas in changes.items():
+        base = statistics.fmean(readings[f"{setup} fp32"])
+        readings[f"{setup} int8"] = [base + statistics.fmean(deltas)]
     document = {
         "unit": "percent",
         "setups": {name: {"test_acc": values} for name, values in readings.items()},

@@ -47,8 +47,11 @@ _EXPORTS: dict[str, str] = {
     "GradientCompressor": "lightning_3d.compression",
     "SequenceClassificationTask": "lightning_3d.tasks",
     "CausalLMTask": "lightning_3d.tasks",
+    "PromptClassificationTask": "lightning_3d.tasks",
     "LoRASettings": "lightning_3d.tasks",
     "RottenTomatoes": "lightning_3d.data",
+    "RottenTomatoesPrompts": "lightning_3d.data",
+    "PromptTemplate": "lightning_3d.data",
     "PlainTextLM": "lightning_3d.data",
 }
 
@@ -65,8 +68,11 @@ __all__ = [
     "PlanBudget",
     "PlanCoordinator",
     "ProgressivePruner",
+    "PromptClassificationTask",
+    "PromptTemplate",
     "QATHook",
     "RottenTomatoes",
+    "RottenTomatoesPrompts",
     "SensitivityFreezer",
     "SequenceClassificationTask",
     "ThreeDPlan",

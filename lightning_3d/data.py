@@ -738,7 +738,8 @@ class RottenTomatoesPrompts(RottenTomatoes):
         tokenizer: a tokenizer object, a model name/path, or ``None`` for SmolLM2's tokenizer.
         template: the prompt and the answers, one per label in label order.
         max_length: tokens per sequence, prompt and answer included (the text is cut).
-        The rest: as :class:`RottenTomatoes`.
+        kwargs: the other arguments of :class:`RottenTomatoes` (sources, splits, label noise,
+            workers, cache).
 
     Example:
         >>> data = RottenTomatoesPrompts(batch_size=8, max_length=96)  # doctest: +SKIP
@@ -750,27 +751,18 @@ class RottenTomatoesPrompts(RottenTomatoes):
         self,
         tokenizer: Any = None,
         template: PromptTemplate | None = None,
-        dataset: str | None = None,
-        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
-        dataset_config: str | None = None,
-        text_column: str = "text",
-        label_column: str = "label",
-        label_names: list[str] | None = None,
         max_length: int = 96,
         batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        split_seed: int = 1234,
-        train_label_noise: float = 0.0,
-        num_workers: int = 0,
-        cache_dir: str | None = None,
+        label_names: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            tokenizer, dataset, data_files, dataset_config, text_column, label_column,
-            label_names, max_length, batch_size, eval_batch_size, val_fraction, test_fraction,
-            split_seed, train_label_noise, num_workers, cache_dir,
-        )  # fmt: skip
+            tokenizer,
+            max_length=max_length,
+            batch_size=batch_size,
+            label_names=label_names,
+            **kwargs,
+        )
         self.template = template or PromptTemplate()
         if label_names is not None and len(label_names) != len(self.template.answers):
             raise ValueError(

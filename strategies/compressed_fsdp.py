@@ -42,6 +42,10 @@ from lightning_3d.strategies._compressed import (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+#: What the strategy does with parameters that do not require gradients (``frozen=``).
+FROZEN_POLICIES = ("shard", "replicate")
+
+
 def _dtype(name: str | None, argument: str) -> torch.dtype | None:
     if name is None:
         return None
@@ -86,6 +90,11 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             scale per ``block_size`` entries, as DeepSpeed's qwZ). Every rank computes with the
             same decoded weights, its own shard included; the fp32 master shards the optimizer
             updates are untouched.
+        frozen: what happens to parameters that do not require gradients when the strategy
+            shards (a LoRA base, a frozen backbone): ``"shard"`` (FSDP2's default: sharded and
+            all-gathered like the rest, in ``all_gather``'s format) or ``"replicate"`` (kept
+            whole on every rank, outside FSDP: no all-gather ever carries them, at the memory of
+            a full copy per rank). Either way only trainable gradients are reduce-scattered.
         shard_modules: class names to shard as units (default: the transformer blocks).
         min_num_params: also shard every module with this many parameters not yet in a unit.
         param_dtype, reduce_dtype: FSDP2 mixed precision (``"bfloat16"``, ``"float16"``,
@@ -118,6 +127,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         nonfinite: str = "propagate",
         compress: bool = True,
         all_gather: str = "none",
+        frozen: str = "shard",
         shard_modules: list[str] | None = None,
         min_num_params: int | None = None,
         param_dtype: str | None = None,
@@ -142,6 +152,9 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         if all_gather not in ALL_GATHER_FORMATS:
             raise ValueError(f"all_gather must be one of {ALL_GATHER_FORMATS}, got {all_gather!r}")
         self.all_gather_format = all_gather
+        if frozen not in FROZEN_POLICIES:
+            raise ValueError(f"frozen must be one of {FROZEN_POLICIES}, got {frozen!r}")
+        self.frozen = frozen
         if min_num_params is not None and min_num_params <= 0:
             raise ValueError(f"min_num_params must be positive, got {min_num_params}")
         self.compress = compress
@@ -190,6 +203,9 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
 
     def _shard(self, module: torch.nn.Module) -> None:
         mesh = self.device_mesh["data_parallel"]
+        kept_whole = None
+        if self.frozen == "replicate":
+            kept_whole = {p for p in module.parameters() if not p.requires_grad}
         for target in shard_targets(module, self.shard_modules, self.min_num_params):
             fully_shard(
                 target,
@@ -197,6 +213,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
                 mp_policy=self.mp_policy,
                 offload_policy=self.offload_policy,
                 reshard_after_forward=self.reshard_after_forward,
+                ignored_params=kept_whole,
             )
 
     def _install_reduce_scatter(self, module: torch.nn.Module) -> None:

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "examples" / "configs" / "rt_minilm_baseline.yaml"
 LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
 PROMPT_CONFIG = REPO / "examples" / "configs" / "rt_smollm2_lora.yaml"
+PROMPT_PLAN_CONFIG = REPO / "examples" / "configs" / "rt_smollm2_3d.yaml"
 FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
@@ -226,6 +227,7 @@ EXAMPLE_CONFIGS = [
     BASELINE,
     LM_CONFIG,
     PROMPT_CONFIG,
+    PROMPT_PLAN_CONFIG,
     FSDP_CONFIG,
     CURRICULUM_CONFIG,
     FREEZER_CONFIG,

@@ -40,7 +40,7 @@ def job(
     tmp_path_factory: pytest.TempPathFactory, launch_two_ranks: Any
 ) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("distributed")
-    scenarios = "parity,resume,ddp,feedback,reduce_ops,own_sharding"
+    scenarios = "parity,resume,ddp,feedback,reduce_ops,own_sharding,frozen_replicated"
     for rank, result in enumerate(launch_two_ranks(scenarios, out, timeout=1500)):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
     merged: list[dict[str, Any]] = [{}, {}]
@@ -164,6 +164,21 @@ def test_configure_model_sharding_wins(job):
     _, (rank0, _) = job
     assert rank0["units"] == ["body"]  # the policy would have made each Linear a unit too
     assert rank0["calls"] == 3  # 3 steps, one compressed reduce-scatter each
+
+
+def test_frozen_parameters_can_stay_whole_on_every_rank(job):
+    for result in job[1]:
+        # FSDP2's default shards the frozen base too; "replicate" leaves it out of FSDP
+        assert result["shard_sharded"] == [
+            "adapter.bias", "adapter.weight", "base.bias", "base.weight",
+        ]  # fmt: skip
+        assert result["replicate_sharded"] == ["adapter.bias", "adapter.weight"]
+        # the same training either way: frozen weights never move, the adapter learns alike
+        assert result["shard_base_moved"] == 0.0 and result["replicate_base_moved"] == 0.0
+        assert result["adapter_moved"] > 1e-4
+        assert result["replicate_vs_shard"] <= 1e-6
+        # one compressed reduce-scatter per step, of the trainable gradients only, both ways
+        assert result["shard_calls"] == result["replicate_calls"] == 3
 
 
 def test_compressed_run_stays_close_to_dense(job):

@@ -508,6 +508,53 @@ def own_sharding(out: Path) -> dict[str, Any]:
     return {"units": units, "calls": strategy.comm_totals.calls}
 
 
+class PartlyFrozen(pl.LightningModule):
+    """A frozen base layer (as under LoRA) and a trainable one after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = torch.nn.Linear(64, 256)
+        self.adapter = torch.nn.Linear(256, 64)
+        self.base.requires_grad_(False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.adapter(torch.tanh(self.base(batch[0]))).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def frozen_replicated(out: Path) -> dict[str, Any]:
+    """Frozen parameters sharded (FSDP2's default) against kept whole on every rank."""
+    result: dict[str, Any] = {}
+    runs = {}
+    for frozen in ("shard", "replicate"):
+        module = PartlyFrozen()
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        torch.manual_seed(1)
+        data = torch.utils.data.TensorDataset(torch.randn(8 * RANKS * 3, 64))
+        strategy = CompressedFSDPStrategy(min_numel=0, frozen=frozen)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=RANKS, strategy=strategy, max_steps=3, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=8))
+        result[f"{frozen}_sharded"] = sorted(
+            n for n, p in module.named_parameters() if hasattr(p, "device_mesh")
+        )
+        runs[frozen] = full_parameters(module)
+        result[f"{frozen}_base_moved"] = max(
+            float((runs[frozen][n] - before[n]).abs().max()) for n in before if "base" in n
+        )
+        result[f"{frozen}_calls"] = strategy.comm_totals.calls
+    result["replicate_vs_shard"] = max_difference(runs["replicate"], runs["shard"])
+    result["adapter_moved"] = float(
+        (runs["replicate"]["adapter.weight"] - PartlyFrozen().adapter.weight).abs().max()
+    )
+    return result
+
+
 class DyingModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -857,6 +904,7 @@ SCENARIOS = {
     "reduce_ops": reduce_ops,
     "all_gather": all_gather,
     "own_sharding": own_sharding,
+    "frozen_replicated": frozen_replicated,
     "die": die,
     "curriculum": curriculum,
     "freezer": freezer,
