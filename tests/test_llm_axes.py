@@ -104,13 +104,19 @@ def test_heads_and_neurons_pruned_on_smollm2_reload_with_plain_from_pretrained(
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     pruner.export(task, tmp_path / "pruned")
+    with torch.no_grad():
+        removed = model(input_ids=ids).logits
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     config = loaded.config
     # SmolLM2-135M: 3 key/value groups of 3 query heads and 1536 neurons per block
     assert (config.num_key_value_heads, config.num_attention_heads, config.head_dim) == (2, 6, 64)
     assert config.intermediate_size == 1024
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    with torch.no_grad():  # what was saved is what was exported, bit for bit
+        torch.testing.assert_close(loaded(input_ids=ids).logits, removed, atol=0, rtol=0)
+    # the smaller matrices sum in another order over 30 blocks: logits of magnitude ~20 agree
+    # to about 1e-4 relative, and every next-token choice is the masked model's
+    torch.testing.assert_close(removed, expected, atol=5e-3, rtol=1e-3)
+    assert torch.equal(removed.argmax(-1), expected.argmax(-1))
 
 
 @pytest.mark.slow
