@@ -210,6 +210,8 @@ def test_every_example_config_is_tested() -> None:
         [
             BASELINE,
             LM_CONFIG,
+            PROMPT_CONFIG,
+            PROMPT_PLAN_CONFIG,
             FSDP_CONFIG,
             CURRICULUM_CONFIG,
             FREEZER_CONFIG,
