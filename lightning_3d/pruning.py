@@ -467,6 +467,11 @@ def remove_pruned_structures(
     return kept_counts
 
 
+def _attention_of(model: nn.Module, group: StructureGroup) -> nn.Module:
+    """The attention module whose heads ``group`` holds (its name less ``.heads``)."""
+    return model.get_submodule(group.name.removesuffix("heads").rstrip("."))
+
+
 def _is_query_group(group: StructureGroup) -> bool:
     """Whether ``group`` holds the key/value groups of a Llama-style attention module."""
     return group.kind == "heads" and group.members[0][0].endswith("q_proj.weight")
@@ -485,7 +490,7 @@ def _describe_in_config(
     query_groups = [g for g in groups if _is_query_group(g)]
     kept = {counts[g.name] for g in query_groups}
     if len(kept) == 1 and len(query_groups) == len([g for g in groups if g.kind == "heads"]):
-        attention = model.get_submodule(query_groups[0].name.removesuffix(".heads"))
+        attention = _attention_of(model, query_groups[0])
         per_group = attention.q_proj.out_features // attention.k_proj.out_features
         config.head_dim = int(attention.head_dim)
         config.num_key_value_heads = kept.pop()
@@ -590,7 +595,7 @@ def _shrink(model: nn.Module, group: StructureGroup, units: torch.Tensor) -> Non
         linear.out_features, linear.in_features = weight.shape
     if group.kind != "heads":
         return
-    attention = model.get_submodule(group.name.removesuffix("heads").rstrip("."))
+    attention = _attention_of(model, group)
     if hasattr(attention, "attention_head_size"):  # BERT family; Llama reads its shapes
         attention.num_attention_heads = len(units)
         attention.all_head_size = len(units) * attention.attention_head_size

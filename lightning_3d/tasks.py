@@ -402,12 +402,14 @@ class CausalLMTask(PretrainedTask):
         )
         return {"per_sample_loss": per_sequence, "index": batch["index"]}
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
-        loss, _ = causal_lm_losses(
-            self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
-        )
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> torch.Tensor:
+        """Add the batch's token-mean loss to ``metric`` (weighted by its tokens); return the
+        logits."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss, _ = causal_lm_losses(logits, batch["labels"])
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         metric.update(loss, weight=tokens)
+        return logits
 
     def _log_epoch(self, stage: str, metric: MeanMetric) -> None:
         loss = metric.compute()
@@ -546,17 +548,16 @@ class PromptClassificationTask(CausalLMTask):
                 f"{list(self.template.answers)}; pass the same template to both"
             )
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss, _ = causal_lm_losses(logits, batch["labels"])
-        metric.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> torch.Tensor:
+        logits = super()._evaluate(batch, metric)
         if "class_label" not in batch:
-            return  # plain text: loss and perplexity only
+            return logits  # plain text: loss and perplexity only
         scores = answer_log_probs(
             self, batch["input_ids"], batch["prompt_length"], self.answer_ids, logits=logits
         )
         accuracy = self.val_accuracy if metric is self.val_loss else self.test_accuracy
         accuracy.update(scores.argmax(-1), batch["class_label"])
+        return logits
 
     def _log_epoch(self, stage: str, metric: MeanMetric) -> None:
         super()._log_epoch(stage, metric)
