@@ -10,9 +10,9 @@ all-gathers): bytes on the wire, validation accuracy, wall time.
 rate-limited with ``tc`` (token bucket), one rank in each, gloo over that link only (addresses
 10.77.0.1 and 10.77.0.2 inside namespaces this script creates and removes). Per-step time of
 dense FSDP2 (also with ``reshard_after_forward=False``: one parameter all-gather less per step),
-FSDP2 with compressed gradients, with compressed gradients and int8 or bf16 parameter
-all-gathers, DDP, DDP with PyTorch's PowerSGD hook, and DDP with our compressed hook, at each
-rate, with the bytes each rank sends per step in both directions.
+FSDP2 with compressed gradients, with compressed gradients and int8, bf16 or int4-difference
+parameter all-gathers, DDP, DDP with PyTorch's PowerSGD hook, and DDP with our compressed hook,
+at each rate, with the bytes each rank sends per step in both directions.
 
 Usage::
 
@@ -63,6 +63,7 @@ def make_strategy(name: str) -> Any:
         "fsdp2_compressed": {},
         "fsdp2_compressed_int8_gather": {"all_gather": "int8"},
         "fsdp2_compressed_bf16_gather": {"all_gather": "bf16"},
+        "fsdp2_compressed_int4_delta_gather": {"all_gather": "int4_delta"},
     }
     if name in fsdp:
         return CompressedFSDPStrategy(**fsdp[name])
@@ -333,6 +334,7 @@ def main() -> None:
                 "fsdp2_compressed",
                 "fsdp2_compressed_int8_gather",
                 "fsdp2_compressed_bf16_gather",
+                "fsdp2_compressed_int4_delta_gather",
                 "ddp",
                 "ddp_powersgd",
                 "ddp_compressed",

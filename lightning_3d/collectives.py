@@ -480,41 +480,108 @@ class CompressedReduceScatter(_FSDPComm, ReduceScatter):
         return None
 
 
-ALL_GATHER_FORMATS = ("none", "bf16", "int8")
+ALL_GATHER_FORMATS = ("none", "bf16", "int8", "int4_delta")
 GATHERABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QUANTIZED_LEVELS = {8: 127, 4: 7}
 
 
 def quantize_blocks(
-    x: torch.Tensor, block_size: int, codes: torch.Tensor, scales: torch.Tensor
+    x: torch.Tensor, block_size: int, codes: torch.Tensor, scales: torch.Tensor, levels: int = 127
 ) -> None:
-    """Symmetric int8 with one fp32 scale per ``block_size`` entries (as DeepSpeed's qwZ):
-    ``s_b = max|x_b| / 127``, ``q_i = round(x_i / s_b)`` (0 where ``s_b = 0``), into ``codes``
-    (int8, ``blocks * block_size``: the tail past ``x`` is zero) and ``scales`` (fp32)."""
+    """Symmetric integers with one fp32 scale per ``block_size`` entries (as DeepSpeed's qwZ):
+    ``s_b = max|x_b| / levels``, ``q_i = round(x_i / s_b)`` (0 where ``s_b = 0``), into ``codes``
+    (int8, ``blocks * block_size``: the tail past ``x`` is zero) and ``scales`` (fp32).
+    ``levels`` is 127 for int8 and 7 for int4."""
     blocks = scales.numel()
     padded = x.new_zeros(blocks * block_size, dtype=torch.float32)
     padded[: x.numel()] = x.reshape(-1)
     grouped = padded.view(blocks, block_size)
-    scales.copy_(grouped.abs().amax(dim=1) / 127.0)
+    scales.copy_(grouped.abs().amax(dim=1) / levels)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
-    codes.view(blocks, block_size).copy_(torch.round(grouped / safe).clamp_(-127, 127))
+    codes.view(blocks, block_size).copy_(torch.round(grouped / safe).clamp_(-levels, levels))
 
 
-def int8_slot_nbytes(numel: int, block_size: int) -> int:
-    """Bytes one rank sends in an int8 all-gather of ``numel`` entries: scales, then codes."""
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Int8 codes in ``[-7, 7]`` (an even count) as unsigned nibbles, two per byte: entry ``2i``
+    in the low half of byte ``i``, entry ``2i + 1`` in the high half, each offset by 8.
+
+    Example:
+        >>> pack_nibbles(torch.tensor([-7, 7, 0, 1], dtype=torch.int8)).tolist()
+        [241, 152]
+    """
+    offset = (codes.to(torch.int16) + 8).to(torch.uint8).view(-1, 2)
+    return offset[:, 0] | (offset[:, 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 codes :func:`pack_nibbles` packed.
+
+    Example:
+        >>> unpack_nibbles(torch.tensor([241, 152], dtype=torch.uint8)).tolist()
+        [-7, 7, 0, 1]
+    """
+    pairs = torch.stack((packed & 15, packed >> 4), dim=1).view(-1)
+    return (pairs.to(torch.int16) - 8).to(torch.int8)
+
+
+def block_slot_nbytes(numel: int, block_size: int, bits: int = 8) -> int:
+    """Bytes one rank sends for ``numel`` entries at ``bits`` per code: scales, then codes."""
     blocks = -(-numel // block_size)
-    return 4 * blocks + blocks * block_size
+    return 4 * blocks + blocks * block_size * bits // 8
+
+
+def encode_block_slot(x: torch.Tensor, block_size: int, bits: int) -> torch.Tensor:
+    """``x`` as one uint8 message: ``blocks`` fp32 scales, then ``bits``-bit codes
+    (:func:`quantize_blocks`; int4 codes packed by :func:`pack_nibbles`)."""
+    blocks = -(-x.numel() // block_size)
+    slot = torch.empty(block_slot_nbytes(x.numel(), block_size, bits), dtype=torch.uint8,
+                       device=x.device)  # fmt: skip
+    scales = slot[: 4 * blocks].view(torch.float32)
+    if bits == 8:
+        quantize_blocks(x, block_size, slot[4 * blocks :].view(torch.int8), scales)
+    else:
+        codes = torch.empty(blocks * block_size, dtype=torch.int8, device=x.device)
+        quantize_blocks(x, block_size, codes, scales, QUANTIZED_LEVELS[bits])
+        slot[4 * blocks :] = pack_nibbles(codes)
+    return slot
+
+
+def decode_block_slot(slot: torch.Tensor, numel: int, block_size: int, bits: int) -> torch.Tensor:
+    """The ``numel`` fp32 values of a message from :func:`encode_block_slot`.
+
+    Example:
+        >>> x = torch.tensor([7.0, -3.0, 2.4, 0.0, 3.5, -1.0, 0.6, 0.0])  # scales 1 and 0.5
+        >>> decode_block_slot(encode_block_slot(x, 4, 4), 8, 4, 4).tolist()
+        [7.0, -3.0, 2.0, 0.0, 3.5, -1.0, 0.5, 0.0]
+    """
+    blocks = -(-numel // block_size)
+    scales = slot[: 4 * blocks].clone().view(torch.float32)  # a copy: the row may be unaligned
+    payload = slot[4 * blocks :]
+    codes = payload.view(torch.int8) if bits == 8 else unpack_nibbles(payload)
+    return (codes.view(blocks, block_size).float() * scales.unsqueeze(1)).view(-1)[:numel]
 
 
 class CompressedAllGather(_FSDPComm, AllGather):
-    """FSDP2 ``AllGather`` that sends each rank's parameter shard as ``"bf16"`` or block-``"int8"``.
+    """FSDP2 ``AllGather`` that sends each rank's parameter shard as ``"bf16"``, block-``"int8"``
+    or ``"int4_delta"``.
 
     Every rank, its own shard included, writes the *decoded* shards into the unsharded
     parameters, so all ranks compute with identical weights; the sharded fp32 master weights the
     optimizer updates are untouched. Sizes follow from the shard size alone (FSDP2 pads every
     rank's shard to the same length), so nothing waits for the host.
 
-    Wire bytes per rank and gather, for ``n`` fp32 entries: ``n`` (+ ``4 n / block_size`` of
-    scales) for int8, ``2 n`` for bf16, against ``4 n`` (``2 n`` with a bf16 ``param_dtype``).
+    ``"int4_delta"`` (as SDP4Bit) keeps ``R``, the decoded copy of the whole unit from the last
+    gather, on every rank. The first gather (and the first after :meth:`reset`) sends int8 and
+    sets ``R`` to what it decoded; every later one sends the *difference* to it in 4 bits, one
+    scale per block (levels -7..7), and every rank updates ``R_p <- R_p + D(Q(w_p - R_p))`` for
+    each rank ``p``. What was not sent stays in ``w_p - R_p`` and goes out with the next gather,
+    so the error never accumulates: after a gather ``|w - R| <= max_b |w - R_prev| / 14`` per
+    block. It costs one unsharded fp32 copy of the unit per rank (the memory
+    ``reshard_after_forward=False`` spends) and is rebuilt, not saved, on resume.
+
+    Wire bytes per rank and gather, for ``n`` fp32 entries: ``n / 2`` (+ ``4 n / block_size``
+    of scales) for int4_delta, ``n`` (+ scales) for int8, ``2 n`` for bf16, against ``4 n``
+    (``2 n`` with a bf16 ``param_dtype``).
 
     Example (per FSDP unit; :class:`~lightning_3d.strategies.CompressedFSDPStrategy` does it)::
 
@@ -529,10 +596,18 @@ class CompressedAllGather(_FSDPComm, AllGather):
             raise ValueError(
                 f"all_gather must be one of {ALL_GATHER_FORMATS}, got {value_format!r}"
             )
+        if value_format == "int4_delta" and block_size % 2:
+            raise ValueError(f"all_gather='int4_delta' needs an even block_size, got {block_size}")
         self.state = state
         self.name = name
         self.value_format = value_format
         self.block_size = block_size
+        self.reference: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the reference copy: the next ``"int4_delta"`` gather sends int8 again (the
+        strategy calls this when a checkpoint replaces the weights)."""
+        self.reference = None
 
     def __call__(
         self,
@@ -557,24 +632,10 @@ class CompressedAllGather(_FSDPComm, AllGather):
                 _all_gather_single(received, send, group=group)
                 gathered_view.copy_(received.view(world, numel))
                 slot = 2 * numel
+            elif self.value_format == "int8":
+                slot = self._gather_blocks(input_tensor, gathered_view, group, 8, add=False)
             else:
-                slot = int8_slot_nbytes(numel, self.block_size)
-                blocks = -(-numel // self.block_size)
-                send = torch.empty(slot, dtype=torch.uint8, device=input_tensor.device)
-                quantize_blocks(
-                    input_tensor,
-                    self.block_size,
-                    send[4 * blocks :].view(torch.int8),
-                    send[: 4 * blocks].view(torch.float32),
-                )
-                received = send.new_empty(world * slot)
-                _all_gather_single(received, send, group=group)
-                rows = received.view(world, slot)
-                for source in range(world):  # one shard's fp32 copy at a time, not all of them
-                    scales = rows[source, : 4 * blocks].clone().view(torch.float32)
-                    codes = rows[source, 4 * blocks :].view(torch.int8)
-                    decoded = codes.view(blocks, self.block_size).float() * scales.unsqueeze(1)
-                    gathered_view[source].copy_(decoded.view(-1)[:numel])
+                slot = self._gather_delta(input_tensor, gathered_view, group)
         except RuntimeError as error:
             raise CollectiveError(_failure_message(group, error)) from error
         stats = self.state.recorded
@@ -582,6 +643,44 @@ class CompressedAllGather(_FSDPComm, AllGather):
         stats.all_gather_dense_bytes += numel * input_tensor.element_size() * (world - 1)
         stats.seconds += time.perf_counter() - started
         return None
+
+    def _gather_blocks(
+        self,
+        values: torch.Tensor,
+        target: torch.Tensor,
+        group: dist.ProcessGroup,
+        bits: int,
+        add: bool,
+    ) -> int:
+        """All-gather ``values`` block-quantized; row ``p`` of ``target`` gets rank ``p``'s
+        decoded values (added to it with ``add``). Returns the bytes of one rank's message."""
+        send = encode_block_slot(values, self.block_size, bits)
+        received = send.new_empty(len(target) * send.numel())
+        _all_gather_single(received, send, group=group)
+        rows = received.view(len(target), send.numel())
+        for source in range(len(target)):  # one shard's fp32 copy at a time, not all of them
+            decoded = decode_block_slot(rows[source], values.numel(), self.block_size, bits)
+            if add:
+                target[source].add_(decoded)
+            else:
+                target[source].copy_(decoded)
+        return send.numel()
+
+    def _gather_delta(
+        self, input_tensor: torch.Tensor, gathered_view: torch.Tensor, group: dist.ProcessGroup
+    ) -> int:
+        world, numel = gathered_view.shape
+        reference = self.reference
+        if reference is None or reference.shape != (world, numel):
+            reference = input_tensor.new_empty((world, numel), dtype=torch.float32)
+            slot = self._gather_blocks(input_tensor, reference, group, 8, add=False)
+        else:
+            # the difference is taken before the output is written: FSDP2's input may alias it
+            own = reference[dist.get_rank(group)]
+            slot = self._gather_blocks(input_tensor.float() - own, reference, group, 4, add=True)
+        self.reference = reference
+        gathered_view.copy_(reference)
+        return slot
 
 
 def own_parameters(unit: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

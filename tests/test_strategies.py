@@ -20,11 +20,17 @@ import torch.distributed as dist
 
 from lightning_3d.collectives import (
     CommStats,
+    CompressedAllGather,
     CompressedCommState,
+    block_slot_nbytes,
+    decode_block_slot,
+    encode_block_slot,
     encode_slots,
     own_chunk,
+    pack_nibbles,
     reduce_op_scale,
     slot_nbytes,
+    unpack_nibbles,
 )
 from lightning_3d.compression import GradientCompressor
 from lightning_3d.sharding import shard_targets, transformer_block_classes
@@ -109,9 +115,10 @@ def test_reduce_ops_uneven_and_empty_shards_on_more_ranks(ranks, launch_two_rank
 
 
 @pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_parameters_all_gathered_as_bf16_and_int8(ranks, launch_two_ranks, tmp_path):
+def test_parameters_all_gathered_compressed(ranks, launch_two_ranks, tmp_path):
     """Every rank computes with the same decoded weights, equal to an independent expectation;
-    the fp32 master shards stay exact; a fit compressed both ways trains."""
+    the fp32 master shards stay exact; 4-bit differences track moved masters without
+    accumulating error; fits compressed both ways train."""
     results = launch_two_ranks("all_gather", tmp_path, 900, ranks=ranks)
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
@@ -119,7 +126,8 @@ def test_parameters_all_gathered_as_bf16_and_int8(ranks, launch_two_ranks, tmp_p
         json.loads((tmp_path / f"all_gather.rank{r}.json").read_text()) for r in range(ranks)
     ]
     for output in outputs:
-        for value_format, block_bytes in (("bf16", 2.0), ("int8", 1.0 + 4 / 8)):
+        # int4_delta's first gather is int8
+        for value_format, block_bytes in (("bf16", 2.0), ("int8", 1.5), ("int4_delta", 1.5)):
             figures = output[value_format]
             assert figures["whole_vs_expected"] <= 1e-6 and figures["changed"]
             assert figures["uneven_error"] <= figures["uneven_bound"] / 2 + 1e-7
@@ -127,21 +135,65 @@ def test_parameters_all_gathered_as_bf16_and_int8(ranks, launch_two_ranks, tmp_p
             # per rank and gather: block_bytes per entry against 4 (padding rounds up)
             ratio = figures["dense_bytes"] / figures["wire_bytes"]
             assert 4 / block_bytes * 0.8 <= ratio <= 4 / block_bytes
-        both = output["both_ways"]
-        assert both["steps"] == 6 and 3.0 <= both["all_gather_ratio"] <= 4.0
-        assert both["gradient_ratio"] > 8
-        # the last step's figures, summed over ranks, in trainer.callback_metrics without a logger
-        seen = both["callback_metrics"]
-        assert seen["comm/all_gather_wire_bytes"] > 0 and seen["comm/wire_bytes"] > 0
-        assert 3.0 <= seen["comm/compression_ratio"] <= both["gradient_ratio"]
-        assert all(math.isfinite(loss) for loss in output["losses_both_ways"])
-        # int8 weights and compressed gradients stay close to dense FSDP2 over 6 steps
-        assert output["losses_both_ways"] == pytest.approx(output["losses_dense_fsdp"], abs=0.05)
+        delta = output["int4_delta"]["delta"]
+        assert delta["second_vs_expected"] <= 1e-6 and delta["spread"] == 0.0
+        assert delta["masters_exact"]
+        # the 4-bit difference lands closer to the moved weights than int8 of the weights did
+        assert delta["second_error"] < delta["int8_error"]
+        assert delta["refined_over_bound"] <= 1.0 + 1e-4
+        # two gathers of 4-bit codes (half a byte) plus a scale per 8 entries: 1 byte of 4
+        assert 4 * 0.8 <= delta["dense_bytes"] / delta["wire_bytes"] <= 4
+        for value_format in ("int8", "int4_delta"):
+            both = output[f"both_ways_{value_format}"]
+            # int8: 1 byte of 4 per entry; int4_delta: the first gather int8, then half a byte
+            low, high = (3.0, 4.0) if value_format == "int8" else (5.0, 8.0)
+            assert both["steps"] == 6 and low <= both["all_gather_ratio"] <= high
+            assert both["gradient_ratio"] > 8
+            # the last step's figures, summed over ranks, in callback_metrics without a logger
+            seen = both["callback_metrics"]
+            assert seen["comm/all_gather_wire_bytes"] > 0 and seen["comm/wire_bytes"] > 0
+            assert 3.0 <= seen["comm/compression_ratio"] <= both["gradient_ratio"]
+            losses = output[f"losses_both_ways_{value_format}"]
+            assert all(math.isfinite(loss) for loss in losses)
+            # compressed weights and gradients stay close to dense FSDP2 over 6 steps
+            assert losses == pytest.approx(output["losses_dense_fsdp"], abs=0.05)
 
 
 def test_all_gather_format_is_checked_at_construction():
     with pytest.raises(ValueError, match="all_gather must be one of"):
         CompressedFSDPStrategy(all_gather="int4")
+    with pytest.raises(ValueError, match="int4_delta' needs an even block_size, got 9"):
+        CompressedAllGather(CompressedCommState(GradientCompressor()), "0", "int4_delta", 9)
+
+
+def test_nibbles_round_trip_every_code_in_place():
+    codes = torch.arange(-7, 8, dtype=torch.int8).repeat(2)[:-1]  # 29 codes: pad to even
+    codes = torch.cat([codes, torch.zeros(1, dtype=torch.int8)])
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == codes.numel() // 2
+    assert torch.equal(unpack_nibbles(packed), codes)
+    # entry 2i in the low nibble: -7 + 8 = 1 low, -6 + 8 = 2 high
+    assert int(packed[0]) == 1 | (2 << 4)
+
+
+@pytest.mark.parametrize("bits, levels", [(8, 127), (4, 7)])
+def test_block_messages_decode_within_half_a_step(bits, levels):
+    """Each entry comes back within half its block's step ``max|x_b| / levels``; the tail of
+    the last block is padding; the message has the documented size."""
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * torch.linspace(
+        0.01, 3, 1000
+    )
+    slot = encode_block_slot(x, 64, bits)
+    assert slot.numel() == block_slot_nbytes(1000, 64, bits) == 4 * 16 + 16 * 64 * bits // 8
+    decoded = decode_block_slot(slot, 1000, 64, bits)
+    padded = torch.cat([x, x.new_zeros(24)]).view(16, 64)
+    step = padded.abs().amax(dim=1, keepdim=True) / levels
+    error = torch.cat([x - decoded, x.new_zeros(24)]).view(16, 64).abs()
+    assert bool((error <= step / 2 * (1 + 1e-5)).all())
+    assert bool((error > 0).any())  # it is lossy
+    # the largest entry of every block comes back to float rounding (code +-levels)
+    largest = torch.arange(16) * 64 + padded.abs().argmax(dim=1)
+    assert torch.allclose(decoded[largest[:15]], x[largest[:15]], rtol=1e-6, atol=0)
 
 
 def test_all_gather_option_keeps_the_strategys_collective():

@@ -411,7 +411,7 @@ def all_gather(out: Path) -> dict[str, Any]:
         dist.init_process_group("gloo", rank=RANK, world_size=RANKS)
     mesh = init_device_mesh("cpu", (RANKS,))
     result: dict[str, Any] = {}
-    for value_format in ("bf16", "int8"):
+    for value_format in ("bf16", "int8", "int4_delta"):
         torch.manual_seed(0)  # the same full weights on every rank, known here without a gather
         model = torch.nn.Sequential(torch.nn.Linear(16, 12, bias=False), torch.nn.Linear(12, 5))
         full = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -419,24 +419,14 @@ def all_gather(out: Path) -> dict[str, Any]:
         for index, layer in enumerate(model):
             fully_shard(layer, mesh=mesh)
             layer.set_custom_all_gather(CompressedAllGather(state, str(index), value_format, 8))
-        gathered = {}
-        for index, layer in enumerate(model):
-            layer.unshard()
-            for name, param in layer.named_parameters():
-                gathered[f"{index}.{name}"] = param.detach().clone()
-            layer.reshard()
+        gathered = gather_all(model)
         masters = own_shards(dict(model.named_parameters()))
         stats = state.take_stats()
         weight = full["0.weight"]  # 12 rows: whole, equal shards on 2, 3 and 4 ranks
         if value_format == "bf16":
             expected = weight.to(torch.bfloat16).float()
-        else:  # each rank's shard alone in its unit: blocks of 8 over the flattened shard
-            shards = [chunk.reshape(-1, 8) for chunk in weight.chunk(RANKS)]
-            decoded = []
-            for shard in shards:
-                scale = shard.abs().amax(dim=1, keepdim=True) / 127.0
-                decoded.append((torch.round(shard / scale).clamp(-127, 127) * scale).view(-1))
-            expected = torch.cat(decoded).view_as(weight)
+        else:  # each rank's shard alone in its unit, int8 first: blocks of 8 over the shard
+            expected = blockwise(weight, 127)
         bias_scale = full["1.bias"].abs().max()
         uneven_entries = torch.cat([full["1.weight"].flatten(), full["1.bias"]])
         result[value_format] = {
@@ -451,20 +441,77 @@ def all_gather(out: Path) -> dict[str, Any]:
             "wire_bytes": stats.all_gather_wire_bytes,
             "dense_bytes": stats.all_gather_dense_bytes,
         }
-    both_ways = CompressedFSDPStrategy(all_gather="int8")
-    task, result["losses_both_ways"] = fit(both_ways)
+        if value_format == "int4_delta":
+            result[value_format]["delta"] = delta_gathers(model, full, expected, state)
     _, result["losses_dense_fsdp"] = fit(CompressedFSDPStrategy(compress=False))
-    totals = both_ways.comm_totals
-    seen = task.trainer.callback_metrics  # no logger in this fit: the strategy still reports
-    result["both_ways"] = {
-        "all_gather_ratio": totals.all_gather_dense_bytes / totals.all_gather_wire_bytes,
-        "gradient_ratio": totals.dense_bytes / totals.wire_bytes,
-        "overall_ratio": (totals.dense_bytes + totals.all_gather_dense_bytes)
-        / (totals.wire_bytes + totals.all_gather_wire_bytes),
-        "callback_metrics": {k: float(v) for k, v in seen.items() if k.startswith("comm/")},
-        "steps": task.trainer.global_step,
-    }
+    for value_format in ("int8", "int4_delta"):
+        both_ways = CompressedFSDPStrategy(all_gather=value_format)
+        task, result[f"losses_both_ways_{value_format}"] = fit(both_ways)
+        totals = both_ways.comm_totals
+        seen = task.trainer.callback_metrics  # no logger in this fit: the strategy still reports
+        result[f"both_ways_{value_format}"] = {
+            "all_gather_ratio": totals.all_gather_dense_bytes / totals.all_gather_wire_bytes,
+            "gradient_ratio": totals.dense_bytes / totals.wire_bytes,
+            "overall_ratio": (totals.dense_bytes + totals.all_gather_dense_bytes)
+            / (totals.wire_bytes + totals.all_gather_wire_bytes),
+            "callback_metrics": {k: float(v) for k, v in seen.items() if k.startswith("comm/")},
+            "steps": task.trainer.global_step,
+        }
     return result
+
+
+def gather_all(model: torch.nn.Sequential) -> dict[str, torch.Tensor]:
+    """What every layer's parameters are after one all-gather (unshard, copy, reshard)."""
+    gathered = {}
+    for index, layer in enumerate(model):
+        layer.unshard()
+        for name, param in layer.named_parameters():
+            gathered[f"{index}.{name}"] = param.detach().clone()
+        layer.reshard()
+    return gathered
+
+
+def blockwise(full: torch.Tensor, levels: int) -> torch.Tensor:
+    """``full`` as every rank decodes it when each rank's row shard is quantized on its own in
+    blocks of 8 with ``levels`` levels (written out here, independently of the library)."""
+    decoded = []
+    for shard in full.chunk(RANKS):
+        blocks = shard.reshape(-1, 8)
+        scale = blocks.abs().amax(dim=1, keepdim=True) / levels
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        decoded.append((torch.round(blocks / safe).clamp(-levels, levels) * scale).view(-1))
+    return torch.cat(decoded).view_as(full)
+
+
+def delta_gathers(
+    model: torch.nn.Sequential, full: dict[str, torch.Tensor], first: torch.Tensor, state: Any
+) -> dict[str, Any]:
+    """int4_delta after the first (int8) gather: the masters move by a known step, the next
+    gather sends 4-bit differences to the int8 copy, and one more gather without a change
+    refines what the last one left."""
+    step = torch.randn(full["0.weight"].shape, generator=torch.Generator().manual_seed(1)) * 1e-2
+    with torch.no_grad():
+        model[0].weight.to_local().add_(expected_shard(step))
+    moved = full["0.weight"] + step
+    second = gather_all(model)["0.weight"]
+    expected = first + blockwise(moved - first, 7)
+    third = gather_all(model)["0.weight"]
+    stats = state.take_stats()
+    left = (moved - second).abs().reshape(-1, 8).amax(dim=1)
+    refined = (moved - third).abs().reshape(-1, 8).amax(dim=1)
+    return {
+        "second_vs_expected": float((second - expected).abs().max()),
+        "second_error": float((second - moved).abs().max()),
+        "int8_error": float((first - moved).abs().max()),
+        # the third gather's error, per block, against what the second left over 14
+        "refined_over_bound": float((refined / (left / 14).clamp_min(1e-12)).max()),
+        "spread": rank_spread({"second": second, "third": third}),
+        "masters_exact": torch.equal(
+            own_shards({"w": model[0].weight})["w"], expected_shard(moved)
+        ),
+        "wire_bytes": stats.all_gather_wire_bytes,
+        "dense_bytes": stats.all_gather_dense_bytes,
+    }
 
 
 class SelfShardingModule(pl.LightningModule):
