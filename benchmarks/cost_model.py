@@ -11,6 +11,9 @@ Model (per GPU, per optimizer step, ``W`` data-parallel GPUs, ``P`` parameters, 
 * int8 parameter all-gather (``all_gather="int8"``): ``P * (1 + 4 / block)`` bytes instead of
   ``2P`` (bf16), plus de-quantizing the gathered layer, taken to cost a copy of it in fp32
   (``4P / copy_throughput``) per gather
+* 4-bit difference all-gather (``all_gather="int4_delta"``): ``P * (1 / 2 + 4 / block)`` bytes,
+  plus decoding and adding to the kept copy, taken to cost two copies (``8P / copy_throughput``)
+  per gather
 * FSDP2 with ``reshard_after_forward``: two all-gathers of bf16 parameters (``2P`` bytes each:
   forward and backward) and one reduce-scatter of fp32 gradients (``4P`` bytes), each in ``L``
   pieces (one per unit, so ``L`` latencies each)
@@ -65,12 +68,15 @@ def ring(nbytes: float, world: int, rate: float, a: Assumptions, pieces: int) ->
 
 def step_times(params: float, layers: int, world: int, rate: float, a: Assumptions) -> dict:
     """Seconds per step: compute, and compute plus communication for dense FSDP2, compressed
-    gradients (``grads``) and compressed gradients with int8 parameter gathers (``both``), each
-    without overlap and (``*_overlap``) with full overlap."""
+    gradients (``grads``) and compressed gradients with int8 parameter gathers (``both``) or
+    4-bit difference gathers (``both4``), each without overlap and (``*_overlap``) with full
+    overlap."""
     compute = 6 * params * a.tokens_per_gpu / (a.peak_flops * a.mfu)
     gathers = 2 * ring(2 * params, world, rate, a, layers)
     int8_bytes = params * (1 + 4 / a.gather_block)
     int8_gathers = 2 * (ring(int8_bytes, world, rate, a, layers) + 4 * params / a.copy_bytes_per_s)
+    int4_bytes = params * (0.5 + 4 / a.gather_block)
+    int4_gathers = 2 * (ring(int4_bytes, world, rate, a, layers) + 8 * params / a.copy_bytes_per_s)
     dense_rs = ring(4 * params, world, rate, a, layers)
     compressed_rs = (
         layers * (world - 1) * a.alpha_s
@@ -82,6 +88,7 @@ def step_times(params: float, layers: int, world: int, rate: float, a: Assumptio
         "dense": gathers + dense_rs,
         "grads": gathers + compressed_rs,
         "both": int8_gathers + compressed_rs,
+        "both4": int4_gathers + compressed_rs,
     }
     times = {"compute": compute}
     for name, seconds in comm.items():
@@ -124,6 +131,7 @@ def calibrate(path: Path) -> tuple[float, float, str]:
         "fsdp2_compressed": 0.5 * (2 * 4 + 4 / Assumptions.rho),
         "fsdp2_compressed_int8_gather": 0.5 * (2 * (1 + 4 / 256) + 4 / Assumptions.rho),
         "fsdp2_compressed_bf16_gather": 0.5 * (2 * 2 + 4 / Assumptions.rho),
+        "fsdp2_compressed_int4_delta_gather": 0.5 * (2 * (0.5 + 4 / 256) + 4 / Assumptions.rho),
         "fsdp2_no_reshard": 0.5 * (4 + 4),
     }
     for rate_name, rows in table.items():
@@ -155,18 +163,21 @@ def main() -> None:
     models = {"1B": (1e9, a.layers_1b), "7B": (7e9, a.layers_7b)}
     print(
         "| model | GPUs | link Gbit/s | compute s | dense s | grads compressed s | both ways s "
-        "| speed-up, grads | speed-up, both | speed-up, both, full overlap |"
+        "| both, int4 differences s | speed-up, grads | speed-up, both | speed-up, both int4 "
+        "| speed-up, both, full overlap | speed-up, both int4, full overlap |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, (params, layers) in models.items():
         for link in args.links_gbit:
             for world in args.gpus:
                 t = step_times(params, layers, world, link * 1e9 / 8, a)
                 print(
                     f"| {model} | {world} | {link:.0f} | {t['compute']:.2f} | {t['dense']:.2f} | "
-                    f"{t['grads']:.2f} | {t['both']:.2f} | {t['dense'] / t['grads']:.2f}x | "
-                    f"{t['dense'] / t['both']:.2f}x | "
-                    f"{t['dense_overlap'] / t['both_overlap']:.2f}x |"
+                    f"{t['grads']:.2f} | {t['both']:.2f} | {t['both4']:.2f} | "
+                    f"{t['dense'] / t['grads']:.2f}x | {t['dense'] / t['both']:.2f}x | "
+                    f"{t['dense'] / t['both4']:.2f}x | "
+                    f"{t['dense_overlap'] / t['both_overlap']:.2f}x | "
+                    f"{t['dense_overlap'] / t['both4_overlap']:.2f}x |"
                 )
     codec = a.codec_measured or "assumed, not measured"
     print(
@@ -175,7 +186,8 @@ def main() -> None:
         f"{a.decode_bytes_per_s / 1e12:.2f} TB/s, copy {a.copy_bytes_per_s / 1e12:.2f} TB/s of "
         f"fp32 per GPU ({codec}), {a.peak_flops / 1e12:.0f} TFLOP/s at {a.mfu:.0%} MFU, "
         f"{a.tokens_per_gpu} tokens per GPU per step, bf16 parameters gathered twice per step, "
-        "(int8 with one fp32 scale per 256 entries when both ways), fp32 gradients "
+        "(int8, or 4-bit differences, with one fp32 scale per 256 entries when both ways), "
+        "fp32 gradients "
         "reduce-scattered once (reduce_dtype=float32), one FSDP unit per layer, every GPU on its "
         "own link, no host syncs in the codec."
     )
