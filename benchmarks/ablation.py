@@ -758,15 +758,24 @@ def measured_curves(args: argparse.Namespace) -> None:
     ``weight_bits=8`` quantized at export). The int8 reading is the fp32 mean plus the mean
     change from fp32 to int8 over the runs that have both, so it is paired run by run even when
     only some runs have an int8 export. Standard's int8 reading gives the ``weight_bits`` point,
-    a pruned set-up's fp32 reading the ``sparsity`` point."""
+    a pruned set-up's fp32 reading the ``sparsity`` point, a frozen set-up's reading the
+    ``trainable`` point at the share its freezer reached (whole tensors: not its target)."""
     from lightning_3d.budget import AXES, AccuracyCurves
 
     readings: dict[str, list[float]] = {}
     changes: dict[str, list[float]] = {}  # set-up -> int8 - fp32, run by run
     strengths: dict[str, dict[str, Any]] = {}
-    for document in current_documents(args):
+    documents = current_documents(args)
+    # the freezer keeps whole tensors: a trainable point is the share it reached, not the target
+    every_parameter = max(
+        (d["row"].get("trainable_params", 0) for d in documents if d["setup"] == "Standard"),
+        default=0,
+    )
+    for document in documents:
         setup, row = document["setup"], document["row"]
         axes = {k: v for k, v in SETUPS[setup].items() if k in AXES}
+        if "trainable" in axes and every_parameter and row.get("trainable_params"):
+            axes["trainable"] = round(row["trainable_params"] / every_parameter, 4)
         if axes.get("weight_bits") and not quantized_at_export(setup):
             readings.setdefault(setup, []).append(row["test_acc"])  # QAT: quantized in training
             strengths[setup] = axes
@@ -874,7 +883,7 @@ def solve(args: argparse.Namespace) -> None:
     allocation, its reasons and the predicted cost, and save them beside the results."""
     from curriculum import prepare_data
 
-    from lightning_3d.plan import ThreeDPlan, parameter_shares
+    from lightning_3d.plan import ThreeDPlan, freezable_units, parameter_shares
     from lightning_3d.tasks import SequenceClassificationTask
 
     time_budget, size_budget = args.solve
@@ -887,7 +896,7 @@ def solve(args: argparse.Namespace) -> None:
         cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,
         epochs=args.epochs, compressible_share=compressible, head_share=head,
         quantized_overhead=QUANTIZED_OVERHEAD, curves=args.curves,
-        quantize_at=args.quantize_at,
+        quantize_at=args.quantize_at, freezable=freezable_units(task.model),
     )  # fmt: skip
     allocation = plan.allocation
     assert allocation is not None
@@ -896,6 +905,7 @@ def solve(args: argparse.Namespace) -> None:
         "curves": "prior" if args.curves is None else args.curves.name,
         "quantize_at": allocation.quantize_at,
         "strengths": allocation.strengths,
+        "trainable_reached": allocation.trainable_reached,
         "predicted_train_s": allocation.time_s,
         "time_fraction": allocation.time_fraction,
         "size_fraction": allocation.size_fraction,

@@ -1034,6 +1034,39 @@ def size_fraction(
 # -- the solver -----------------------------------------------------------------------------------
 
 
+def reachable_trainable(target: float, units: Sequence[float]) -> float:
+    """The share of the parameters a freezer with ``target_trainable=target`` leaves trainable,
+    given the freezable tensors' shares ``units`` (everything else, ``1 - sum(units)``, always
+    trains). The freezer keeps whole tensors and never more than ``target``, so the share moves
+    in steps; this takes the tensors that fit, largest first::
+
+        reached = (1 - sum(units)) + sum of the units kept while the total stays <= target
+
+    (the freezer ranks by sensitivity rather than size, so it can keep other tensors of the
+    same total; a tensor larger than what is left is frozen either way).
+
+    Example:
+        >>> # a 52% embedding, two small tensors, 46% that always trains (pruned ones, head)
+        >>> round(reachable_trainable(0.75, [0.52, 0.01, 0.01]), 4)  # the embedding is frozen
+        0.48
+        >>> reachable_trainable(1.0, [0.52, 0.01, 0.01])
+        1.0
+    """
+    _check_strength("trainable", target)
+    if target >= 1.0 - _EPS:
+        return 1.0
+    kept = 1.0 - sum(units)
+    if kept > target + _EPS:
+        raise ValueError(
+            f"trainable={target} is below the share that always trains ({kept:.3g}): the "
+            "freezer cannot reach it"
+        )
+    for unit in sorted(units, reverse=True):
+        if kept + unit <= target + _EPS:
+            kept += unit
+    return kept
+
+
 @dataclass(frozen=True)
 class BudgetAllocation:
     """The strengths :func:`solve_budget` chose, what they are predicted to cost, and why.
@@ -1050,6 +1083,9 @@ class BudgetAllocation:
             a more accurate allocation of the grid.
         reason: a human-readable account of the choice.
         warmup, qat_start, quantize_at, prune_pattern: the schedule the prediction assumed.
+        trainable_reached: the share the freezer reaches for ``trainable`` when the solver was
+            given the freezable tensors (:func:`reachable_trainable`), else ``None``; the
+            predictions use it.
 
     Example:
         >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
@@ -1085,6 +1121,7 @@ class BudgetAllocation:
     qat_start: float = 0.8
     quantize_at: str = "train"
     prune_pattern: str = "heads+neurons"
+    trainable_reached: float | None = None
 
     @property
     def strengths(self) -> dict[str, Any]:
@@ -1160,6 +1197,8 @@ def solve_budget(
     freezable_share: float = 1.0,
     freezable_share_pruned: float | None = None,
     quantize_at: str = "train",
+    freezable_units: Sequence[float] | None = None,
+    freezable_units_pruned: Sequence[float] | None = None,
 ) -> BudgetAllocation:
     r"""The most accurate allocation of the candidate grid within a time and a size budget.
 
@@ -1193,6 +1232,11 @@ def solve_budget(
             trainable): a ``trainable`` below ``1 - freezable_share`` cannot be reached and is
             not tried. ``freezable_share_pruned``: the same while pruning is on (default: the
             same), smaller when the freezer leaves the pruned tensors trainable.
+        freezable_units: the share of the parameters of each tensor the freezer may freeze
+            (``freezable_units_pruned``: while pruning is on; default: the same). Given, they
+            replace ``freezable_share*`` and every ``trainable`` candidate is predicted at the
+            share the freezer reaches with whole tensors (:func:`reachable_trainable`), which
+            must lie within the accuracy curves' points.
 
     Raises:
         ValueError: a bad argument, or no allocation of the grid meets the budgets (the
@@ -1245,16 +1289,34 @@ def solve_budget(
 
     rows: list[tuple[Any, ...]] = []
     pruned_share = freezable_share if freezable_share_pruned is None else freezable_share_pruned
+    if freezable_units_pruned is None:
+        freezable_units_pruned = freezable_units
+
+    def as_run(strengths: dict[str, Any]) -> dict[str, Any] | None:
+        """The strengths the run will have (the freezer's reachable share), or ``None`` when
+        the freezer cannot get there."""
+        pruning = strengths["sparsity"] > 0
+        units = freezable_units_pruned if pruning else freezable_units
+        if units is None:
+            freezable = pruned_share if pruning else freezable_share
+            return None if strengths["trainable"] < 1.0 - freezable - _EPS else strengths
+        if strengths["trainable"] < 1.0 - sum(units) - _EPS:
+            return None
+        reached = reachable_trainable(strengths["trainable"], units)
+        if not curves.covers("trainable", reached):
+            return None  # the freezer would land on an unmeasured share
+        return {**strengths, "trainable": reached}
+
     for index, combo in enumerate(itertools.product(*(grid[axis] for axis in AXES))):
         strengths = dict(zip(AXES, combo, strict=True))
-        freezable = pruned_share if strengths["sparsity"] > 0 else freezable_share
-        if strengths["trainable"] < 1.0 - freezable - _EPS:
-            continue  # the freezer cannot freeze that much
-        run, size_, change = evaluate(strengths)
+        predicted = as_run(strengths)
+        if predicted is None:
+            continue
+        run, size_, change = evaluate(predicted)
         fraction = run.total_s / reference
-        axes_on = sum(_on(axis, value) for axis, value in strengths.items())
+        axes_on = sum(_on(axis, value) for axis, value in predicted.items())
         key = (-round(change, 9), round(fraction, 12), round(size_, 12), axes_on, index)
-        rows.append((key, strengths, run, fraction, size_, change))
+        rows.append((key, strengths, run, fraction, size_, change, predicted))
 
     def fits_time(row: tuple[Any, ...]) -> bool:
         return row[3] <= time * (1 + _EPS)
@@ -1265,7 +1327,8 @@ def solve_budget(
     feasible = [row for row in rows if fits_time(row) and fits_size(row)]
     if not feasible:
         raise ValueError(_infeasible(time, size, rows, fits_time, fits_size, reference))
-    key, strengths, run, fraction, size_, change = min(feasible, key=lambda row: row[0])
+    key, strengths, run, fraction, size_, change, predicted = min(feasible, key=lambda row: row[0])
+    reached = None if predicted is strengths else predicted["trainable"]
 
     binding = []
     time_only = min((row for row in rows if fits_size(row)), key=lambda row: row[0])
@@ -1291,12 +1354,16 @@ def solve_budget(
         if not _on(axis, strengths[axis]):
             continue
         without = {**strengths, axis: OFF[axis]}
-        run_off, size_off, change_off = evaluate(without)
+        run_off, size_off, change_off = evaluate(as_run(without) or without)
         lines.append(
             "  "
             + _axis_line(
                 axis,
-                strengths[axis],
+                strengths[axis]
+                if axis != "trainable" or reached is None
+                else (
+                    f"{strengths[axis]:g} (the freezer reaches {reached:.3g} with whole tensors)"
+                ),
                 run_off.total_s - run.total_s,
                 size_off,
                 size_,
@@ -1323,6 +1390,7 @@ def solve_budget(
         qat_start=qat_start,
         quantize_at=quantize_at,
         prune_pattern=prune_pattern,
+        trainable_reached=reached,
     )
 
 
@@ -1395,5 +1463,5 @@ def _axis_line(
     else:
         accuracy = "costs no accuracy by the curves"
     parts.append(accuracy)
-    shown = value if axis == "weight_bits" else f"{value:g}"
+    shown = value if axis == "weight_bits" or isinstance(value, str) else f"{value:g}"
     return f"{axis}={shown}: " + ", ".join(parts)

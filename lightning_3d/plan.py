@@ -488,6 +488,7 @@ class ThreeDPlan:
         candidates: Mapping[str, Sequence[Any]] | None = None,
         quantized_overhead: float = 0.0,
         head_share: float = 0.0,
+        freezable: tuple[Sequence[float], Sequence[float]] | None = None,
         **settings: Any,
     ) -> ThreeDPlan:
         """The plan whose axis strengths :func:`~lightning_3d.budget.solve_budget` picks for a
@@ -513,6 +514,10 @@ class ThreeDPlan:
             head_share: share of the parameters in the task head, which the freezer keeps
                 trainable (:func:`parameter_shares`); with ``freeze="uncompressed"`` the pruned
                 share stays trainable too, so smaller ``trainable`` values are not tried.
+            freezable: the shares of the tensors the freezer may freeze, all of them and those
+                the pruner leaves alone (:func:`freezable_units`). Given, every ``trainable``
+                is predicted at the share the freezer reaches with whole tensors
+                (:func:`~lightning_3d.budget.reachable_trainable`), not at its nominal value.
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 
@@ -538,16 +543,20 @@ class ThreeDPlan:
         settings.setdefault("prune_pattern", "heads+neurons")
         warmup = settings.get("warmup", cls.warmup)
         qat_start = settings.get("qat_start", cls.qat_start)
-        freezable = 1.0 - head_share
+        freezable_share = 1.0 - head_share
         keeps_pruned = settings.get("freeze", cls.freeze) == "uncompressed"
         allocation = solve_budget(
             time, size, cost, curves,
             reference_steps=reference_steps, epochs=epochs,
             compressible_share=compressible_share, prune_pattern=settings["prune_pattern"],
             candidates=_allowed(settings, candidates), warmup=warmup, qat_start=qat_start,
-            quantized_overhead=quantized_overhead, freezable_share=freezable,
+            quantized_overhead=quantized_overhead, freezable_share=freezable_share,
             quantize_at=settings.get("quantize_at", cls.quantize_at),
-            freezable_share_pruned=freezable - compressible_share if keeps_pruned else freezable,
+            freezable_share_pruned=(
+                freezable_share - compressible_share if keeps_pruned else freezable_share
+            ),
+            freezable_units=None if freezable is None else freezable[0],
+            freezable_units_pruned=None if freezable is None else freezable[keeps_pruned],
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")
@@ -603,7 +612,8 @@ class ThreeDPlan:
             budget.time, budget.size,
             cost=cost, reference_steps=reference_steps, epochs=epochs,
             compressible_share=compressible, head_share=head, curves=budget.curves,
-            quantized_overhead=budget.quantized_overhead, **settings,
+            quantized_overhead=budget.quantized_overhead,
+            freezable=freezable_units(module, self.prune_include), **settings,
         )  # fmt: skip
 
 
@@ -631,6 +641,32 @@ def parameter_shares(
         sum(n for name, n in sizes.items() if pruned.search(name)) / total,
         sum(n for name, n in sizes.items() if head.search(name)) / total,
     )
+
+
+def freezable_units(
+    model: torch.nn.Module, prune_include: str = DEFAULT_PRUNE_INCLUDE
+) -> tuple[list[float], list[float]]:
+    """The share of ``model``'s trainable parameters in each tensor the plan's freezer may freeze
+    (every trainable tensor outside the freezer's default head pattern), and the same without
+    the tensors ``prune_include`` matches (what it may freeze while it leaves pruned tensors
+    trainable), for :meth:`ThreeDPlan.for_budget`. Shares are of the parameters that require
+    gradients (the adapters and head under LoRA), as the freezer's ``target_trainable`` is.
+
+    Example:
+        >>> net = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(4, 4)]),
+        ...                            "classifier": torch.nn.Linear(4, 1)})
+        >>> freezable_units(net)  # the layer's weight (16 of 25) and bias (4); no head
+        ([0.64, 0.16], [0.16])
+    """
+    from lightning_3d.sensitivity import DEFAULT_HEAD
+
+    pruned, head = re.compile(prune_include), re.compile(DEFAULT_HEAD)
+    sizes = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    total = sum(sizes.values())
+    if total == 0:
+        raise ValueError("the model has no trainable parameters")
+    units = {name: n / total for name, n in sizes.items() if not head.search(name)}
+    return list(units.values()), [u for name, u in units.items() if not pruned.search(name)]
 
 
 def _allowed(

@@ -24,6 +24,7 @@ from lightning_3d.budget import (
     BudgetAllocation,
     CostModel,
     measure_cost_model,
+    reachable_trainable,
     size_fraction,
     solve_budget,
 )
@@ -370,6 +371,47 @@ def test_solver_only_freezing_meets_the_time() -> None:
         warmup=0.0,
     )
     assert looser.strengths == {**OFF, "data_budget": 0.5}
+
+
+def test_solver_predicts_the_trainable_share_whole_tensors_reach() -> None:
+    """A freezer keeps whole tensors: with a 50% tensor among the freezable ones, asking for
+    75% trainable freezes it and reaches 50%, and the solver must price that, not 75%."""
+    cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0, weight_grad_share=1.0)
+    curves = AccuracyCurves({"trainable": {0.75: -0.2, 0.5: -1.0}, "steps": {0.8: -0.5}})
+    candidates = grid(trainable=[1.0, 0.75], steps=[1.0, 0.8])
+    units = [0.5, 0.05]  # 45% always trains
+    assert reachable_trainable(0.75, units) == pytest.approx(0.5)
+    # By hand (w = 1: a step takes 1 + 3 t s; reference 100 * 4 = 400 s):
+    #   trainable 0.75 taken at its word: 325 s -> 0.8125, -0.2 points
+    #   trainable 0.75 reaching 0.5:      250 s -> 0.625,  -1.0
+    #   steps 0.8:                        320 s -> 0.8,    -0.5
+    #   both, reaching 0.5:        80 * 2.5 = 200 s -> 0.5, -1.5
+    solve = {"compressible_share": 0.5, "candidates": candidates, "warmup": 0.0, **RECIPE}
+    nominal = solve_budget(0.82, None, cost, curves, **solve)
+    assert nominal.strengths == {**OFF, "trainable": 0.75}
+    assert nominal.trainable_reached is None
+    reached = solve_budget(0.82, None, cost, curves, freezable_units=units, **solve)
+    assert reached.strengths == {**OFF, "steps": 0.8}
+    assert reached.accuracy_change == pytest.approx(-0.5)
+    # within 0.7 only the freezer fits: priced at the 50% it reaches
+    tight = solve_budget(0.7, None, cost, curves, freezable_units=units, **solve)
+    assert tight.strengths == {**OFF, "trainable": 0.75}
+    assert tight.trainable_reached == pytest.approx(0.5)
+    assert tight.time_s == pytest.approx(250.0)
+    assert tight.accuracy_change == pytest.approx(-1.0)
+    assert "trainable=0.75 (the freezer reaches 0.5 with whole tensors): saves 150 s" in (
+        tight.reason
+    )
+    # a share the freezer lands on outside the curves' points is not tried
+    coarse = [0.55]  # 0.75 reaches 0.45, below the measured 0.5
+    assert reachable_trainable(0.75, coarse) == pytest.approx(0.45)
+    with pytest.raises(ValueError, match=r"time=0\.7 cannot be met"):
+        solve_budget(0.7, None, cost, curves, freezable_units=coarse, **solve)
+
+
+def test_reachable_trainable_refuses_what_always_trains() -> None:
+    with pytest.raises(ValueError, match=r"trainable=0.3 is below the share that always trains"):
+        reachable_trainable(0.3, [0.5, 0.1])
 
 
 def test_solver_size_budget_forces_int8() -> None:

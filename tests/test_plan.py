@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_3d.budget import CostModel
+from lightning_3d.budget import AccuracyCurves, CostModel
 from lightning_3d.callbacks import (
     CurriculumSampler,
     Distiller,
@@ -31,7 +31,13 @@ from lightning_3d.callbacks import (
     SensitivityFreezer,
 )
 from lightning_3d.distillation import TEACHER_KEY, distil
-from lightning_3d.plan import PlanBudget, SparsityBackoff, ThreeDPlan, signal_pass
+from lightning_3d.plan import (
+    PlanBudget,
+    SparsityBackoff,
+    ThreeDPlan,
+    freezable_units,
+    signal_pass,
+)
 from lightning_3d.quantization import load_quantized, quantized_modules
 from lightning_3d.sensitivity import GradientStatistics
 from lightning_3d.tasks import weighted_mean
@@ -236,6 +242,38 @@ def test_a_budget_plan_takes_the_solvers_strengths_and_the_trainer_must_follow(t
     solved = budgeted.solve(Net(), reference_steps=32, epochs=4)
     assert solved.budget is None and solved.allocation is not None
     assert solved.allocation.time_fraction <= 0.6 and solved.allocation.size_fraction <= 0.3
+
+
+def test_the_solver_prices_the_trainable_share_the_freezer_reaches() -> None:
+    """A 90% embedding cannot be half frozen: asking for 50% trainable freezes it whole."""
+    model = torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.Embedding(100, 8),  # 800
+            "layers": torch.nn.ModuleList([torch.nn.Linear(8, 8)]),  # 64 + 8
+            "base": torch.nn.Linear(8, 8),  # frozen (a LoRA base): not counted
+            "classifier": torch.nn.Linear(8, 2),  # 18: the head, always trains
+        }
+    )
+    model["base"].requires_grad_(False)
+    units, units_unpruned = freezable_units(model)
+    assert units == pytest.approx([800 / 890, 64 / 890, 8 / 890])  # in model order
+    assert units_unpruned == pytest.approx([800 / 890, 8 / 890])  # the pruned weight stays
+    cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)  # 4 s a dense step
+    candidates = {"data_budget": [1.0], "trainable": [1.0, 0.5], "sparsity": [0.0],
+                  "weight_bits": [None], "distill": [0.0], "steps": [1.0]}  # fmt: skip
+    curves = AccuracyCurves({"trainable": {0.1: -1.0}})
+    plan = ThreeDPlan.for_budget(
+        0.9, None, cost=cost, reference_steps=32, epochs=4, compressible_share=64 / 890,
+        candidates=candidates, warmup=0.0, curves=curves, freezable=(units, units_unpruned),
+    )  # fmt: skip
+    allocation = plan.allocation
+    assert allocation is not None and plan.trainable == 0.5
+    reached = (18 + 64 + 8) / 890  # the head and both small tensors: the embedding is frozen
+    assert allocation.trainable_reached == pytest.approx(reached)
+    # linear between (0.1, -1) and (1, 0); the step priced at the reached share (w = 0.5)
+    assert allocation.accuracy_change == pytest.approx(-1.0 + (reached - 0.1) / 0.9)
+    step = 1.0 + 2.0 * (1 - 0.5 * (1 - reached)) + 1.0 * reached
+    assert allocation.time_s == pytest.approx(32 * step)
 
 
 def test_sparsity_backoff_follows_the_running_best_and_its_margin() -> None:
