@@ -143,6 +143,10 @@ class CurriculumSampler(Callback):
             one integer ``labels`` value per sample), keeping every class's share of the data;
             choosing by loss alone can keep mostly one class. Ignored for other labels.
         seed: seeds every epoch's shuffle and random drop (with the epoch number).
+        gather_every: batches whose per-sample values each rank keeps on its device before one
+            ``all_gather`` (and one copy to the host) adds every rank's to the epoch's sums;
+            the sums are complete at every epoch's end and in every checkpoint, so the plans do
+            not depend on it. 1 gathers after every batch.
 
     Example:
         >>> CurriculumSampler(score="loss", budget=0.3).schedule.budget
@@ -170,6 +174,7 @@ class CurriculumSampler(Callback):
         head: str | None = None,
         balance_classes: bool = True,
         seed: int = 0,
+        gather_every: int = 32,
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -205,6 +210,8 @@ class CurriculumSampler(Callback):
             raise ValueError(f"scoring_epochs must be epoch numbers >= 0, got {scoring_epochs}")
         if scoring_epochs and score == "quality":
             raise ValueError("scoring_epochs re-scores from the model; score='quality' is static")
+        if isinstance(gather_every, bool) or not isinstance(gather_every, int) or gather_every < 1:
+            raise ValueError(f"gather_every must be a positive integer, got {gather_every!r}")
         self.score = score
         self.prescore = prescore
         self.rescale_loss = rescale_loss
@@ -215,6 +222,9 @@ class CurriculumSampler(Callback):
         self.head = head
         self.balance_classes = balance_classes
         self.seed = seed
+        self.gather_every = gather_every
+        self._pending: list[torch.Tensor] = []  # [3, B] per batch: index, value, class
+        self._pending_strategy: Any = None
         self._epochs = epochs
         self._trainer: Trainer | None = None
         self._count: int | None = None
@@ -281,6 +291,7 @@ class CurriculumSampler(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._count is None:
             return {}
+        self._flush()  # every rank saves a checkpoint together: the gather is collective
         plan = self._plan
         return {
             "version": STATE_VERSION,
@@ -313,6 +324,7 @@ class CurriculumSampler(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._pending.clear()  # what an earlier fit stopped with belongs to no epoch of this one
         epochs = self._epochs or trainer.max_epochs
         if epochs is None or epochs < 1:
             raise ValueError(
@@ -533,6 +545,7 @@ class CurriculumSampler(Callback):
 
     def fold_scores(self) -> None:
         """Fold the sums recorded since the last fold into the per-sample EMA scores."""
+        self._flush()
         fold_epoch_scores(
             self.scores, self.seen, self._epoch_sum, self._epoch_count, self.ema_decay
         )
@@ -546,11 +559,25 @@ class CurriculumSampler(Callback):
         values: torch.Tensor,
         classes: torch.Tensor | None,
     ) -> None:
-        """Add one batch's values (and class labels) from every rank to this epoch's sums."""
+        """Keep one batch's values (and class labels); every ``gather_every`` batches, add those
+        of every rank to this epoch's sums."""
         rows = [index, values, index.new_full(index.shape, -1) if classes is None else classes]
-        table = torch.stack([row.detach().double() for row in rows])
-        if trainer.world_size > 1:
-            table = trainer.strategy.all_gather(table)  # [world, 3, B]
+        self._pending.append(torch.stack([row.detach().double() for row in rows]))
+        self._pending_strategy = trainer.strategy
+        if len(self._pending) >= self.gather_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the kept batches of every rank to this epoch's sums: one ``all_gather`` and one
+        host copy. Every rank calls it at the same points (after the same number of batches,
+        at epoch ends and checkpoints), so the collective matches."""
+        if not self._pending:
+            return
+        table = torch.cat(self._pending, dim=1)  # [3, N]: the same N on every rank
+        self._pending.clear()
+        strategy = self._pending_strategy
+        if strategy.world_size > 1:
+            table = strategy.all_gather(table)  # [world, 3, N]
             table = table.permute(1, 0, 2).reshape(3, -1)
         table = table.cpu()
         positions = table[0].long()

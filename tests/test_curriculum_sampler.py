@@ -381,6 +381,7 @@ def test_missing_per_sample_losses_get_a_clear_error() -> None:
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"scoring_epochs": [-1]}, "scoring_epochs must be"),
         ({"scoring_epochs": [1], "score": "quality"}, "score='quality' is static"),
+        ({"gather_every": 0}, "gather_every must be a positive integer, got 0"),
     ],
 )
 def test_bad_arguments_raise_a_clear_value_error(arguments: dict, message: str) -> None:
@@ -403,25 +404,32 @@ def test_settings_that_cannot_work_fail_before_training() -> None:
         fit(CurriculumSampler(scoring_epochs=[0]), NoScoring(), epochs=2)
 
 
-def test_two_ranks_share_one_order_and_take_equal_disjoint_parts(
-    tmp_path: Path, launch_two_ranks: Any
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_ranks_share_one_order_and_take_equal_disjoint_parts(
+    world: int, tmp_path: Path, launch_two_ranks: Any
 ) -> None:
-    for rank, result in enumerate(launch_two_ranks("curriculum", tmp_path, timeout=900)):
+    launched = launch_two_ranks("curriculum", tmp_path, timeout=900, ranks=world)
+    for rank, result in enumerate(launched):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
-    ranks = [json.loads((tmp_path / f"curriculum.rank{r}.json").read_text()) for r in range(2)]
-    for strategy in ("ddp", "fsdp_compressed"):
-        zero, one = ranks[0][strategy], ranks[1][strategy]
-        assert zero["plans"] == one["plans"]  # the same global order on both ranks
-        assert zero["scores"] == one["scores"]  # from the same all-gathered scores
-        assert zero["steps"] == one["steps"]
-        for epoch, order in zero["plans"].items():
+    ranks = [json.loads((tmp_path / f"curriculum.rank{r}.json").read_text()) for r in range(world)]
+    for strategy in ("ddp", "ddp_gather_every_batch", "ddp_gather_every_3", "fsdp_compressed"):
+        runs = [output[strategy] for output in ranks]
+        for run in runs[1:]:
+            assert run["plans"] == runs[0]["plans"]  # the same global order on every rank
+            assert run["scores"] == runs[0]["scores"]  # from the same all-gathered scores
+            assert run["steps"] == runs[0]["steps"]
+        for epoch, order in runs[0]["plans"].items():
             order = torch.tensor(order)
-            parts = [rank_shard(order, r, 2).tolist() for r in range(2)]
-            assert zero["seen"][epoch] == parts[0] and one["seen"][epoch] == parts[1]
-            assert len(parts[0]) == len(parts[1])  # equal lengths: no rank waits on the other
-            assert set(parts[0]) | set(parts[1]) == set(order.tolist())
-        sizes = [len(zero["plans"][str(e)]) for e in range(3)]
+            parts = [rank_shard(order, r, world).tolist() for r in range(world)]
+            assert [run["seen"][epoch] for run in runs] == parts
+            assert len({len(part) for part in parts}) == 1  # no rank waits on another
+            assert set().union(*map(set, parts)) == set(order.tolist())
+        sizes = [len(runs[0]["plans"][str(e)]) for e in range(3)]
         assert sizes == [60, math.ceil(0.4 * 48), math.ceil(0.7 * 48)]
+    # gathering after every batch, every 3 or at epoch ends only: the same plans and scores
+    for every in ("ddp_gather_every_batch", "ddp_gather_every_3"):
+        assert ranks[0][every]["plans"] == ranks[0]["ddp"]["plans"]
+        assert ranks[0][every]["scores"] == ranks[0]["ddp"]["scores"]
 
 
 @pytest.mark.slow  # trains MiniLM for 3 epochs; the selection rule is tested on Points

@@ -443,6 +443,7 @@ def all_gather(out: Path) -> dict[str, Any]:
         }
         if value_format == "int4_delta":
             result[value_format]["delta"] = delta_gathers(model, full, expected, state)
+    result["int4_delta_bf16"] = bf16_delta_gathers(mesh)
     _, result["losses_dense_fsdp"] = fit(CompressedFSDPStrategy(compress=False))
     for value_format in ("int8", "int4_delta"):
         both_ways = CompressedFSDPStrategy(all_gather=value_format)
@@ -481,6 +482,32 @@ def blockwise(full: torch.Tensor, levels: int) -> torch.Tensor:
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         decoded.append((torch.round(blocks / safe).clamp(-levels, levels) * scale).view(-1))
     return torch.cat(decoded).view_as(full)
+
+
+def bf16_delta_gathers(mesh: Any) -> dict[str, Any]:
+    """int4_delta under a bf16 ``param_dtype``: the copy is kept in bf16; the second gather
+    brings the weights from int8's error to bf16's rounding, the same on every rank."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from lightning_3d.collectives import CompressedAllGather, CompressedCommState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12, bias=False), torch.nn.Linear(12, 5))
+    full = model[0].weight.detach().clone()
+    state = CompressedCommState(GradientCompressor())
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for index, layer in enumerate(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        layer.set_custom_all_gather(CompressedAllGather(state, str(index), "int4_delta", 8))
+    first, second = gather_all(model)["0.weight"], gather_all(model)["0.weight"]
+    rounded = full.to(torch.bfloat16).float()
+    return {
+        "dtype": str(second.dtype),
+        "first_error": float((first.float() - rounded).abs().max()),
+        "second_error": float((second.float() - rounded).abs().max()),
+        "bf16_step": float(full.abs().max()) * 2**-8,  # bf16 keeps 8 significant bits
+        "spread": rank_spread({"second": second.float()}),
+    }
 
 
 def delta_gathers(
@@ -680,16 +707,20 @@ def curriculum(out: Path) -> dict[str, Any]:
     from lightning_3d.callbacks import CurriculumSampler
 
     result: dict[str, Any] = {}
-    for name, strategy in (
-        ("ddp", DDPStrategy(process_group_backend="gloo")),
-        ("fsdp_compressed", CompressedFSDPStrategy(min_numel=0)),
+    for name, strategy, gather_every in (
+        ("ddp", DDPStrategy(process_group_backend="gloo"), 32),  # gathers at epoch ends only
+        ("ddp_gather_every_batch", DDPStrategy(process_group_backend="gloo"), 1),
+        ("ddp_gather_every_3", DDPStrategy(process_group_backend="gloo"), 3),
+        ("fsdp_compressed", CompressedFSDPStrategy(min_numel=0), 32),
     ):
-        sampler = CurriculumSampler(pacing="linear", start_fraction=0.4, full_at=1.0, budget=0.8)
+        sampler = CurriculumSampler(
+            pacing="linear", start_fraction=0.4, full_at=1.0, budget=0.8, gather_every=gather_every
+        )
         plans = PlanRecorder(sampler)
         module = CurriculumModule()
         trainer = pl.Trainer(
             accelerator="cpu",
-            devices=2,
+            devices=RANKS,
             strategy=strategy,
             max_epochs=3,
             callbacks=[sampler, plans],
