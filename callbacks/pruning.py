@@ -60,7 +60,7 @@ from lightning_3d.sensitivity import (
     layer_index,
     local_part,
 )
-from lightning_3d.sharding import full_copy, laid_out_like, shard_all_reduce
+from lightning_3d.sharding import broadcast_masks, full_copy, laid_out_like, shard_all_reduce
 from lightning_3d.tasks import total_training_steps
 
 log = logging.getLogger(__name__)
@@ -438,7 +438,8 @@ class ProgressivePruner(Callback):
         else:
             masks = structured_masks(self.groups, scores, target, current)
         if not any(hasattr(params[n], "device_mesh") for n in masks):
-            masks = trainer.strategy.broadcast(masks)  # every rank takes rank 0's masks
+            # every rank takes rank 0's masks
+            masks = broadcast_masks(masks, trainer.strategy.root_device)
         for name, mask in masks.items():  # sharded: rank 0's whole mask is scattered
             self.masks[name] = laid_out_like(mask, params[name], torch.bool)
         for optimizer in trainer.optimizers:

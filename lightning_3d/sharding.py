@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -114,6 +114,31 @@ def laid_out_like(
 
     local = param.to_local()
     return distribute_tensor(full.to(local.device, dtype), mesh, param.placements)
+
+
+def broadcast_masks(
+    masks: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Rank 0's boolean masks on every rank of the default process group, as one flat ``uint8``
+    buffer in one ``broadcast`` (no pickling; a byte per entry). Every rank must call it with
+    masks of the same names and shapes, in the same order; ``device`` is where the buffer
+    travels (the rank's CUDA device under NCCL). Without a process group of several ranks the
+    masks come back as they are.
+
+    Example:
+        >>> broadcast_masks({"w": torch.tensor([True, False])})  # one process: unchanged
+        {'w': tensor([ True, False])}
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return dict(masks)
+    names = list(masks)
+    flat = torch.cat([masks[n].reshape(-1).to(device, torch.uint8) for n in names])
+    dist.broadcast(flat, src=0)
+    pieces = flat.bool().split([masks[n].numel() for n in names])
+    return {
+        n: piece.view(masks[n].shape).to(masks[n].device)
+        for n, piece in zip(names, pieces, strict=True)
+    }
 
 
 def shard_all_reduce(
