@@ -576,7 +576,8 @@ class CompressedAllGather(_FSDPComm, AllGather):
     scale per block (levels -7..7), and every rank updates ``R_p <- R_p + D(Q(w_p - R_p))`` for
     each rank ``p``. What was not sent stays in ``w_p - R_p`` and goes out with the next gather,
     so the error never accumulates: after a gather ``|w - R| <= max_b |w - R_prev| / 14`` per
-    block. It costs one unsharded fp32 copy of the unit per rank (the memory
+    block (and the gathered dtype's rounding: ``R`` is kept in it, fp32 or FSDP2's
+    ``param_dtype``). It costs one unsharded copy of the unit per rank in that dtype (the memory
     ``reshard_after_forward=False`` spends) and is rebuilt, not saved, on resume.
 
     Wire bytes per rank and gather, for ``n`` fp32 entries: ``n / 2`` (+ ``4 n / block_size``
@@ -672,11 +673,11 @@ class CompressedAllGather(_FSDPComm, AllGather):
         world, numel = gathered_view.shape
         reference = self.reference
         if reference is None or reference.shape != (world, numel):
-            reference = input_tensor.new_empty((world, numel), dtype=torch.float32)
+            reference = gathered_view.new_empty((world, numel))  # in the gathered dtype
             slot = self._gather_blocks(input_tensor, reference, group, 8, add=False)
         else:
             # the difference is taken before the output is written: FSDP2's input may alias it
-            own = reference[dist.get_rank(group)]
+            own = reference[dist.get_rank(group)].float()
             slot = self._gather_blocks(input_tensor.float() - own, reference, group, 4, add=True)
         self.reference = reference
         gathered_view.copy_(reference)

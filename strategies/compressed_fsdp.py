@@ -89,8 +89,9 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             ``"none"`` (FSDP2's own, in the parameter dtype), ``"bf16"``, ``"int8"`` (one fp32
             scale per ``block_size`` entries, as DeepSpeed's qwZ) or ``"int4_delta"`` (4-bit
             differences to the copy the last gather left on every rank, as SDP4Bit: half of
-            int8's bytes, no accumulating error, for the memory of one unsharded fp32 copy per
-            rank; :class:`~lightning_3d.collectives.CompressedAllGather`). Every rank computes
+            int8's bytes, no accumulating error, for the memory of one unsharded copy per rank
+            in the gathered dtype; :class:`~lightning_3d.collectives.CompressedAllGather`).
+            Every rank computes
             with the same decoded weights, its own shard included; the fp32 master shards the
             optimizer updates are untouched.
         frozen: what happens to parameters that do not require gradients when the strategy

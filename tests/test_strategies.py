@@ -143,6 +143,10 @@ def test_parameters_all_gathered_compressed(ranks, launch_two_ranks, tmp_path):
         assert delta["refined_over_bound"] <= 1.0 + 1e-4
         # two gathers of 4-bit codes (half a byte) plus a scale per 8 entries: 1 byte of 4
         assert 4 * 0.8 <= delta["dense_bytes"] / delta["wire_bytes"] <= 4
+        bf16 = output["int4_delta_bf16"]  # the copy kept in FSDP2's bf16 param_dtype
+        assert bf16["dtype"] == "torch.bfloat16" and bf16["spread"] == 0.0
+        assert bf16["second_error"] < bf16["first_error"]
+        assert bf16["second_error"] <= bf16["bf16_step"]
         for value_format in ("int8", "int4_delta"):
             both = output[f"both_ways_{value_format}"]
             # int8: 1 byte of 4 per entry; int4_delta: the first gather int8, then half a byte
