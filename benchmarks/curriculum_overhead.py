@@ -1,0 +1,153 @@
+"""What ``CurriculumSampler`` adds to a training step, on one process and on 2 (DDP, gloo).
+
+A small classifier on fixed random points (so the step itself is cheap and the callback's share
+shows), trained for ``--epochs`` epochs of ``--samples`` samples at ``--batch-size``, three
+set-ups side by side in one run, each in fresh processes, repeated ``--repeats`` times:
+
+* ``plain``: no curriculum, a shuffled ``DataLoader``;
+* ``curriculum, gather every batch``: ``CurriculumSampler(score="loss", gather_every=1)``
+  (per-sample losses gathered from every rank and copied to the host after every batch);
+* ``curriculum, gather every 32``: the default ``gather_every=32``.
+
+Per set-up: the median time of an optimizer step (the ``on_train_batch_start`` to
+``on_train_batch_end`` span, which includes the callback's own hooks) over the run's steps after
+the first epoch, and its ratio to ``plain``.
+
+Usage::
+
+    python benchmarks/curriculum_overhead.py --devices 1 2 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SETUPS = {
+    "plain": None,
+    "curriculum, gather every batch": 1,
+    "curriculum, gather every 32": 32,
+}
+
+
+def train(setup: str, args: argparse.Namespace) -> list[float]:
+    """One run of ``setup`` on ``args.devices`` processes: the step times of rank 0."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_3d.callbacks import CurriculumSampler
+
+    torch.set_num_threads(1)
+
+    class Points(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            generator = torch.Generator().manual_seed(0)
+            self.x = torch.randn(args.samples, 64, generator=generator)
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"x": self.x[i], "labels": int(self.x[i, 0] > 0), "index": i}
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 2)
+            )
+
+        def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+            losses = torch.nn.functional.cross_entropy(
+                self.net(batch["x"]), batch["labels"], reduction="none"
+            )
+            return {"loss": losses.mean(), "per_sample_loss": losses.detach(),
+                    "index": batch["index"]}  # fmt: skip
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._started = 0.0
+
+        def on_train_batch_start(self, *_: Any) -> None:
+            self._started = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+            if trainer.current_epoch >= 1:  # after the warm-up epoch the curriculum plans
+                self.seconds.append(time.perf_counter() - self._started)
+
+    timer = StepTimer()
+    callbacks: list[Any] = [timer]  # last: its end hook runs after the curriculum's
+    every = SETUPS[setup]
+    if every is not None:
+        callbacks.insert(0, CurriculumSampler(score="loss", gather_every=every))
+    strategy: Any = "auto"
+    if args.devices > 1:
+        strategy = DDPStrategy(process_group_backend="gloo")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_epochs=args.epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torch.utils.data.DataLoader(Points(), batch_size=args.batch_size, shuffle=True)
+    trainer.fit(Classifier(), train_dataloaders=loader)
+    return timer.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # a child: one run, its step times on the last line
+        args.devices = args.devices[0]
+        seconds = train(args.one, args)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print("STEPS " + json.dumps(seconds), flush=True)
+        return
+    results: dict[str, Any] = {}
+    for devices in args.devices:
+        medians: dict[str, list[float]] = {setup: [] for setup in SETUPS}
+        for _ in range(args.repeats):
+            for setup in SETUPS:  # round robin, so drift hits every set-up alike
+                command = [sys.executable, __file__, "--one", setup, "--devices", str(devices),
+                           "--samples", str(args.samples), "--batch-size", str(args.batch_size),
+                           "--epochs", str(args.epochs)]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                line = next(x for x in done.stdout.splitlines() if x.startswith("STEPS "))
+                medians[setup].append(statistics.median(json.loads(line[6:])))
+        results[str(devices)] = {setup: statistics.median(v) for setup, v in medians.items()}
+    print("| processes | set-up | median step ms | vs plain |")
+    print("|---|---|---|---|")
+    for devices, row in results.items():
+        for setup, seconds in row.items():
+            ratio = seconds / row["plain"]
+            print(f"| {devices} | {setup} | {1e3 * seconds:.3f} | {ratio:.2f}x |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
