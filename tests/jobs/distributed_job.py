@@ -94,7 +94,9 @@ def make_loader(task: Any) -> DataLoader:
 
     data = RottenTomatoes(tokenizer=task.tokenizer, batch_size=BATCH, max_length=48)
     data.setup("fit")
-    subset = Subset(data.splits["train"], range(2 * BATCH * STEPS_PER_EPOCH))
+    # STEPS_PER_EPOCH batches per rank on any number of ranks, so step 3 ends an epoch
+    # everywhere (Lightning does not restore a shuffled order mid-epoch)
+    subset = Subset(data.splits["train"], range(RANKS * BATCH * STEPS_PER_EPOCH))
     pad = int(task.tokenizer.pad_token_id)
     return DataLoader(subset, batch_size=BATCH, shuffle=True, collate_fn=PaddingCollator(pad))
 
