@@ -33,9 +33,10 @@ Each run (one set-up, one seed) is a fresh process that seeds, builds, fits and 
 Each run writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir`` (the row, the
 settings, the git commit) and is skipped when that file exists (``--force`` reruns it), so a
 sweep can be done in parts. The seed-0 export of each set-up stays under ``--export-dir``. A
-file with a ``"contended"`` entry (a note saying what else ran) comes from a run that shared
-the CPU with other work: its accuracy counts, its times are left out of the means (``null`` in
-the summary).
+file with a ``"contended"`` entry (a note saying why) comes from a run whose times cannot be
+compared with the other rows': it shared the CPU with other work, or ran on another instance of
+the machine that trains at another speed. Its accuracy counts, its times are left out of the
+means (``null`` in the summary).
 
 ``--latency`` then loads the ONNX file of every set-up's seed-0 export in one process and times
 them round-robin at batch 1 and 32 of ``--max-length`` tokens (median of ``--latency-rounds``
@@ -164,7 +165,7 @@ BATCHES = (1, 32)  # latency batch sizes
 #: export costs (the ``weight_bits`` point of ``quantize_at="export"`` in the accuracy curves).
 EXPORTS = ("onnx", "onnx-int8")
 PER_SEED = ("test_acc", "train_s", "cpu_s", "peak_train_mib")  # the summary's per-seed lists
-#: Figures a run that shared the CPU with other work (``"contended"`` in its file) cannot give.
+#: Figures a run whose times are not comparable (``"contended"`` in its file) cannot give.
 TIMES = ("train_s", "cpu_s")
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
@@ -507,7 +508,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
         if not runs:
             continue
         entry: dict[str, Any] = {"seeds": [d["seed"] for d in runs]}
-        for key in PER_SEED:  # a contended run's times are null: other work shared the CPU
+        for key in PER_SEED:  # a contended run's times are null: they are not comparable
             entry[key] = [
                 None if key in TIMES and d.get("contended") else d["row"][key] for d in runs
             ]
@@ -654,8 +655,12 @@ def goals(summary: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         other = setups.get(name, {})
         goal = f"dominates {name} (as accurate, less train time)"
         other_accuracy, other_time = average(other, "test_acc"), average(other, "train_s")
-        if accuracy is None or plan_time is None or other_accuracy is None or other_time is None:
+        if accuracy is None or other_accuracy is None:
             rows.append((goal, "not measured", None))
+            continue
+        if plan_time is None or other_time is None:  # less accurate fails without the times
+            text = f"{accuracy:.2f}% vs {other_accuracy:.2f}%, times not comparable"
+            rows.append((goal, text, False if accuracy < other_accuracy else None))
             continue
         text = f"{accuracy:.2f}% vs {other_accuracy:.2f}%, {plan_time:.0f} s vs {other_time:.0f} s"
         rows.append((goal, text, accuracy >= other_accuracy and plan_time < other_time))
@@ -775,7 +780,7 @@ def measured_curves(args: argparse.Namespace) -> None:
         setup, row = document["setup"], document["row"]
         axes = {k: v for k, v in SETUPS[setup].items() if k in AXES}
         if "trainable" in axes and every_parameter and row.get("trainable_params"):
-            axes["trainable"] = round(row["trainable_params"] / every_parameter, 4)
+            axes["trainable"] = row["trainable_params"] / every_parameter
         if axes.get("weight_bits") and not quantized_at_export(setup):
             readings.setdefault(setup, []).append(row["test_acc"])  # QAT: quantized in training
             strengths[setup] = axes
