@@ -556,7 +556,9 @@ class ThreeDPlan:
                 freezable_share - compressible_share if keeps_pruned else freezable_share
             ),
             freezable_units=None if freezable is None else freezable[0],
-            freezable_units_pruned=None if freezable is None else freezable[keeps_pruned],
+            freezable_units_pruned=(
+                None if freezable is None else freezable[1] if keeps_pruned else freezable[0]
+            ),
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")

@@ -91,9 +91,8 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             differences to the copy the last gather left on every rank, as SDP4Bit: half of
             int8's bytes, no accumulating error, for the memory of one unsharded copy per rank
             in the gathered dtype; :class:`~lightning_3d.collectives.CompressedAllGather`).
-            Every rank computes
-            with the same decoded weights, its own shard included; the fp32 master shards the
-            optimizer updates are untouched.
+            Every rank computes with the same decoded weights, its own shard included; the fp32
+            master shards the optimizer updates are untouched.
         frozen: what happens to parameters that do not require gradients when the strategy
             shards (a LoRA base, a frozen backbone): ``"shard"`` (FSDP2's default: sharded and
             all-gathered like the rest, in ``all_gather``'s format) or ``"replicate"`` (kept
@@ -239,6 +238,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
 
     def _install_all_gather(self, module: torch.nn.Module) -> None:
         gathered = self.mp_policy.param_dtype
+        self._gatherers = []
         for name, unit in module.named_modules():
             if not isinstance(unit, FSDPModule):
                 continue
