@@ -114,7 +114,9 @@ def test_reduce_ops_uneven_and_empty_shards_on_more_ranks(ranks, launch_two_rank
         assert output["poisoned_nonfinite_messages"] == (holding if rank == 1 else 0)
 
 
-@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "ranks", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)]
+)
 def test_parameters_all_gathered_compressed(ranks, launch_two_ranks, tmp_path):
     """Every rank computes with the same decoded weights, equal to an independent expectation;
     the fp32 master shards stay exact; 4-bit differences track moved masters without
@@ -303,12 +305,14 @@ def test_resume_mid_run_reproduces_the_uninterrupted_run(job, layout):
 
 
 @pytest.mark.slow
-def test_resume_on_three_ranks_reproduces_the_uninterrupted_run(launch_two_ranks, tmp_path):
-    """Every one of 3 ranks restores its own residuals (uneven shards of the MiniLM layers)."""
-    results = launch_two_ranks("resume", tmp_path, 1800, ranks=3)
+@pytest.mark.parametrize("ranks", [3, 4])
+def test_resume_on_more_ranks_reproduces_the_uninterrupted_run(ranks, launch_two_ranks, tmp_path):
+    """Every one of 3 or 4 ranks restores its own residuals (uneven shards of the MiniLM
+    layers)."""
+    results = launch_two_ranks("resume", tmp_path, 1800, ranks=ranks)
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
-    for rank in range(3):
+    for rank in range(ranks):
         output = json.loads((tmp_path / f"resume.rank{rank}.json").read_text())
         for layout in ("sharded", "single_file"):
             assert output[f"saved_residual_norm_{layout}"] > 0
