@@ -224,7 +224,6 @@ class CurriculumSampler(Callback):
         self.seed = seed
         self.gather_every = gather_every
         self._pending: list[torch.Tensor] = []  # [3, B] per batch: index, value, class
-        self._pending_strategy: Any = None
         self._epochs = epochs
         self._trainer: Trainer | None = None
         self._count: int | None = None
@@ -501,7 +500,7 @@ class CurriculumSampler(Callback):
         if self.rescale_loss and not self._weights_checked and "sample_weight" in batch:
             self._check_weighted_loss(outputs, batch, trainer.accumulate_grad_batches)
         if self.score != "quality":
-            self._record(trainer, *self._values(outputs, batch))
+            self._record(*self._values(outputs, batch))
         pl_module.log("curriculum/samples_seen", float(self.samples_seen), on_step=True)
 
     def _values(
@@ -541,7 +540,7 @@ class CurriculumSampler(Callback):
     def record_outputs(self, trainer: Trainer, outputs: Any, batch: Any) -> None:
         """Add one batch's scores (from ``training_step``/``score_batch`` outputs) of every rank
         to this epoch's sums; :meth:`fold_scores` folds them into the scores."""
-        self._record(trainer, *self._values(outputs, batch))
+        self._record(*self._values(outputs, batch))
 
     def fold_scores(self) -> None:
         """Fold the sums recorded since the last fold into the per-sample EMA scores."""
@@ -554,7 +553,6 @@ class CurriculumSampler(Callback):
 
     def _record(
         self,
-        trainer: Trainer,
         index: torch.Tensor,
         values: torch.Tensor,
         classes: torch.Tensor | None,
@@ -563,7 +561,6 @@ class CurriculumSampler(Callback):
         of every rank to this epoch's sums."""
         rows = [index, values, index.new_full(index.shape, -1) if classes is None else classes]
         self._pending.append(torch.stack([row.detach().double() for row in rows]))
-        self._pending_strategy = trainer.strategy
         if len(self._pending) >= self.gather_every:
             self._flush()
 
@@ -575,7 +572,8 @@ class CurriculumSampler(Callback):
             return
         table = torch.cat(self._pending, dim=1)  # [3, N]: the same N on every rank
         self._pending.clear()
-        strategy = self._pending_strategy
+        assert self._trainer is not None  # set in setup, before anything is recorded
+        strategy = self._trainer.strategy
         if strategy.world_size > 1:
             table = strategy.all_gather(table)  # [world, 3, N]
             table = table.permute(1, 0, 2).reshape(3, -1)
