@@ -44,6 +44,7 @@ def train(setup: str, args: argparse.Namespace) -> list[float]:
     from lightning.pytorch.strategies import DDPStrategy
 
     from lightning_3d.callbacks import CurriculumSampler
+    from lightning_3d.sampling import with_curriculum
 
     torch.set_num_threads(1)
 
@@ -107,7 +108,7 @@ def train(setup: str, args: argparse.Namespace) -> list[float]:
         enable_model_summary=False,
     )
     loader = torch.utils.data.DataLoader(Points(), batch_size=args.batch_size, shuffle=True)
-    trainer.fit(Classifier(), train_dataloaders=loader)
+    trainer.fit(Classifier(), train_dataloaders=with_curriculum(trainer, loader))
     return timer.seconds
 
 

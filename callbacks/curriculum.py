@@ -30,68 +30,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
-from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.data import _update_dataloader, extract_batch_size
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch.utils.data import DataLoader
 
-from lightning_3d.curriculum import (
-    CurriculumSchedule,
-    el2n,
-    fold_epoch_scores,
-    grand_last_layer,
-    rank_shard,
-    shard_length,
-)
+from lightning_3d.curriculum import CurriculumSchedule, rank_shard, shard_length
 from lightning_3d.loggers import log_histogram
+from lightning_3d.sampling import (
+    ATTACH_HELP,
+    INDEX_HELP,
+    CurriculumDataLoader,
+    CurriculumOrder,
+    EpochPlan,
+    SampleScores,
+    batch_values,
+    describe,
+    is_class_label,
+    limited_batches,
+    with_sampler,
+)
 
 SCORES = ("loss", "el2n", "grand", "quality")
 STATE_VERSION = 1
-_INDEX_HELP = (
-    "CurriculumSampler attaches scores to samples by their dataset position: each item must be a "
-    "dict with an 'index' entry (the built-in data modules do this; wrap another map-style "
-    "dataset in lightning_3d.data.WithIndex)"
-)
-
-
-@dataclass
-class EpochPlan:
-    """The global order of one epoch and, with ``budget_drops="easiest_random"``, item weights."""
-
-    epoch: int
-    order: torch.Tensor
-    weights: torch.Tensor | None
-
-
-class CurriculumOrder(DistributedSampler):
-    """Yields this rank's part of the current epoch plan, after the samples already consumed.
-
-    A ``DistributedSampler`` subclass, so Lightning never replaces or re-wraps it (with
-    ``use_distributed_sampler`` on or off). Its length is that of the whole part even after a
-    mid-epoch resume: Lightning counts the batches it already ran, and this sampler skips them.
-    """
-
-    def __init__(
-        self, dataset: Any, curriculum: CurriculumSampler, num_replicas: int, rank: int
-    ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.curriculum = curriculum
-
-    def __len__(self) -> int:
-        return shard_length(self.curriculum.current_epoch_size(), self.num_replicas)
-
-    def __iter__(self) -> Iterator[int]:
-        # The body runs at the first ``next``, once the epoch has started and its plan is final.
-        part = rank_shard(self.curriculum.current_plan().order, self.rank, self.num_replicas)
-        yield from part[self.curriculum.consumed_samples :].tolist()
 
 
 class CurriculumSampler(Callback):
@@ -223,54 +188,186 @@ class CurriculumSampler(Callback):
         self.balance_classes = balance_classes
         self.seed = seed
         self.gather_every = gather_every
-        self._pending: list[torch.Tensor] = []  # [3, B] per batch: index, value, class
-        self._epochs = epochs
-        self._trainer: Trainer | None = None
-        self._count: int | None = None
-        self._plan: EpochPlan | None = None
-        self._batches_done = 0
-        self._batch_size = 1
-        self._drop_last = False
-        self._collate: Any = None
-        self._dataset: Any = None
+        self.table: SampleScores | None = None
         self.sampler: CurriculumOrder | None = None
         self.samples_seen = 0
-        self._restore_source: Any = None
+        self._epochs = epochs
+        self._trainer: Trainer | None = None
+        self._replicas, self._rank = 1, 0
+        self._plan: EpochPlan | None = None
+        self._batches_done = 0
+        self._loader: DataLoader | None = None  # the user's loader the sampler was put into
         self._head_hook: Any = None
         self._features: torch.Tensor | None = None
         self._weights_checked = False
 
-    # -- state --------------------------------------------------------------------------------
-    def _init_scores(self, count: int) -> None:
-        self._count = count
-        self.scores = torch.zeros(count, dtype=torch.float32)
-        self.seen = torch.zeros(count, dtype=torch.bool)
-        self._epoch_sum = torch.zeros(count, dtype=torch.float64)
-        self._epoch_count = torch.zeros(count, dtype=torch.int64)
-        self.labels = torch.full((count,), -1, dtype=torch.int64)  # -1: not known
+    # -- life cycle ---------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._settle_schedule(trainer, pl_module)
+        if self.table is not None:
+            self.table.discard_pending()  # what an earlier fit stopped with belongs to no epoch
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            rank_zero_info(
+                "CurriculumSampler: epoch lengths follow the plan, so the training DataLoader is "
+                "reloaded every epoch (reload_dataloaders_every_n_epochs=1)"
+            )
+            trainer.reload_dataloaders_every_n_epochs = 1
+        self._trainer = trainer
+        shards = trainer.distributed_sampler_kwargs or {}
+        self._replicas, self._rank = shards.get("num_replicas", 1), shards.get("rank", 0)
+        if self.sampler is not None:  # wrapped before the run knew its ranks
+            self.sampler.num_replicas, self.sampler.rank = self._replicas, self._rank
+        if self.table is not None:
+            self.table.gather = self._gather_function()
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.score == "grand":
+            head = self._find_head(pl_module)
+            self._head_hook = head.register_forward_hook(self._catch_features)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._require_attached(trainer)
+        self._check_same_length_on_all_ranks(trainer)
+        if self.prescore and not self.seen.any():  # not scored by a coordinator or a checkpoint
+            self._scoring_pass(trainer, pl_module)
+            self.fold_scores()
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        plan = self.current_plan()
+        if self.rescale_loss and plan.weights is not None:
+            index = _batch_index(batch)
+            batch["sample_weight"] = plan.weights[index.cpu()].to(index.device)
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._batches_done += 1
+        self.samples_seen += self._replicas * extract_batch_size(batch)
+        if self.rescale_loss and not self._weights_checked and "sample_weight" in batch:
+            self._check_weighted_loss(outputs, batch, trainer.accumulate_grad_batches)
+        if self.score != "quality":
+            self.record_outputs(outputs, batch)
+        pl_module.log("curriculum/samples_seen", float(self.samples_seen), on_step=True)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plan = self.current_plan()
+        if trainer.current_epoch in self.scoring_epochs:
+            self._scoring_pass(trainer, pl_module)
+        if self.score != "quality":
+            self.fold_scores()
+        self._log_epoch(trainer, pl_module, plan)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.table is None:
+            return {}
+        self.table.flush()  # every rank saves a checkpoint together: the gather is collective
+        plan = self._plan
+        return {
+            "version": STATE_VERSION,
+            "count": self.table.count,
+            **self.table.state_dict(),
+            "plan": None if plan is None else (plan.epoch, plan.order, plan.weights),
+            "batches_done": self._batches_done,
+            "samples_seen": self.samples_seen,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        count, gather = int(state_dict["count"]), self._gather_function()
+        self.table = SampleScores(count, self.gather_every, gather)
+        self.table.load_state_dict(state_dict)
+        plan = state_dict["plan"]
+        self._plan = None if plan is None else EpochPlan(*plan)
+        self._batches_done = int(state_dict["batches_done"])
+        self.samples_seen = int(state_dict["samples_seen"])
+
+    # -- the training DataLoader ----------------------------------------------------------------
+    def wrap_train_dataloader(self, loader: DataLoader) -> CurriculumDataLoader:
+        """``loader`` rebuilt with this callback's sampler (a :class:`CurriculumDataLoader`):
+        what :func:`~lightning_3d.sampling.with_curriculum` calls in a ``train_dataloader``
+        hook. Pass the result to ``trainer.fit`` for a plain ``DataLoader``.
+
+        Example:
+            >>> curriculum = CurriculumSampler(budget=0.5)
+            >>> data = [{"index": i, "x": float(i)} for i in range(8)]
+            >>> loader = curriculum.wrap_train_dataloader(DataLoader(data, batch_size=4))
+            >>> type(loader).__name__, loader.batch_size
+            ('CurriculumDataLoader', 4)
+        """
+        if isinstance(loader, CurriculumDataLoader) and loader.curriculum is self:
+            return loader
+        self.sampler = CurriculumOrder(loader.dataset, self, self._replicas, self._rank)
+        wrapped = with_sampler(loader, self.sampler)
+        dataset = wrapped.dataset
+        count = len(dataset)
+        if self.table is None:
+            self.table = SampleScores(count, self.gather_every, self._gather_function())
+        elif self.table.count != count:
+            raise ValueError(
+                f"the training dataset has {count} samples but CurriculumSampler's state was "
+                f"built for {self.table.count} (a checkpoint of another dataset?)"
+            )
+        item = dataset[0]
+        needs_index = self.score != "quality" or self.rescale_loss
+        if needs_index and (not isinstance(item, Mapping) or "index" not in item):
+            raise ValueError(f"{INDEX_HELP}; the first item is {describe(item)}")
+        if self.score == "quality" and not self.seen.all():
+            self._read_quality(dataset, item)
+        self._loader = wrapped
+        return wrapped
+
+    def _require_attached(self, trainer: Trainer | None = None) -> CurriculumDataLoader:
+        loader = self._loader if trainer is None else trainer.train_dataloader
+        if not isinstance(loader, CurriculumDataLoader) or loader.curriculum is not self:
+            raise RuntimeError(
+                "CurriculumSampler chooses the training samples through its own sampler, and "
+                f"the training DataLoader does not have it: {ATTACH_HELP}"
+            )
+        return loader
+
+    # -- scores and plans ---------------------------------------------------------------------
+    @property
+    def scores(self) -> torch.Tensor:
+        """Per-sample EMA scores (``quality`` values for ``score="quality"``)."""
+        return self._table().scores
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """Which samples have a score."""
+        return self._table().seen
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Per-sample class labels, ``-1`` where not known."""
+        return self._table().labels
 
     @property
     def consumed_samples(self) -> int:
         """Samples of this rank's part of the current epoch already trained on."""
-        return self._batches_done * self._batch_size
+        return self._batches_done * int(self._require_attached().batch_size or 1)
 
     def difficulty(self) -> torch.Tensor:
         """Per-sample difficulty (lower is easier); unseen samples get the mean of seen ones."""
-        if self.score == "quality":
-            return -self.scores
-        seen_mean = self.scores[self.seen].mean() if self.seen.any() else torch.tensor(0.0)
-        return torch.where(self.seen, self.scores, seen_mean)
-
-    def _current_epoch(self) -> int:
-        if self._trainer is None or self._count is None:
-            raise RuntimeError("CurriculumSampler is not attached to a training run")
-        return self._trainer.current_epoch
+        return self._table().difficulty(higher_is_easier=self.score == "quality")
 
     def current_epoch_size(self) -> int:
         """Samples the trainer's current epoch visits (known without scores)."""
-        epoch = self._current_epoch()
-        assert self._count is not None  # checked by _current_epoch
-        return self.schedule.epoch_size(self._count, epoch)
+        return self.schedule.epoch_size(self._table().count, self._current_epoch())
 
     def current_plan(self) -> EpochPlan:
         """The plan of the trainer's current epoch, made on first request from current scores."""
@@ -281,49 +378,93 @@ class CurriculumSampler(Callback):
             order, weights = self.schedule.plan(self.difficulty(), epoch, self.seed, groups)
             self._plan = EpochPlan(epoch, order, weights)
             self._batches_done = 0
+            count = self._table().count
             rank_zero_info(
                 f"CurriculumSampler: epoch {epoch} trains on {order.numel():,} of "
-                f"{self._count:,} samples ({order.numel() / self._count:.1%})"
+                f"{count:,} samples ({order.numel() / count:.1%})"
             )
         return self._plan
 
-    def state_dict(self) -> dict[str, Any]:
-        if self._count is None:
-            return {}
-        self._flush()  # every rank saves a checkpoint together: the gather is collective
-        plan = self._plan
-        return {
-            "version": STATE_VERSION,
-            "count": self._count,
-            "scores": self.scores.clone(),
-            "seen": self.seen.clone(),
-            "epoch_sum": self._epoch_sum.clone(),
-            "epoch_count": self._epoch_count.clone(),
-            "labels": self.labels.clone(),
-            "plan": None if plan is None else (plan.epoch, plan.order, plan.weights),
-            "batches_done": self._batches_done,
-            "samples_seen": self.samples_seen,
-        }
+    def position(self) -> tuple[int, int]:
+        """``(epoch of the current plan, batches of it done)``; epoch -1 before the first."""
+        return (-1 if self._plan is None else self._plan.epoch), self._batches_done
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        self._init_scores(int(state_dict["count"]))
-        self.scores.copy_(state_dict["scores"])
-        self.seen.copy_(state_dict["seen"])
-        self._epoch_sum.copy_(state_dict["epoch_sum"])
-        self._epoch_count.copy_(state_dict["epoch_count"])
-        self.labels.copy_(state_dict["labels"])
-        plan = state_dict["plan"]
-        self._plan = None if plan is None else EpochPlan(*plan)
-        self._batches_done = int(state_dict["batches_done"])
-        self.samples_seen = int(state_dict["samples_seen"])
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Continue the plan of ``epoch`` after ``batches_done`` batches (a loader's resume)."""
+        if epoch != self.position()[0]:
+            raise ValueError(
+                f"the training DataLoader's checkpoint is at epoch {epoch} but "
+                f"CurriculumSampler's state holds the plan of epoch {self.position()[0]}"
+            )
+        self._batches_done = batches_done
 
-    # -- set-up -------------------------------------------------------------------------------
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._pending.clear()  # what an earlier fit stopped with belongs to no epoch of this one
+    def record_outputs(self, outputs: Any, batch: Any) -> None:
+        """Add one batch's scores (from ``training_step``/``score_batch`` outputs) of every rank
+        to this epoch's sums; :meth:`fold_scores` folds them into the scores."""
+        features = self._features if self.score == "grand" else None
+        self._table().record(*batch_values(self.score, outputs, batch, features))
+
+    def fold_scores(self) -> None:
+        """Fold the sums recorded since the last fold into the per-sample EMA scores."""
+        self._table().fold(self.ema_decay)
+
+    def scoring_batches(self, trainer: Trainer, seed: int | None = None) -> Iterator[Any]:
+        """This rank's part of every training sample, batched like training and moved to the
+        device: what a scoring pass reads. In dataset order, or in an order shuffled with
+        ``seed`` (so the first batches are a random draw)."""
+        loader = self._require_attached(trainer)
+        count = self._table().count
+        order = torch.arange(count)
+        if seed is not None:
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+        part = rank_shard(order, self._rank, self._replicas)
+        batches = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=part.tolist(),
+            collate_fn=loader.collate_fn,
+        )
+        for batch in batches:
+            yield trainer.strategy.batch_to_device(batch)
+
+    def planned_optimizer_steps(self, trainer: Trainer) -> int | float:
+        """Optimizer steps of the whole run under this plan (Lightning's estimate assumes every
+        epoch is as long as the first); use it for learning-rate schedules."""
+        estimated = trainer.estimated_stepping_batches  # loads the training data if needed
+        if self.table is None or self._loader is None or trainer.max_epochs in (None, -1):
+            return estimated
+        size, drop_last = int(self._loader.batch_size or 1), self._loader.drop_last
+        total = 0
+        for epoch in range(trainer.max_epochs):
+            part = shard_length(self.schedule.epoch_size(self.table.count, epoch), self._replicas)
+            batches = part // size if drop_last else math.ceil(part / size)
+            batches = limited_batches(batches, trainer.limit_train_batches)
+            total += math.ceil(batches / trainer.accumulate_grad_batches)
+        return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _table(self) -> SampleScores:
+        if self.table is None:
+            raise RuntimeError(
+                f"CurriculumSampler has not seen the training data yet: {ATTACH_HELP}"
+            )
+        return self.table
+
+    def _current_epoch(self) -> int:
+        if self._trainer is None:
+            raise RuntimeError("CurriculumSampler is not attached to a training run")
+        return self._trainer.current_epoch
+
+    def _gather_function(self) -> Any:
+        """``[3, N] -> [world, 3, N]`` over the strategy's ranks, or ``None`` on one process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        return trainer.strategy.all_gather
+
+    def _settle_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fix the epochs of the schedule; score before training when there is no warm-up
+        epoch to score in and the module can score."""
         epochs = self._epochs or trainer.max_epochs
         if epochs is None or epochs < 1:
             raise ValueError(
@@ -352,47 +493,23 @@ class CurriculumSampler(Callback):
                 "method (then a forward-only pass scores the samples before training)"
             )
         self.schedule = dataclasses.replace(schedule, epochs=epochs, anneal_epochs=annealed)
-        if (self.scoring_epochs or self.prescore) and not callable(
-            getattr(pl_module, "score_batch", None)
-        ):
+        if (self.scoring_epochs or self.prescore) and not scorable:
             raise ValueError(
                 "scoring_epochs and prescore need a `score_batch(batch)` method on the "
                 "LightningModule that returns what training_step returns (per_sample_loss, "
                 "index, logits) without logging; the built-in tasks have one"
             )
-        if trainer.reload_dataloaders_every_n_epochs != 1:
-            rank_zero_info(
-                "CurriculumSampler: epoch lengths follow the plan, so the training DataLoader is "
-                "reloaded every epoch (reload_dataloaders_every_n_epochs=1)"
-            )
-            trainer.reload_dataloaders_every_n_epochs = 1
-        # Lightning cannot see that this callback's state resumes the sampler mid-epoch.
-        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
-        self._trainer = trainer
-        source = trainer.fit_loop._data_source
-        request = source.dataloader
-        source.dataloader = lambda: self._attach(trainer, request())
-        self._restore_source = source
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.score == "grand":
-            head = self._find_head(pl_module)
-            self._head_hook = head.register_forward_hook(self._catch_features)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.prescore and not self.seen.any():  # not scored by a coordinator or a checkpoint
-            self._scoring_pass(trainer, pl_module)
-            self.fold_scores()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
+    def _check_same_length_on_all_ranks(self, trainer: Trainer) -> None:
+        if trainer.world_size == 1:
             return
-        if self._restore_source is not None:
-            del self._restore_source.dataloader  # the instance attribute hid the method
-            self._restore_source = None
-        if self._head_hook is not None:
-            self._head_hook.remove()
-            self._head_hook = None
+        count = torch.tensor([self._table().count], device=trainer.strategy.root_device)
+        lengths = trainer.strategy.all_gather(count).flatten()
+        if lengths.min() != lengths.max():
+            raise ValueError(
+                "CurriculumSampler needs the same training dataset on every rank; their lengths "
+                f"are {lengths.tolist()}"
+            )
 
     def _find_head(self, pl_module: LightningModule) -> torch.nn.Module:
         modules = dict(pl_module.named_modules())
@@ -411,177 +528,17 @@ class CurriculumSampler(Callback):
     def _catch_features(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
         self._features = inputs[0].detach()
 
-    def _attach(self, trainer: Trainer, loader: Any) -> DataLoader:
-        """Put a :class:`CurriculumOrder` into the user's training ``DataLoader``."""
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                "CurriculumSampler orders a single torch DataLoader; the training data is a "
-                f"{type(loader).__name__}"
-            )
-        dataset = loader.dataset
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            raise ValueError(
-                "CurriculumSampler needs a map-style dataset (with __len__ and __getitem__) to "
-                "choose samples; the training dataset is iterable"
-            )
-        if loader.batch_size is None:
-            raise ValueError(
-                "CurriculumSampler chooses samples through the DataLoader's sampler; this "
-                "DataLoader has a custom batch_sampler. Use batch_size= instead."
-            )
-        count = len(dataset)
-        self._check_same_length_on_all_ranks(trainer, count)
-        if self._count is None:
-            self._init_scores(count)
-        elif self._count != count:
-            raise ValueError(
-                f"the training dataset has {count} samples but CurriculumSampler's state was "
-                f"built for {self._count} (a checkpoint of another dataset?)"
-            )
-        item = dataset[0]
-        needs_index = self.score != "quality" or self.rescale_loss
-        if needs_index and (not isinstance(item, Mapping) or "index" not in item):
-            raise ValueError(f"{_INDEX_HELP}; the first item is {_describe(item)}")
-        if self.score == "quality" and not self.seen.all():
-            self._read_quality(dataset, item)
-        self._batch_size = int(loader.batch_size)
-        self._drop_last = loader.drop_last
-        self._collate = loader.collate_fn
-        self._dataset = dataset
-        dp = trainer.distributed_sampler_kwargs or {}
-        shard = trainer._accelerator_connector.use_distributed_sampler
-        replicas, rank = (dp.get("num_replicas", 1), dp.get("rank", 0)) if shard else (1, 0)
-        self.sampler = CurriculumOrder(dataset, self, replicas, rank)
-        return _update_dataloader(loader, self.sampler, mode=RunningStage.TRAINING)
-
-    def _check_same_length_on_all_ranks(self, trainer: Trainer, count: int) -> None:
-        if trainer.world_size == 1:
-            return
-        device = trainer.strategy.root_device
-        lengths = trainer.strategy.all_gather(torch.tensor([count], device=device)).flatten()
-        if lengths.min() != lengths.max():
-            raise ValueError(
-                "CurriculumSampler needs the same training dataset on every rank; their lengths "
-                f"are {lengths.tolist()}"
-            )
-
     def _read_quality(self, dataset: Any, item: Any) -> None:
         if not isinstance(item, Mapping) or self.quality_key not in item:
             raise ValueError(
                 f"score='quality' reads each item's {self.quality_key!r} value; the first item "
-                f"is {_describe(item)}. Set quality_key to the right column."
+                f"is {describe(item)}. Set quality_key to the right column."
             )
         items = [dataset[i] for i in range(len(dataset))]
         self.scores.copy_(torch.tensor([float(item[self.quality_key]) for item in items]))
         self.seen.fill_(True)
-        if all(_is_class_label(item.get("labels")) for item in items):
+        if all(is_class_label(item.get("labels")) for item in items):
             self.labels.copy_(torch.tensor([int(item["labels"]) for item in items]))
-
-    # -- training -----------------------------------------------------------------------------
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        plan = self.current_plan()
-        if self.rescale_loss and plan.weights is not None:
-            index = _batch_index(batch)
-            batch["sample_weight"] = plan.weights[index.cpu()].to(index.device)
-
-    def on_train_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self._batches_done += 1
-        replicas = 1 if self.sampler is None else self.sampler.num_replicas
-        self.samples_seen += replicas * extract_batch_size(batch)
-        if self.rescale_loss and not self._weights_checked and "sample_weight" in batch:
-            self._check_weighted_loss(outputs, batch, trainer.accumulate_grad_batches)
-        if self.score != "quality":
-            self._record(*self._values(outputs, batch))
-        pl_module.log("curriculum/samples_seen", float(self.samples_seen), on_step=True)
-
-    def _values(
-        self, outputs: Any, batch: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This batch's sample indices, score values and class labels (``class_label`` when the
-        batch has it, as prompt-and-answer batches do; else ``labels`` when they are one class
-        per sample; else ``None``) from ``training_step``'s outputs and the batch."""
-        outputs = outputs if isinstance(outputs, Mapping) else {}
-        batch_map = batch if isinstance(batch, Mapping) else {}
-        index = outputs.get("index", batch_map.get("index"))
-        if index is None:
-            raise RuntimeError(f"{_INDEX_HELP}; this batch has no 'index'")
-        labels = batch_map.get("class_label", outputs.get("labels", batch_map.get("labels")))
-        classes = labels if _is_class_label(labels) and labels.shape == index.shape else None
-        if self.score == "loss":
-            values = outputs.get("per_sample_loss")
-            if values is None:
-                raise RuntimeError(
-                    "score='loss' needs per-sample losses: return {'loss': loss, "
-                    "'per_sample_loss': losses.detach(), 'index': batch['index']} from "
-                    "training_step (the built-in tasks do)"
-                )
-            return index, values, classes
-        logits = outputs.get("logits")
-        if logits is None or labels is None or logits.dim() != 2:
-            raise RuntimeError(
-                f"score={self.score!r} needs [batch, classes] 'logits' in training_step's "
-                "output and 'labels' in the batch (classification only)"
-            )
-        if self.score == "el2n":
-            return index, el2n(logits, labels), classes
-        if self._features is None:
-            raise RuntimeError("score='grand': the head's forward hook saw no input")
-        return index, grand_last_layer(logits, labels, self._features), classes
-
-    def record_outputs(self, trainer: Trainer, outputs: Any, batch: Any) -> None:
-        """Add one batch's scores (from ``training_step``/``score_batch`` outputs) of every rank
-        to this epoch's sums; :meth:`fold_scores` folds them into the scores."""
-        self._record(*self._values(outputs, batch))
-
-    def fold_scores(self) -> None:
-        """Fold the sums recorded since the last fold into the per-sample EMA scores."""
-        self._flush()
-        fold_epoch_scores(
-            self.scores, self.seen, self._epoch_sum, self._epoch_count, self.ema_decay
-        )
-        self._epoch_sum.zero_()
-        self._epoch_count.zero_()
-
-    def _record(
-        self,
-        index: torch.Tensor,
-        values: torch.Tensor,
-        classes: torch.Tensor | None,
-    ) -> None:
-        """Keep one batch's values (and class labels); every ``gather_every`` batches, add those
-        of every rank to this epoch's sums."""
-        rows = [index, values, index.new_full(index.shape, -1) if classes is None else classes]
-        self._pending.append(torch.stack([row.detach().double() for row in rows]))
-        if len(self._pending) >= self.gather_every:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Add the kept batches of every rank to this epoch's sums: one ``all_gather`` and one
-        host copy. Every rank calls it at the same points (after the same number of batches,
-        at epoch ends and checkpoints), so the collective matches."""
-        if not self._pending:
-            return
-        table = torch.cat(self._pending, dim=1)  # [3, N]: the same N on every rank
-        self._pending.clear()
-        assert self._trainer is not None  # set in setup, before anything is recorded
-        strategy = self._trainer.strategy
-        if strategy.world_size > 1:
-            table = strategy.all_gather(table)  # [world, 3, N]
-            table = table.permute(1, 0, 2).reshape(3, -1)
-        table = table.cpu()
-        positions = table[0].long()
-        self._epoch_sum.index_add_(0, positions, table[1])
-        self._epoch_count.index_add_(0, positions, torch.ones_like(positions))
-        self.labels[positions] = table[2].long()
 
     def _check_weighted_loss(self, outputs: Any, batch: Any, accumulate: int) -> None:
         losses = outputs.get("per_sample_loss") if isinstance(outputs, Mapping) else None
@@ -600,17 +557,12 @@ class CurriculumSampler(Callback):
             )
         self._weights_checked = True
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        plan = self.current_plan()
-        if trainer.current_epoch in self.scoring_epochs:
-            self._scoring_pass(trainer, pl_module)
-        if self.score != "quality":
-            self.fold_scores()
-        assert self._count is not None
-        kept = self.schedule.kept_size(self._count, plan.epoch)
+    def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, plan: EpochPlan) -> None:
+        count = self._table().count
+        kept = self.schedule.kept_size(count, plan.epoch)
         metrics = {
-            "curriculum/fraction_in_play": plan.order.numel() / self._count,
-            "curriculum/kept_fraction": kept / self._count,
+            "curriculum/fraction_in_play": plan.order.numel() / count,
+            "curriculum/kept_fraction": kept / count,
         }
         scored = self.scores[self.seen]
         if scored.numel():
@@ -620,25 +572,6 @@ class CurriculumSampler(Callback):
             log_histogram(trainer, "curriculum/scores", scored.float().numpy())
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 
-    def scoring_batches(self, trainer: Trainer, seed: int | None = None) -> Iterator[Any]:
-        """This rank's part of every training sample, batched like training and moved to the
-        device: what a scoring pass reads. In dataset order, or in an order shuffled with
-        ``seed`` (so the first batches are a random draw)."""
-        if self._count is None or self.sampler is None:
-            raise RuntimeError("CurriculumSampler: the training data is not loaded yet")
-        order = torch.arange(self._count)
-        if seed is not None:
-            order = torch.randperm(self._count, generator=torch.Generator().manual_seed(seed))
-        part = rank_shard(order, self.sampler.rank, self.sampler.num_replicas)
-        loader = DataLoader(
-            self._dataset,
-            batch_size=self._batch_size,
-            sampler=part.tolist(),
-            collate_fn=self._collate,
-        )
-        for batch in loader:
-            yield trainer.strategy.batch_to_device(batch)
-
     def _scoring_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score every sample with ``pl_module.score_batch`` in eval mode, without gradients."""
         modes = {module: module.training for module in pl_module.modules()}
@@ -646,46 +579,16 @@ class CurriculumSampler(Callback):
         try:
             with torch.no_grad():
                 for batch in self.scoring_batches(trainer):
-                    self.record_outputs(trainer, pl_module.score_batch(batch), batch)
+                    self.record_outputs(pl_module.score_batch(batch), batch)
         finally:
             for module, training in modes.items():
                 module.training = training
 
-    # -- planning help ------------------------------------------------------------------------
-    def planned_optimizer_steps(self, trainer: Trainer) -> int | float:
-        """Optimizer steps of the whole run under this plan (Lightning's estimate assumes every
-        epoch is as long as the first); use it for learning-rate schedules."""
-        estimated = trainer.estimated_stepping_batches  # loads the training data if needed
-        if self._count is None or self.sampler is None or trainer.max_epochs in (None, -1):
-            return estimated
-        total, replicas, size = 0, self.sampler.num_replicas, self._batch_size
-        for epoch in range(trainer.max_epochs):
-            part = shard_length(self.schedule.epoch_size(self._count, epoch), replicas)
-            batches = part // size if self._drop_last else math.ceil(part / size)
-            batches = _parse_num_batches(
-                RunningStage.TRAINING, batches, trainer.limit_train_batches
-            )
-            total += math.ceil(batches / trainer.accumulate_grad_batches)
-        return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
-
 
 def _batch_index(batch: Any) -> torch.Tensor:
     if not isinstance(batch, Mapping) or "index" not in batch:
-        raise RuntimeError(f"{_INDEX_HELP}; the batch is {_describe(batch)}")
+        raise RuntimeError(f"{INDEX_HELP}; the batch is {describe(batch)}")
     return batch["index"]
 
 
-def _is_class_label(labels: Any) -> bool:
-    """One integer class per sample: a Python int, or an integer tensor of at most 1 dimension."""
-    if isinstance(labels, int) and not isinstance(labels, bool):
-        return True
-    return torch.is_tensor(labels) and labels.dim() <= 1 and not labels.is_floating_point()
-
-
-def _describe(item: Any) -> str:
-    if isinstance(item, Mapping):
-        return f"a dict with keys {sorted(item)}"
-    return f"a {type(item).__name__}"
-
-
-__all__ = ["SCORES", "CurriculumOrder", "CurriculumSampler", "EpochPlan"]
+__all__ = ["SCORES", "CurriculumDataLoader", "CurriculumOrder", "CurriculumSampler", "EpochPlan"]

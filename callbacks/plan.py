@@ -276,7 +276,7 @@ class PlanCoordinator(Callback):
                     parameters,
                     statistics,
                     self.plan.probe_batches,
-                    None if record is None else (lambda out, batch: record(trainer, out, batch)),
+                    record,
                 )
         finally:
             for module, training in modes.items():

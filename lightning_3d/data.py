@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_3d.assets import HAMLET_TXT, ROTTEN_TOMATOES_CSV, asset_path
 from lightning_3d.cache import cache_root, fingerprint
 from lightning_3d.models import load_tokenizer, resolve_causal_lm, resolve_classifier
+from lightning_3d.sampling import with_curriculum
 
 log = logging.getLogger(__name__)
 
@@ -569,7 +570,7 @@ class TokenizedDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return with_curriculum(self.trainer, self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

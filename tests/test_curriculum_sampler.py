@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_3d.callbacks import CurriculumSampler
 from lightning_3d.curriculum import CurriculumSchedule, infobatch_keep, pool_size, rank_shard
 from lightning_3d.data import WithIndex
+from lightning_3d.sampling import with_curriculum
 from lightning_3d.tasks import total_training_steps, weighted_mean
 
 COUNT, BATCH = 60, 4
@@ -91,7 +93,7 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=BATCH, shuffle=True)
+        return with_curriculum(self.trainer, DataLoader(self.data, batch_size=BATCH, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(Points(8), batch_size=BATCH)
@@ -343,6 +345,58 @@ def test_mid_epoch_resume_continues_the_same_order(tmp_path: Path, stop_step: in
     assert trainer.global_step == len(full.batches)
     for a, b in zip(resumed.parameters(), full.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_loader_position_is_in_the_checkpoint_and_resumes_without_a_warning(
+    tmp_path: Path,
+) -> None:
+    """The training loader carries its position through Lightning's public resumable-loader
+    interface (``state_dict``/``load_state_dict``): no 'not resumable' warning on a mid-epoch
+    resume. If Lightning stops calling it, the checkpoint loses the entry and this fails."""
+    checkpoints = ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=-1)
+    fit(CurriculumSampler(budget=0.5), epochs=3, callbacks=(checkpoints, StopAt(18)))
+    path = next(tmp_path.glob("*step=18.ckpt"))
+    loops = torch.load(path, weights_only=False)["loops"]["fit_loop"]["state_dict"]
+    # epoch 0 runs 15 batches of 60 samples; epoch 1 keeps 30 samples: 3 of its batches done
+    assert loops["combined_loader"] == [{"epoch": 1, "batches_done": 3}]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not resumable")
+        _, trainer = fit(CurriculumSampler(budget=0.5), epochs=3, ckpt_path=str(path))
+    assert trainer.global_step == 15 + 8 + 8
+
+
+def test_a_plain_loader_passed_to_fit_is_wrapped_once_and_plans_like_the_hook() -> None:
+    from_hook, _ = fit(CurriculumSampler(budget=0.5, seed=3), epochs=3)
+
+    class NoHook(Classifier):
+        train_dataloader = None  # type: ignore[assignment]
+
+    curriculum = CurriculumSampler(budget=0.5, seed=3)
+    loader = curriculum.wrap_train_dataloader(DataLoader(Points(), batch_size=BATCH))
+    assert curriculum.wrap_train_dataloader(loader) is loader
+    module = NoHook()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[curriculum],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert module.batches == from_hook.batches
+
+
+def test_a_loader_without_the_curriculum_sampler_is_refused_before_the_first_step() -> None:
+    class Unwrapped(Classifier):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.data, batch_size=BATCH, shuffle=True)
+
+    module = Unwrapped()
+    with pytest.raises(RuntimeError, match=r"does not have it: return `with_curriculum\(self"):
+        fit(CurriculumSampler(budget=0.5), module)
+    assert module.batches == []
 
 
 def test_items_without_an_index_get_a_clear_error_and_with_index_fixes_it() -> None:

@@ -18,6 +18,7 @@ MODULES = [
     "loggers",
     "models",
     "ops",
+    "sampling",
     "sharding",
     "tasks",
     "sensitivity",

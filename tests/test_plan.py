@@ -39,6 +39,7 @@ from lightning_3d.plan import (
     signal_pass,
 )
 from lightning_3d.quantization import load_quantized, quantized_modules
+from lightning_3d.sampling import with_curriculum
 from lightning_3d.sensitivity import GradientStatistics
 from lightning_3d.tasks import weighted_mean
 
@@ -223,11 +224,12 @@ def test_a_budget_plan_takes_the_solvers_strengths_and_the_trainer_must_follow(t
         PlanBudget(0.0)
     # the coordinator refuses a trainer that does not run the plan's steps, before step 1
     with pytest.raises(ValueError, match="max_steps=16 optimizer steps but the trainer has"):
-        trainer_for(plan.callbacks(), tmp_path).fit(Net(), loader())
+        trainer = trainer_for(plan.callbacks(), tmp_path)
+        trainer.fit(Net(), with_curriculum(trainer, loader()))
     # with them, it logs the predicted training time before training and the measured after
     logger = CSVLogger(tmp_path, name="budget")
     trainer = trainer_for(plan.callbacks(), tmp_path, logger=logger, **plan.trainer_arguments())
-    trainer.fit(Net(), loader())
+    trainer.fit(Net(), with_curriculum(trainer, loader()))
     assert trainer.global_step == 16
     with open(next(tmp_path.glob("budget/version_*/metrics.csv"))) as handle:
         rows = list(csv.DictReader(handle))
@@ -371,7 +373,8 @@ def test_conflicting_settings_fail_before_the_first_step(tmp_path) -> None:
 
     def fails(callbacks: list[Callback], message: str, **kwargs: Any) -> None:
         with pytest.raises(ValueError, match=message):
-            trainer_for([*callbacks, Steps()], tmp_path, **kwargs).fit(Net(), loader())
+            trainer = trainer_for([*callbacks, Steps()], tmp_path, **kwargs)
+            trainer.fit(Net(), with_curriculum(trainer, loader()))
         assert not first
 
     coordinator, freezer, pruner = plan.callbacks()
@@ -416,7 +419,7 @@ def test_all_axes_follow_one_plan_from_one_signal_pass(tmp_path) -> None:
     watcher = PrunedGradients()
     module = Net()
     trainer = trainer_for([*plan.callbacks(), watcher], tmp_path)
-    trainer.fit(module, loader())
+    trainer.fit(module, with_curriculum(trainer, loader()))
     coordinator, curriculum, freezer, pruner, qat = trainer.callbacks[:5]
     total = 4 * SAMPLES // 2 // BATCH  # 4 epochs of half the data
     assert coordinator.total_steps == trainer.global_step == total
@@ -529,7 +532,7 @@ def test_the_plan_runs_in_phases_warmup_ramp_recovery_quantization(tmp_path) -> 
     phases = Phases()
     module = PhasedNet()
     trainer = trainer_for([*callbacks, phases], tmp_path)
-    trainer.fit(module, loader())
+    trainer.fit(module, with_curriculum(trainer, loader()))
     coordinator, _, distiller, freezer, pruner, qat = trainer.callbacks[:6]
     assert trainer.global_step == coordinator.total_steps == 8 + 3 * 4
     assert (freezer.warmup_steps, distiller.start_step) == (5, 5)
@@ -567,7 +570,9 @@ def test_the_parameter_axis_alone_measures_on_training_batches_and_freezes_befor
     plan = ThreeDPlan(trainable=0.3, probe_batches=2, warmup=0)
     module = Net()
     trainer = trainer_for(plan.callbacks(), tmp_path, max_epochs=1)
-    trainer.fit(module, DataLoader(Items(), batch_size=BATCH, shuffle=True))
+    trainer.fit(
+        module, with_curriculum(trainer, DataLoader(Items(), batch_size=BATCH, shuffle=True))
+    )
     freezer = of_type(trainer, SensitivityFreezer)
     assert freezer.statistics.steps == 2 and freezer.events_done == 1
     assert 0 < freezer.trainable_fraction <= 0.3 and "classifier.weight" not in freezer.frozen
@@ -587,13 +592,18 @@ def test_resume_mid_run_restores_every_axis(tmp_path) -> None:
     whole = Net(scripted)
     epochs = {"max_epochs": 8}
     trainer = trainer_for([*plan.callbacks(), saver], tmp_path, enable_checkpointing=True, **epochs)
-    trainer.fit(whole, loader(), loader())
+    trainer.fit(whole, with_curriculum(trainer, loader()), loader())
     pruner = of_type(trainer, ProgressivePruner)
     assert (pruner.start_step, pruner.window_end, pruner.frequency) == (0, 24, 2)
     assert of_type(trainer, QATHook).start_step == 25
     resumed = Net(scripted)
     again = trainer_for(plan.callbacks(), tmp_path, **epochs)
-    again.fit(resumed, loader(), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=2-step=12.ckpt")
+    again.fit(
+        resumed,
+        with_curriculum(again, loader()),
+        loader(),
+        ckpt_path=tmp_path / "ckpt" / "epoch=2-step=12.ckpt",
+    )
     assert again.global_step == trainer.global_step == 32
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         if hasattr(a, "qdata"):
@@ -643,7 +653,7 @@ def test_adaptive_mode_backs_off_sparsity_and_logs_each_decision(tmp_path) -> No
     # 0.88: within the margin of 0.9; 0.8: back off, best starts again; 0.85: the new best;
     # 0.75: back off; the last validation (no step left) is not acted on
     module = Net([0.9, 0.88, 0.8, 0.85, 0.75, 0.6])
-    trainer.fit(module, loader(), loader())
+    trainer.fit(module, with_curriculum(trainer, loader()), loader())
     coordinator, pruner = trainer.callbacks[:2]
     assert [d["new_sparsity"] for d in coordinator.backoff.decisions] == [0.4, 0.2]
     assert pruner.target_sparsity == 0.2

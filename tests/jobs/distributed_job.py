@@ -58,6 +58,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Subset
 
 from lightning_3d.compression import GradientCompressor
+from lightning_3d.sampling import with_curriculum
 from lightning_3d.strategies import CompressedDDPStrategy, CompressedFSDPStrategy
 
 RANK = int(os.environ["LOCAL_RANK"])
@@ -174,7 +175,9 @@ def fit(
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(task, train_dataloaders=make_loader(task), ckpt_path=ckpt_path)
+    trainer.fit(
+        task, train_dataloaders=with_curriculum(trainer, make_loader(task)), ckpt_path=ckpt_path
+    )
     return task, recorder.losses
 
 
@@ -731,9 +734,8 @@ def curriculum(out: Path) -> dict[str, Any]:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(
-            module, train_dataloaders=DataLoader(IndexedPoints(), batch_size=4, shuffle=True)
-        )
+        loader = DataLoader(IndexedPoints(), batch_size=4, shuffle=True)
+        trainer.fit(module, train_dataloaders=sampler.wrap_train_dataloader(loader))
         result[name] = {
             "seen": module.seen,
             "plans": plans.plans,
@@ -941,7 +943,7 @@ def plan(out: Path) -> dict[str, Any]:
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(task, train_dataloaders=make_loader(task))
+    trainer.fit(task, train_dataloaders=with_curriculum(trainer, make_loader(task)))
 
     def find(kind: type) -> Any:
         return next(c for c in trainer.callbacks if isinstance(c, kind))
