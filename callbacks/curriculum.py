@@ -118,6 +118,9 @@ class CurriculumSampler(Callback):
         0.3
     """
 
+    #: The plan's name of this axis; ``PlanCoordinator`` finds the callback by it.
+    axis = "data"
+
     def __init__(
         self,
         score: str = "loss",

@@ -85,6 +85,9 @@ class Distiller(Callback):
         0.9
     """
 
+    #: The plan's name of this axis; ``PlanCoordinator`` finds the callback by it.
+    axis = "distillation"
+
     def __init__(
         self,
         teacher: str | nn.Module = SNAPSHOT,

@@ -26,14 +26,15 @@ Example:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_3d.checkpoints import AppliesCallbackStateFirst, callback_state
 from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.sensitivity import (
     DEFAULT_HEAD,
@@ -106,6 +107,9 @@ class SensitivityFreezer(Callback):
         'progressive'
     """
 
+    #: The plan's name of this axis; ``PlanCoordinator`` finds the callback by it.
+    axis = "parameters"
+
     def __init__(
         self,
         target_trainable: float = 0.1,
@@ -176,7 +180,6 @@ class SensitivityFreezer(Callback):
         self._reference: dict[str, torch.Tensor] = {}
         self._last_measured = -1
         self._position: dict[str, int] = {}  # model order, for putting unfrozen tensors back
-        self._unpatch: Any = None
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -220,28 +223,24 @@ class SensitivityFreezer(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        if stage != "fit" or not strategy.restore_checkpoint_after_setup:
-            return
-        # FSDP-style strategies load the optimizer state, and only then this callback's state,
-        # after ``on_fit_start``: the frozen set must shape the optimizer's groups first, so read
-        # it from the checkpoint just before the strategy loads it.
-        load_checkpoint = strategy.load_checkpoint
+        first = isinstance(strategy, AppliesCallbackStateFirst)
+        if stage == "fit" and strategy.restore_checkpoint_after_setup and not first:
+            rank_zero_warn(
+                f"SensitivityFreezer: {type(strategy).__name__} loads the optimizer state "
+                "before the callbacks' states, so a resumed run cannot shape the optimizer's "
+                "groups by the frozen set first; to resume under FSDP2 use "
+                "lightning_3d.strategies.CompressedFSDPStrategy (compress=False for plain "
+                "FSDP2), which restores the frozen set before it loads"
+            )
 
-        def load_frozen_set_first(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-            state = _saved_state(checkpoint_path, self.state_key)
-            if state is not None:  # None: the checkpoint was made without this callback
-                self.load_state_dict(state)
-            if self.frozen:
-                self._apply(trainer, pl_module, freeze=self.frozen, unfreeze=set())
-            return load_checkpoint(checkpoint_path, *args, **kwargs)
-
-        strategy.load_checkpoint = load_frozen_set_first
-        self._unpatch = lambda: setattr(strategy, "load_checkpoint", load_checkpoint)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._unpatch is not None:
-            self._unpatch()
-            self._unpatch = None
+    def on_before_strategy_load(self, trainer: Trainer, checkpoint_path: Any) -> None:
+        """Apply the checkpoint's frozen set before the strategy loads the optimizer state,
+        whose groups it shapes (strategies that restore after ``on_fit_start`` call this)."""
+        state = callback_state(checkpoint_path, self.state_key)
+        if state is not None:  # None: the checkpoint was made without this callback
+            self.load_state_dict(state)
+        if self.frozen:
+            self._apply(trainer, trainer.lightning_module, freeze=self.frozen, unfreeze=set())
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the candidates (after ``configure_model``, LoRA and sharding), check the budget,
@@ -498,20 +497,6 @@ class SensitivityFreezer(Callback):
 def _position_in(order: dict[int, int]) -> Any:
     """A sort key: a parameter's place in the model."""
     return lambda param: order[id(param)]
-
-
-def _saved_state(ckpt_path: Any, key: str) -> dict[str, Any] | None:
-    """This callback's state in a Lightning checkpoint (one file, or a distributed checkpoint
-    folder whose ``meta.pt`` holds the callbacks), or ``None`` when it has none."""
-    path = Path(ckpt_path)
-    # memory-mapped: a single-file checkpoint's weights are not read just to find this entry
-    checkpoint = torch.load(
-        path / "meta.pt" if path.is_dir() else path,
-        map_location="cpu",
-        weights_only=False,
-        mmap=True,
-    )
-    return checkpoint.get("callbacks", {}).get(key)
 
 
 def _squared_distance(param: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

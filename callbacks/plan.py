@@ -45,19 +45,24 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_3d.callbacks.curriculum import CurriculumSampler
-from lightning_3d.callbacks.distillation import Distiller
-from lightning_3d.callbacks.freezing import SensitivityFreezer
-from lightning_3d.callbacks.pruning import ProgressivePruner
-from lightning_3d.callbacks.quantization import QATHook
 from lightning_3d.loggers import log_axis_metrics
-from lightning_3d.plan import STEP_ORDER, SparsityBackoff, ThreeDPlan, signal_pass
+from lightning_3d.plan import (
+    AXIS_CALLBACK_NAMES,
+    AXIS_ORDER,
+    STEP_ORDER,
+    DataAxis,
+    DistillationAxis,
+    ParameterAxis,
+    PruningAxis,
+    QuantizationAxis,
+    SparsityBackoff,
+    ThreeDPlan,
+    signal_pass,
+)
 from lightning_3d.sensitivity import find_gradient_statistics
 from lightning_3d.tasks import total_training_steps
 
 log = logging.getLogger(__name__)
-#: The callback of each axis, in step order.
-AXIS_CALLBACKS = (CurriculumSampler, Distiller, SensitivityFreezer, ProgressivePruner, QATHook)
 MASK_UPDATES = 10  # mask updates over the plan's pruning window
 
 
@@ -85,7 +90,7 @@ class PlanCoordinator(Callback):
         self.backoff = SparsityBackoff(plan.margin, plan.backoff, plan.mode)
         self.signals_measured = False
         self.total_steps = 0
-        self.axes: dict[type, Callback] = {}
+        self.axes: dict[str, Any] = {}  # the axis callbacks by their ``axis`` name
         self._gradient_masks: list[RemovableHandle] = []
         self._warned_monitor = False
         self._started_at: float | None = None
@@ -103,16 +108,16 @@ class PlanCoordinator(Callback):
         if stage != "fit":
             return
         callbacks = list(trainer.callbacks)  # Lightning refuses two of one stateful kind
-        positions: dict[type, int] = {}
+        positions: dict[str, int] = {}
         self.axes = {}
-        for axis in AXIS_CALLBACKS:
-            found = [i for i, c in enumerate(callbacks) if isinstance(c, axis)]
+        for axis in AXIS_ORDER:
+            found = [i for i, c in enumerate(callbacks) if getattr(c, "axis", None) == axis]
             if found:
                 positions[axis] = found[0]
                 self.axes[axis] = callbacks[found[0]]
-        order = [positions[a] for a in AXIS_CALLBACKS if a in positions]
+        order = [positions[a] for a in AXIS_ORDER if a in positions]
         if order != sorted(order) or any(p < callbacks.index(self) for p in order):
-            expected = ", ".join(["PlanCoordinator", *(a.__name__ for a in AXIS_CALLBACKS)])
+            expected = ", ".join(["PlanCoordinator", *AXIS_CALLBACK_NAMES.values()])
             raise ValueError(
                 "PlanCoordinator: the callbacks must follow the step order "
                 f"({' -> '.join(STEP_ORDER)}): {expected}; got "
@@ -144,17 +149,17 @@ class PlanCoordinator(Callback):
         self.total_steps = total_training_steps(trainer)
         plan, end = self.plan, 0
         warm = plan.step_of(plan.warmup, self.total_steps)
-        distiller, freezer = self.axes.get(Distiller), self.axes.get(SensitivityFreezer)
-        pruner, qat = self.axes.get(ProgressivePruner), self.axes.get(QATHook)
-        if isinstance(distiller, Distiller) and distiller in self.scheduled:
+        distiller, freezer = self._distiller(), self._freezer()
+        pruner, qat = self._pruner(), self._quantizer()
+        if distiller is not None and distiller in self.scheduled:
             snapshot = plan.teacher == "snapshot"
             distiller.start_step = max(1, warm) if snapshot else warm
-        if isinstance(freezer, SensitivityFreezer) and freezer in self.scheduled:
+        if freezer is not None and freezer in self.scheduled:
             freezer.warmup_steps = warm
-        if isinstance(pruner, ProgressivePruner) and pruner in self.scheduled:
+        if pruner is not None and pruner in self.scheduled:
             end = max(warm + 1, plan.step_of(plan.prune_end, self.total_steps))
             pruner.set_window(warm, end, max(1, (end - warm) // MASK_UPDATES))
-        if isinstance(qat, QATHook) and qat in self.scheduled:
+        if qat is not None and qat in self.scheduled:
             qat.start_step = max(end, plan.step_of(plan.qat_start, self.total_steps))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -195,14 +200,28 @@ class PlanCoordinator(Callback):
             handle.remove()
         self._gradient_masks = []
 
+    # -- the axes, by their public contracts (lightning_3d.plan) ---------------------------------
+    def _curriculum(self) -> DataAxis | None:
+        return self.axes.get("data")
+
+    def _distiller(self) -> DistillationAxis | None:
+        return self.axes.get("distillation")
+
+    def _freezer(self) -> ParameterAxis | None:
+        return self.axes.get("parameters")
+
+    def _pruner(self) -> PruningAxis | None:
+        return self.axes.get("pruning")
+
+    def _quantizer(self) -> QuantizationAxis | None:
+        return self.axes.get("quantization")
+
     # -- checks -------------------------------------------------------------------------------
     def _check_conflicts(self, trainer: Trainer) -> None:
         """Settings of two axes that cannot both hold, found before the first step."""
-        freezer = self.axes.get(SensitivityFreezer)
-        pruner = self.axes.get(ProgressivePruner)
-        qat = self.axes.get(QATHook)
-        if isinstance(pruner, ProgressivePruner):
-            if isinstance(freezer, SensitivityFreezer) and pruner.score == "movement":
+        freezer, pruner, qat = self._freezer(), self._pruner(), self._quantizer()
+        if pruner is not None:
+            if freezer is not None and pruner.score == "movement":
                 both = sorted(set(freezer.candidates) & set(pruner.targets))
                 if both:
                     raise ValueError(
@@ -213,16 +232,14 @@ class PlanCoordinator(Callback):
                     )
             if pruner.window_end > self.total_steps:
                 after = " and QAT converts at the end of fit" if qat is not None else ""
-                budget = (
-                    " (the data budget shortens epochs)" if CurriculumSampler in self.axes else ""
-                )
+                budget = " (the data budget shortens epochs)" if "data" in self.axes else ""
                 raise ValueError(
                     f"PlanCoordinator: pruning ends at step {pruner.window_end} but the run has "
                     f"{self.total_steps} optimizer steps{budget}{after}; end the pruning window "
                     "earlier"
                 )
             if (
-                isinstance(qat, QATHook)
+                qat is not None
                 and qat.start_epoch is None
                 and (pruner.target_sparsity > 0 and qat.start_step < pruner.window_end)
             ):
@@ -237,10 +254,10 @@ class PlanCoordinator(Callback):
     def _measure_signals(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The signal pass: every sample scored for the curriculum, gradient statistics for the
         freezer and the pruner, in eval mode (no dropout) and without optimizer steps."""
-        curriculum = self.axes.get(CurriculumSampler)
-        scoring = isinstance(curriculum, CurriculumSampler) and curriculum.prescore
-        freezer = self.axes.get(SensitivityFreezer)
-        if isinstance(freezer, SensitivityFreezer):  # it measures during its warm-up otherwise
+        curriculum = self._curriculum()
+        scoring = curriculum is not None and curriculum.prescore
+        freezer = self._freezer()
+        if freezer is not None:  # it measures during its warm-up otherwise
             before_step_one = freezer.warmup_steps == 0
         else:  # the pruner's per-layer sparsity: from the warm-up, or before step 1
             before_step_one = self.plan.warmup == 0
@@ -254,7 +271,7 @@ class PlanCoordinator(Callback):
                 "the built-in tasks have one"
             )
         if scoring:
-            assert isinstance(curriculum, CurriculumSampler)
+            assert curriculum is not None
             batches = curriculum.scoring_batches(trainer, seed=self.plan.seed)
             record = curriculum.record_outputs
         else:
@@ -282,7 +299,7 @@ class PlanCoordinator(Callback):
             for module, training in modes.items():
                 module.training = training
         if scoring:
-            assert isinstance(curriculum, CurriculumSampler)
+            assert curriculum is not None
             curriculum.fold_scores()
         log.info(
             "PlanCoordinator: signal pass: %s%d batches with gradients",
@@ -293,8 +310,8 @@ class PlanCoordinator(Callback):
     def _mask_pruned_gradients(self, pl_module: LightningModule) -> None:
         """Zero the gradients of pruned weights as autograd produces them, before any gradient
         communication reads them (magnitude pruning only: movement scores need them)."""
-        pruner = self.axes.get(ProgressivePruner)
-        if not isinstance(pruner, ProgressivePruner) or pruner.score != "magnitude":
+        pruner = self._pruner()
+        if pruner is None or pruner.score != "magnitude":
             return
         params = dict(pl_module.named_parameters())
         for name in pruner.targets:
@@ -304,13 +321,13 @@ class PlanCoordinator(Callback):
 
     # -- adaptive budgets ---------------------------------------------------------------------
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pruner, qat = self.axes.get(ProgressivePruner), self.axes.get(QATHook)
+        pruner, qat = self._pruner(), self._quantizer()
         fitting = trainer.state.fn == TrainerFn.FITTING
         if not self.plan.adaptive or trainer.sanity_checking or not fitting:
             return
         step = trainer.global_step
-        quantizing = isinstance(qat, QATHook) and qat.stage != "float"
-        if not isinstance(pruner, ProgressivePruner) or quantizing or step >= self.total_steps:
+        quantizing = qat is not None and qat.stage != "float"
+        if pruner is None or quantizing or step >= self.total_steps:
             return  # masks are final once the quantization grid trains, or no step is left
         value = trainer.callback_metrics.get(self.plan.monitor)
         value = trainer.strategy.broadcast(None if value is None else float(value))  # rank 0's
@@ -337,7 +354,7 @@ class PlanCoordinator(Callback):
         log_axis_metrics(trainer, metrics, step=step)
 
 
-def _masker(pruner: ProgressivePruner, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _masker(pruner: PruningAxis, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A gradient hook: the gradient times the pruner's current mask of ``name``."""
 
     def mask(gradient: torch.Tensor) -> torch.Tensor:

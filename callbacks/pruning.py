@@ -107,6 +107,9 @@ class ProgressivePruner(Callback):
         0.5
     """
 
+    #: The plan's name of this axis; ``PlanCoordinator`` finds the callback by it.
+    axis = "pruning"
+
     def __init__(
         self,
         target_sparsity: float | None = 0.5,

@@ -92,6 +92,9 @@ class QATHook(Callback):
         'int4_weight_only'
     """
 
+    #: The plan's name of this axis; ``PlanCoordinator`` finds the callback by it.
+    axis = "quantization"
+
     def __init__(
         self,
         quantization: str | AOBaseConfig = "int8_dynamic_act_int4_weight",

@@ -11,6 +11,12 @@ converted ones (plain tensors with a ``::layout`` entry, see
 :func:`~lightning_3d.quantization.to_plain_state`); :func:`load_run_weights` gives the model the
 form the run's ``test`` evaluates: converted with the run's recipe either way.
 
+Strategies that restore a checkpoint after ``on_fit_start`` (FSDP2) load the model and optimizer
+state in one call, before any callback state: a callback whose state shapes the optimizer (the
+freezer's frozen set decides its parameter groups) implements ``on_before_strategy_load``, and a
+strategy that supports it calls :func:`before_strategy_load` first and sets
+``applies_callback_state_first = True``; :func:`callback_state` reads the callback's entry.
+
 Example:
     >>> state = checkpoint_state("runs/job/checkpoints/last.ckpt")  # doctest: +SKIP
     >>> load_run_weights(task, "runs/job/checkpoints/last.ckpt", qat=hook)  # doctest: +SKIP
@@ -20,9 +26,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+# Lightning's private name of the file that holds the non-tensor part (callback states, loops)
+# of a sharded checkpoint folder. No public API reads one callback's state from a folder before
+# the strategy loads it; this is the one place that depends on the name, and
+# tests/test_lightning_seams.py fails, naming it, if Lightning moves or renames it.
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from torch import nn
 
 from lightning_3d.quantization import (
@@ -127,4 +139,53 @@ def load_run_weights(
     return module
 
 
-__all__ = ["checkpoint_state", "load_run_weights"]
+@runtime_checkable
+class PreparesForStrategyLoad(Protocol):
+    """A callback that applies its checkpointed state before the strategy loads the rest."""
+
+    def on_before_strategy_load(self, trainer: Any, checkpoint_path: Any) -> None: ...
+
+
+@runtime_checkable
+class AppliesCallbackStateFirst(Protocol):
+    """A strategy that calls :func:`before_strategy_load` before it loads a checkpoint."""
+
+    applies_callback_state_first: bool
+
+
+def before_strategy_load(trainer: Any, checkpoint_path: Any) -> None:
+    """Let every callback of ``trainer`` that needs it apply its state from ``checkpoint_path``
+    before the strategy loads the model and optimizer state."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, PreparesForStrategyLoad):
+            callback.on_before_strategy_load(trainer, checkpoint_path)
+
+
+def callback_state(path: str | os.PathLike[str], key: str) -> dict[str, Any] | None:
+    """The state a callback saved under ``key`` (its ``state_key``) in a Lightning checkpoint:
+    one file, or a sharded folder whose metadata file holds the callbacks; ``None`` when the
+    checkpoint has no such entry.
+
+    Example:
+        >>> callback_state("last.ckpt", "SensitivityFreezer")  # doctest: +SKIP
+        {'frozen': [...], ...}
+    """
+    path = Path(path)
+    # memory-mapped: a single-file checkpoint's weights are not read just to find this entry
+    checkpoint = torch.load(
+        path / _METADATA_FILENAME if path.is_dir() else path,
+        map_location="cpu",
+        weights_only=False,
+        mmap=True,
+    )
+    return checkpoint.get("callbacks", {}).get(key)
+
+
+__all__ = [
+    "AppliesCallbackStateFirst",
+    "PreparesForStrategyLoad",
+    "before_strategy_load",
+    "callback_state",
+    "checkpoint_state",
+    "load_run_weights",
+]

@@ -66,9 +66,9 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -90,6 +90,74 @@ STEP_ORDER = (
     "fake-quantize",
     "compress trainable entries",
 )
+#: The axis callbacks' ``axis`` names, in step order; the coordinator finds them by these.
+AXIS_ORDER = ("data", "distillation", "parameters", "pruning", "quantization")
+#: The built-in callback of each axis, for messages.
+AXIS_CALLBACK_NAMES = {
+    "data": "CurriculumSampler",
+    "distillation": "Distiller",
+    "parameters": "SensitivityFreezer",
+    "pruning": "ProgressivePruner",
+    "quantization": "QATHook",
+}
+
+
+class DataAxis(Protocol):
+    """What the coordinator uses of the data axis (``CurriculumSampler``)."""
+
+    axis: str
+    prescore: bool
+
+    def scoring_batches(self, trainer: Any, seed: int | None = None) -> Iterator[Any]: ...
+
+    def record_outputs(self, outputs: Any, batch: Any) -> None: ...
+
+    def fold_scores(self) -> None: ...
+
+
+class DistillationAxis(Protocol):
+    """What the coordinator uses of the distillation axis (``Distiller``)."""
+
+    axis: str
+    start_step: int
+
+
+class ParameterAxis(Protocol):
+    """What the coordinator uses of the parameter axis (``SensitivityFreezer``)."""
+
+    axis: str
+    warmup_steps: int
+
+    @property
+    def candidates(self) -> tuple[str, ...]: ...
+
+
+class PruningAxis(Protocol):
+    """What the coordinator uses of the pruning axis (``ProgressivePruner``)."""
+
+    axis: str
+    score: str
+    target_sparsity: float
+    masks: dict[str, Any]
+    targets: list[str]
+
+    @property
+    def window_end(self) -> int: ...
+
+    def set_window(self, start_step: int, end_step: int, frequency: int) -> None: ...
+
+    def set_target(self, trainer: Any, pl_module: Any, target: float) -> None: ...
+
+
+class QuantizationAxis(Protocol):
+    """What the coordinator uses of the quantization axis (``QATHook``)."""
+
+    axis: str
+    start_step: int
+    start_epoch: int | None
+    stage: str
+
+
 #: ``weight_bits`` -> the torchao QAT preset used unless ``quantization`` names another.
 PRESET_FOR_BITS = {4: "int4_weight_only", 8: "int8_weight_only"}
 DATA_DROPS = ("hardest", "easiest_random")

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
+from lightning_3d.checkpoints import before_strategy_load
 from lightning_3d.collectives import (
     ALL_GATHER_FORMATS,
     GATHERABLE_DTYPES,
@@ -305,7 +306,11 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             checkpoint[STATE_KEY] = states
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
+    #: Callbacks whose state shapes the optimizer (the freezer) apply it before the load.
+    applies_callback_state_first = True
+
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> Any:
+        before_strategy_load(self.lightning_module.trainer, checkpoint_path)
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
         for gatherer in self._gatherers:  # the weights change: int4_delta restarts from int8
             gatherer.reset()
