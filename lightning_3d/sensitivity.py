@@ -488,11 +488,13 @@ def split_param_groups(
         if hasattr(scheduler, "lr_lambdas"):
             scheduler.lr_lambdas = [scheduler.lr_lambdas[i] for i in origin]
         scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in new_groups]
-        scheduler._last_lr = [g["lr"] for g in new_groups]
 
 
 def _flatten_schedulers(schedulers: Iterable[Any]) -> list[Any]:
-    """The schedulers and, for ``SequentialLR``/``ChainedScheduler``, the ones inside them."""
+    """The schedulers and, for ``SequentialLR``/``ChainedScheduler``, the ones inside them.
+
+    PyTorch keeps those in the private ``_schedulers`` and has no public accessor; this is the
+    one place that reads it (tests/test_lightning_seams.py fails, naming it, if it goes)."""
     flat = []
     for scheduler in schedulers:
         flat.append(scheduler)

@@ -141,6 +141,10 @@ class PretrainedTask(LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self._batch_start = 0.0
 
+    def configure_model(self) -> None:
+        """Nothing to build: the model exists from ``__init__``. Present so that model-parallel
+        strategies accept the task; ``CompressedFSDPStrategy`` then shards it itself."""
+
     def _attach(self, model: torch.nn.Module, lora: LoRASettings | None, task_type: str) -> None:
         """Wrap ``model`` with LoRA if asked and put it in train mode.
 

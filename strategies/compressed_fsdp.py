@@ -8,11 +8,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.init import _materialize_distributed_module
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -142,6 +139,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
+        self.save_distributed_checkpoint = save_distributed_checkpoint
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
@@ -175,15 +173,24 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
 
     # ---------------------------------------------------------------- set-up
     def setup_environment(self) -> None:
-        # pure data parallelism: one mesh dimension of every rank
+        # Pure data parallelism: one mesh dimension of every rank. ModelParallelStrategy takes
+        # the sizes only in its constructor, before the world size is known, so they are set
+        # here, on its private attributes (tests/test_lightning_seams.py names them).
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
 
     def setup(self, trainer: pl.Trainer) -> None:
-        assert self.model is not None and self.accelerator is not None
-        self.accelerator.setup(trainer)
+        """Shard the model (unless ``configure_model`` did), install the compressed collectives,
+        then let ``ModelParallelStrategy.setup`` materialize it and set up the optimizers."""
         module = self.lightning_module
+        if type(module).configure_model is pl.LightningModule.configure_model:
+            raise ValueError(
+                f"{type(self).__name__} needs a configure_model() hook on "
+                f"{type(module).__name__}, as Lightning's ModelParallelStrategy does: add "
+                "`def configure_model(self): pass` and the strategy shards every transformer "
+                "block itself (or apply fully_shard there yourself)"
+            )
         if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
             raise TypeError(
                 "found modules wrapped with FSDP1's FullyShardedDataParallel; "
@@ -196,15 +203,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             self._prepare_kernels()
         if self.all_gather_format != "none":
             self._install_all_gather(module)
-        _materialize_distributed_module(self.model, self.root_device)
-        self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        self.barrier()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+        super().setup(trainer)
 
     def _shard(self, module: torch.nn.Module) -> None:
         mesh = self.device_mesh["data_parallel"]
@@ -295,7 +294,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         A sharded checkpoint folder gets ``compression_state.rank{r}.pt`` from each rank; a full
         single-file checkpoint holds all ranks' states under ``"lightning_3d_compression"``.
         """
-        if self._save_distributed_checkpoint:
+        if self.save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             directory = Path(self.broadcast(str(filepath)))
             torch.save(self._local_comm_state(), _state_file(directory, self.global_rank))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_3d.callbacks import SensitivityFreezer
@@ -68,3 +69,35 @@ def test_the_freezer_warns_where_a_strategy_would_load_the_optimizer_before_its_
         freezer.setup(plain, module, "fit")
     assert isinstance(CompressedFSDPStrategy(), AppliesCallbackStateFirst)
     assert not isinstance(ModelParallelStrategy(), AppliesCallbackStateFirst)
+
+
+def test_model_parallel_strategy_still_keeps_its_mesh_sizes_where_we_set_them() -> None:
+    """``CompressedFSDPStrategy.setup_environment`` sets ModelParallelStrategy's private
+    ``_data_parallel_size`` and ``_tensor_parallel_size`` (its constructor takes them before the
+    world size is known) and then relies on its ``setup_environment`` reading them."""
+    strategy = ModelParallelStrategy()
+    for name in ("_data_parallel_size", "_tensor_parallel_size"):
+        assert hasattr(strategy, name), f"ModelParallelStrategy no longer has {name}"
+
+
+def test_a_module_without_configure_model_gets_a_clear_error_from_the_fsdp_strategy() -> None:
+    trainer = pl.Trainer(strategy=CompressedFSDPStrategy(), accelerator="cpu", devices=1)
+    trainer.strategy.connect(pl.LightningModule())
+    with pytest.raises(ValueError, match=r"needs a configure_model\(\) hook on LightningModule"):
+        trainer.strategy.setup(trainer)
+
+
+@pytest.mark.parametrize("kind", ["SequentialLR", "ChainedScheduler"])
+def test_torch_composite_schedulers_still_keep_their_children_where_we_read_them(kind: str) -> None:
+    """``lightning_3d.sensitivity.split_param_groups`` reaches the schedulers inside a
+    ``SequentialLR``/``ChainedScheduler`` through their private ``_schedulers``."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    inner = [
+        torch.optim.lr_scheduler.LinearLR(optimizer),
+        torch.optim.lr_scheduler.StepLR(optimizer, 1),
+    ]
+    if kind == "SequentialLR":
+        outer = torch.optim.lr_scheduler.SequentialLR(optimizer, inner, milestones=[1])
+    else:
+        outer = torch.optim.lr_scheduler.ChainedScheduler(inner)
+    assert list(getattr(outer, "_schedulers", [])) == inner, f"{kind}._schedulers is gone"

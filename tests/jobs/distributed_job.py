@@ -590,6 +590,9 @@ def own_sharding(out: Path) -> dict[str, Any]:
 class PartlyFrozen(pl.LightningModule):
     """A frozen base layer (as under LoRA) and a trainable one after it."""
 
+    def configure_model(self) -> None:
+        """Present, as model-parallel strategies require; the strategy shards the model."""
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -635,6 +638,9 @@ def frozen_replicated(out: Path) -> dict[str, Any]:
 
 
 class DyingModule(pl.LightningModule):
+    def configure_model(self) -> None:
+        """Present, as model-parallel strategies require; the strategy shards the model."""
+
     def __init__(self) -> None:
         super().__init__()
         self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
@@ -680,6 +686,9 @@ class IndexedPoints(torch.utils.data.Dataset):
 
 
 class CurriculumModule(pl.LightningModule):
+    def configure_model(self) -> None:
+        """Present, as model-parallel strategies require; the strategy shards the model."""
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
