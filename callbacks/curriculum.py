@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -49,9 +48,12 @@ from lightning_3d.sampling import (
     EpochPlan,
     SampleScores,
     batch_values,
+    check_weighted_loss,
     describe,
-    is_class_label,
+    find_head,
     limited_batches,
+    read_quality,
+    score_quantiles,
     with_sampler,
 )
 
@@ -227,7 +229,7 @@ class CurriculumSampler(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.score == "grand":
-            head = self._find_head(pl_module)
+            head = find_head(pl_module, self.head)
             self._head_hook = head.register_forward_hook(self._catch_features)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -256,7 +258,8 @@ class CurriculumSampler(Callback):
         self._batches_done += 1
         self.samples_seen += self._replicas * extract_batch_size(batch)
         if self.rescale_loss and not self._weights_checked and "sample_weight" in batch:
-            self._check_weighted_loss(outputs, batch, trainer.accumulate_grad_batches)
+            check_weighted_loss(outputs, batch, trainer.accumulate_grad_batches)
+            self._weights_checked = True
         if self.score != "quality":
             self.record_outputs(outputs, batch)
         pl_module.log("curriculum/samples_seen", float(self.samples_seen), on_step=True)
@@ -330,7 +333,11 @@ class CurriculumSampler(Callback):
         if needs_index and (not isinstance(item, Mapping) or "index" not in item):
             raise ValueError(f"{INDEX_HELP}; the first item is {describe(item)}")
         if self.score == "quality" and not self.seen.all():
-            self._read_quality(dataset, item)
+            scores, labels = read_quality(dataset, self.quality_key)
+            self.scores.copy_(scores)
+            self.seen.fill_(True)
+            if labels is not None:
+                self.labels.copy_(labels)
         self._loader = wrapped
         return wrapped
 
@@ -474,28 +481,16 @@ class CurriculumSampler(Callback):
                 "CurriculumSampler paces over epochs: set Trainer(max_epochs=...) or "
                 "CurriculumSampler(epochs=...)"
             )
-        schedule = self.schedule
-        annealed = int(self.anneal * epochs)
-        no_room = schedule.warmup_epochs + annealed >= epochs and (
-            schedule.pacing != "none" or schedule.budget < 1
-        )
         scorable = callable(getattr(pl_module, "score_batch", None))
-        if no_room and self._warmup_defaulted and annealed < epochs and scorable:
+        may_prescore = self._warmup_defaulted and scorable
+        self.schedule, prescore = self.schedule.for_run(epochs, self.anneal, may_prescore)
+        if prescore:
             rank_zero_info(
                 f"CurriculumSampler: {epochs} epoch(s) leave no room for a warm-up epoch, so "
                 "every sample is scored by a forward-only pass before training (prescore=True, "
                 "warmup_epochs=0)"
             )
-            self.prescore, no_room = True, False
-            schedule = dataclasses.replace(schedule, warmup_epochs=0)
-        if no_room:
-            raise ValueError(
-                f"warmup_epochs={schedule.warmup_epochs} and {annealed} annealing epochs leave "
-                f"no epoch for the curriculum out of epochs={epochs}; train longer, lower "
-                "warmup_epochs or anneal, or give the LightningModule a `score_batch(batch)` "
-                "method (then a forward-only pass scores the samples before training)"
-            )
-        self.schedule = dataclasses.replace(schedule, epochs=epochs, anneal_epochs=annealed)
+            self.prescore = True
         if (self.scoring_epochs or self.prescore) and not scorable:
             raise ValueError(
                 "scoring_epochs and prescore need a `score_batch(batch)` method on the "
@@ -514,51 +509,8 @@ class CurriculumSampler(Callback):
                 f"are {lengths.tolist()}"
             )
 
-    def _find_head(self, pl_module: LightningModule) -> torch.nn.Module:
-        modules = dict(pl_module.named_modules())
-        if self.head is not None:
-            if self.head not in modules:
-                raise ValueError(
-                    f"head={self.head!r} is not a module of {type(pl_module).__name__}; "
-                    f"its last modules are {list(modules)[-5:]}"
-                )
-            return modules[self.head]
-        linears = [m for m in modules.values() if isinstance(m, torch.nn.Linear)]
-        if not linears:
-            raise ValueError("score='grand' needs a torch.nn.Linear head; name it with `head=`")
-        return linears[-1]
-
     def _catch_features(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
         self._features = inputs[0].detach()
-
-    def _read_quality(self, dataset: Any, item: Any) -> None:
-        if not isinstance(item, Mapping) or self.quality_key not in item:
-            raise ValueError(
-                f"score='quality' reads each item's {self.quality_key!r} value; the first item "
-                f"is {describe(item)}. Set quality_key to the right column."
-            )
-        items = [dataset[i] for i in range(len(dataset))]
-        self.scores.copy_(torch.tensor([float(item[self.quality_key]) for item in items]))
-        self.seen.fill_(True)
-        if all(is_class_label(item.get("labels")) for item in items):
-            self.labels.copy_(torch.tensor([int(item["labels"]) for item in items]))
-
-    def _check_weighted_loss(self, outputs: Any, batch: Any, accumulate: int) -> None:
-        losses = outputs.get("per_sample_loss") if isinstance(outputs, Mapping) else None
-        if losses is None:
-            raise RuntimeError(
-                "rescale_loss=True checks that the loss is weighted; return 'per_sample_loss' "
-                "from training_step"
-            )
-        weighted = (losses.float() * batch["sample_weight"].float()).mean()
-        loss = outputs["loss"].float()
-        if not any(torch.allclose(loss * k, weighted, rtol=1e-4) for k in (1, accumulate)):
-            raise RuntimeError(
-                "rescale_loss=True but training_step ignored batch['sample_weight']: compute "
-                "loss = (per_sample_loss * batch['sample_weight']).mean() when the key is there "
-                f"(got loss {float(loss):.6g}, weighted mean {float(weighted):.6g})"
-            )
-        self._weights_checked = True
 
     def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, plan: EpochPlan) -> None:
         count = self._table().count
@@ -569,9 +521,7 @@ class CurriculumSampler(Callback):
         }
         scored = self.scores[self.seen]
         if scored.numel():
-            quantiles = torch.quantile(scored.double(), torch.tensor([0.1, 0.5, 0.9]).double())
-            for name, value in zip(("q10", "q50", "q90"), quantiles.tolist(), strict=True):
-                metrics[f"curriculum/score_{name}"] = value
+            metrics.update({f"curriculum/{k}": v for k, v in score_quantiles(scored).items()})
             log_histogram(trainer, "curriculum/scores", scored.float().numpy())
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -333,6 +334,38 @@ class CurriculumSchedule:
         """Whether ``epoch`` visits every item: a warm-up or an annealing epoch."""
         annealing = self.anneal_epochs > 0 and epoch >= self.epochs - self.anneal_epochs
         return epoch < self.warmup_epochs or annealing
+
+    def for_run(
+        self, epochs: int, anneal: float, may_prescore: bool
+    ) -> tuple[CurriculumSchedule, bool]:
+        """This schedule over a run of ``epochs`` with ``floor(anneal * epochs)`` annealing
+        epochs, and whether the samples must be scored before training instead of in a warm-up
+        epoch (when the warm-up would leave no curriculum epoch and ``may_prescore``).
+
+        Example:
+            >>> half = CurriculumSchedule(budget=0.5, warmup_epochs=1)
+            >>> schedule, prescore = half.for_run(epochs=1, anneal=0.0, may_prescore=True)
+            >>> schedule.warmup_epochs, schedule.epochs, prescore
+            (0, 1, True)
+        """
+        if epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs}")
+        annealed = int(anneal * epochs)
+        changes_data = self.pacing != "none" or self.budget < 1
+        no_room = self.warmup_epochs + annealed >= epochs and changes_data
+        prescore = no_room and may_prescore and annealed < epochs
+        warmup = 0 if prescore else self.warmup_epochs
+        if no_room and not prescore:
+            raise ValueError(
+                f"warmup_epochs={warmup} and {annealed} annealing epochs leave no epoch for the "
+                f"curriculum out of epochs={epochs}; train longer, lower warmup_epochs or "
+                "anneal, or give the LightningModule a `score_batch(batch)` method (then a "
+                "forward-only pass scores the samples before training)"
+            )
+        settled = dataclasses.replace(
+            self, warmup_epochs=warmup, epochs=epochs, anneal_epochs=annealed
+        )
+        return settled, prescore
 
     def epoch_size(self, count: int, epoch: int) -> int:
         """Items ``epoch`` visits out of ``count`` (budget, then pacing)."""

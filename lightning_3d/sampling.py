@@ -241,6 +241,83 @@ def batch_values(
     return index, grand_last_layer(logits, labels, features), classes
 
 
+def check_weighted_loss(outputs: Any, batch: Mapping[str, Any], accumulate: int = 1) -> None:
+    """Raise unless ``training_step``'s loss is ``mean(per_sample_loss * sample_weight)``
+    (possibly divided by the gradient accumulation, as Lightning does).
+
+    Example:
+        >>> losses, weights = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0])
+        >>> check_weighted_loss({"loss": (losses * weights).mean(), "per_sample_loss": losses},
+        ...                     {"sample_weight": weights})
+    """
+    losses = outputs.get("per_sample_loss") if isinstance(outputs, Mapping) else None
+    if losses is None:
+        raise RuntimeError(
+            "rescale_loss=True checks that the loss is weighted; return 'per_sample_loss' "
+            "from training_step"
+        )
+    weighted = (losses.float() * batch["sample_weight"].float()).mean()
+    loss = outputs["loss"].float()
+    if not any(torch.allclose(loss * k, weighted, rtol=1e-4) for k in (1, accumulate)):
+        raise RuntimeError(
+            "rescale_loss=True but training_step ignored batch['sample_weight']: compute "
+            "loss = (per_sample_loss * batch['sample_weight']).mean() when the key is there "
+            f"(got loss {float(loss):.6g}, weighted mean {float(weighted):.6g})"
+        )
+
+
+def read_quality(dataset: Any, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every item's static ``key`` score, and its class labels when every item has one.
+
+    Example:
+        >>> read_quality([{"q": 0.5, "labels": 1}, {"q": 2.0, "labels": 0}], "q")
+        (tensor([0.5000, 2.0000]), tensor([1, 0]))
+    """
+    items = [dataset[i] for i in range(len(dataset))]
+    if not isinstance(items[0], Mapping) or key not in items[0]:
+        raise ValueError(
+            f"score='quality' reads each item's {key!r} value; the first item is "
+            f"{describe(items[0])}. Set quality_key to the right column."
+        )
+    scores = torch.tensor([float(item[key]) for item in items])
+    if all(is_class_label(item.get("labels")) for item in items):
+        return scores, torch.tensor([int(item["labels"]) for item in items])
+    return scores, None
+
+
+def score_quantiles(scores: torch.Tensor) -> dict[str, float]:
+    """The 10th, 50th and 90th percentiles of ``scores``, as ``score_q10`` ... metric names.
+
+    Example:
+        >>> score_quantiles(torch.arange(11.0))
+        {'score_q10': 1.0, 'score_q50': 5.0, 'score_q90': 9.0}
+    """
+    levels = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    values = torch.quantile(scores.double(), levels).tolist()
+    return {f"score_q{round(100 * q)}": v for q, v in zip(levels.tolist(), values, strict=True)}
+
+
+def find_head(module: torch.nn.Module, name: str | None = None) -> torch.nn.Module:
+    """The submodule called ``name``, or the last ``torch.nn.Linear`` of ``module``.
+
+    Example:
+        >>> find_head(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)))
+        Linear(in_features=3, out_features=1, bias=True)
+    """
+    modules = dict(module.named_modules())
+    if name is not None:
+        if name not in modules:
+            raise ValueError(
+                f"head={name!r} is not a module of {type(module).__name__}; its last modules "
+                f"are {list(modules)[-5:]}"
+            )
+        return modules[name]
+    linears = [m for m in modules.values() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("score='grand' needs a torch.nn.Linear head; name it with `head=`")
+    return linears[-1]
+
+
 class CurriculumOrder(DistributedSampler):
     """Yields this rank's part of the current epoch plan, after the samples already consumed.
 
@@ -374,9 +451,13 @@ __all__ = [
     "SampleScores",
     "TrainLoaderWrapper",
     "batch_values",
+    "check_weighted_loss",
     "describe",
+    "find_head",
     "is_class_label",
     "limited_batches",
+    "read_quality",
+    "score_quantiles",
     "with_curriculum",
     "with_sampler",
 ]
