@@ -30,12 +30,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_3d.checkpoints import AppliesCallbackStateFirst, callback_state
-from lightning_3d.loggers import log_axis_metrics
+from lightning_3d.loggers import log_axis_metrics, log_table_and_figure
 from lightning_3d.sensitivity import (
     DEFAULT_HEAD,
     DEFAULT_LAYER_PATTERN,
@@ -49,8 +48,8 @@ from lightning_3d.sensitivity import (
     drop_from_optimizer,
     group_parameters,
     layerwise_lr_scales,
-    local_part,
     optimizer_state_bytes,
+    parameter_drift,
     select_trainable,
     sensitivity_heatmap,
     split_param_groups,
@@ -363,19 +362,13 @@ class SensitivityFreezer(Callback):
 
     def _drift(self, pl_module: LightningModule) -> dict[str, float]:
         """``||theta - theta_0||^2`` per candidate (summed over shards)."""
-        if not self._reference:
-            return {}
         params = dict(pl_module.named_parameters())
-        names = list(self._reference)
-        for name in names:  # a checkpoint holds whole CPU tensors: lay them out like the weights
-            reference, param = self._reference[name], params[name]
+        for name, reference in self._reference.items():  # checkpoints hold whole CPU tensors
+            param = params[name]
             sharded = hasattr(param, "device_mesh")
             if sharded != hasattr(reference, "device_mesh") or reference.device != param.device:
                 self._reference[name] = laid_out_like(reference, param)
-        local = torch.stack([_squared_distance(params[n], self._reference[n]) for n in names])
-        if self.statistics.all_reduce is not None:
-            local = self.statistics.all_reduce(local)
-        return dict(zip(names, local.tolist(), strict=True))
+        return parameter_drift(params, self._reference, self.statistics.all_reduce)
 
     def _freezing_event(self, trainer: Trainer, pl_module: LightningModule) -> None:
         units = group_parameters(self._candidates, self.group_by)
@@ -468,37 +461,21 @@ class SensitivityFreezer(Callback):
             "freezer/optimizer_state_mb": state_mb,
         }
         log_axis_metrics(trainer, metrics)
-        if not trainer.is_global_zero:
-            return
         rows = [
             (unit, sum(self._sizes[n] for n in members), scores[unit],
              not self.frozen.intersection(members))
             for unit, members in units.items()
         ]  # fmt: skip
-        figure = None
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                figure = figure or sensitivity_heatmap(scores, self.layer_pattern)
-                table = wandb.Table(columns=["unit", "numel", "score", "trainable"], data=rows)
-                logger.experiment.log(
-                    {
-                        "freezer/sensitivity": table,
-                        "freezer/heatmap": wandb.Image(figure),
-                        "trainer/global_step": trainer.global_step,
-                    }
-                )
-            elif isinstance(logger, TensorBoardLogger):
-                figure = figure or sensitivity_heatmap(scores, self.layer_pattern)
-                logger.experiment.add_figure("freezer/heatmap", figure, trainer.global_step)
+        log_table_and_figure(
+            trainer,
+            "freezer/sensitivity",
+            ("unit", "numel", "score", "trainable"),
+            rows,
+            "freezer/heatmap",
+            lambda: sensitivity_heatmap(scores, self.layer_pattern),
+        )
 
 
 def _position_in(order: dict[int, int]) -> Any:
     """A sort key: a parameter's place in the model."""
     return lambda param: order[id(param)]
-
-
-def _squared_distance(param: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``||theta - theta_0||^2`` of this rank's part, in float64."""
-    return (local_part(param.detach()).double() - local_part(reference).double()).square().sum()

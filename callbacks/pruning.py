@@ -40,7 +40,6 @@ from lightning_3d.pruning import (
     SCOPES,
     SCORES,
     StructureGroup,
-    allocate_sparsity,
     export_structured,
     find_structures,
     mask_optimizer_state,
@@ -48,6 +47,7 @@ from lightning_3d.pruning import (
     n_m_mask,
     parse_pattern,
     row_groups,
+    sensitivity_allocation,
     sparsity_at,
     structured_masks,
     unstructured_masks,
@@ -467,18 +467,14 @@ class ProgressivePruner(Callback):
                 f"for {missing[:3]} at step {trainer.global_step}; start pruning later "
                 "(start_step) or exclude tensors that get no gradient"
             )
-        sizes = {n: params[n].numel() for n in self.targets}
-        squares = torch.stack(
-            [local_part(params[n].detach()).double().square().sum() for n in sizes]
-        )
-
-        if statistics is not None and statistics.all_reduce is not None:
-            squares = statistics.all_reduce(squares)
-        sensitivity = {
-            n: fisher[n] * float(sq) / sizes[n] for n, sq in zip(sizes, squares, strict=True)
-        }
-        allocation = allocate_sparsity(
-            sizes, sensitivity, self.target_sparsity, self.sensitivity_power, MAX_TENSOR_SPARSITY
+        all_reduce = statistics.all_reduce if statistics is not None else None
+        allocation = sensitivity_allocation(
+            {n: params[n] for n in self.targets},
+            fisher,
+            self.target_sparsity,
+            self.sensitivity_power,
+            MAX_TENSOR_SPARSITY,
+            all_reduce,
         )
         return trainer.strategy.broadcast(allocation)
 

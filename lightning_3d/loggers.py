@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import netrc
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,37 @@ def log_histogram(trainer: Any, tag: str, values: Any) -> None:
             logger.experiment.log({tag: wandb.Histogram(values), "trainer/global_step": step})
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_histogram(tag, values, step)
+
+
+def log_table_and_figure(
+    trainer: Any,
+    table_tag: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    figure_tag: str,
+    make_figure: Callable[[], Any],
+) -> None:
+    """Log a table (W&B) and a matplotlib figure (W&B and TensorBoard) at the trainer's global
+    step, on rank 0; ``make_figure`` runs only when some logger can show the figure."""
+    if not trainer.is_global_zero:
+        return
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import WandbLogger as AnyWandbLogger
+
+    figure = None
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        if isinstance(logger, AnyWandbLogger):
+            import wandb
+
+            figure = figure or make_figure()
+            table = wandb.Table(columns=list(columns), data=[list(row) for row in rows])
+            logger.experiment.log(
+                {table_tag: table, figure_tag: wandb.Image(figure), "trainer/global_step": step}
+            )
+        elif isinstance(logger, TensorBoardLogger):
+            figure = figure or make_figure()
+            logger.experiment.add_figure(figure_tag, figure, step)
 
 
 def log_axis_metrics(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:

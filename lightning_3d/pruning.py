@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_3d.sensitivity import local_part
+
 SCHEDULES = ("cubic", "linear", "exponential", "cosine")
 SCORES = ("magnitude", "movement")
 STRUCTURED_PATTERNS = ("rows", "heads", "neurons", "heads+neurons")
@@ -423,6 +425,34 @@ def allocate_sparsity(
         kept = sum(sizes[n] * d for n, d in densities(math.exp(middle)).items())
         low, high = (middle, high) if kept < budget else (low, middle)
     return {n: 1.0 - d for n, d in densities(math.exp((low + high) / 2)).items()}
+
+
+def sensitivity_allocation(
+    params: Mapping[str, torch.Tensor],
+    fisher: Mapping[str, float],
+    target: float,
+    power: float = 0.5,
+    max_sparsity: float = 0.98,
+    all_reduce: Any = None,
+) -> dict[str, float]:
+    """Final sparsity per tensor of ``params`` from the sensitivity
+    ``s_i = F_i * mean(theta_i^2)`` (``F_i`` the Fisher information of tensor ``i``), through
+    :func:`allocate_sparsity`. ``all_reduce`` sums the per-shard squares of sharded tensors.
+
+    Example:
+        >>> params = {"a": torch.ones(100), "b": torch.ones(100)}
+        >>> s = sensitivity_allocation(params, {"a": 4.0, "b": 1.0}, 0.5, power=1.0)
+        >>> round(s["a"], 3), round(s["b"], 3)
+        (0.2, 0.8)
+    """
+    sizes = {n: p.numel() for n, p in params.items()}
+    squares = torch.stack([local_part(p.detach()).double().square().sum() for p in params.values()])
+    if all_reduce is not None:
+        squares = all_reduce(squares)
+    sensitivity = {
+        n: fisher[n] * float(sq) / sizes[n] for n, sq in zip(sizes, squares, strict=True)
+    }
+    return allocate_sparsity(sizes, sensitivity, target, power, max_sparsity)
 
 
 def mask_optimizer_state(

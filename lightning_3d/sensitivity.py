@@ -245,6 +245,34 @@ class GradientStatistics:
         self._last_sq_norm = dict(state["last_sq_norm"])
 
 
+def parameter_drift(
+    params: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """``||theta - theta_0||^2`` of every parameter named in ``reference`` (laid out like its
+    parameter), in float64, summed over shards by ``all_reduce`` when the tensors are sharded.
+
+    Example:
+        >>> parameter_drift({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([0.0, 0.0])})
+        {'w': 5.0}
+    """
+    if not reference:
+        return {}
+    names = list(reference)
+    local = torch.stack(
+        [
+            (local_part(params[n].detach()).double() - local_part(reference[n]).double())
+            .square()
+            .sum()
+            for n in names
+        ]
+    )
+    if all_reduce is not None:
+        local = all_reduce(local)
+    return dict(zip(names, local.tolist(), strict=True))
+
+
 def composite_sensitivity(
     grad_sq_norm: float, fisher: float, drift_sq_norm: float, numel: int, alpha: float, beta: float
 ) -> float:
