@@ -64,6 +64,11 @@ STATE_VERSION = 1
 class CurriculumSampler(Callback):
     """Score samples while training, pace them from easy to hard, and train on a data budget.
 
+    A Lightning ``Callback`` that chooses the training samples; the ``torch`` sampler it puts
+    into the training loader is :class:`~lightning_3d.sampling.CurriculumOrder` (the name is
+    kept: configurations and checkpoints, whose callback states Lightning keys by class name,
+    refer to it).
+
     Each epoch ``e`` (see :class:`~lightning_3d.curriculum.CurriculumSchedule` for the math):
     ``warmup_epochs`` epochs of all data in random order first; then the budget keeps
     ``ceil(budget * n)`` samples, pacing keeps the easiest ``c(t)`` fraction of those, and the

@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 class QATHook(Callback):
     r"""Quantization-aware training with torchao from a chosen step, converted at the end.
 
+    A Lightning ``Callback`` (the name is kept: configurations and checkpoints, whose callback
+    states Lightning keys by class name, refer to it).
+
     Args:
         quantization: a preset name (:data:`~lightning_3d.quantization.PRESETS`:
             ``"int8_dynamic_act_int4_weight"``, ``"int4_weight_only"``, ``"int8_weight_only"``,

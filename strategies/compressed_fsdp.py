@@ -310,7 +310,9 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> Any:
         before_strategy_load(self.lightning_module.trainer, checkpoint_path)
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        # Lightning before 2.6 has no ``weights_only`` (and never passes one)
+        options = {} if weights_only is None else {"weights_only": weights_only}
+        checkpoint = super().load_checkpoint(checkpoint_path, **options)
         for gatherer in self._gatherers:  # the weights change: int4_delta restarts from int8
             gatherer.reset()
         path = Path(self.broadcast(str(checkpoint_path)))

@@ -118,6 +118,14 @@ def test_ci_runs_the_readme_commands() -> None:
     assert _readme_block("## Run the tests") in ci_commands
 
 
+def test_ci_also_tests_the_lowest_lightning_that_pyproject_allows() -> None:
+    pyproject = (REPO / "pyproject.toml").read_text()
+    bound = re.search(r'"lightning>=([0-9.]+)"', pyproject)
+    assert bound is not None, "pyproject.toml has no lightning>= bound"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert f'"lightning=={bound.group(1)}"' in ci
+
+
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
 def test_ruff_is_clean(command: list[str]) -> None:
     ruff = Path(sys.executable).parent / "ruff"
