@@ -99,7 +99,9 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> Any:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        # Lightning before 2.6 has no ``weights_only`` (and never passes one)
+        options = {} if weights_only is None else {"weights_only": weights_only}
+        checkpoint = super().load_checkpoint(checkpoint_path, **options)
         states = checkpoint.pop(STATE_KEY, None)
         rank = self.global_rank
         local = states[rank] if states and rank < len(states) else None
