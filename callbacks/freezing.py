@@ -33,7 +33,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_3d.checkpoints import AppliesCallbackStateFirst, callback_state
+from lightning_3d.checkpoints import (
+    AppliesCallbackStateFirst,
+    KeepsCallbackTensorsSharded,
+    callback_state,
+)
 from lightning_3d.loggers import log_axis_metrics, log_table_and_figure
 from lightning_3d.sensitivity import (
     DEFAULT_HEAD,
@@ -56,7 +60,7 @@ from lightning_3d.sensitivity import (
     trainable_fraction_at,
     unit_scores,
 )
-from lightning_3d.sharding import full_copy, laid_out_like, shard_all_reduce
+from lightning_3d.sharding import laid_out_like, shard_all_reduce, state_tensor
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +183,7 @@ class SensitivityFreezer(Callback):
         self._reference: dict[str, torch.Tensor] = {}
         self._last_measured = -1
         self._position: dict[str, int] = {}  # model order, for putting unfrozen tensors back
+        self._keep_sharded = False  # checkpoint theta_0 as DTensor shards (the strategy says)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -187,7 +192,9 @@ class SensitivityFreezer(Callback):
             "frozen": sorted(self.frozen),
             "events_done": self.events_done,
             "home": dict(self._home),
-            "reference": {n: full_copy(t) for n, t in self._reference.items()},
+            "reference": {
+                n: state_tensor(t, self._keep_sharded) for n, t in self._reference.items()
+            },
             "sizes": dict(self._sizes),
         }
 
@@ -244,6 +251,7 @@ class SensitivityFreezer(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the candidates (after ``configure_model``, LoRA and sharding), check the budget,
         apply layer-wise learning rates and, on resume, the checkpoint's frozen set."""
+        self._keep_sharded = isinstance(trainer.strategy, KeepsCallbackTensorsSharded)
         params = dict(pl_module.named_parameters())
         self._position = {n: i for i, n in enumerate(params)}
         if not self._sizes:

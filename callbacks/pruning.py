@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_3d.checkpoints import KeepsCallbackTensorsSharded
 from lightning_3d.loggers import log_axis_metrics, log_histogram
 from lightning_3d.pruning import (
     DEFAULT_EXCLUDE,
@@ -60,7 +61,13 @@ from lightning_3d.sensitivity import (
     layer_index,
     local_part,
 )
-from lightning_3d.sharding import broadcast_masks, full_copy, laid_out_like, shard_all_reduce
+from lightning_3d.sharding import (
+    broadcast_masks,
+    full_copy,
+    laid_out_like,
+    shard_all_reduce,
+    state_tensor,
+)
 from lightning_3d.tasks import total_training_steps
 
 log = logging.getLogger(__name__)
@@ -203,12 +210,13 @@ class ProgressivePruner(Callback):
         self.targets: list[str] = []  # every tensor a mask covers, in model order
         self._end = end_step or 0
         self._pending: dict[str, Any] = {}  # checkpoint tensors to lay out at on_train_start
+        self._keep_sharded = False  # checkpoint masks as DTensor shards (the strategy says)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "masks": {n: full_copy(m) for n, m in self.masks.items()},
-            "movement": {n: full_copy(s) for n, s in self.movement.items()},
+            "masks": {n: state_tensor(m, self._keep_sharded) for n, m in self.masks.items()},
+            "movement": {n: state_tensor(s, self._keep_sharded) for n, s in self.movement.items()},
             "sparsity": self.sparsity,
             "achieved_sparsity": self.achieved_sparsity,
             "layer_targets": dict(self.layer_targets),
@@ -259,6 +267,7 @@ class ProgressivePruner(Callback):
         )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._keep_sharded = isinstance(trainer.strategy, KeepsCallbackTensorsSharded)
         """Find the targets and check that the arguments fit the model."""
         params = dict(pl_module.named_parameters())
         if self.kind in ("heads", "neurons", "heads+neurons"):

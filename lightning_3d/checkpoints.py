@@ -153,6 +153,14 @@ class AppliesCallbackStateFirst(Protocol):
     applies_callback_state_first: bool
 
 
+@runtime_checkable
+class KeepsCallbackTensorsSharded(Protocol):
+    """A strategy that saves ``DTensor`` values of callback states shard by shard (and restores
+    them as ``DTensor``), so callbacks need not gather whole copies on every rank."""
+
+    keeps_callback_tensors_sharded: bool
+
+
 def before_strategy_load(trainer: Any, checkpoint_path: Any) -> None:
     """Let every callback of ``trainer`` that needs it apply its state from ``checkpoint_path``
     before the strategy loads the model and optimizer state."""
@@ -183,6 +191,7 @@ def callback_state(path: str | os.PathLike[str], key: str) -> dict[str, Any] | N
 
 __all__ = [
     "AppliesCallbackStateFirst",
+    "KeepsCallbackTensorsSharded",
     "PreparesForStrategyLoad",
     "before_strategy_load",
     "callback_state",

@@ -105,15 +105,134 @@ def laid_out_like(
 ) -> torch.Tensor:
     """``full`` on ``param``'s device (as ``dtype``, default ``param.dtype``), sharded the same
     way when ``param`` is a ``DTensor``: rank 0's values are scattered, so every rank holds
-    its part of one and the same tensor."""
+    its part of one and the same tensor. A ``full`` that is already a ``DTensor`` laid out like
+    ``param`` (a sharded checkpoint's) is only cast."""
     dtype = dtype or param.dtype
     mesh = getattr(param, "device_mesh", None)
+    sharded = hasattr(full, "device_mesh")
     if mesh is None:
-        return full.to(param.device, dtype)
+        return (full_copy(full) if sharded else full).to(param.device, dtype)
+    if sharded and full.device_mesh == mesh and full.placements == param.placements:
+        return full.to(dtype)
     from torch.distributed.tensor import distribute_tensor
 
-    local = param.to_local()
-    return distribute_tensor(full.to(local.device, dtype), mesh, param.placements)
+    whole = full_copy(full) if sharded else full
+    return distribute_tensor(whole.to(param.to_local().device, dtype), mesh, param.placements)
+
+
+def state_tensor(tensor: torch.Tensor, keep_sharded: bool) -> torch.Tensor:
+    """What a callback's state dict holds of a per-parameter tensor (a mask, a score, a
+    reference copy): the ``DTensor`` itself when the strategy saves callback tensors sharded
+    (``keep_sharded``; each rank then writes only its own shard), else a whole CPU copy
+    (:func:`full_copy`, a collective for a ``DTensor``)."""
+    if keep_sharded and hasattr(tensor, "device_mesh"):
+        return tensor.detach()
+    return full_copy(tensor)
+
+
+#: The key of a reference to a sharded tensor in a checkpoint's non-tensor part.
+SHARDED_REF = "__sharded_tensor__"
+
+
+def _placements_to_data(placements: Iterable[Any]) -> list[list[Any]]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    data: list[list[Any]] = []
+    for placement in placements:
+        if isinstance(placement, Shard):
+            data.append(["shard", placement.dim])
+        elif isinstance(placement, Replicate):
+            data.append(["replicate"])
+        else:
+            raise ValueError(f"cannot keep a tensor placed as {placement} in a checkpoint")
+    return data
+
+
+def _placements_from_data(data: Iterable[list[Any]]) -> list[Any]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Shard(int(p[1])) if p[0] == "shard" else Replicate() for p in data]
+
+
+def split_sharded(state: Any, path: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """``state`` (nested dicts, lists, tuples) with every ``DTensor`` replaced by a reference
+    (``{SHARDED_REF: key, "shape": ..., "dtype": ..., "placements": ...}``: plain data a
+    checkpoint's metadata file can hold), and those tensors by key, for
+    ``torch.distributed.checkpoint`` to save each rank's shard.
+
+    Example:
+        >>> plain, tensors = split_sharded({"masks": {"w": torch.ones(2)}, "step": 3})
+        >>> plain, tensors
+        ({'masks': {'w': tensor([1., 1.])}, 'step': 3}, {})
+    """
+    if hasattr(state, "device_mesh") and hasattr(state, "placements"):
+        reference = {
+            SHARDED_REF: path,
+            "shape": list(state.shape),
+            "dtype": str(state.dtype).removeprefix("torch."),
+            "placements": _placements_to_data(state.placements),
+        }
+        return reference, {path: state}
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(state, Mapping):
+        plain = {}
+        for key, value in state.items():
+            plain[key], inner = split_sharded(value, f"{path}/{key}" if path else str(key))
+            tensors.update(inner)
+        return plain, tensors
+    if isinstance(state, (list, tuple)):
+        items = []
+        for index, value in enumerate(state):
+            item, inner = split_sharded(value, f"{path}/{index}")
+            items.append(item)
+            tensors.update(inner)
+        return type(state)(items), tensors
+    return state, tensors
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, Mapping) and SHARDED_REF in value
+
+
+def sharded_templates(state: Any, mesh: Any) -> dict[str, torch.Tensor]:
+    """An empty ``DTensor`` on ``mesh`` for every reference :func:`split_sharded` left in
+    ``state``, by key: what ``torch.distributed.checkpoint.load`` fills with each rank's shard."""
+    from torch.distributed.tensor import empty
+
+    if _is_reference(state):
+        dtype = getattr(torch, state["dtype"])
+        placements = _placements_from_data(state["placements"])
+        tensor = empty(*state["shape"], dtype=dtype, device_mesh=mesh, placements=placements)
+        return {state[SHARDED_REF]: tensor}
+    values = state.values() if isinstance(state, Mapping) else state
+    templates: dict[str, torch.Tensor] = {}
+    if isinstance(state, (Mapping, list, tuple)):
+        for value in values:
+            templates.update(sharded_templates(value, mesh))
+    return templates
+
+
+def join_sharded(state: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`split_sharded`: every reference in ``state`` replaced by its
+    tensor from ``tensors``."""
+    if _is_reference(state):
+        return tensors[state[SHARDED_REF]]
+    if isinstance(state, Mapping):
+        return {key: join_sharded(value, tensors) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(join_sharded(value, tensors) for value in state)
+    return state
+
+
+def gather_sharded(state: Any) -> Any:
+    """``state`` with every ``DTensor`` replaced by a whole CPU copy (a collective)."""
+    if hasattr(state, "device_mesh"):
+        return full_copy(state)
+    if isinstance(state, Mapping):
+        return {key: gather_sharded(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(gather_sharded(value) for value in state)
+    return state
 
 
 def broadcast_masks(

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
@@ -30,7 +31,13 @@ from lightning_3d.collectives import (
     Exchange,
     own_parameters,
 )
-from lightning_3d.sharding import shard_targets
+from lightning_3d.sharding import (
+    gather_sharded,
+    join_sharded,
+    shard_targets,
+    sharded_templates,
+    split_sharded,
+)
 from lightning_3d.strategies._compressed import (
     STATE_KEY,
     CompressionStrategyMixin,
@@ -50,6 +57,10 @@ def _dtype(name: str | None, argument: str) -> torch.dtype | None:
     if name not in _DTYPES:
         raise ValueError(f"{argument} must be one of {sorted(_DTYPES)} or None, got {name!r}")
     return _DTYPES[name]
+
+
+#: The folder of a sharded checkpoint that holds the callbacks' sharded tensors.
+CALLBACK_TENSORS = "callback_tensors"
 
 
 def _state_file(directory: Path, rank: int) -> Path:
@@ -286,27 +297,41 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         return output
 
     # ---------------------------------------------------------------- checkpoints
+    #: Callbacks whose state shapes the optimizer (the freezer) apply it before the load.
+    applies_callback_state_first = True
+    #: Callbacks may put their per-parameter tensors in their state as ``DTensor`` shards.
+    keeps_callback_tensors_sharded = True
+
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
-        """Save as ``ModelParallelStrategy`` does, plus every rank's residuals and step counter.
+        """Save as ``ModelParallelStrategy`` does, plus every rank's residuals and step counter,
+        and the callbacks' sharded tensors (masks, scores, reference copies).
 
-        A sharded checkpoint folder gets ``compression_state.rank{r}.pt`` from each rank; a full
-        single-file checkpoint holds all ranks' states under ``"lightning_3d_compression"``.
+        A sharded checkpoint folder gets ``compression_state.rank{r}.pt`` from each rank and the
+        callbacks' ``DTensor`` shards in ``callback_tensors/`` (``torch.distributed.checkpoint``,
+        each rank writing its own; the metadata file keeps a reference in their place); a full
+        single-file checkpoint holds all ranks' states under ``"lightning_3d_compression"`` and
+        whole copies of the callbacks' tensors.
         """
+        callbacks = checkpoint.get("callbacks")
         if self.save_distributed_checkpoint:
+            tensors: dict[str, torch.Tensor] = {}
+            if callbacks is not None:
+                checkpoint["callbacks"], tensors = split_sharded(callbacks)
             super().save_checkpoint(checkpoint, filepath, storage_options)
             directory = Path(self.broadcast(str(filepath)))
+            if tensors:
+                dcp.save(tensors, checkpoint_id=directory / CALLBACK_TENSORS)
             torch.save(self._local_comm_state(), _state_file(directory, self.global_rank))
             self.barrier()
             return
+        if callbacks is not None:
+            checkpoint["callbacks"] = gather_sharded(callbacks)
         states = self._gather_comm_states()
         if states is not None:
             checkpoint[STATE_KEY] = states
         super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    #: Callbacks whose state shapes the optimizer (the freezer) apply it before the load.
-    applies_callback_state_first = True
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> Any:
         before_strategy_load(self.lightning_module.trainer, checkpoint_path)
@@ -318,12 +343,25 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         states = checkpoint.pop(STATE_KEY, None)
         if path.is_dir():
+            self._load_callback_tensors(checkpoint, path / CALLBACK_TENSORS)
             file = _state_file(path, self.global_rank)
             local = torch.load(file, weights_only=True) if file.exists() else None
         else:
             local = states[self.global_rank] if states and self.global_rank < len(states) else None
         self._restore_comm_state(local, path)
         return checkpoint
+
+    def _load_callback_tensors(self, checkpoint: dict[str, Any], folder: Path) -> None:
+        """Put each rank's shard of the callbacks' tensors back where their references are."""
+        callbacks = checkpoint.get("callbacks")
+        meshes = [
+            p.device_mesh for p in self.lightning_module.parameters() if hasattr(p, "device_mesh")
+        ]
+        if callbacks is None or not folder.exists() or not meshes:
+            return
+        tensors = sharded_templates(callbacks, meshes[0])
+        dcp.load(tensors, checkpoint_id=folder)
+        checkpoint["callbacks"] = join_sharded(callbacks, tensors)
 
     def save_full_state_dict(self, path: _PATH) -> None:
         """Gather the unsharded LightningModule state dict and save it from rank 0.

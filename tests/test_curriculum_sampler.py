@@ -108,6 +108,7 @@ def fit(
     epochs: int = 4,
     callbacks: tuple[Callback, ...] = (),
     ckpt_path: str | None = None,
+    loader: DataLoader | None = None,
 ) -> tuple[Classifier, pl.Trainer]:
     module = module or Classifier()
     trainer = pl.Trainer(
@@ -119,7 +120,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, ckpt_path=ckpt_path)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return module, trainer
 
 
@@ -374,17 +375,7 @@ def test_a_plain_loader_passed_to_fit_is_wrapped_once_and_plans_like_the_hook() 
     curriculum = CurriculumSampler(budget=0.5, seed=3)
     loader = curriculum.wrap_train_dataloader(DataLoader(Points(), batch_size=BATCH))
     assert curriculum.wrap_train_dataloader(loader) is loader
-    module = NoHook()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        callbacks=[curriculum],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    module, _ = fit(curriculum, NoHook(), epochs=3, loader=loader)
     assert module.batches == from_hook.batches
 
 

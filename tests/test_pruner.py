@@ -291,6 +291,24 @@ def test_two_ranks_ddp_and_fsdp2_share_one_mask_and_fsdp2_resumes(
     assert resume["masks_equal"]
 
 
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_fsdp2_checkpoints_keep_masks_sharded_and_resume_bit_for_bit(
+    world: int, tmp_path: Path, launch_two_ranks: Any
+) -> None:
+    """Under CompressedFSDPStrategy the masks and movement scores go into a sharded checkpoint
+    as each rank's own shard (torch.distributed.checkpoint), not as whole copies in the
+    metadata file, and the resumed run equals the uninterrupted one."""
+    launched = launch_two_ranks("pruner_resume,pruner_checkpoint", tmp_path, 900, ranks=world)
+    for rank, result in enumerate(launched):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
+    resume = json.loads((tmp_path / "pruner_resume.rank0.json").read_text())
+    assert resume["difference"] == 0.0 and resume["masks_equal"]
+    layout = json.loads((tmp_path / "pruner_checkpoint.rank0.json").read_text())
+    assert layout["masks_are_references"] and layout["meta_tensors"] == 0
+    assert layout["references"] and set(layout["references"]) <= set(layout["saved"])
+    assert all(key.startswith("ProgressivePruner/masks/") for key in layout["references"])
+
+
 def test_minilm_heads_and_neurons_pruned_then_exported(
     tmp_path: Path, rotten_tomatoes: Any
 ) -> None:

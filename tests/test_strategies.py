@@ -581,3 +581,54 @@ def test_trainable_layout_leaves_out_frozen_and_nested_unit_parameters():
     outer[0].bias.requires_grad_(True)
     outer[0].weight = torch.nn.Parameter(torch.zeros(3, 4), requires_grad=False)  # swapped
     assert trainable_layout(outer, names) == (("0.bias", (3,)),)
+
+
+def test_callback_tensors_split_into_references_and_join_back_as_dtensors() -> None:
+    """What CompressedFSDPStrategy does with a callback state's DTensors around a sharded
+    checkpoint (here on a one-rank mesh): references in the metadata, the tensors by key, empty
+    templates of the same layout to load into, and the state rebuilt from them."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_3d.sharding import (
+        SHARDED_REF,
+        gather_sharded,
+        join_sharded,
+        sharded_templates,
+        split_sharded,
+    )
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        mask = distribute_tensor(torch.tensor([[True, False], [False, True]]), mesh, [Shard(0)])
+        state = {"Pruner": {"masks": {"w": mask}, "step": 4, "pairs": [(1, torch.ones(2))]}}
+        plain, tensors = split_sharded(state)
+        reference = plain["Pruner"]["masks"]["w"]
+        assert reference == {
+            SHARDED_REF: "Pruner/masks/w",
+            "shape": [2, 2],
+            "dtype": "bool",
+            "placements": [["shard", 0]],
+        }
+        assert list(tensors) == ["Pruner/masks/w"] and tensors["Pruner/masks/w"] is mask
+        assert plain["Pruner"]["step"] == 4 and torch.equal(
+            plain["Pruner"]["pairs"][0][1], torch.ones(2)
+        )
+        templates = sharded_templates(plain, mesh)
+        template = templates["Pruner/masks/w"]
+        assert template.shape == (2, 2) and template.dtype == torch.bool
+        assert template.placements == mask.placements
+        joined = join_sharded(plain, {"Pruner/masks/w": mask})
+        assert joined["Pruner"]["masks"]["w"] is mask and joined["Pruner"]["step"] == 4
+        whole = gather_sharded(state)["Pruner"]["masks"]["w"]
+        assert not hasattr(whole, "device_mesh")
+        assert whole.tolist() == [[True, False], [False, True]]
+    finally:
+        dist.destroy_process_group()

@@ -898,6 +898,25 @@ def pruner_resume(out: Path) -> dict[str, Any]:
     }
 
 
+def pruner_checkpoint(out: Path) -> dict[str, Any]:
+    """The sharded checkpoint pruner_resume wrote (run it first): where the masks went."""
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_3d.sharding import SHARDED_REF
+
+    folder = out / "pruner_checkpoints" / "first.ckpt"
+    meta = torch.load(folder / "meta.pt", weights_only=False)
+    masks = meta["callbacks"]["ProgressivePruner"]["masks"]
+    saved = dcp.FileSystemReader(folder / "callback_tensors").read_metadata()
+    return {
+        "masks_are_references": all(SHARDED_REF in m for m in masks.values()),
+        "references": sorted(m[SHARDED_REF] for m in masks.values()),
+        "saved": sorted(saved.state_dict_metadata),
+        "shapes": {m[SHARDED_REF]: m["shape"] for m in masks.values()},
+        "meta_tensors": sum(torch.is_tensor(m) for m in masks.values()),
+    }
+
+
 class PlanWatcher(Callback):
     """What the whole plan did on this rank: the samples each step distilled from and, at the
     end of training (before QAT conversion), full copies of the parameters and the masks."""
@@ -1002,6 +1021,7 @@ SCENARIOS = {
     "freezer_resume": freezer_resume,
     "pruner": pruner,
     "pruner_resume": pruner_resume,
+    "pruner_checkpoint": pruner_checkpoint,
     "sharded_checkpoint": sharded_checkpoint,
     "plan": plan,
 }
