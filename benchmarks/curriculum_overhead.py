@@ -13,9 +13,16 @@ Per set-up: the median time of an optimizer step (the ``on_train_batch_start`` t
 ``on_train_batch_end`` span, which includes the callback's own hooks) over the run's steps after
 the first epoch, and its ratio to ``plain``.
 
+``--baseline PYTHON SCRIPT`` also runs the two curriculum set-ups with another build of the
+library, in the same round robin: ``PYTHON`` an interpreter whose environment has that build
+installed and ``SCRIPT`` that build's copy of this file (for example a ``git worktree`` of an
+earlier commit), labelled ``(baseline)``.
+
 Usage::
 
     python benchmarks/curriculum_overhead.py --devices 1 2 --out results.json
+    python benchmarks/curriculum_overhead.py --devices 1 --baseline OTHER/bin/python \\
+        OTHER_TREE/benchmarks/curriculum_overhead.py --out results.json
 """
 
 from __future__ import annotations
@@ -120,6 +127,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--baseline", nargs=2, metavar=("PYTHON", "SCRIPT"), default=None)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a child: one run, its step times on the last line
@@ -128,24 +136,37 @@ def main() -> None:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print("STEPS " + json.dumps(seconds), flush=True)
         return
+    runs = {setup: (sys.executable, __file__, setup) for setup in SETUPS}
+    if args.baseline:
+        python, script = args.baseline
+        for setup in SETUPS:
+            if SETUPS[setup] is not None:
+                runs[f"{setup} (baseline)"] = (python, script, setup)
     results: dict[str, Any] = {}
     for devices in args.devices:
-        medians: dict[str, list[float]] = {setup: [] for setup in SETUPS}
+        medians: dict[str, list[float]] = {label: [] for label in runs}
         for _ in range(args.repeats):
-            for setup in SETUPS:  # round robin, so drift hits every set-up alike
-                command = [sys.executable, __file__, "--one", setup, "--devices", str(devices),
+            for label, (python, script, setup) in runs.items():  # round robin: drift hits all
+                command = [python, script, "--one", setup, "--devices", str(devices),
                            "--samples", str(args.samples), "--batch-size", str(args.batch_size),
                            "--epochs", str(args.epochs)]  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 line = next(x for x in done.stdout.splitlines() if x.startswith("STEPS "))
-                medians[setup].append(statistics.median(json.loads(line[6:])))
-        results[str(devices)] = {setup: statistics.median(v) for setup, v in medians.items()}
-    print("| processes | set-up | median step ms | vs plain |")
+                medians[label].append(statistics.median(json.loads(line[6:])))
+        results[str(devices)] = {
+            label: {"median_s": statistics.median(v), "repeats_s": v}
+            for label, v in medians.items()
+        }
+    print("| processes | set-up | median step ms (repeats) | vs plain |")
     print("|---|---|---|---|")
     for devices, row in results.items():
-        for setup, seconds in row.items():
-            ratio = seconds / row["plain"]
-            print(f"| {devices} | {setup} | {1e3 * seconds:.3f} | {ratio:.2f}x |")
+        for label, figures in row.items():
+            ratio = figures["median_s"] / row["plain"]["median_s"]
+            repeats = ", ".join(f"{1e3 * x:.3f}" for x in figures["repeats_s"])
+            print(
+                f"| {devices} | {label} | {1e3 * figures['median_s']:.3f} ({repeats}) | "
+                f"{ratio:.2f}x |"
+            )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -313,6 +313,20 @@ def test_two_ranks_ddp_and_fsdp2_agree_on_the_frozen_set_and_fsdp2_resumes(
     assert resume["steps"] == 6 and resume["difference"] == 0.0  # FSDP2 resume, bit for bit
 
 
+@pytest.mark.slow
+def test_fsdp2_keeps_the_composite_reference_sharded_and_resumes_bit_for_bit(
+    tmp_path: Path, launch_two_ranks: Any
+) -> None:
+    """The composite metric's theta_0 copies go into the sharded checkpoint shard by shard and
+    the second freezing event after the resume decides as the uninterrupted run's did."""
+    for rank, result in enumerate(launch_two_ranks("freezer_composite_resume", tmp_path, 900)):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
+    resume = json.loads((tmp_path / "freezer_composite_resume.rank0.json").read_text())
+    assert resume["references"] > 0 and resume["references_sharded"]
+    assert resume["frozen_resumed"] == resume["frozen_whole"] and resume["frozen_whole"]
+    assert resume["steps"] == 6 and resume["difference"] == 0.0
+
+
 def test_minilm_full_weights_and_lora(rotten_tomatoes: Any) -> None:
     """The real MiniLM: 10% of the weights train after three measured steps (the head among
     them); under LoRA the freezer ranks the adapters only (20% of them train)."""

@@ -272,7 +272,8 @@ def test_set_up_errors_name_the_problem_before_training() -> None:
 def test_two_ranks_ddp_and_fsdp2_share_one_mask_and_fsdp2_resumes(
     tmp_path: Path, launch_two_ranks: Any
 ) -> None:
-    for rank, result in enumerate(launch_two_ranks("pruner,pruner_resume", tmp_path, 900)):
+    scenarios = "pruner,pruner_resume,pruner_checkpoint"
+    for rank, result in enumerate(launch_two_ranks(scenarios, tmp_path, 900)):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
     ranks = [json.loads((tmp_path / f"pruner.rank{r}.json").read_text()) for r in range(2)]
     for strategy in ("ddp", "fsdp"):
@@ -289,24 +290,29 @@ def test_two_ranks_ddp_and_fsdp2_share_one_mask_and_fsdp2_resumes(
     resume = json.loads((tmp_path / "pruner_resume.rank0.json").read_text())
     assert resume["steps"] == 6 and resume["difference"] == 0.0  # FSDP2 resume, bit for bit
     assert resume["masks_equal"]
+    assert_masks_checkpointed_sharded(tmp_path)
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_fsdp2_checkpoints_keep_masks_sharded_and_resume_bit_for_bit(
-    world: int, tmp_path: Path, launch_two_ranks: Any
+def assert_masks_checkpointed_sharded(folder: Path) -> None:
+    """The pruner's masks went into the sharded checkpoint as each rank's own shard
+    (``callback_tensors/``), with references, not tensors, in the metadata file."""
+    layout = json.loads((folder / "pruner_checkpoint.rank0.json").read_text())
+    assert layout["masks_are_references"] and layout["meta_tensors"] == 0
+    assert layout["references"] and set(layout["references"]) <= set(layout["saved"])
+    assert all(key.startswith("ProgressivePruner/masks/") for key in layout["references"])
+
+
+@pytest.mark.slow
+def test_fsdp2_on_3_ranks_keeps_masks_sharded_and_resumes_bit_for_bit(
+    tmp_path: Path, launch_two_ranks: Any
 ) -> None:
-    """Under CompressedFSDPStrategy the masks and movement scores go into a sharded checkpoint
-    as each rank's own shard (torch.distributed.checkpoint), not as whole copies in the
-    metadata file, and the resumed run equals the uninterrupted one."""
-    launched = launch_two_ranks("pruner_resume,pruner_checkpoint", tmp_path, 900, ranks=world)
+    """The 2-rank test above, on 3 ranks."""
+    launched = launch_two_ranks("pruner_resume,pruner_checkpoint", tmp_path, 900, ranks=3)
     for rank, result in enumerate(launched):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
     resume = json.loads((tmp_path / "pruner_resume.rank0.json").read_text())
     assert resume["difference"] == 0.0 and resume["masks_equal"]
-    layout = json.loads((tmp_path / "pruner_checkpoint.rank0.json").read_text())
-    assert layout["masks_are_references"] and layout["meta_tensors"] == 0
-    assert layout["references"] and set(layout["references"]) <= set(layout["saved"])
-    assert all(key.startswith("ProgressivePruner/masks/") for key in layout["references"])
+    assert_masks_checkpointed_sharded(tmp_path)
 
 
 def test_minilm_heads_and_neurons_pruned_then_exported(

@@ -840,6 +840,34 @@ def freezer_resume(out: Path) -> dict[str, Any]:
     }
 
 
+def freezer_composite_resume(out: Path) -> dict[str, Any]:
+    """A progressive composite freezer (its theta_0 reference copies in the checkpoint, sharded)
+    stopped between its two events and resumed."""
+    from lightning_3d.callbacks import SensitivityFreezer
+    from lightning_3d.sharding import SHARDED_REF
+
+    def freezer() -> SensitivityFreezer:
+        return SensitivityFreezer(
+            target_trainable=0.2, metric="composite", warmup_steps=2, schedule="progressive",
+            stages=2, interval=2,
+        )  # fmt: skip
+
+    whole, whole_freezer, resumed, resumed_freezer = whole_and_resumed(
+        freezer, out, "freezer_composite"
+    )
+    meta = torch.load(out / "freezer_composite_checkpoints" / "first.ckpt" / "meta.pt",
+                      weights_only=False)  # fmt: skip
+    references = meta["callbacks"]["SensitivityFreezer"]["reference"]
+    return {
+        "difference": max_difference(full_parameters(whole), full_parameters(resumed)),
+        "frozen_whole": sorted(whole_freezer.frozen),
+        "frozen_resumed": sorted(resumed_freezer.frozen),
+        "references": len(references),
+        "references_sharded": all(SHARDED_REF in r for r in references.values()),
+        "steps": resumed.trainer.global_step,
+    }
+
+
 def pruner_masks(pruner: Any) -> dict[str, torch.Tensor]:
     from lightning_3d.sharding import full_copy
 
@@ -1019,6 +1047,7 @@ SCENARIOS = {
     "curriculum": curriculum,
     "freezer": freezer,
     "freezer_resume": freezer_resume,
+    "freezer_composite_resume": freezer_composite_resume,
     "pruner": pruner,
     "pruner_resume": pruner_resume,
     "pruner_checkpoint": pruner_checkpoint,
