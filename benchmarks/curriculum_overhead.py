@@ -16,7 +16,8 @@ the first epoch, and its ratio to ``plain``.
 ``--baseline PYTHON SCRIPT`` also runs the two curriculum set-ups with another build of the
 library, in the same round robin: ``PYTHON`` an interpreter whose environment has that build
 installed and ``SCRIPT`` that build's copy of this file (for example a ``git worktree`` of an
-earlier commit), labelled ``(baseline)``.
+earlier commit), labelled ``(baseline)``. ``--pin CORE`` runs every 1-process child on that
+core (``taskset``), so no set-up gains or loses by where the scheduler puts it.
 
 Usage::
 
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--baseline", nargs=2, metavar=("PYTHON", "SCRIPT"), default=None)
+    parser.add_argument("--pin", type=int, default=None, help="the core of 1-process runs")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a child: one run, its step times on the last line
@@ -150,6 +152,8 @@ def main() -> None:
                 command = [python, script, "--one", setup, "--devices", str(devices),
                            "--samples", str(args.samples), "--batch-size", str(args.batch_size),
                            "--epochs", str(args.epochs)]  # fmt: skip
+                if args.pin is not None and devices == 1:
+                    command = ["taskset", "-c", str(args.pin), *command]
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 line = next(x for x in done.stdout.splitlines() if x.startswith("STEPS "))
                 medians[label].append(statistics.median(json.loads(line[6:])))
