@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +42,13 @@ from lightning_3d.pruning import (
     StructureGroup,
     export_structured,
     find_structures,
+    find_targets,
     mask_optimizer_state,
     mask_sparsity,
-    n_m_mask,
+    next_masks,
     parse_pattern,
-    row_groups,
     sensitivity_allocation,
     sparsity_at,
-    structured_masks,
-    unstructured_masks,
 )
 from lightning_3d.sensitivity import (
     DEFAULT_LAYER_PATTERN,
@@ -267,46 +264,12 @@ class ProgressivePruner(Callback):
         )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._keep_sharded = isinstance(trainer.strategy, KeepsCallbackTensorsSharded)
         """Find the targets and check that the arguments fit the model."""
+        self._keep_sharded = isinstance(trainer.strategy, KeepsCallbackTensorsSharded)
         params = dict(pl_module.named_parameters())
-        if self.kind in ("heads", "neurons", "heads+neurons"):
-            kinds = self.kind.split("+")
-            self.groups = [
-                g
-                for g in find_structures(pl_module, kinds)
-                if all(self._selected(p) for p, _ in g.members)
-            ]
-            if not self.groups:
-                raise ValueError(
-                    f"ProgressivePruner: pattern={self.pattern!r} found no {' or '.join(kinds)} "
-                    "(BERT-family attention with query/key/value, Llama-family attention with "
-                    "q/k/v/o_proj; BERT or Llama-family FFN blocks) whose tensors pass "
-                    "include/exclude"
-                )
-            self.targets = list(dict.fromkeys(p for g in self.groups for p, _ in g.members))
-        else:
-            linear_weights = [
-                f"{name}.weight".lstrip(".")
-                for name, module in pl_module.named_modules()
-                if isinstance(module, nn.Linear)
-            ]
-            self.targets = [n for n in linear_weights if n in params and self._selected(n)]
-            if not self.targets:
-                raise ValueError(
-                    "ProgressivePruner: no linear weight passes include/exclude "
-                    f"(include={_source(self.include)}, exclude={_source(self.exclude)})"
-                )
-            if self.kind == "rows":
-                self.groups = row_groups({n: params[n].shape for n in self.targets})
-        if self.n_m is not None:
-            m = self.n_m[1]
-            odd = [n for n in self.targets if params[n].shape[-1] % m]
-            if odd:
-                raise ValueError(
-                    f"ProgressivePruner: pattern={self.pattern!r} needs input widths divisible "
-                    f"by {m}; {odd[0]} has shape {tuple(params[odd[0]].shape)} (exclude it)"
-                )
+        self.targets, self.groups = find_targets(
+            pl_module, self.pattern, self._selected, self.include, self.exclude
+        )
         if self.score == "movement":
             frozen = [n for n in self.targets if not params[n].requires_grad]
             if frozen:
@@ -437,18 +400,13 @@ class ProgressivePruner(Callback):
         params = dict(pl_module.named_parameters())
         scores = self._scores(params)
         current = {} if regrow else {n: full_copy(m) for n, m in self.masks.items()}
-        if self.kind == "unstructured":
-            sparsity: float | dict[str, float] = target
-            if self.layer_sparsity == "sensitivity":
-                if not self.layer_targets:
-                    self.layer_targets = self._allocate(trainer, params)
-                share = target / self.target_sparsity if self.target_sparsity else 0.0
-                sparsity = {n: s * share for n, s in self.layer_targets.items()}
-            masks = unstructured_masks(scores, sparsity, self.scope, current)
-        elif self.n_m is not None:
-            masks = {n: n_m_mask(s, *self.n_m, target, current.get(n)) for n, s in scores.items()}
-        else:
-            masks = structured_masks(self.groups, scores, target, current)
+        sparsity: float | dict[str, float] = target
+        if self.layer_sparsity == "sensitivity":
+            if not self.layer_targets:
+                self.layer_targets = self._allocate(trainer, params)
+            share = target / self.target_sparsity if self.target_sparsity else 0.0
+            sparsity = {n: s * share for n, s in self.layer_targets.items()}
+        masks = next_masks(self.pattern, scores, sparsity, self.scope, current, self.groups)
         if not any(hasattr(params[n], "device_mesh") for n in masks):
             # every rank takes rank 0's masks
             masks = broadcast_masks(masks, trainer.strategy.root_device)
@@ -535,7 +493,3 @@ def _finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every value of these (local parts of) tensors is finite, with one host sync."""
     checks = [torch.isfinite(local_part(t)).all() for t in tensors]
     return bool(torch.stack(checks).all()) if checks else True
-
-
-def _source(pattern: re.Pattern[str] | None) -> str | None:
-    return None if pattern is None else pattern.pattern

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -724,3 +724,91 @@ def obeys_n_m(weight: torch.Tensor, n: int, m: int) -> bool:
     if weight.shape[-1] % m:
         return False
     return bool(((weight.detach().reshape(-1, m) != 0).sum(1) <= n).all())
+
+
+def find_targets(
+    model: nn.Module,
+    pattern: str,
+    selected: Callable[[str], bool],
+    include: re.Pattern[str] | None = None,
+    exclude: re.Pattern[str] | None = None,
+) -> tuple[list[str], list[StructureGroup]]:
+    """The tensors a ``pattern`` prunes in ``model`` (in model order) and, for structured
+    patterns, their structure groups: heads/neurons found by :func:`find_structures`, rows of
+    every linear weight, or ``[]``; ``selected(name)`` applies include/exclude (``include`` and
+    ``exclude`` only name them in errors).
+
+    Raises:
+        ValueError: nothing to prune, or an ``N:M`` pattern on an input width it does not divide.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+        >>> find_targets(net, "2:4", lambda name: True)
+        (['0.weight', '1.weight'], [])
+    """
+    kind, n_m = parse_pattern(pattern)
+    params = dict(model.named_parameters())
+    groups: list[StructureGroup] = []
+    if kind in ("heads", "neurons", "heads+neurons"):
+        kinds = kind.split("+")
+        groups = [
+            g for g in find_structures(model, kinds) if all(selected(p) for p, _ in g.members)
+        ]
+        if not groups:
+            raise ValueError(
+                f"ProgressivePruner: pattern={pattern!r} found no {' or '.join(kinds)} "
+                "(BERT-family attention with query/key/value, Llama-family attention with "
+                "q/k/v/o_proj; BERT or Llama-family FFN blocks) whose tensors pass "
+                "include/exclude"
+            )
+        return list(dict.fromkeys(p for g in groups for p, _ in g.members)), groups
+    linear_weights = [
+        f"{name}.weight".lstrip(".")
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    targets = [n for n in linear_weights if n in params and selected(n)]
+    if not targets:
+        raise ValueError(
+            "ProgressivePruner: no linear weight passes include/exclude (include="
+            f"{None if include is None else include.pattern}, "
+            f"exclude={None if exclude is None else exclude.pattern})"
+        )
+    if kind == "rows":
+        groups = row_groups({n: params[n].shape for n in targets})
+    if n_m is not None:
+        odd = [n for n in targets if params[n].shape[-1] % n_m[1]]
+        if odd:
+            raise ValueError(
+                f"ProgressivePruner: pattern={pattern!r} needs input widths divisible by "
+                f"{n_m[1]}; {odd[0]} has shape {tuple(params[odd[0]].shape)} (exclude it)"
+            )
+    return targets, groups
+
+
+def next_masks(
+    pattern: str,
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float | Mapping[str, float],
+    scope: str = "layer",
+    current: Mapping[str, torch.Tensor] | None = None,
+    groups: Sequence[StructureGroup] = (),
+) -> dict[str, torch.Tensor]:
+    """The masks of ``pattern`` at ``sparsity`` (per tensor for unstructured pruning) from whole
+    ``scores``, growing ``current`` (pruned stays pruned): :func:`unstructured_masks`,
+    :func:`n_m_mask` per tensor, or :func:`structured_masks` over ``groups``.
+
+    Example:
+        >>> masks = next_masks("unstructured", {"w": torch.tensor([3.0, 1.0, 2.0, 4.0])}, 0.5)
+        >>> masks["w"].tolist()
+        [True, False, False, True]
+    """
+    current = dict(current or {})
+    kind, n_m = parse_pattern(pattern)
+    if kind == "unstructured":
+        return unstructured_masks(dict(scores), sparsity, scope, current)
+    if not isinstance(sparsity, float | int):
+        raise ValueError(f"pattern={pattern!r} takes one sparsity, got one per tensor")
+    if n_m is not None:
+        return {n: n_m_mask(s, *n_m, sparsity, current.get(n)) for n, s in scores.items()}
+    return structured_masks(list(groups), dict(scores), sparsity, current)
