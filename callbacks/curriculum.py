@@ -2,9 +2,12 @@
 
 The callback scores every training sample from what the normal training steps already compute,
 plans each epoch with :class:`lightning_3d.curriculum.CurriculumSchedule` (warm-up, data budget,
-pacing from easy to hard) and serves that plan through a sampler it puts into the training
-``DataLoader`` itself. What it needs from a user's code:
+pacing from easy to hard) and serves that plan through the sampler of the training loader. What
+it needs from a user's code:
 
+* the training ``DataLoader`` passed through :func:`lightning_3d.sampling.with_curriculum` in
+  ``train_dataloader`` (the built-in data modules do), or ``wrap_train_dataloader(loader)`` for
+  a loader given to ``trainer.fit``;
 * items that carry their dataset position under ``"index"`` (the built-in data modules do; wrap any
   other map-style dataset in :class:`lightning_3d.data.WithIndex`);
 * ``training_step`` returning a dict with ``"loss"`` and, for ``score="loss"``,

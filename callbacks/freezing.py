@@ -371,7 +371,7 @@ class SensitivityFreezer(Callback):
     def _drift(self, pl_module: LightningModule) -> dict[str, float]:
         """``||theta - theta_0||^2`` per candidate (summed over shards)."""
         params = dict(pl_module.named_parameters())
-        for name, reference in self._reference.items():  # checkpoints hold whole CPU tensors
+        for name, reference in self._reference.items():  # a checkpoint's copies: lay them out
             param = params[name]
             sharded = hasattr(param, "device_mesh")
             if sharded != hasattr(reference, "device_mesh") or reference.device != param.device:

@@ -32,7 +32,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from lightning_3d.curriculum import el2n, fold_epoch_scores, grand_last_layer, rank_shard
+from lightning_3d.curriculum import (
+    el2n,
+    fold_epoch_scores,
+    grand_last_layer,
+    rank_shard,
+    shard_length,
+)
 
 INDEX_HELP = (
     "CurriculumSampler attaches scores to samples by their dataset position: each item must be a "
@@ -332,8 +338,7 @@ class CurriculumOrder(DistributedSampler):
         self.source = source
 
     def __len__(self) -> int:
-        size = self.source.current_epoch_size()
-        return -(-size // self.num_replicas)
+        return shard_length(self.source.current_epoch_size(), self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
         # The body runs at the first ``next``, once the epoch has started and its plan is final.
