@@ -36,17 +36,15 @@ from lightning_3d.checkpoints import KeepsCallbackTensorsSharded
 from lightning_3d.loggers import log_axis_metrics, log_histogram
 from lightning_3d.pruning import (
     DEFAULT_EXCLUDE,
-    SCHEDULES,
-    SCOPES,
-    SCORES,
+    MAX_TENSOR_SPARSITY,
     StructureGroup,
+    check_pruner_arguments,
     export_structured,
     find_structures,
     find_targets,
     mask_optimizer_state,
     mask_sparsity,
     next_masks,
-    parse_pattern,
     sensitivity_allocation,
     sparsity_at,
 )
@@ -68,8 +66,6 @@ from lightning_3d.sharding import (
 from lightning_3d.tasks import total_training_steps
 
 log = logging.getLogger(__name__)
-LAYER_SPARSITY = ("uniform", "sensitivity")
-MAX_TENSOR_SPARSITY = 0.98  # the most a tensor is pruned under layer_sparsity="sensitivity"
 HISTOGRAM_VALUES = 1 << 20  # a strided sample of at most this many scores per histogram
 
 
@@ -132,55 +128,10 @@ class ProgressivePruner(Callback):
         layer_pattern: str = DEFAULT_LAYER_PATTERN,
         log_histograms: bool = True,
     ) -> None:
-        self.kind, self.n_m = parse_pattern(pattern)
-        if self.n_m is not None:
-            implied = 1.0 - self.n_m[0] / self.n_m[1]
-            if target_sparsity is None:
-                target_sparsity = implied
-            elif abs(target_sparsity - implied) > 1e-9:
-                raise ValueError(
-                    f"pattern={pattern!r} prunes exactly {implied:g} of the weights; set "
-                    f"target_sparsity=None or {implied:g}, got {target_sparsity}"
-                )
-        if target_sparsity is None or not 0.0 <= target_sparsity < 1.0:
-            raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
-        if not 0.0 <= initial_sparsity <= target_sparsity:
-            raise ValueError(
-                f"initial_sparsity must be in [0, target_sparsity={target_sparsity}], got "
-                f"{initial_sparsity}"
-            )
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        if scope == "global" and self.kind != "unstructured":
-            raise ValueError(f"scope='global' needs pattern='unstructured', got {pattern!r}")
-        if layer_sparsity not in LAYER_SPARSITY:
-            raise ValueError(
-                f"layer_sparsity must be one of {LAYER_SPARSITY}, got {layer_sparsity!r}"
-            )
-        if layer_sparsity == "sensitivity" and (
-            self.kind != "unstructured"
-            or scope != "layer"
-            or target_sparsity > MAX_TENSOR_SPARSITY
-            or (start_step == 0 and initial_sparsity > 0)
-        ):
-            raise ValueError(
-                "layer_sparsity='sensitivity' needs pattern='unstructured', scope='layer', "
-                f"target_sparsity <= {MAX_TENSOR_SPARSITY} and gradients measured before the "
-                f"first pruning (not start_step=0 with initial_sparsity > 0); got "
-                f"pattern={pattern!r}, scope={scope!r}, target_sparsity={target_sparsity}, "
-                f"start_step={start_step}, initial_sparsity={initial_sparsity}"
-            )
-        if start_step < 0 or frequency < 1 or (end_step is not None and end_step <= start_step):
-            raise ValueError(
-                "need start_step >= 0, frequency >= 1 and end_step > start_step; got "
-                f"start_step={start_step}, end_step={end_step}, frequency={frequency}"
-            )
-        if sensitivity_power < 0:
-            raise ValueError(f"sensitivity_power must be >= 0, got {sensitivity_power}")
+        self.kind, self.n_m, target_sparsity = check_pruner_arguments(
+            target_sparsity, pattern, score, schedule, start_step, end_step, frequency,
+            initial_sparsity, scope, layer_sparsity, sensitivity_power,
+        )  # fmt: skip
         self.include = compile_pattern("include", include)
         self.exclude = compile_pattern("exclude", exclude)
         compile_pattern("layer_pattern", layer_pattern, groups=1)

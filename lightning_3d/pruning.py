@@ -812,3 +812,83 @@ def next_masks(
     if n_m is not None:
         return {n: n_m_mask(s, *n_m, sparsity, current.get(n)) for n, s in scores.items()}
     return structured_masks(list(groups), dict(scores), sparsity, current)
+
+
+#: How ``ProgressivePruner`` spreads the sparsity over tensors.
+LAYER_SPARSITY = ("uniform", "sensitivity")
+#: The most a tensor is pruned under ``layer_sparsity="sensitivity"``.
+MAX_TENSOR_SPARSITY = 0.98
+
+
+def check_pruner_arguments(
+    target_sparsity: float | None,
+    pattern: str,
+    score: str,
+    schedule: str,
+    start_step: int,
+    end_step: int | None,
+    frequency: int,
+    initial_sparsity: float,
+    scope: str,
+    layer_sparsity: str,
+    sensitivity_power: float,
+) -> tuple[str, tuple[int, int] | None, float]:
+    """Check ``ProgressivePruner``'s arguments together; return the pattern's kind, its ``(N,
+    M)`` (or ``None``) and the target sparsity (``1 - N/M`` when ``None`` with ``N:M``).
+
+    Raises:
+        ValueError: naming the argument, the value and what is allowed.
+
+    Example:
+        >>> check_pruner_arguments(None, "2:4", "magnitude", "cubic", 0, None, 10, 0.0,
+        ...                        "layer", "uniform", 0.5)
+        ('n:m', (2, 4), 0.5)
+    """
+    kind, n_m = parse_pattern(pattern)
+    if n_m is not None:
+        implied = 1.0 - n_m[0] / n_m[1]
+        if target_sparsity is None:
+            target_sparsity = implied
+        elif abs(target_sparsity - implied) > 1e-9:
+            raise ValueError(
+                f"pattern={pattern!r} prunes exactly {implied:g} of the weights; set "
+                f"target_sparsity=None or {implied:g}, got {target_sparsity}"
+            )
+    if target_sparsity is None or not 0.0 <= target_sparsity < 1.0:
+        raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
+    if not 0.0 <= initial_sparsity <= target_sparsity:
+        raise ValueError(
+            f"initial_sparsity must be in [0, target_sparsity={target_sparsity}], got "
+            f"{initial_sparsity}"
+        )
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "global" and kind != "unstructured":
+        raise ValueError(f"scope='global' needs pattern='unstructured', got {pattern!r}")
+    if layer_sparsity not in LAYER_SPARSITY:
+        raise ValueError(f"layer_sparsity must be one of {LAYER_SPARSITY}, got {layer_sparsity!r}")
+    if layer_sparsity == "sensitivity" and (
+        kind != "unstructured"
+        or scope != "layer"
+        or target_sparsity > MAX_TENSOR_SPARSITY
+        or (start_step == 0 and initial_sparsity > 0)
+    ):
+        raise ValueError(
+            "layer_sparsity='sensitivity' needs pattern='unstructured', scope='layer', "
+            f"target_sparsity <= {MAX_TENSOR_SPARSITY} and gradients measured before the "
+            f"first pruning (not start_step=0 with initial_sparsity > 0); got "
+            f"pattern={pattern!r}, scope={scope!r}, target_sparsity={target_sparsity}, "
+            f"start_step={start_step}, initial_sparsity={initial_sparsity}"
+        )
+    if start_step < 0 or frequency < 1 or (end_step is not None and end_step <= start_step):
+        raise ValueError(
+            "need start_step >= 0, frequency >= 1 and end_step > start_step; got "
+            f"start_step={start_step}, end_step={end_step}, frequency={frequency}"
+        )
+    if sensitivity_power < 0:
+        raise ValueError(f"sensitivity_power must be >= 0, got {sensitivity_power}")
+    return kind, n_m, target_sparsity
