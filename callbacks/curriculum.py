@@ -46,11 +46,13 @@ from lightning_3d.loggers import log_histogram
 from lightning_3d.sampling import (
     ATTACH_HELP,
     INDEX_HELP,
+    SCORES,
     CurriculumDataLoader,
     CurriculumOrder,
     EpochPlan,
     SampleScores,
     batch_values,
+    check_curriculum_arguments,
     check_weighted_loss,
     describe,
     find_head,
@@ -60,7 +62,6 @@ from lightning_3d.sampling import (
     with_sampler,
 )
 
-SCORES = ("loss", "el2n", "grand", "quality")
 STATE_VERSION = 1
 
 
@@ -154,42 +155,18 @@ class CurriculumSampler(Callback):
         seed: int = 0,
         gather_every: int = 32,
     ) -> None:
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         self._warmup_defaulted = warmup_epochs is None
         if warmup_epochs is None:
             warmup_epochs = 0 if score == "quality" or prescore else 1
+        check_curriculum_arguments(
+            score, warmup_epochs, prescore, epochs, rescale_loss, budget_drops, anneal,
+            ema_decay, scoring_epochs, gather_every,
+        )  # fmt: skip
         # Validates pacing, budget and warm-up now; ``epochs`` is settled in ``setup``.
         self.schedule = CurriculumSchedule(
             pacing, start_fraction, full_at, stages, hardest_first, budget, budget_drops,
             warmup_epochs, epochs or warmup_epochs + 1,
         )  # fmt: skip
-        if warmup_epochs == 0 and score != "quality" and not prescore:
-            raise ValueError(
-                f"score={score!r} is measured during training, so warmup_epochs must be >= 1 "
-                "(one epoch on all data scores every sample) or prescore=True (a forward pass "
-                "scores them before training); got 0. A static score needs no warm-up: "
-                "score='quality' with a quality_key column."
-            )
-        if prescore and score == "quality":
-            raise ValueError("prescore scores from the model; score='quality' is static")
-        if epochs is not None and epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs}")
-        if rescale_loss and budget_drops != "easiest_random":
-            raise ValueError(
-                "rescale_loss=True needs budget_drops='easiest_random': only a random drop of "
-                f"well-learned samples can be made unbiased by weights (got {budget_drops!r})"
-            )
-        if not 0.0 <= anneal < 1.0:
-            raise ValueError(f"anneal must be in [0, 1), got {anneal}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if any(epoch < 0 for epoch in scoring_epochs):
-            raise ValueError(f"scoring_epochs must be epoch numbers >= 0, got {scoring_epochs}")
-        if scoring_epochs and score == "quality":
-            raise ValueError("scoring_epochs re-scores from the model; score='quality' is static")
-        if isinstance(gather_every, bool) or not isinstance(gather_every, int) or gather_every < 1:
-            raise ValueError(f"gather_every must be a positive integer, got {gather_every!r}")
         self.score = score
         self.prescore = prescore
         self.rescale_loss = rescale_loss

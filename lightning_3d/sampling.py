@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,6 +40,8 @@ from lightning_3d.curriculum import (
     shard_length,
 )
 
+#: How ``CurriculumSampler`` measures difficulty.
+SCORES = ("loss", "el2n", "grand", "quality")
 INDEX_HELP = (
     "CurriculumSampler attaches scores to samples by their dataset position: each item must be a "
     "dict with an 'index' entry (the built-in data modules do this; wrap another map-style "
@@ -247,6 +249,60 @@ def batch_values(
     return index, grand_last_layer(logits, labels, features), classes
 
 
+def check_curriculum_arguments(
+    score: str,
+    warmup_epochs: int,
+    prescore: bool,
+    epochs: int | None,
+    rescale_loss: bool,
+    budget_drops: str,
+    anneal: float,
+    ema_decay: float,
+    scoring_epochs: Sequence[int],
+    gather_every: int,
+) -> None:
+    """Check ``CurriculumSampler``'s arguments that the schedule does not (pacing, budget and
+    warm-up are :class:`~lightning_3d.curriculum.CurriculumSchedule`'s).
+
+    Raises:
+        ValueError: naming the argument, the value and what is allowed.
+
+    Example:
+        >>> check_curriculum_arguments("loss", 0, False, None, False, "hardest", 0.0, 0.5, (), 32)
+        Traceback (most recent call last):
+        ...
+        ValueError: score='loss' is measured during training, so warmup_epochs must be >= 1 ...
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if warmup_epochs == 0 and score != "quality" and not prescore:
+        raise ValueError(
+            f"score={score!r} is measured during training, so warmup_epochs must be >= 1 "
+            "(one epoch on all data scores every sample) or prescore=True (a forward pass "
+            "scores them before training); got 0. A static score needs no warm-up: "
+            "score='quality' with a quality_key column."
+        )
+    if prescore and score == "quality":
+        raise ValueError("prescore scores from the model; score='quality' is static")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs}")
+    if rescale_loss and budget_drops != "easiest_random":
+        raise ValueError(
+            "rescale_loss=True needs budget_drops='easiest_random': only a random drop of "
+            f"well-learned samples can be made unbiased by weights (got {budget_drops!r})"
+        )
+    if not 0.0 <= anneal < 1.0:
+        raise ValueError(f"anneal must be in [0, 1), got {anneal}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if any(epoch < 0 for epoch in scoring_epochs):
+        raise ValueError(f"scoring_epochs must be epoch numbers >= 0, got {scoring_epochs}")
+    if scoring_epochs and score == "quality":
+        raise ValueError("scoring_epochs re-scores from the model; score='quality' is static")
+    if isinstance(gather_every, bool) or not isinstance(gather_every, int) or gather_every < 1:
+        raise ValueError(f"gather_every must be a positive integer, got {gather_every!r}")
+
+
 def check_weighted_loss(outputs: Any, batch: Mapping[str, Any], accumulate: int = 1) -> None:
     """Raise unless ``training_step``'s loss is ``mean(per_sample_loss * sample_weight)``
     (possibly divided by the gradient accumulation, as Lightning does).
@@ -449,6 +505,7 @@ def limited_batches(batches: int, limit: int | float) -> int:
 __all__ = [
     "ATTACH_HELP",
     "INDEX_HELP",
+    "SCORES",
     "CurriculumDataLoader",
     "CurriculumOrder",
     "EpochPlan",
@@ -456,6 +513,7 @@ __all__ = [
     "SampleScores",
     "TrainLoaderWrapper",
     "batch_values",
+    "check_curriculum_arguments",
     "check_weighted_loss",
     "describe",
     "find_head",
