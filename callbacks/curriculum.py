@@ -53,6 +53,7 @@ from lightning_3d.sampling import (
     SampleScores,
     batch_values,
     check_curriculum_arguments,
+    check_loader,
     check_weighted_loss,
     describe,
     find_head,
@@ -280,6 +281,12 @@ class CurriculumSampler(Callback):
         if not state_dict:
             return
         count, gather = int(state_dict["count"]), self._gather_function()
+        if self.table is not None and self.table.count != count:
+            raise ValueError(
+                f"the training dataset has {self.table.count} samples but the checkpoint's "
+                f"CurriculumSampler state was built for {count} (a checkpoint of another "
+                "dataset?)"
+            )
         self.table = SampleScores(count, self.gather_every, gather)
         self.table.load_state_dict(state_dict)
         plan = state_dict["plan"]
@@ -302,8 +309,9 @@ class CurriculumSampler(Callback):
         """
         if isinstance(loader, CurriculumDataLoader) and loader.curriculum is self:
             return loader
-        self.sampler = CurriculumOrder(loader.dataset, self, self._replicas, self._rank)
-        wrapped = with_sampler(loader, self.sampler)
+        check_loader(loader)
+        sampler = CurriculumOrder(loader.dataset, self, self._replicas, self._rank)
+        wrapped = with_sampler(loader, sampler)
         dataset = wrapped.dataset
         count = len(dataset)
         if self.table is None:
@@ -323,7 +331,7 @@ class CurriculumSampler(Callback):
             self.seen.fill_(True)
             if labels is not None:
                 self.labels.copy_(labels)
-        self._loader = wrapped
+        self.sampler, self._loader = sampler, wrapped
         return wrapped
 
     def _require_attached(self, trainer: Trainer | None = None) -> CurriculumDataLoader:

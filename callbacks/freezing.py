@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_3d.checkpoints import (
-    AppliesCallbackStateFirst,
-    KeepsCallbackTensorsSharded,
+    applies_callback_state_first,
     callback_state,
+    keeps_callback_tensors_sharded,
 )
 from lightning_3d.loggers import log_axis_metrics, log_table_and_figure
 from lightning_3d.sensitivity import (
@@ -229,7 +230,7 @@ class SensitivityFreezer(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        first = isinstance(strategy, AppliesCallbackStateFirst)
+        first = applies_callback_state_first(strategy)
         if stage == "fit" and strategy.restore_checkpoint_after_setup and not first:
             rank_zero_warn(
                 f"SensitivityFreezer: {type(strategy).__name__} loads the optimizer state "
@@ -241,7 +242,10 @@ class SensitivityFreezer(Callback):
 
     def on_before_strategy_load(self, trainer: Trainer, checkpoint_path: Any) -> None:
         """Apply the checkpoint's frozen set before the strategy loads the optimizer state,
-        whose groups it shapes (strategies that restore after ``on_fit_start`` call this)."""
+        whose groups it shapes (strategies that restore after ``on_fit_start`` call this).
+        Only when fitting: testing or predicting from a checkpoint has no optimizer to shape."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
         state = callback_state(checkpoint_path, self.state_key)
         if state is not None:  # None: the checkpoint was made without this callback
             self.load_state_dict(state)
@@ -251,7 +255,7 @@ class SensitivityFreezer(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the candidates (after ``configure_model``, LoRA and sharding), check the budget,
         apply layer-wise learning rates and, on resume, the checkpoint's frozen set."""
-        self._keep_sharded = isinstance(trainer.strategy, KeepsCallbackTensorsSharded)
+        self._keep_sharded = keeps_callback_tensors_sharded(trainer.strategy)
         params = dict(pl_module.named_parameters())
         self._position = {n: i for i, n in enumerate(params)}
         if not self._sizes:

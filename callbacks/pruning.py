@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_3d.checkpoints import KeepsCallbackTensorsSharded
+from lightning_3d.checkpoints import keeps_callback_tensors_sharded
 from lightning_3d.loggers import log_axis_metrics, log_histogram
 from lightning_3d.pruning import (
     DEFAULT_EXCLUDE,
@@ -216,7 +216,7 @@ class ProgressivePruner(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the targets and check that the arguments fit the model."""
-        self._keep_sharded = isinstance(trainer.strategy, KeepsCallbackTensorsSharded)
+        self._keep_sharded = keeps_callback_tensors_sharded(trainer.strategy)
         params = dict(pl_module.named_parameters())
         self.targets, self.groups = find_targets(
             pl_module, self.pattern, self._selected, self.include, self.exclude

@@ -146,19 +146,17 @@ class PreparesForStrategyLoad(Protocol):
     def on_before_strategy_load(self, trainer: Any, checkpoint_path: Any) -> None: ...
 
 
-@runtime_checkable
-class AppliesCallbackStateFirst(Protocol):
-    """A strategy that calls :func:`before_strategy_load` before it loads a checkpoint."""
+def applies_callback_state_first(strategy: Any) -> bool:
+    """Whether ``strategy`` calls :func:`before_strategy_load` before it loads a checkpoint
+    (its ``applies_callback_state_first`` attribute is true)."""
+    return bool(getattr(strategy, "applies_callback_state_first", False))
 
-    applies_callback_state_first: bool
 
-
-@runtime_checkable
-class KeepsCallbackTensorsSharded(Protocol):
-    """A strategy that saves ``DTensor`` values of callback states shard by shard (and restores
-    them as ``DTensor``), so callbacks need not gather whole copies on every rank."""
-
-    keeps_callback_tensors_sharded: bool
+def keeps_callback_tensors_sharded(strategy: Any) -> bool:
+    """Whether ``strategy`` saves ``DTensor`` values of callback states shard by shard (and
+    restores them as ``DTensor``), so callbacks need not gather whole copies on every rank (its
+    ``keeps_callback_tensors_sharded`` attribute is true)."""
+    return bool(getattr(strategy, "keeps_callback_tensors_sharded", False))
 
 
 def before_strategy_load(trainer: Any, checkpoint_path: Any) -> None:
@@ -190,11 +188,11 @@ def callback_state(path: str | os.PathLike[str], key: str) -> dict[str, Any] | N
 
 
 __all__ = [
-    "AppliesCallbackStateFirst",
-    "KeepsCallbackTensorsSharded",
     "PreparesForStrategyLoad",
+    "applies_callback_state_first",
     "before_strategy_load",
     "callback_state",
     "checkpoint_state",
+    "keeps_callback_tensors_sharded",
     "load_run_weights",
 ]

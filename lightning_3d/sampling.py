@@ -448,6 +448,14 @@ def with_sampler(loader: DataLoader, sampler: CurriculumOrder) -> CurriculumData
         >>> [batch.tolist() for batch in loader]
         [[13, 11], [10, 12]]
     """
+    check_loader(loader)
+    settings = {name: getattr(loader, name) for name in _REBUILT_ARGUMENTS if hasattr(loader, name)}
+    return CurriculumDataLoader(loader.dataset, sampler=sampler, **settings)
+
+
+def check_loader(loader: Any) -> None:
+    """Raise unless ``loader`` is a ``DataLoader`` :func:`with_sampler` can rebuild: a plain
+    ``torch.utils.data.DataLoader`` over a map-style dataset, with ``batch_size``."""
     if not isinstance(loader, DataLoader):
         raise ValueError(
             "CurriculumSampler orders a single torch DataLoader; the training data is a "
@@ -469,8 +477,6 @@ def with_sampler(loader: DataLoader, sampler: CurriculumOrder) -> CurriculumData
             "CurriculumSampler chooses samples through the DataLoader's sampler; this "
             "DataLoader has a custom batch_sampler. Use batch_size= instead."
         )
-    settings = {name: getattr(loader, name) for name in _REBUILT_ARGUMENTS if hasattr(loader, name)}
-    return CurriculumDataLoader(dataset, sampler=sampler, **settings)
 
 
 def with_curriculum(trainer: Any, loader: DataLoader) -> DataLoader:
@@ -514,6 +520,7 @@ __all__ = [
     "TrainLoaderWrapper",
     "batch_values",
     "check_curriculum_arguments",
+    "check_loader",
     "check_weighted_loss",
     "describe",
     "find_head",

@@ -516,6 +516,9 @@ def split_param_groups(
         if hasattr(scheduler, "lr_lambdas"):
             scheduler.lr_lambdas = [scheduler.lr_lambdas[i] for i in origin]
         scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in new_groups]
+        # ``get_last_lr()`` must list the new groups before the next ``step()``; PyTorch keeps
+        # it in the private ``_last_lr`` with no setter (tests/test_lightning_seams.py names it)
+        scheduler._last_lr = [g["lr"] for g in new_groups]
 
 
 def _flatten_schedulers(schedulers: Iterable[Any]) -> list[Any]:

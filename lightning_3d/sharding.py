@@ -186,8 +186,15 @@ def split_sharded(state: Any, path: str = "") -> tuple[Any, dict[str, torch.Tens
             item, inner = split_sharded(value, f"{path}/{index}")
             items.append(item)
             tensors.update(inner)
-        return type(state)(items), tensors
+        return _same_sequence(state, items), tensors
     return state, tensors
+
+
+def _same_sequence(original: list | tuple, items: list[Any]) -> list | tuple:
+    """``items`` as a sequence of ``original``'s type (a named tuple takes them as arguments)."""
+    if hasattr(original, "_fields"):
+        return type(original)(*items)
+    return type(original)(items)
 
 
 def _is_reference(value: Any) -> bool:
@@ -220,7 +227,7 @@ def join_sharded(state: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if isinstance(state, Mapping):
         return {key: join_sharded(value, tensors) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(join_sharded(value, tensors) for value in state)
+        return _same_sequence(state, [join_sharded(value, tensors) for value in state])
     return state
 
 
@@ -231,7 +238,7 @@ def gather_sharded(state: Any) -> Any:
     if isinstance(state, Mapping):
         return {key: gather_sharded(value) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(gather_sharded(value) for value in state)
+        return _same_sequence(state, [gather_sharded(value) for value in state])
     return state
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
 
 from lightning_3d.collectives import CollectiveError, CommStats, CompressedCommState
 from lightning_3d.compression import GradientCompressor
@@ -18,8 +18,21 @@ from lightning_3d.loggers import log_axis_metrics
 
 log = logging.getLogger(__name__)
 
+#: A checkpoint's file or folder, as Lightning passes it.
+CheckpointPath: TypeAlias = str | os.PathLike[str]
 STATE_KEY = "lightning_3d_compression"
 NONFINITE = ("propagate", "skip")
+
+
+def _distributed() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def load_options(weights_only: bool | None) -> dict[str, bool]:
+    """The keyword arguments of a strategy's ``load_checkpoint`` call: Lightning before 2.6
+    has no ``weights_only`` (and never passes one)."""
+    return {} if weights_only is None else {"weights_only": weights_only}
 
 
 def make_compressor(
@@ -93,7 +106,7 @@ class CompressionStrategyMixin:
             dtype=torch.float64,
             device=self.root_device,  # type: ignore[attr-defined]
         )
-        if _distributed_is_initialized():
+        if _distributed():
             dist.all_reduce(figures, group=self.comm_state.process_group)
         wire, dense, gather_wire, gather_dense, seconds, residual_sq, nonfinite = figures.tolist()
         sent, replaced = wire + gather_wire, dense + gather_dense
@@ -139,7 +152,7 @@ class CompressionStrategyMixin:
         """Every rank's state on rank 0, ``None`` elsewhere (a collective; residuals travel
         pickled, on the CPU, to rank 0 only)."""
         local = self._local_comm_state()
-        if not _distributed_is_initialized():
+        if not _distributed():
             return [local]
         states: list[Any] | None = [None] * self.world_size if self.is_global_zero else None  # type: ignore[attr-defined]
         dist.gather_object(local, states, dst=0)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_3d.collectives import CompressedAllReduceState, compressed_allreduce_hook
 from lightning_3d.strategies._compressed import (
     STATE_KEY,
+    CheckpointPath,
     CompressionStrategyMixin,
+    load_options,
     make_compressor,
 )
 
@@ -90,7 +91,10 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
         return output
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+        self,
+        checkpoint: dict[str, Any],
+        filepath: CheckpointPath,
+        storage_options: Any | None = None,
     ) -> None:
         """Save as ``DDPStrategy`` does (rank 0), with every rank's residuals in the file."""
         states = self._gather_comm_states()
@@ -98,10 +102,10 @@ class CompressedDDPStrategy(CompressionStrategyMixin, DDPStrategy):
             checkpoint[STATE_KEY] = states
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> Any:
-        # Lightning before 2.6 has no ``weights_only`` (and never passes one)
-        options = {} if weights_only is None else {"weights_only": weights_only}
-        checkpoint = super().load_checkpoint(checkpoint_path, **options)
+    def load_checkpoint(
+        self, checkpoint_path: CheckpointPath, weights_only: bool | None = None
+    ) -> Any:
+        checkpoint = super().load_checkpoint(checkpoint_path, **load_options(weights_only))
         states = checkpoint.pop(STATE_KEY, None)
         rank = self.global_rank
         local = states[rank] if states and rank < len(states) else None

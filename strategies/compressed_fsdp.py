@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed.checkpoint as dcp
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.fsdp import (
@@ -40,7 +39,9 @@ from lightning_3d.sharding import (
 )
 from lightning_3d.strategies._compressed import (
     STATE_KEY,
+    CheckpointPath,
     CompressionStrategyMixin,
+    load_options,
     make_compressor,
 )
 
@@ -117,6 +118,9 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         process_group_backend, timeout: as Lightning's ``ModelParallelStrategy``; a rank that dies
             makes the others fail at their next collective, or after ``timeout`` at the latest.
 
+    As with ``ModelParallelStrategy``, the LightningModule needs a ``configure_model()`` hook
+    (an empty one is enough: the strategy then shards the model itself).
+
     Example::
 
         trainer = Trainer(strategy=CompressedFSDPStrategy(density=0.1), devices=8)
@@ -150,7 +154,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        self.save_distributed_checkpoint = save_distributed_checkpoint
+        self._sharded_checkpoints = save_distributed_checkpoint
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
@@ -181,6 +185,11 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         self.offload_policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         self.reshard_after_forward = reshard_after_forward
         self._init_comm_metrics()
+
+    @property
+    def save_distributed_checkpoint(self) -> bool:
+        """Whether checkpoints are sharded folders (set at construction only)."""
+        return self._sharded_checkpoints
 
     # ---------------------------------------------------------------- set-up
     def setup_environment(self) -> None:
@@ -303,7 +312,10 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
     keeps_callback_tensors_sharded = True
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+        self,
+        checkpoint: dict[str, Any],
+        filepath: CheckpointPath,
+        storage_options: Any | None = None,
     ) -> None:
         """Save as ``ModelParallelStrategy`` does, plus every rank's residuals and step counter,
         and the callbacks' sharded tensors (masks, scores, reference copies).
@@ -333,11 +345,11 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
             checkpoint[STATE_KEY] = states
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> Any:
+    def load_checkpoint(
+        self, checkpoint_path: CheckpointPath, weights_only: bool | None = None
+    ) -> Any:
         before_strategy_load(self.lightning_module.trainer, checkpoint_path)
-        # Lightning before 2.6 has no ``weights_only`` (and never passes one)
-        options = {} if weights_only is None else {"weights_only": weights_only}
-        checkpoint = super().load_checkpoint(checkpoint_path, **options)
+        checkpoint = super().load_checkpoint(checkpoint_path, **load_options(weights_only))
         for gatherer in self._gatherers:  # the weights change: int4_delta restarts from int8
             gatherer.reset()
         path = Path(self.broadcast(str(checkpoint_path)))
@@ -363,7 +375,7 @@ class CompressedFSDPStrategy(CompressionStrategyMixin, ModelParallelStrategy):
         dcp.load(tensors, checkpoint_id=folder)
         checkpoint["callbacks"] = join_sharded(callbacks, tensors)
 
-    def save_full_state_dict(self, path: _PATH) -> None:
+    def save_full_state_dict(self, path: CheckpointPath) -> None:
         """Gather the unsharded LightningModule state dict and save it from rank 0.
 
         Call on every rank (it is a collective). The file loads on one device with

@@ -532,3 +532,17 @@ def test_a_budget_in_a_one_epoch_run_scores_before_training(caplog) -> None:
     # an explicit warm-up epoch is the user's choice: still refused, naming the way out
     with pytest.raises(ValueError, match="score_batch"):
         fit(CurriculumSampler(budget=0.5, warmup_epochs=1), Classifier(data), epochs=1)
+
+
+def test_a_checkpoint_of_another_dataset_and_a_loader_it_cannot_use_are_refused() -> None:
+    items = [{"index": i, "x": float(i)} for i in range(8)]
+    curriculum = CurriculumSampler(budget=0.5)
+    curriculum.wrap_train_dataloader(DataLoader(items, batch_size=4))
+    other = CurriculumSampler(budget=0.5)
+    other.wrap_train_dataloader(DataLoader(items[:6], batch_size=4))
+    with pytest.raises(ValueError, match=r"has 8 samples but the checkpoint's .* built for 6"):
+        curriculum.load_state_dict(other.state_dict())
+    sampler = curriculum.sampler
+    with pytest.raises(ValueError, match=r"orders a single torch DataLoader; .* is a list"):
+        curriculum.wrap_train_dataloader(items)  # type: ignore[arg-type]
+    assert curriculum.sampler is sampler  # a refused loader leaves the callback as it was

@@ -355,3 +355,12 @@ def test_minilm_full_weights_and_lora(rotten_tomatoes: Any) -> None:
         state = sum(optimizer_state_bytes(o) for o in trainer.optimizers)
         kept = sum(size for n, size in trainable.items() if n not in freezer.frozen)
         assert state == pytest.approx(8 * kept, rel=0.01)  # two fp32 moments per trained value
+
+
+def test_the_early_state_load_only_happens_when_fitting() -> None:
+    """Testing or predicting from a checkpoint has no optimizer to shape: the hook the FSDP2
+    strategy calls before it loads does nothing then (it would read the file otherwise)."""
+    freezer = SensitivityFreezer()
+    trainer = trainer_for([freezer], steps=1)
+    freezer.on_before_strategy_load(trainer, "no-such-checkpoint.ckpt")
+    assert freezer.frozen == set() and freezer.events_done == 0

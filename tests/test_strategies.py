@@ -632,3 +632,16 @@ def test_callback_tensors_split_into_references_and_join_back_as_dtensors() -> N
         assert whole.tolist() == [[True, False], [False, True]]
     finally:
         dist.destroy_process_group()
+
+
+def test_named_tuples_in_callback_states_keep_their_type() -> None:
+    from collections import namedtuple
+
+    from lightning_3d.sharding import gather_sharded, join_sharded, split_sharded
+
+    Pair = namedtuple("Pair", "step weights")
+    state = {"pair": Pair(3, torch.ones(2))}
+    plain, tensors = split_sharded(state)
+    assert isinstance(plain["pair"], Pair) and tensors == {}
+    assert isinstance(join_sharded(plain, tensors)["pair"], Pair)
+    assert gather_sharded(state)["pair"].step == 3
