@@ -85,6 +85,10 @@ class TrainLoaderWrapper(Protocol):
     def wrap_train_dataloader(self, loader: DataLoader) -> DataLoader: ...
 
 
+#: The per-sample tables of :class:`SampleScores`, as its state dict names them.
+_TABLES = ("scores", "seen", "epoch_sum", "epoch_count", "labels")
+
+
 class SampleScores:
     """Per-sample scores of a training set, filled batch by batch and folded once an epoch.
 
@@ -167,26 +171,18 @@ class SampleScores:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The tables (flush first: values still pending are not in them)."""
-        return {
-            "scores": self.scores.clone(),
-            "seen": self.seen.clone(),
-            "epoch_sum": self.epoch_sum.clone(),
-            "epoch_count": self.epoch_count.clone(),
-            "labels": self.labels.clone(),
-        }
+        return {name: getattr(self, name).clone() for name in _TABLES}
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        for name, table in self.state_dict().items():
+        tables = {name: getattr(self, name) for name in _TABLES}
+        for name, table in tables.items():  # every shape checked before anything changes
             if state_dict[name].shape != table.shape:
                 raise ValueError(
                     f"the checkpoint's {name!r} holds {state_dict[name].numel()} samples, this "
                     f"table {table.numel()}"
                 )
-        self.scores.copy_(state_dict["scores"])
-        self.seen.copy_(state_dict["seen"])
-        self.epoch_sum.copy_(state_dict["epoch_sum"])
-        self.epoch_count.copy_(state_dict["epoch_count"])
-        self.labels.copy_(state_dict["labels"])
+        for name, table in tables.items():
+            table.copy_(state_dict[name])
 
 
 def is_class_label(labels: Any) -> bool:

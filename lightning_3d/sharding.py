@@ -154,7 +154,37 @@ def _placements_from_data(data: Iterable[list[Any]]) -> list[Any]:
     return [Shard(int(p[1])) if p[0] == "shard" else Replicate() for p in data]
 
 
-def split_sharded(state: Any, path: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+def _is_dtensor(value: Any) -> bool:
+    return hasattr(value, "device_mesh") and hasattr(value, "placements")
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, Mapping) and SHARDED_REF in value
+
+
+def map_state(state: Any, leaf: Callable[[Any, str], Any], path: str = "") -> Any:
+    """``state`` (nested dicts, lists, tuples, named tuples) rebuilt with every leaf replaced by
+    ``leaf(value, path)``; a ``DTensor`` and a sharded-tensor reference count as leaves, and
+    ``path`` names the place (``"masks/w"``, ``"pairs/0"``).
+
+    Example:
+        >>> map_state({"a": [1, 2], "b": 3}, lambda value, path: path)
+        {'a': ['a/0', 'a/1'], 'b': 'b'}
+    """
+    if _is_dtensor(state) or _is_reference(state):
+        return leaf(state, path)
+    if isinstance(state, Mapping):
+        return {
+            key: map_state(value, leaf, f"{path}/{key}" if path else str(key))
+            for key, value in state.items()
+        }
+    if isinstance(state, (list, tuple)):
+        items = [map_state(value, leaf, f"{path}/{index}") for index, value in enumerate(state)]
+        return type(state)(*items) if hasattr(state, "_fields") else type(state)(items)
+    return leaf(state, path)
+
+
+def split_sharded(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """``state`` (nested dicts, lists, tuples) with every ``DTensor`` replaced by a reference
     (``{SHARDED_REF: key, "shape": ..., "dtype": ..., "placements": ...}``: plain data a
     checkpoint's metadata file can hold), and those tensors by key, for
@@ -165,40 +195,20 @@ def split_sharded(state: Any, path: str = "") -> tuple[Any, dict[str, torch.Tens
         >>> plain, tensors
         ({'masks': {'w': tensor([1., 1.])}, 'step': 3}, {})
     """
-    if hasattr(state, "device_mesh") and hasattr(state, "placements"):
-        reference = {
-            SHARDED_REF: path,
-            "shape": list(state.shape),
-            "dtype": str(state.dtype).removeprefix("torch."),
-            "placements": _placements_to_data(state.placements),
-        }
-        return reference, {path: state}
     tensors: dict[str, torch.Tensor] = {}
-    if isinstance(state, Mapping):
-        plain = {}
-        for key, value in state.items():
-            plain[key], inner = split_sharded(value, f"{path}/{key}" if path else str(key))
-            tensors.update(inner)
-        return plain, tensors
-    if isinstance(state, (list, tuple)):
-        items = []
-        for index, value in enumerate(state):
-            item, inner = split_sharded(value, f"{path}/{index}")
-            items.append(item)
-            tensors.update(inner)
-        return _same_sequence(state, items), tensors
-    return state, tensors
 
+    def reference(value: Any, path: str) -> Any:
+        if not _is_dtensor(value):
+            return value
+        tensors[path] = value
+        return {
+            SHARDED_REF: path,
+            "shape": list(value.shape),
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "placements": _placements_to_data(value.placements),
+        }
 
-def _same_sequence(original: list | tuple, items: list[Any]) -> list | tuple:
-    """``items`` as a sequence of ``original``'s type (a named tuple takes them as arguments)."""
-    if hasattr(original, "_fields"):
-        return type(original)(*items)
-    return type(original)(items)
-
-
-def _is_reference(value: Any) -> bool:
-    return isinstance(value, Mapping) and SHARDED_REF in value
+    return map_state(state, reference), tensors
 
 
 def sharded_templates(state: Any, mesh: Any) -> dict[str, torch.Tensor]:
@@ -206,40 +216,32 @@ def sharded_templates(state: Any, mesh: Any) -> dict[str, torch.Tensor]:
     ``state``, by key: what ``torch.distributed.checkpoint.load`` fills with each rank's shard."""
     from torch.distributed.tensor import empty
 
-    if _is_reference(state):
-        dtype = getattr(torch, state["dtype"])
-        placements = _placements_from_data(state["placements"])
-        tensor = empty(*state["shape"], dtype=dtype, device_mesh=mesh, placements=placements)
-        return {state[SHARDED_REF]: tensor}
-    values = state.values() if isinstance(state, Mapping) else state
     templates: dict[str, torch.Tensor] = {}
-    if isinstance(state, (Mapping, list, tuple)):
-        for value in values:
-            templates.update(sharded_templates(value, mesh))
+
+    def template(value: Any, path: str) -> Any:
+        if _is_reference(value):
+            dtype = getattr(torch, value["dtype"])
+            placements = _placements_from_data(value["placements"])
+            templates[value[SHARDED_REF]] = empty(
+                *value["shape"], dtype=dtype, device_mesh=mesh, placements=placements
+            )
+        return value
+
+    map_state(state, template)
     return templates
 
 
 def join_sharded(state: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     """The inverse of :func:`split_sharded`: every reference in ``state`` replaced by its
     tensor from ``tensors``."""
-    if _is_reference(state):
-        return tensors[state[SHARDED_REF]]
-    if isinstance(state, Mapping):
-        return {key: join_sharded(value, tensors) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return _same_sequence(state, [join_sharded(value, tensors) for value in state])
-    return state
+    return map_state(
+        state, lambda value, path: tensors[value[SHARDED_REF]] if _is_reference(value) else value
+    )
 
 
 def gather_sharded(state: Any) -> Any:
     """``state`` with every ``DTensor`` replaced by a whole CPU copy (a collective)."""
-    if hasattr(state, "device_mesh"):
-        return full_copy(state)
-    if isinstance(state, Mapping):
-        return {key: gather_sharded(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return _same_sequence(state, [gather_sharded(value) for value in state])
-    return state
+    return map_state(state, lambda value, path: full_copy(value) if _is_dtensor(value) else value)
 
 
 def broadcast_masks(
