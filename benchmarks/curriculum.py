@@ -144,7 +144,7 @@ def run(setup: str, seed: int, noise: float, args: argparse.Namespace) -> dict[s
     }
     if setup == "curriculum+budget" and data.flipped:
         # the half the budget drops at the final scores, and how much of it is mislabelled
-        kept = set(budget_keep(curriculum[0].difficulty(), 0.5).tolist())
+        kept = set(budget_keep(curriculum[0].state.difficulty(), 0.5).tolist())
         dropped = set(range(len(data.splits["train"]))) - kept
         flipped = set(data.flipped)
         result["dropped_flipped_precision"] = len(dropped & flipped) / max(1, len(dropped))

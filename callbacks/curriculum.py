@@ -1,27 +1,8 @@
 """``CurriculumSampler``: which samples each epoch trains on, and in what order.
 
-The callback scores every training sample from what the normal training steps already compute,
-plans each epoch with :class:`lightning_3d.curriculum.CurriculumSchedule` (warm-up, data budget,
-pacing from easy to hard) and serves that plan through the sampler of the training loader. What
-it needs from a user's code:
-
-* the training ``DataLoader`` passed through :func:`lightning_3d.sampling.with_curriculum` in
-  ``train_dataloader`` (the built-in data modules do), or ``wrap_train_dataloader(loader)`` for
-  a loader given to ``trainer.fit``;
-* items that carry their dataset position under ``"index"`` (the built-in data modules do; wrap any
-  other map-style dataset in :class:`lightning_3d.data.WithIndex`);
-* ``training_step`` returning a dict with ``"loss"`` and, for ``score="loss"``,
-  ``"per_sample_loss"`` (detached, ``[B]``); for ``"el2n"``/``"grand"``, ``"logits"`` (``[B, C]``)
-  with ``batch["labels"]``;
-* with ``rescale_loss=True``: the loss weighted by ``batch["sample_weight"]`` when present,
-  ``loss = (per_sample_loss * batch["sample_weight"]).mean()``;
-* with ``scoring_epochs``: a ``score_batch(batch)`` method returning what ``training_step`` does.
-
-Every rank plans from the same all-gathered scores with the same seeded generators, so the global
-order is identical everywhere and each rank takes an equal-length part of it. Epoch lengths change
-with the plan; the callback makes Lightning reload the training ``DataLoader`` every epoch to pick
-them up, and :meth:`CurriculumSampler.planned_optimizer_steps` gives the exact number of steps of
-the run for learning-rate schedules (the built-in tasks use it).
+The callback decides *when* to record scores, fold them, plan an epoch and save; the state and
+the algorithms are :class:`lightning_3d.curriculum_state.CurriculumState`,
+:class:`lightning_3d.curriculum.CurriculumSchedule` and :mod:`lightning_3d.sampling`.
 
 Example:
     >>> from lightning import Trainer
@@ -31,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -41,8 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import DataLoader
 
-from lightning_3d.curriculum import CurriculumSchedule, rank_shard, shard_length
+from lightning_3d.curriculum import CurriculumSchedule
+from lightning_3d.curriculum_state import CurriculumState
 from lightning_3d.loggers import log_histogram
+from lightning_3d.models import evaluation_mode
 from lightning_3d.sampling import (
     ATTACH_HELP,
     INDEX_HELP,
@@ -50,20 +32,14 @@ from lightning_3d.sampling import (
     CurriculumDataLoader,
     CurriculumOrder,
     EpochPlan,
-    SampleScores,
-    batch_values,
     check_curriculum_arguments,
     check_loader,
+    check_same_on_all_ranks,
     check_weighted_loss,
     describe,
     find_head,
-    limited_batches,
-    read_quality,
-    score_quantiles,
     with_sampler,
 )
-
-STATE_VERSION = 1
 
 
 class CurriculumSampler(Callback):
@@ -84,6 +60,17 @@ class CurriculumSampler(Callback):
     * ``"grand"``: the last layer's per-sample gradient norm ``||p - y|| sqrt(||h||^2 + 1)``, with
       ``h`` the input of the ``head`` module caught by a forward hook (no extra backward);
     * ``"quality"``: a static column ``item[quality_key]``, higher is better, read once.
+
+    What it needs from the user's code: the training loader passed through
+    :func:`~lightning_3d.sampling.with_curriculum` in ``train_dataloader`` (the built-in data
+    modules do) or ``wrap_train_dataloader(loader)`` for a loader given to ``trainer.fit``; items
+    with their dataset position under ``"index"`` (:class:`lightning_3d.data.WithIndex`);
+    ``training_step`` returning ``"loss"`` and ``"per_sample_loss"`` (``score="loss"``) or
+    ``"logits"`` with ``batch["labels"]``; with ``rescale_loss``, the loss weighted by
+    ``batch["sample_weight"]``; for ``scoring_epochs``/``prescore``, a ``score_batch(batch)``
+    method. Every rank plans from the same gathered scores with the same seeds; the loader is
+    reloaded every epoch (epoch lengths follow the plan), and :meth:`planned_optimizer_steps`
+    gives the run's exact number of steps for learning-rate schedules.
 
     Args:
         score: how difficulty is measured, one of ``"loss"``, ``"el2n"``, ``"grand"``,
@@ -164,29 +151,19 @@ class CurriculumSampler(Callback):
             ema_decay, scoring_epochs, gather_every,
         )  # fmt: skip
         # Validates pacing, budget and warm-up now; ``epochs`` is settled in ``setup``.
-        self.schedule = CurriculumSchedule(
+        schedule = CurriculumSchedule(
             pacing, start_fraction, full_at, stages, hardest_first, budget, budget_drops,
             warmup_epochs, epochs or warmup_epochs + 1,
         )  # fmt: skip
-        self.score = score
-        self.prescore = prescore
-        self.rescale_loss = rescale_loss
-        self.anneal = anneal
-        self.ema_decay = ema_decay
-        self.quality_key = quality_key
+        self.state = CurriculumState(
+            schedule, score, ema_decay, seed, balance_classes, gather_every, rank_zero_info
+        )
+        self.score, self.prescore, self.rescale_loss = score, prescore, rescale_loss
+        self.anneal, self.quality_key, self.head = anneal, quality_key, head
         self.scoring_epochs = frozenset(scoring_epochs)
-        self.head = head
-        self.balance_classes = balance_classes
-        self.seed = seed
-        self.gather_every = gather_every
-        self.table: SampleScores | None = None
         self.sampler: CurriculumOrder | None = None
-        self.samples_seen = 0
         self._epochs = epochs
-        self._trainer: Trainer | None = None
         self._replicas, self._rank = 1, 0
-        self._plan: EpochPlan | None = None
-        self._batches_done = 0
         self._loader: DataLoader | None = None  # the user's loader the sampler was put into
         self._head_hook: Any = None
         self._features: torch.Tensor | None = None
@@ -197,21 +174,20 @@ class CurriculumSampler(Callback):
         if stage != "fit":
             return
         self._settle_schedule(trainer, pl_module)
-        if self.table is not None:
-            self.table.discard_pending()  # what an earlier fit stopped with belongs to no epoch
+        if self.state.attached:
+            self.state.table.discard_pending()  # an earlier fit's leftovers belong to no epoch
         if trainer.reload_dataloaders_every_n_epochs != 1:
             rank_zero_info(
                 "CurriculumSampler: epoch lengths follow the plan, so the training DataLoader is "
                 "reloaded every epoch (reload_dataloaders_every_n_epochs=1)"
             )
             trainer.reload_dataloaders_every_n_epochs = 1
-        self._trainer = trainer
+        self.state.clock = lambda: trainer.current_epoch
         shards = trainer.distributed_sampler_kwargs or {}
         self._replicas, self._rank = shards.get("num_replicas", 1), shards.get("rank", 0)
         if self.sampler is not None:  # wrapped before the run knew its ranks
             self.sampler.num_replicas, self.sampler.rank = self._replicas, self._rank
-        if self.table is not None:
-            self.table.gather = self._gather_function()
+        self.state.set_gather(None if trainer.world_size == 1 else trainer.strategy.all_gather)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.score == "grand":
@@ -220,7 +196,7 @@ class CurriculumSampler(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._require_attached(trainer)
-        self._check_same_length_on_all_ranks(trainer)
+        check_same_on_all_ranks(trainer.strategy, self.state.table.count, "training dataset length")
         if self.prescore and not self.seen.any():  # not scored by a coordinator or a checkpoint
             self._scoring_pass(trainer, pl_module)
             self.fold_scores()
@@ -230,19 +206,16 @@ class CurriculumSampler(Callback):
     ) -> None:
         plan = self.current_plan()
         if self.rescale_loss and plan.weights is not None:
-            index = _batch_index(batch)
+            if not isinstance(batch, Mapping) or "index" not in batch:
+                raise RuntimeError(f"{INDEX_HELP}; the batch is {describe(batch)}")
+            index = batch["index"]
             batch["sample_weight"] = plan.weights[index.cpu()].to(index.device)
 
     def on_train_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batches_done += 1
-        self.samples_seen += self._replicas * extract_batch_size(batch)
+        self.state.batches_done += 1
+        self.state.samples_seen += self._replicas * extract_batch_size(batch)
         if self.rescale_loss and not self._weights_checked and "sample_weight" in batch:
             check_weighted_loss(outputs, batch, trainer.accumulate_grad_batches)
             self._weights_checked = True
@@ -251,12 +224,14 @@ class CurriculumSampler(Callback):
         pl_module.log("curriculum/samples_seen", float(self.samples_seen), on_step=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        plan = self.current_plan()
+        epoch = self.current_plan().epoch
         if trainer.current_epoch in self.scoring_epochs:
             self._scoring_pass(trainer, pl_module)
         if self.score != "quality":
             self.fold_scores()
-        self._log_epoch(trainer, pl_module, plan)
+        if self.seen.any():
+            log_histogram(trainer, "curriculum/scores", self.scores[self.seen].float().numpy())
+        pl_module.log_dict(self.state.epoch_metrics(epoch), on_step=False, on_epoch=True)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self._head_hook is not None:
@@ -264,35 +239,10 @@ class CurriculumSampler(Callback):
             self._head_hook = None
 
     def state_dict(self) -> dict[str, Any]:
-        if self.table is None:
-            return {}
-        self.table.flush()  # every rank saves a checkpoint together: the gather is collective
-        plan = self._plan
-        return {
-            "version": STATE_VERSION,
-            "count": self.table.count,
-            **self.table.state_dict(),
-            "plan": None if plan is None else (plan.epoch, plan.order, plan.weights),
-            "batches_done": self._batches_done,
-            "samples_seen": self.samples_seen,
-        }
+        return self.state.state_dict()  # collective under several ranks, as saving is
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        count, gather = int(state_dict["count"]), self._gather_function()
-        if self.table is not None and self.table.count != count:
-            raise ValueError(
-                f"the training dataset has {self.table.count} samples but the checkpoint's "
-                f"CurriculumSampler state was built for {count} (a checkpoint of another "
-                "dataset?)"
-            )
-        self.table = SampleScores(count, self.gather_every, gather)
-        self.table.load_state_dict(state_dict)
-        plan = state_dict["plan"]
-        self._plan = None if plan is None else EpochPlan(*plan)
-        self._batches_done = int(state_dict["batches_done"])
-        self.samples_seen = int(state_dict["samples_seen"])
+        self.state.load_state_dict(state_dict)
 
     # -- the training DataLoader ----------------------------------------------------------------
     def wrap_train_dataloader(self, loader: DataLoader) -> CurriculumDataLoader:
@@ -307,36 +257,18 @@ class CurriculumSampler(Callback):
             >>> type(loader).__name__, loader.batch_size
             ('CurriculumDataLoader', 4)
         """
-        if isinstance(loader, CurriculumDataLoader) and loader.curriculum is self:
+        if isinstance(loader, CurriculumDataLoader) and loader.curriculum is self.state:
             return loader
         check_loader(loader)
-        sampler = CurriculumOrder(loader.dataset, self, self._replicas, self._rank)
-        wrapped = with_sampler(loader, sampler)
-        dataset = wrapped.dataset
-        count = len(dataset)
-        if self.table is None:
-            self.table = SampleScores(count, self.gather_every, self._gather_function())
-        elif self.table.count != count:
-            raise ValueError(
-                f"the training dataset has {count} samples but CurriculumSampler's state was "
-                f"built for {self.table.count} (a checkpoint of another dataset?)"
-            )
-        item = dataset[0]
+        sampler = CurriculumOrder(loader.dataset, self.state, self._replicas, self._rank)
         needs_index = self.score != "quality" or self.rescale_loss
-        if needs_index and (not isinstance(item, Mapping) or "index" not in item):
-            raise ValueError(f"{INDEX_HELP}; the first item is {describe(item)}")
-        if self.score == "quality" and not self.seen.all():
-            scores, labels = read_quality(dataset, self.quality_key)
-            self.scores.copy_(scores)
-            self.seen.fill_(True)
-            if labels is not None:
-                self.labels.copy_(labels)
-        self.sampler, self._loader = sampler, wrapped
-        return wrapped
+        self.state.attach(loader.dataset, self.quality_key, needs_index, loader.batch_size or 1)
+        self.sampler, self._loader = sampler, with_sampler(loader, sampler)
+        return self._loader
 
     def _require_attached(self, trainer: Trainer | None = None) -> CurriculumDataLoader:
         loader = self._loader if trainer is None else trainer.train_dataloader
-        if not isinstance(loader, CurriculumDataLoader) or loader.curriculum is not self:
+        if not isinstance(loader, CurriculumDataLoader) or loader.curriculum is not self.state:
             raise RuntimeError(
                 "CurriculumSampler chooses the training samples through its own sampler, and "
                 f"the training DataLoader does not have it: {ATTACH_HELP}"
@@ -345,82 +277,48 @@ class CurriculumSampler(Callback):
 
     # -- scores and plans ---------------------------------------------------------------------
     @property
+    def schedule(self) -> CurriculumSchedule:
+        """Warm-up, budget and pacing (``epochs`` settled at ``setup``)."""
+        return self.state.schedule
+
+    @property
     def scores(self) -> torch.Tensor:
         """Per-sample EMA scores (``quality`` values for ``score="quality"``)."""
-        return self._table().scores
+        return self.state.table.scores
 
     @property
     def seen(self) -> torch.Tensor:
         """Which samples have a score."""
-        return self._table().seen
+        return self.state.table.seen
 
     @property
     def labels(self) -> torch.Tensor:
         """Per-sample class labels, ``-1`` where not known."""
-        return self._table().labels
+        return self.state.table.labels
 
     @property
-    def consumed_samples(self) -> int:
-        """Samples of this rank's part of the current epoch already trained on."""
-        return self._batches_done * int(self._require_attached().batch_size or 1)
-
-    def difficulty(self) -> torch.Tensor:
-        """Per-sample difficulty (lower is easier); unseen samples get the mean of seen ones."""
-        return self._table().difficulty(higher_is_easier=self.score == "quality")
-
-    def current_epoch_size(self) -> int:
-        """Samples the trainer's current epoch visits (known without scores)."""
-        return self.schedule.epoch_size(self._table().count, self._current_epoch())
+    def samples_seen(self) -> int:
+        """Samples trained on so far, over all ranks."""
+        return self.state.samples_seen
 
     def current_plan(self) -> EpochPlan:
         """The plan of the trainer's current epoch, made on first request from current scores."""
-        epoch = self._current_epoch()
-        if self._plan is None or self._plan.epoch != epoch:
-            known = self.labels >= 0
-            groups = self.labels if self.balance_classes and known.any() else None
-            order, weights = self.schedule.plan(self.difficulty(), epoch, self.seed, groups)
-            self._plan = EpochPlan(epoch, order, weights)
-            self._batches_done = 0
-            count = self._table().count
-            rank_zero_info(
-                f"CurriculumSampler: epoch {epoch} trains on {order.numel():,} of "
-                f"{count:,} samples ({order.numel() / count:.1%})"
-            )
-        return self._plan
-
-    def position(self) -> tuple[int, int]:
-        """``(epoch of the current plan, batches of it done)``; epoch -1 before the first."""
-        return (-1 if self._plan is None else self._plan.epoch), self._batches_done
-
-    def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Continue the plan of ``epoch`` after ``batches_done`` batches (a loader's resume)."""
-        if epoch != self.position()[0]:
-            raise ValueError(
-                f"the training DataLoader's checkpoint is at epoch {epoch} but "
-                f"CurriculumSampler's state holds the plan of epoch {self.position()[0]}"
-            )
-        self._batches_done = batches_done
+        return self.state.current_plan()
 
     def record_outputs(self, outputs: Any, batch: Any) -> None:
         """Add one batch's scores (from ``training_step``/``score_batch`` outputs) of every rank
         to this epoch's sums; :meth:`fold_scores` folds them into the scores."""
-        features = self._features if self.score == "grand" else None
-        self._table().record(*batch_values(self.score, outputs, batch, features))
+        self.state.record(outputs, batch, self._features if self.score == "grand" else None)
 
     def fold_scores(self) -> None:
         """Fold the sums recorded since the last fold into the per-sample EMA scores."""
-        self._table().fold(self.ema_decay)
+        self.state.fold()
 
     def scoring_batches(self, trainer: Trainer, seed: int | None = None) -> Iterator[Any]:
-        """This rank's part of every training sample, batched like training and moved to the
-        device: what a scoring pass reads. In dataset order, or in an order shuffled with
-        ``seed`` (so the first batches are a random draw)."""
+        """This rank's part of every training sample, batched like training and on the device:
+        what a scoring pass reads. In dataset order, or shuffled with ``seed``."""
         loader = self._require_attached(trainer)
-        count = self._table().count
-        order = torch.arange(count)
-        if seed is not None:
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-        part = rank_shard(order, self._rank, self._replicas)
+        part = self.state.scoring_order(self._rank, self._replicas, seed)
         batches = DataLoader(
             loader.dataset,
             batch_size=loader.batch_size,
@@ -434,37 +332,15 @@ class CurriculumSampler(Callback):
         """Optimizer steps of the whole run under this plan (Lightning's estimate assumes every
         epoch is as long as the first); use it for learning-rate schedules."""
         estimated = trainer.estimated_stepping_batches  # loads the training data if needed
-        if self.table is None or self._loader is None or trainer.max_epochs in (None, -1):
+        loader = self._loader
+        if not self.state.attached or loader is None or trainer.max_epochs in (None, -1):
             return estimated
-        size, drop_last = int(self._loader.batch_size or 1), self._loader.drop_last
-        total = 0
-        for epoch in range(trainer.max_epochs):
-            part = shard_length(self.schedule.epoch_size(self.table.count, epoch), self._replicas)
-            batches = part // size if drop_last else math.ceil(part / size)
-            batches = limited_batches(batches, trainer.limit_train_batches)
-            total += math.ceil(batches / trainer.accumulate_grad_batches)
-        return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+        return self.state.planned_steps(
+            trainer.max_epochs, self._replicas, int(loader.batch_size or 1), loader.drop_last,
+            trainer.limit_train_batches, trainer.accumulate_grad_batches, trainer.max_steps,
+        )  # fmt: skip
 
     # -- helpers ------------------------------------------------------------------------------
-    def _table(self) -> SampleScores:
-        if self.table is None:
-            raise RuntimeError(
-                f"CurriculumSampler has not seen the training data yet: {ATTACH_HELP}"
-            )
-        return self.table
-
-    def _current_epoch(self) -> int:
-        if self._trainer is None:
-            raise RuntimeError("CurriculumSampler is not attached to a training run")
-        return self._trainer.current_epoch
-
-    def _gather_function(self) -> Any:
-        """``[3, N] -> [world, 3, N]`` over the strategy's ranks, or ``None`` on one process."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return None
-        return trainer.strategy.all_gather
-
     def _settle_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the epochs of the schedule; score before training when there is no warm-up
         epoch to score in and the module can score."""
@@ -476,7 +352,7 @@ class CurriculumSampler(Callback):
             )
         scorable = callable(getattr(pl_module, "score_batch", None))
         may_prescore = self._warmup_defaulted and scorable
-        self.schedule, prescore = self.schedule.for_run(epochs, self.anneal, may_prescore)
+        self.state.schedule, prescore = self.schedule.for_run(epochs, self.anneal, may_prescore)
         if prescore:
             rank_zero_info(
                 f"CurriculumSampler: {epochs} epoch(s) leave no room for a warm-up epoch, so "
@@ -491,50 +367,14 @@ class CurriculumSampler(Callback):
                 "index, logits) without logging; the built-in tasks have one"
             )
 
-    def _check_same_length_on_all_ranks(self, trainer: Trainer) -> None:
-        if trainer.world_size == 1:
-            return
-        count = torch.tensor([self._table().count], device=trainer.strategy.root_device)
-        lengths = trainer.strategy.all_gather(count).flatten()
-        if lengths.min() != lengths.max():
-            raise ValueError(
-                "CurriculumSampler needs the same training dataset on every rank; their lengths "
-                f"are {lengths.tolist()}"
-            )
-
     def _catch_features(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
         self._features = inputs[0].detach()
 
-    def _log_epoch(self, trainer: Trainer, pl_module: LightningModule, plan: EpochPlan) -> None:
-        count = self._table().count
-        kept = self.schedule.kept_size(count, plan.epoch)
-        metrics = {
-            "curriculum/fraction_in_play": plan.order.numel() / count,
-            "curriculum/kept_fraction": kept / count,
-        }
-        scored = self.scores[self.seen]
-        if scored.numel():
-            metrics.update({f"curriculum/{k}": v for k, v in score_quantiles(scored).items()})
-            log_histogram(trainer, "curriculum/scores", scored.float().numpy())
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
-
     def _scoring_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score every sample with ``pl_module.score_batch`` in eval mode, without gradients."""
-        modes = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                for batch in self.scoring_batches(trainer):
-                    self.record_outputs(pl_module.score_batch(batch), batch)
-        finally:
-            for module, training in modes.items():
-                module.training = training
-
-
-def _batch_index(batch: Any) -> torch.Tensor:
-    if not isinstance(batch, Mapping) or "index" not in batch:
-        raise RuntimeError(f"{INDEX_HELP}; the batch is {describe(batch)}")
-    return batch["index"]
+        with evaluation_mode(pl_module), torch.no_grad():
+            for batch in self.scoring_batches(trainer):
+                self.record_outputs(pl_module.score_batch(batch), batch)
 
 
 __all__ = ["SCORES", "CurriculumDataLoader", "CurriculumOrder", "CurriculumSampler", "EpochPlan"]

@@ -46,6 +46,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_3d.loggers import log_axis_metrics
+from lightning_3d.models import evaluation_mode
 from lightning_3d.plan import (
     AXIS_CALLBACK_NAMES,
     AXIS_ORDER,
@@ -279,25 +280,15 @@ class PlanCoordinator(Callback):
             batches = (trainer.strategy.batch_to_device(b) for b in loader)
             record = None
         parameters = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-        modes = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
         # A compressed strategy sends these probe gradients exactly and keeps their unsent part
         # out of its error-feedback residuals (they are measured, never applied).
         comm_state = getattr(trainer.strategy, "comm_state", None)
         probing = comm_state.probe() if hasattr(comm_state, "probe") else nullcontext()
-        try:
-            with trainer.precision_plugin.forward_context(), probing:
-                done = signal_pass(
-                    pl_module.score_batch,
-                    batches,
-                    parameters,
-                    statistics,
-                    self.plan.probe_batches,
-                    record,
-                )
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with evaluation_mode(pl_module), trainer.precision_plugin.forward_context(), probing:
+            done = signal_pass(
+                pl_module.score_batch, batches, parameters, statistics, self.plan.probe_batches,
+                record,
+            )  # fmt: skip
         if scoring:
             assert curriculum is not None
             curriculum.fold_scores()

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_3d.models import evaluation_mode
 from lightning_3d.pruning import DEFAULT_EXCLUDE, remove_dead_units
 from lightning_3d.quantization import (
     QuantizationRecipe,
@@ -571,12 +572,8 @@ def export(
             f"removed {sum(b - a for a, b in removed.values())} all-zero units (heads, neurons) "
             f"in {len(removed)} structures for onnx, onnx-int8 and torchao"
         )
-    modes = {module: module.training for module in model.modules()}
-    try:  # the trained model's own predictions, in eval mode (dropout off)
+    with evaluation_mode(model):  # the trained model's own predictions, dropout off
         reference = [torch_runner(model)(ids, mask) for ids, mask, _ in batches]
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
     runners: dict[str, Runner] = {BASELINE: torch_runner(dense)}
     paths: dict[str, Path | None] = {BASELINE: None}

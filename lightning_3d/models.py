@@ -17,7 +17,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from lightning_3d.assets import MINILM_MODEL, SMOLLM2_GGUF, asset_path
 from lightning_3d.cache import cache_root, file_fingerprint
@@ -25,6 +29,29 @@ from lightning_3d.cache import cache_root, file_fingerprint
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
+
+
+@contextmanager
+def evaluation_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode (dropout off) inside the block; afterwards every submodule is back
+    in the mode it had, train or eval, one by one (``module.train()`` would put an eval-mode
+    submodule, such as a frozen teacher, in train mode).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Dropout().eval())
+        >>> with evaluation_mode(net):
+        ...     net[0].training
+        False
+        >>> net[0].training, net[1].training
+        (True, False)
+    """
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for submodule, training in modes.items():
+            submodule.training = training
 
 
 def _looks_like_local_path(name_or_path: str) -> bool:

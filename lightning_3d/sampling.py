@@ -491,6 +491,25 @@ def with_curriculum(trainer: Any, loader: DataLoader) -> DataLoader:
     return loader
 
 
+def check_same_on_all_ranks(strategy: Any, count: int, what: str) -> None:
+    """Raise unless every rank has the same ``count`` (one ``strategy.all_gather``; nothing on
+    one process). ``strategy`` is a Lightning strategy or anything with ``world_size``,
+    ``root_device`` and ``all_gather``.
+
+    Example:
+        >>> class OneProcess:
+        ...     world_size = 1
+        >>> check_same_on_all_ranks(OneProcess(), 10, "training dataset length")
+    """
+    if strategy.world_size == 1:
+        return
+    counts = strategy.all_gather(torch.tensor([count], device=strategy.root_device)).flatten()
+    if counts.min() != counts.max():
+        raise ValueError(
+            f"CurriculumSampler needs the same {what} on every rank; they are {counts.tolist()}"
+        )
+
+
 def limited_batches(batches: int, limit: int | float) -> int:
     """Batches an epoch runs under ``Trainer(limit_train_batches=limit)``: at most ``limit``
     batches for an int, ``int(batches * limit)`` for a fraction.
@@ -517,6 +536,7 @@ __all__ = [
     "batch_values",
     "check_curriculum_arguments",
     "check_loader",
+    "check_same_on_all_ranks",
     "check_weighted_loss",
     "describe",
     "find_head",

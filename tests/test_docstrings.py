@@ -14,6 +14,7 @@ MODULES = [
     "collectives",
     "compression",
     "curriculum",
+    "curriculum_state",
     "data",
     "loggers",
     "models",
