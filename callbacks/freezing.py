@@ -1,21 +1,11 @@
 """``SensitivityFreezer``: the parameter axis -- stop training what the loss cares least about.
 
-Life cycle (``global_step`` counts optimizer steps):
-
-1. ``on_fit_start`` (after ``configure_model``, LoRA wrapping and sharding): the candidates are
-   the parameters that require gradients, filtered by ``include``/``exclude``; parameters
-   matching ``head`` always stay trainable. Optional layer-wise learning-rate decay splits the
-   optimizer's groups; on resume, the checkpoint's frozen set is applied again before Lightning
-   restores the optimizer state, so the state matches the groups (no ``KeyError``).
-2. ``on_before_optimizer_step``: the gradients of the trainable candidates feed
-   :class:`~lightning_3d.sensitivity.GradientStatistics` (after DDP's all-reduce; under FSDP2 the
-   shards' sums are all-reduced).
-3. ``on_train_start`` with ``warmup_steps=0`` (statistics measured before training, or a
-   baseline), else ``on_train_batch_end`` at ``warmup_steps`` (and, progressively, every
-   ``interval`` steps after it, ``stages`` times): rank units by sensitivity, keep the most
-   sensitive ones within the budget, freeze the rest: ``requires_grad=False``, gradients
-   dropped, optimizer state released; under DDP the wrapper is rebuilt so frozen tensors leave
-   its buckets.
+Life cycle (``global_step`` counts optimizer steps): ``on_fit_start`` finds the candidates
+(after ``configure_model``, LoRA and sharding) and, on resume, applies the checkpoint's frozen set
+before the optimizer state loads; ``on_before_optimizer_step`` feeds the gradients to
+:class:`~lightning_3d.sensitivity.GradientStatistics`; at ``warmup_steps`` (``on_train_start``
+when 0) and every ``interval`` steps after it for ``stages`` events, the least sensitive units
+freeze (:mod:`lightning_3d.freezing`): gradients dropped, optimizer state released, DDP rebuilt.
 
 Example:
     >>> from lightning import Trainer
@@ -39,25 +29,27 @@ from lightning_3d.checkpoints import (
     callback_state,
     keeps_callback_tensors_sharded,
 )
+from lightning_3d.freezing import (
+    always_trainable,
+    check_freezer_arguments,
+    freeze_candidates,
+    move_parameters,
+    trainable_sizes,
+    trainable_units,
+)
 from lightning_3d.loggers import log_axis_metrics, log_table_and_figure
 from lightning_3d.sensitivity import (
     DEFAULT_HEAD,
     DEFAULT_LAYER_PATTERN,
-    METRICS,
-    SCHEDULES,
     GradientStatistics,
-    add_to_optimizer,
+    apply_layerwise_lr,
     baseline_scores,
     compile_pattern,
-    composite_sensitivity,
-    drop_from_optimizer,
+    composite_scores,
     group_parameters,
-    layerwise_lr_scales,
     optimizer_state_bytes,
     parameter_drift,
-    select_trainable,
     sensitivity_heatmap,
-    split_param_groups,
     trainable_fraction_at,
     unit_scores,
 )
@@ -136,31 +128,13 @@ class SensitivityFreezer(Callback):
         measure_every: int = 1,
         seed: int = 0,
     ) -> None:
-        if not 0.0 < target_trainable <= 1.0:
-            raise ValueError(f"target_trainable must be in (0, 1], got {target_trainable}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if stages < 1 or interval < 1 or measure_every < 1:
-            raise ValueError(
-                "stages, interval and measure_every must be positive integers, got "
-                f"stages={stages}, interval={interval}, measure_every={measure_every}"
-            )
-        if allow_unfreeze and schedule != "progressive":
-            raise ValueError("allow_unfreeze needs schedule='progressive' (it acts at its events)")
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
-        if lr_decay is not None and not 0.0 < lr_decay <= 1.0:
-            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
-        if group_by not in ("tensor", "module"):
-            compile_pattern("group_by", group_by)
+        check_freezer_arguments(
+            target_trainable, metric, schedule, warmup_steps, stages, interval, measure_every,
+            allow_unfreeze, alpha, beta, lr_decay, group_by, layer_pattern,
+        )  # fmt: skip
         self.include = compile_pattern("include", include)
         self.exclude = compile_pattern("exclude", exclude)
         self.head = compile_pattern("head", head)
-        compile_pattern("layer_pattern", layer_pattern, groups=1)
         self.target_trainable = target_trainable
         self.metric = metric
         self.warmup_steps = warmup_steps
@@ -183,7 +157,6 @@ class SensitivityFreezer(Callback):
         self._home: dict[str, tuple[int, int]] = {}  # (optimizer, group) of a frozen parameter
         self._reference: dict[str, torch.Tensor] = {}
         self._last_measured = -1
-        self._position: dict[str, int] = {}  # model order, for putting unfrozen tensors back
         self._keep_sharded = False  # checkpoint theta_0 as DTensor shards (the strategy says)
 
     # -- state --------------------------------------------------------------------------------
@@ -220,14 +193,6 @@ class SensitivityFreezer(Callback):
         """The parameters this freezer may freeze (known from ``on_fit_start``)."""
         return tuple(self._candidates)
 
-    def _always_trainable(self) -> int:
-        """Parameters that never freeze: the head and what ``include``/``exclude`` leave out."""
-        candidates = set(self._candidates)
-        return sum(size for n, size in self._sizes.items() if n not in candidates)
-
-    def _is_head(self, name: str) -> bool:
-        return not self.freeze_head and self.head is not None and bool(self.head.search(name))
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         first = applies_callback_state_first(strategy)
@@ -257,37 +222,11 @@ class SensitivityFreezer(Callback):
         apply layer-wise learning rates and, on resume, the checkpoint's frozen set."""
         self._keep_sharded = keeps_callback_tensors_sharded(trainer.strategy)
         params = dict(pl_module.named_parameters())
-        self._position = {n: i for i, n in enumerate(params)}
-        if not self._sizes:
-            self._sizes = {n: p.numel() for n, p in params.items() if p.requires_grad}
-        if not self._sizes:
-            raise ValueError("SensitivityFreezer: the model has no trainable parameters")
-        missing = [n for n in self._sizes if n not in params]
-        if missing:
-            raise ValueError(
-                f"SensitivityFreezer: the checkpoint names parameters this model lacks: "
-                f"{missing[:3]}; resume with the same model (and LoRA settings)"
-            )
-        self._candidates = [
-            n
-            for n in self._sizes
-            if not self._is_head(n)
-            and (self.include is None or self.include.search(n))
-            and (self.exclude is None or not self.exclude.search(n))
-        ]
-        if not self._candidates:
-            raise ValueError(
-                "SensitivityFreezer: no parameter may be frozen (include/exclude/head leave none "
-                f"of the {len(self._sizes)} trainable tensors, e.g. {next(iter(self._sizes))!r})"
-            )
-        fixed, total = self._always_trainable(), sum(self._sizes.values())
-        if fixed > self.target_trainable * total:
-            raise ValueError(
-                f"SensitivityFreezer: the parameters that must stay trainable (head and "
-                f"excluded ones) are {fixed / total:.1%} of the trainable parameters, above "
-                f"target_trainable={self.target_trainable}; raise the target, narrow `head`/"
-                "`exclude`, or set freeze_head=True"
-            )
+        self._sizes = trainable_sizes(params, self._sizes)
+        head = None if self.freeze_head else self.head
+        self._candidates = freeze_candidates(
+            self._sizes, head, self.include, self.exclude, self.target_trainable
+        )
         self.statistics.all_reduce = shard_all_reduce(params.values())
         if self.statistics.all_reduce is not None and self.statistics.granularity != "tensor":
             raise ValueError(
@@ -298,11 +237,10 @@ class SensitivityFreezer(Callback):
             for name in self._candidates:
                 self._reference.setdefault(name, params[name].detach().clone())
         if self.lr_decay is not None:
-            scales = layerwise_lr_scales(list(params), self.lr_decay, self.layer_pattern)
-            scale_of = {id(p): scales[n] for n, p in params.items()}
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-            for optimizer in trainer.optimizers:
-                split_param_groups(optimizer, lambda p: scale_of[id(p)], schedulers)
+            apply_layerwise_lr(
+                params, trainer.optimizers, schedulers, self.lr_decay, self.layer_pattern
+            )
         if self.frozen:
             self._apply(trainer, pl_module, freeze=self.frozen, unfreeze=set())
 
@@ -357,19 +295,8 @@ class SensitivityFreezer(Callback):
     def tensor_scores(self, pl_module: LightningModule) -> dict[str, float]:
         """Sensitivity per parameter of every candidate (baselines: per unit, see below)."""
         if self.metric == "composite":
-            fisher = self.statistics.tensor_metric("fisher")
             drift = self._drift(pl_module)
-            return {
-                n: composite_sensitivity(
-                    self.statistics.last_sq_norm(n),
-                    fisher[n],
-                    drift.get(n, 0.0),
-                    self._sizes[n],
-                    self.alpha,
-                    self.beta,
-                )
-                for n in fisher
-            }
+            return composite_scores(self.statistics, drift, self._sizes, self.alpha, self.beta)
         return self.statistics.tensor_metric(self.metric)
 
     def _drift(self, pl_module: LightningModule) -> dict[str, float]:
@@ -384,7 +311,6 @@ class SensitivityFreezer(Callback):
 
     def _freezing_event(self, trainer: Trainer, pl_module: LightningModule) -> None:
         units = group_parameters(self._candidates, self.group_by)
-        unit_sizes = {u: sum(self._sizes[n] for n in members) for u, members in units.items()}
         if self.metric in ("random", "depth"):
             scores = baseline_scores(self.metric, list(units), self.seed)
         else:
@@ -396,16 +322,14 @@ class SensitivityFreezer(Callback):
                     f"step {trainer.global_step}; exclude parameters that get no gradient"
                 )
             scores = unit_scores(units, per_tensor, self._sizes)
-        eligible = {
-            u for u, members in units.items()
-            if self.allow_unfreeze or not self.frozen.intersection(members)
-        }  # fmt: skip
-        total = sum(self._sizes.values())
-        fixed = self._always_trainable()
         fraction = trainable_fraction_at(self.events_done + 1, self.stages, self.target_trainable)
-        budget = int(fraction * total) - fixed
-        eligible_scores = {u: scores[u] for u in units if u in eligible}
-        kept = select_trainable(eligible_scores, unit_sizes, budget, self.metric == "depth")
+        budget = int(fraction * sum(self._sizes.values())) - always_trainable(
+            self._sizes, self._candidates
+        )
+        kept = trainable_units(
+            units, scores, self._sizes, self.frozen, budget, self.allow_unfreeze,
+            by_depth=self.metric == "depth",
+        )  # fmt: skip
         kept = trainer.strategy.broadcast(kept)  # one decision for every rank
         kept_names = {n for u in kept for n in units[u]}
         freeze = set(self._candidates) - kept_names - self.frozen
@@ -426,30 +350,9 @@ class SensitivityFreezer(Callback):
         self, trainer: Trainer, pl_module: LightningModule, freeze: set[str], unfreeze: set[str]
     ) -> None:
         """Freeze and unfreeze parameters, keep the optimizers' groups and state in step."""
-        params = dict(pl_module.named_parameters())
         freeze, unfreeze = sorted(freeze), sorted(unfreeze)  # the same order on every rank
-        place = {
-            id(p): (o, g)
-            for o, optimizer in enumerate(trainer.optimizers)
-            for g, group in enumerate(optimizer.param_groups)
-            for p in group["params"]
-        }
-        for name in freeze:
-            if id(params[name]) in place:
-                self._home.setdefault(name, place[id(params[name])])
-        released = 0
-        for optimizer in trainer.optimizers:
-            released += drop_from_optimizer(optimizer, [params[n] for n in freeze])
-        for name in freeze:
-            params[name].requires_grad_(False)
-            params[name].grad = None
-        order = {id(p): self._position[n] for n, p in params.items()}
-        for name in unfreeze:
-            params[name].requires_grad_(True)
-            home = self._home.pop(name, None)
-            if home is not None:  # it was in an optimizer: back into its group, in model order
-                o, g = home
-                add_to_optimizer(trainer.optimizers[o], [(params[name], g)], _position_in(order))
+        params = dict(pl_module.named_parameters())
+        released = move_parameters(trainer.optimizers, params, freeze, unfreeze, self._home)
         self.frozen = (self.frozen | set(freeze)) - set(unfreeze)
         if released:
             log.info("SensitivityFreezer: released %.1f MiB of optimizer state", released / 2**20)
@@ -486,8 +389,3 @@ class SensitivityFreezer(Callback):
             "freezer/heatmap",
             lambda: sensitivity_heatmap(scores, self.layer_pattern),
         )
-
-
-def _position_in(order: dict[int, int]) -> Any:
-    """A sort key: a parameter's place in the model."""
-    return lambda param: order[id(param)]

@@ -521,6 +521,39 @@ def split_param_groups(
         scheduler._last_lr = [g["lr"] for g in new_groups]
 
 
+def apply_layerwise_lr(
+    params: Mapping[str, torch.Tensor],
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Any],
+    decay: float,
+    layer_pattern: str = DEFAULT_LAYER_PATTERN,
+) -> None:
+    """Layer-wise learning-rate decay: split the optimizers' groups so that each parameter's
+    learning rate is scaled by :func:`layerwise_lr_scales` (see :func:`split_param_groups`)."""
+    scales = layerwise_lr_scales(list(params), decay, layer_pattern)
+    scale_of = {id(p): scales[n] for n, p in params.items()}
+    for optimizer in optimizers:
+        split_param_groups(optimizer, lambda p: scale_of[id(p)], schedulers)
+
+
+def composite_scores(
+    statistics: GradientStatistics,
+    drift: Mapping[str, float],
+    sizes: Mapping[str, int],
+    alpha: float,
+    beta: float,
+) -> dict[str, float]:
+    """:func:`composite_sensitivity` of every tensor with a Fisher value in ``statistics``
+    (``drift``: ``||theta - theta_0||^2`` per tensor, 0 where absent)."""
+    fisher = statistics.tensor_metric("fisher")
+    return {
+        name: composite_sensitivity(
+            statistics.last_sq_norm(name), value, drift.get(name, 0.0), sizes[name], alpha, beta
+        )
+        for name, value in fisher.items()
+    }
+
+
 def _flatten_schedulers(schedulers: Iterable[Any]) -> list[Any]:
     """The schedulers and, for ``SequentialLR``/``ChainedScheduler``, the ones inside them.
 

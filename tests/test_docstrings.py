@@ -15,6 +15,7 @@ MODULES = [
     "compression",
     "curriculum",
     "curriculum_state",
+    "freezing",
     "data",
     "loggers",
     "models",
