@@ -1,22 +1,13 @@
 """``Distiller``: the model axis's teacher -- distil the student from a teacher while it trains.
 
-Life cycle (``global_step`` counts optimizer steps):
-
-1. ``setup``: a teacher given as a module, a Lightning checkpoint (file or sharded folder) or a
-   Hugging Face folder / Hub id is loaded, frozen, put in eval mode and checked against the
-   student (same vocabulary, logits of the same shape) before the first step.
-2. ``on_train_batch_start`` from ``start_step`` on: ``teacher="snapshot"`` first copies the
-   student as it is then (the end of a dense warm-up; frozen, eval mode). The batch's samples
-   missing from the :class:`~lightning_3d.distillation.TeacherCache` go through the teacher once;
-   the batch gets the teacher's targets under ``batch["teacher_targets"]`` for
-   :func:`~lightning_3d.distillation.distil` in ``training_step``.
-3. ``on_train_epoch_end``: under several processes the ranks share the classifier outputs each
-   cached this epoch (one all-gather per epoch). After the first whole epoch of distillation the
-   teacher is released (its memory freed): no teacher forward runs after that pass; a sample it
-   never saw (dropped by a data budget in that epoch) trains on its task loss alone.
-4. Checkpoints hold the cache and, while the teacher is still needed, the snapshot's weights:
-   a resumed run distils from the same teacher and reuses the same cached outputs (the cache is
-   saved, not rebuilt).
+Life cycle (``global_step`` counts optimizer steps): ``setup`` loads the teacher (a module, a
+Lightning checkpoint or a Hugging Face folder / Hub id; :mod:`lightning_3d.distillation`), freezes
+it and checks it against the student; from ``start_step`` on, ``on_train_batch_start`` takes a
+``"snapshot"`` teacher from the student, runs the teacher once on the samples missing from the
+:class:`~lightning_3d.distillation.TeacherCache` and puts the targets under
+``batch["teacher_targets"]``; ``on_train_epoch_end`` shares the cached outputs between ranks and,
+after the first whole epoch, releases the teacher. Checkpoints hold the cache (saved, not rebuilt)
+and, while needed, the snapshot's weights.
 
 The student's training step needs one line (the built-in tasks have it)::
 
@@ -40,7 +31,6 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_3d.checkpoints import checkpoint_state
 from lightning_3d.distillation import (
     TEACHER_INPUTS,
     TEACHER_KEY,
@@ -49,10 +39,12 @@ from lightning_3d.distillation import (
     check_distillation,
     check_teacher,
     check_tokenizers,
+    freeze_teacher,
+    load_teacher,
     teacher_logits,
+    teacher_tokenizer,
     top_k_targets,
 )
-from lightning_3d.quantization import set_fake_quantization
 
 log = logging.getLogger(__name__)
 SNAPSHOT = "snapshot"
@@ -191,7 +183,7 @@ class Distiller(Callback):
             if own_tokenizer is not None and theirs is not None:
                 check_tokenizers(theirs, own_tokenizer, self.source)
         check_teacher(teacher, student)
-        self.teacher = freeze(teacher).to(pl_module.device)
+        self.teacher = freeze_teacher(teacher).to(pl_module.device)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         student = self._student(pl_module)
@@ -208,7 +200,7 @@ class Distiller(Callback):
         if self._snapshot_state is not None:
             teacher = copy.deepcopy(self._student(pl_module))
             teacher.load_state_dict(self._snapshot_state)
-            self.teacher, self._snapshot_state = freeze(teacher), None
+            self.teacher, self._snapshot_state = freeze_teacher(teacher), None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         loader = trainer.train_dataloader
@@ -225,7 +217,7 @@ class Distiller(Callback):
             raise ValueError("Distiller needs dict batches (input_ids, attention_mask, index)")
         self._restore_snapshot(pl_module)
         if self.source == SNAPSHOT and not self.snapshot_taken:
-            self.teacher = freeze(copy.deepcopy(self._student(pl_module)))
+            self.teacher = freeze_teacher(copy.deepcopy(self._student(pl_module)))
             self.snapshot_taken = True
             log.info("Distiller: teacher snapshot taken at step %d", trainer.global_step)
         if self._first_full_epoch is None:
@@ -318,52 +310,3 @@ class Distiller(Callback):
         pl_module.log("distill/teacher_samples", float(self.teacher_samples), rank_zero_only=True)
         if self.cache is not None:
             pl_module.log("distill/cached_samples", float(len(self.cache)), rank_zero_only=True)
-
-
-def freeze(teacher: nn.Module) -> nn.Module:
-    """``teacher`` in eval mode, without gradients and without fake quantization."""
-    teacher.eval().requires_grad_(False)
-    set_fake_quantization(teacher, False)
-    return teacher
-
-
-def teacher_tokenizer(source: str) -> Any:
-    """The tokenizer saved with a Hugging Face teacher (folder or Hub id), or ``None`` when it
-    was saved without one (the vocabulary-size check still applies)."""
-    from lightning_3d.models import load_tokenizer, resolve_model_source
-
-    try:
-        return load_tokenizer(resolve_model_source(source))
-    except (OSError, ValueError):
-        return None
-
-
-def load_teacher(source: str, student: nn.Module, attribute: str) -> nn.Module:
-    """A teacher from a Lightning checkpoint (its ``"<attribute>."`` weights loaded into a copy
-    of ``student``) or a Hugging Face folder / Hub id (the student's model class)."""
-    path = Path(source)
-    if path.is_file():
-        teacher = copy.deepcopy(student)
-        state = checkpoint_state(path)
-        prefix = f"{attribute}."
-        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if not own:
-            raise ValueError(
-                f"Distiller: the checkpoint {source} holds no '{prefix}*' weights of the student"
-            )
-        try:
-            teacher.load_state_dict(own)
-        except RuntimeError as error:
-            raise ValueError(
-                f"Distiller: the checkpoint {source} does not fit the student's architecture: "
-                f"{str(error).splitlines()[0]}"
-            ) from error
-        return teacher
-    base = student.get_base_model() if hasattr(student, "get_base_model") else student
-    loader = getattr(type(base), "from_pretrained", None)
-    if loader is None:
-        raise ValueError(
-            f"Distiller: teacher={source!r} is neither a checkpoint nor loadable with "
-            f"{type(base).__name__}.from_pretrained"
-        )
-    return loader(source)

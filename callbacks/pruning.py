@@ -1,20 +1,12 @@
 """``ProgressivePruner``: the model axis -- prune gradually to a target sparsity while training.
 
-Life cycle (``global_step`` counts optimizer steps):
-
-1. ``on_fit_start`` (after ``configure_model``, LoRA and sharding): the targets are the weights
-   of the linear layers (filtered by ``include``/``exclude``; the task head is excluded by
-   default), or the attention heads / FFN neurons of the transformer blocks; arguments that
-   cannot work with this model fail here, before the first step.
-2. ``on_before_optimizer_step``: movement scores accumulate ``-theta * g``; the gradients of
-   pruned weights are zeroed, so they neither count in gradient clipping nor feed the optimizer.
-3. ``on_train_batch_end``: the weights are multiplied by their masks (after every optimizer
-   step: momentum or weight decay cannot bring a pruned weight back); when the schedule's
-   sparsity rises (every ``frequency`` steps from ``start_step`` to ``end_step``) the masks are
-   recomputed from the scores on rank 0's data, shared with every rank, and the optimizer state
-   of newly pruned weights is zeroed.
-4. After ``fit``: the weights are plain tensors with zeros (nothing to remove);
-   :meth:`ProgressivePruner.export` makes structured pruning physically smaller.
+Life cycle (``global_step`` counts optimizer steps): ``on_fit_start`` finds the targets
+(after ``configure_model``, LoRA and sharding) and refuses arguments that cannot fit the model;
+``on_before_optimizer_step`` accumulates movement scores and zeroes pruned weights' gradients;
+``on_train_batch_end`` multiplies the weights by their masks and, when the schedule's sparsity
+rises, recomputes the masks (:mod:`lightning_3d.pruning`) on rank 0's data for every rank and
+zeroes the optimizer state of newly pruned weights. :meth:`ProgressivePruner.export` makes
+structured pruning physically smaller.
 
 Example:
     >>> from lightning import Trainer
@@ -39,9 +31,9 @@ from lightning_3d.pruning import (
     MAX_TENSOR_SPARSITY,
     StructureGroup,
     check_pruner_arguments,
-    export_structured,
-    find_structures,
+    export_pruned,
     find_targets,
+    layer_sparsities,
     mask_optimizer_state,
     mask_sparsity,
     next_masks,
@@ -53,12 +45,13 @@ from lightning_3d.sensitivity import (
     GradientStatistics,
     compile_pattern,
     find_gradient_statistics,
-    layer_index,
     local_part,
 )
 from lightning_3d.sharding import (
+    all_finite,
     broadcast_masks,
     full_copy,
+    laid_out_as,
     laid_out_like,
     shard_all_reduce,
     state_tensor,
@@ -245,18 +238,8 @@ class ProgressivePruner(Callback):
         schedule's value (``start_step=0`` with ``initial_sparsity > 0`` prunes before step 1)."""
         params = dict(pl_module.named_parameters())
         pending, self._pending = self._pending, {}
-        self.masks.update(
-            {
-                n: laid_out_like(m, params[n], torch.bool)
-                for n, m in pending.get("masks", {}).items()
-            }
-        )
-        self.movement.update(
-            {
-                n: laid_out_like(s, params[n], torch.float32)
-                for n, s in pending.get("movement", {}).items()
-            }
-        )
+        self.masks.update(laid_out_as(pending.get("masks", {}), params, torch.bool))
+        self.movement.update(laid_out_as(pending.get("movement", {}), params, torch.float32))
         self._apply_masks(pl_module)
         self._update_if_due(trainer, pl_module)
 
@@ -275,7 +258,7 @@ class ProgressivePruner(Callback):
         with torch.no_grad():
             if self.statistics is not None and pruning and not self.layer_targets:
                 self.statistics.update({n: p.grad for n, p in params.items()})
-            moving = self.movement and pruning and _finite([p.grad for p in params.values()])
+            moving = self.movement and pruning and all_finite([p.grad for p in params.values()])
             for name, param in params.items():
                 if moving:  # skipped when an fp16 overflow made the gradients inf/NaN
                     self.movement[name].sub_(param.detach().float() * param.grad.float())
@@ -404,13 +387,9 @@ class ProgressivePruner(Callback):
         scores: dict[str, torch.Tensor],
         achieved: float,
     ) -> None:
-        layers: dict[str, list[torch.Tensor]] = {}
-        for name, mask in masks.items():
-            index = layer_index(name, self.layer_pattern)
-            layers.setdefault("other" if index is None else f"layer_{index}", []).append(mask)
         metrics = {"pruner/sparsity": achieved}
-        for layer, layer_masks in layers.items():
-            metrics[f"pruner/sparsity_{layer}"] = mask_sparsity(dict(enumerate(layer_masks)))
+        for layer, value in layer_sparsities(masks, self.layer_pattern).items():
+            metrics[f"pruner/sparsity_{layer}"] = value
         log_axis_metrics(trainer, metrics)
         if self.log_histograms and trainer.loggers and trainer.is_global_zero:
             kept = torch.cat([s[masks[n]].flatten() for n, s in scores.items()])
@@ -426,21 +405,4 @@ class ProgressivePruner(Callback):
         Example:
             >>> model = pruner.export(task, "pruned")  # doctest: +SKIP
         """
-        model = getattr(pl_module, "model", pl_module)
-        prefix = next(f"{n}." for n, m in pl_module.named_modules() if m is model).lstrip(".")
-        masks = {n.removeprefix(prefix): full_copy(m) for n, m in self.masks.items()}
-        structures = [g for g in self.groups if g.kind in ("heads", "neurons")]
-        if structures:
-            kinds = sorted({g.kind for g in structures})
-            names = {g.name.removeprefix(prefix) for g in structures}
-            groups = [g for g in find_structures(model, kinds) if g.name in names]
-            return export_structured(model, groups, masks, path)
-        if path is not None:
-            model.save_pretrained(path)
-        return model
-
-
-def _finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of these (local parts of) tensors is finite, with one host sync."""
-    checks = [torch.isfinite(local_part(t)).all() for t in tensors]
-    return bool(torch.stack(checks).all()) if checks else True
+        return export_pruned(pl_module, self.masks, self.groups, path)

@@ -31,14 +31,19 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from lightning_3d.checkpoints import checkpoint_state
 from lightning_3d.data import IGNORE_INDEX
+from lightning_3d.quantization import set_fake_quantization
 
 #: The batch key under which the ``Distiller`` puts the teacher's targets.
 TEACHER_KEY = "teacher_targets"
@@ -430,6 +435,55 @@ def check_tokenizers(teacher: Any, student: Any, source: str) -> None:
         )
 
 
+def freeze_teacher(teacher: nn.Module) -> nn.Module:
+    """``teacher`` in eval mode, without gradients and without fake quantization."""
+    teacher.eval().requires_grad_(False)
+    set_fake_quantization(teacher, False)
+    return teacher
+
+
+def teacher_tokenizer(source: str) -> Any:
+    """The tokenizer saved with a Hugging Face teacher (folder or Hub id), or ``None`` when it
+    was saved without one (the vocabulary-size check still applies)."""
+    from lightning_3d.models import load_tokenizer, resolve_model_source
+
+    try:
+        return load_tokenizer(resolve_model_source(source))
+    except (OSError, ValueError):
+        return None
+
+
+def load_teacher(source: str, student: nn.Module, attribute: str) -> nn.Module:
+    """A teacher from a Lightning checkpoint (its ``"<attribute>."`` weights loaded into a copy
+    of ``student``) or a Hugging Face folder / Hub id (the student's model class)."""
+    path = Path(source)
+    if path.is_file():
+        teacher = copy.deepcopy(student)
+        state = checkpoint_state(path)
+        prefix = f"{attribute}."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            raise ValueError(
+                f"Distiller: the checkpoint {source} holds no '{prefix}*' weights of the student"
+            )
+        try:
+            teacher.load_state_dict(own)
+        except RuntimeError as error:
+            raise ValueError(
+                f"Distiller: the checkpoint {source} does not fit the student's architecture: "
+                f"{str(error).splitlines()[0]}"
+            ) from error
+        return teacher
+    base = student.get_base_model() if hasattr(student, "get_base_model") else student
+    loader = getattr(type(base), "from_pretrained", None)
+    if loader is None:
+        raise ValueError(
+            f"Distiller: teacher={source!r} is neither a checkpoint nor loadable with "
+            f"{type(base).__name__}.from_pretrained"
+        )
+    return loader(source)
+
+
 __all__ = [
     "TEACHER_INPUTS",
     "TEACHER_KEY",
@@ -440,9 +494,12 @@ __all__ = [
     "check_teacher",
     "check_tokenizers",
     "distil",
+    "freeze_teacher",
     "kd_loss",
+    "load_teacher",
     "output_shape",
     "teacher_logits",
+    "teacher_tokenizer",
     "top_k_kd_loss",
     "top_k_targets",
 ]

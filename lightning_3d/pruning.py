@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_3d.sensitivity import local_part
+from lightning_3d.sensitivity import DEFAULT_LAYER_PATTERN, layer_index, local_part
+from lightning_3d.sharding import full_copy
 
 SCHEDULES = ("cubic", "linear", "exponential", "cosine")
 SCORES = ("magnitude", "movement")
@@ -646,6 +647,47 @@ def export_structured(
     if path is not None:
         model.save_pretrained(path)
     return model
+
+
+def export_pruned(
+    module: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    groups: Sequence[StructureGroup],
+    path: str | Path | None = None,
+) -> nn.Module:
+    """The pruned Hugging Face model of ``module`` (``module.model`` when there is one, else
+    ``module``), heads and neurons physically removed (:func:`export_structured`); ``masks`` and
+    ``groups`` are named from ``module``, sharded masks are gathered. Saved with
+    ``save_pretrained`` when ``path`` is given."""
+    model = getattr(module, "model", module)
+    prefix = next(f"{n}." for n, m in module.named_modules() if m is model).lstrip(".")
+    whole = {n.removeprefix(prefix): full_copy(m) for n, m in masks.items()}
+    structures = [g for g in groups if g.kind in ("heads", "neurons")]
+    if structures:
+        kinds = sorted({g.kind for g in structures})
+        names = {g.name.removeprefix(prefix) for g in structures}
+        found = [g for g in find_structures(model, kinds) if g.name in names]
+        return export_structured(model, found, whole, path)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def layer_sparsities(
+    masks: Mapping[str, torch.Tensor], layer_pattern: str = DEFAULT_LAYER_PATTERN
+) -> dict[str, float]:
+    """Pruned share per layer (``"layer_<i>"`` by ``layer_pattern``, ``"other"`` without one).
+
+    Example:
+        >>> layer_sparsities({"layer.0.w": torch.tensor([True, False]),
+        ...                   "head.w": torch.tensor([True, True])})
+        {'layer_0': 0.5, 'other': 0.0}
+    """
+    layers: dict[str, list[torch.Tensor]] = {}
+    for name, mask in masks.items():
+        index = layer_index(name, layer_pattern)
+        layers.setdefault("other" if index is None else f"layer_{index}", []).append(mask)
+    return {layer: mask_sparsity(dict(enumerate(kept))) for layer, kept in layers.items()}
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_3d.sensitivity import local_part
+
 
 def transformer_block_classes(model: nn.Module) -> set[str]:
     """Class names of the repeated blocks of ``model`` (``_no_split_modules`` and layer lists)."""
@@ -118,6 +120,28 @@ def laid_out_like(
 
     whole = full_copy(full) if sharded else full
     return distribute_tensor(whole.to(param.to_local().device, dtype), mesh, param.placements)
+
+
+def laid_out_as(
+    tensors: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every ``tensors[name]`` :func:`laid_out_like` ``params[name]`` (a checkpoint's masks or
+    scores placed like the parameters they belong to)."""
+    return {name: laid_out_like(tensor, params[name], dtype) for name, tensor in tensors.items()}
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of these tensors (their local shards, for DTensors) is finite, with
+    one host sync.
+
+    Example:
+        >>> all_finite([torch.ones(2), torch.tensor([float("nan")])]), all_finite([])
+        (False, True)
+    """
+    checks = [torch.isfinite(local_part(t)).all() for t in tensors]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def state_tensor(tensor: torch.Tensor, keep_sharded: bool) -> torch.Tensor:
