@@ -1,28 +1,15 @@
 """``PlanCoordinator``: where the axes of a :class:`~lightning_3d.plan.ThreeDPlan` meet.
 
-Life cycle (``global_step`` counts optimizer steps):
-
-1. ``setup``: the axis callbacks on the trainer are found and checked: in the step order of
-   :data:`~lightning_3d.plan.STEP_ORDER` after this one, a compressed strategy sending the
-   plan's ``gradient_density``, and the trainer's ``max_steps`` when the plan sets it.
-2. ``on_fit_start`` (before the axes' own): the plan's phases become steps of the run the data
-   budget leaves, for the callbacks the plan built (``scheduled``): the freezer's warm-up, the
-   distiller's snapshot step, the pruning window (start, end, update frequency) and the QAT
-   start. Callbacks composed by hand keep their own steps and are only checked.
-3. ``on_train_start``: the cross-axis conflicts are checked (movement pruning of tensors the
-   freezer may freeze, pruning that ends after the run or after fake quantization starts); then,
-   with ``warmup=0`` and once per run, :func:`~lightning_3d.plan.signal_pass` scores every
-   sample for the data axis and measures the gradient statistics the freezer (which freezes
-   right after) and the pruner's per-layer sparsity read (the gradient batches are a seeded
-   random draw of the training data). A plan from a budget logs its predicted training time
-   here and the measured one at ``on_train_end`` (``plan/predicted_train_s``,
-   ``plan/measured_train_s``). Gradients of pruned weights are masked in the backward pass, so a
-   compressing strategy spends its density on live entries only (frozen tensors have no gradient
-   at all and leave the DDP buckets).
-4. ``on_validation_end`` (``adaptive=True``, before fake quantization starts and while steps are
-   left): :class:`~lightning_3d.plan.SparsityBackoff` may lower the pruner's target, from rank
-   0's metric on every rank; each decision is logged (``plan/sparsity_target``,
-   ``plan/backoffs`` and a log line with the reason) and kept in the checkpoint.
+Life cycle (``global_step`` counts optimizer steps): ``setup`` finds the axis callbacks and
+checks their order, the strategy's gradient density and ``max_steps``; ``on_fit_start`` (before
+the axes' own) turns the plan's phases into steps for the callbacks the plan built
+(``scheduled``); ``on_train_start`` checks cross-axis conflicts
+(:func:`~lightning_3d.plan.check_axis_conflicts`), runs the signal pass once per run
+(:func:`~lightning_3d.plan.signal_pass`: scores for the data axis, gradient statistics for the
+freezer and the pruner) and masks pruned weights' gradients in the backward pass;
+``on_validation_end`` (``adaptive=True``) may lower the pruner's target
+(:class:`~lightning_3d.plan.SparsityBackoff`); a plan from a budget logs its predicted and
+measured training time.
 
 Example:
     >>> from lightning_3d.plan import ThreeDPlan
@@ -58,6 +45,7 @@ from lightning_3d.plan import (
     QuantizationAxis,
     SparsityBackoff,
     ThreeDPlan,
+    check_axis_conflicts,
     signal_pass,
 )
 from lightning_3d.sensitivity import find_gradient_statistics
@@ -164,7 +152,7 @@ class PlanCoordinator(Callback):
             qat.start_step = max(end, plan.step_of(plan.qat_start, self.total_steps))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._check_conflicts(trainer)
+        check_axis_conflicts(self.axes, self.total_steps)
         self._started_at = time.perf_counter()
         if not self.signals_measured:
             self._measure_signals(trainer, pl_module)
@@ -216,40 +204,6 @@ class PlanCoordinator(Callback):
 
     def _quantizer(self) -> QuantizationAxis | None:
         return self.axes.get("quantization")
-
-    # -- checks -------------------------------------------------------------------------------
-    def _check_conflicts(self, trainer: Trainer) -> None:
-        """Settings of two axes that cannot both hold, found before the first step."""
-        freezer, pruner, qat = self._freezer(), self._pruner(), self._quantizer()
-        if pruner is not None:
-            if freezer is not None and pruner.score == "movement":
-                both = sorted(set(freezer.candidates) & set(pruner.targets))
-                if both:
-                    raise ValueError(
-                        f"PlanCoordinator: {both[0]!r} (and {len(both) - 1} more) may be frozen "
-                        "by SensitivityFreezer and is scored by movement pruning, which needs its "
-                        "gradients; exclude the pruned tensors from the freezer or prune by "
-                        "magnitude"
-                    )
-            if pruner.window_end > self.total_steps:
-                after = " and QAT converts at the end of fit" if qat is not None else ""
-                budget = " (the data budget shortens epochs)" if "data" in self.axes else ""
-                raise ValueError(
-                    f"PlanCoordinator: pruning ends at step {pruner.window_end} but the run has "
-                    f"{self.total_steps} optimizer steps{budget}{after}; end the pruning window "
-                    "earlier"
-                )
-            if (
-                qat is not None
-                and qat.start_epoch is None
-                and (pruner.target_sparsity > 0 and qat.start_step < pruner.window_end)
-            ):
-                raise ValueError(
-                    f"PlanCoordinator: fake quantization starts at step {qat.start_step}, before "
-                    f"the last mask update at step {pruner.window_end}; masks must be final "
-                    "before the quantization grid is trained (start QAT later or end pruning "
-                    "earlier)"
-                )
 
     # -- signals ------------------------------------------------------------------------------
     def _measure_signals(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,20 +1,13 @@
 """``QATHook``: the model axis at fewer bits -- train through torchao fake quantization, convert.
 
-Life cycle (``global_step`` counts optimizer steps):
-
-1. ``setup`` (before DDP or FSDP2 wrap the model, before the optimizer exists): the selected
-   linear and embedding modules are swapped for torchao's fake-quantized ones with fake
-   quantization *off*. They keep their ``Parameter`` objects and state-dict keys, so the
-   optimizer, a :class:`~lightning_3d.callbacks.ProgressivePruner`'s masks and checkpoints are
-   unaffected. A load_state_dict pre-hook on the model converts it before the weights of a
-   converted model's checkpoint load (validate, test, predict with ``ckpt_path``).
-2. ``on_train_batch_start`` at ``start_step`` (or the first step of ``start_epoch``): fake
-   quantization goes on (stage ``"fake_quant"``); the forward pass sees quantized weights (and
-   int8 activations for the ``int8_dynamic_act_*`` presets), gradients pass straight through.
-3. Every ``error_every`` steps: the relative quantization error of each weight is logged.
-4. ``on_fit_end`` (with ``convert_at_end``) or :meth:`QATHook.convert` on demand: the
-   fake-quantized modules become plain ones holding torchao quantized tensors (stage
-   ``"converted"``); :meth:`QATHook.export` writes the artefact and a report.
+Life cycle (``global_step`` counts optimizer steps): ``setup`` (before DDP or FSDP2 wrap the
+model) swaps the selected linear and embedding modules for torchao's fake-quantized ones, with
+fake quantization off; they keep their ``Parameter`` objects and state-dict keys, so optimizers,
+pruning masks and checkpoints are unaffected. At ``start_step`` (or ``start_epoch``) fake
+quantization goes on; every ``error_every`` steps the per-layer quantization errors are logged;
+``on_fit_end`` (``convert_at_end``) or :meth:`QATHook.convert` turns the modules into torchao
+quantized weights, and :meth:`QATHook.export` writes them with a report. A load_state_dict
+pre-hook converts the model before a converted checkpoint's weights load.
 
 Example:
     >>> from lightning import Trainer
@@ -35,17 +28,16 @@ from torch import nn
 from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.pruning import DEFAULT_EXCLUDE
 from lightning_3d.quantization import (
-    FLOAT8_PRESETS,
-    PRESETS,
     STAGES,
     QuantizationRecipe,
+    check_device,
+    check_qat_arguments,
     convert,
+    convert_with_report,
     dequantize,
     export_quantized,
     fake_quantized_modules,
-    float8_supported,
     from_plain_state,
-    model_bytes,
     prepare,
     quantized_modules,
     resolve_recipe,
@@ -110,17 +102,7 @@ class QATHook(Callback):
         convert_at_end: bool = True,
         error_every: int = 50,
     ) -> None:
-        if start_step is not None and start_epoch is not None:
-            raise ValueError(
-                f"give start_step or start_epoch, not both; got start_step={start_step}, "
-                f"start_epoch={start_epoch}"
-            )
-        if (start_step or 0) < 0 or (start_epoch or 0) < 0:
-            raise ValueError(
-                f"start_step and start_epoch must be >= 0, got {start_step}, {start_epoch}"
-            )
-        if error_every < 0:
-            raise ValueError(f"error_every must be >= 0, got {error_every}")
+        check_qat_arguments(start_step, start_epoch, error_every)
         self.recipe: QuantizationRecipe = resolve_recipe(quantization, group_size)
         compile_pattern("include", include)  # bad regexes fail here, before training
         compile_pattern("exclude", exclude)
@@ -142,13 +124,7 @@ class QATHook(Callback):
 
     # ----------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        device = trainer.strategy.root_device
-        if self.recipe.needs_float8_gpu and not float8_supported(device):
-            int_presets = [p for p in PRESETS if p not in FLOAT8_PRESETS]
-            raise ValueError(
-                f"{self.recipe.name} needs a CUDA GPU of compute capability 8.9 or newer "
-                f"(training on {device}); use an int preset {int_presets}"
-            )
+        check_device(self.recipe, trainer.strategy.root_device)
         if stage == "fit" and self.stage == "converted":
             raise ValueError("this model was converted to quantized weights: it cannot train")
         if self._hooked is not pl_module:  # one hook pair, on the module being run
@@ -281,22 +257,8 @@ class QATHook(Callback):
         """
         if self.stage == "converted":
             return model
-        errors = weight_quantization_errors(model)
-        float_bytes = model_bytes(model)
-        self._convert(model)
-        self.conversion = {
-            "float_bytes": float_bytes,
-            "quantized_bytes": model_bytes(model),
-            "modules": self.modules,
-            "weight_errors": errors,
-        }
-        log.info(
-            "QAT (%s): converted %d modules, %.1f MiB -> %.1f MiB",
-            self.recipe.name,
-            len(self.modules),
-            float_bytes / 2**20,
-            self.conversion["quantized_bytes"] / 2**20,
-        )
+        self.modules, self.conversion = convert_with_report(model, self.recipe)
+        self.stage = "converted"
         return model
 
     def _convert(self, model: nn.Module) -> None:

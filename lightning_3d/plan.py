@@ -820,6 +820,54 @@ class SparsityBackoff:
         self.decisions = [dict(d) for d in state["decisions"]]
 
 
+def check_axis_conflicts(axes: Mapping[str, Any], total_steps: int) -> None:
+    """Raise when settings of two axes (callbacks by their ``axis`` name) cannot both hold in a
+    run of ``total_steps`` optimizer steps: movement pruning of tensors the freezer may freeze,
+    a pruning window that ends after the run, fake quantization that starts before the last
+    mask update.
+
+    Example:
+        >>> class Pruner:
+        ...     score, targets, window_end, target_sparsity = "magnitude", [], 120, 0.5
+        >>> check_axis_conflicts({"pruning": Pruner()}, total_steps=100)
+        Traceback (most recent call last):
+        ...
+        ValueError: PlanCoordinator: pruning ends at step 120 but the run has 100 optimizer ...
+    """
+    freezer: ParameterAxis | None = axes.get("parameters")
+    pruner: PruningAxis | None = axes.get("pruning")
+    qat: QuantizationAxis | None = axes.get("quantization")
+    if pruner is not None:
+        if freezer is not None and pruner.score == "movement":
+            both = sorted(set(freezer.candidates) & set(pruner.targets))
+            if both:
+                raise ValueError(
+                    f"PlanCoordinator: {both[0]!r} (and {len(both) - 1} more) may be frozen "
+                    "by SensitivityFreezer and is scored by movement pruning, which needs its "
+                    "gradients; exclude the pruned tensors from the freezer or prune by "
+                    "magnitude"
+                )
+        if pruner.window_end > total_steps:
+            after = " and QAT converts at the end of fit" if qat is not None else ""
+            budget = " (the data budget shortens epochs)" if "data" in axes else ""
+            raise ValueError(
+                f"PlanCoordinator: pruning ends at step {pruner.window_end} but the run has "
+                f"{total_steps} optimizer steps{budget}{after}; end the pruning window "
+                "earlier"
+            )
+        if (
+            qat is not None
+            and qat.start_epoch is None
+            and (pruner.target_sparsity > 0 and qat.start_step < pruner.window_end)
+        ):
+            raise ValueError(
+                f"PlanCoordinator: fake quantization starts at step {qat.start_step}, before "
+                f"the last mask update at step {pruner.window_end}; masks must be final "
+                "before the quantization grid is trained (start QAT later or end pruning "
+                "earlier)"
+            )
+
+
 def signal_pass(
     score_batch: Callable[[Any], Mapping[str, torch.Tensor]],
     batches: Iterable[Any],

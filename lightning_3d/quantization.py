@@ -165,6 +165,38 @@ def float8_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def check_device(recipe: QuantizationRecipe, device: torch.device) -> None:
+    """Raise before training when ``recipe`` cannot run on ``device`` (float8 off a new GPU)."""
+    if recipe.needs_float8_gpu and not float8_supported(device):
+        int_presets = [p for p in PRESETS if p not in FLOAT8_PRESETS]
+        raise ValueError(
+            f"{recipe.name} needs a CUDA GPU of compute capability 8.9 or newer "
+            f"(training on {device}); use an int preset {int_presets}"
+        )
+
+
+def check_qat_arguments(start_step: int | None, start_epoch: int | None, error_every: int) -> None:
+    """Check ``QATHook``'s schedule arguments (the recipe checks its own).
+
+    Example:
+        >>> check_qat_arguments(10, 1, 50)
+        Traceback (most recent call last):
+        ...
+        ValueError: give start_step or start_epoch, not both; got start_step=10, start_epoch=1
+    """
+    if start_step is not None and start_epoch is not None:
+        raise ValueError(
+            f"give start_step or start_epoch, not both; got start_step={start_step}, "
+            f"start_epoch={start_epoch}"
+        )
+    if (start_step or 0) < 0 or (start_epoch or 0) < 0:
+        raise ValueError(
+            f"start_step and start_epoch must be >= 0, got {start_step}, {start_epoch}"
+        )
+    if error_every < 0:
+        raise ValueError(f"error_every must be >= 0, got {error_every}")
+
+
 def _is_fake_quantized(module: nn.Module) -> bool:
     return hasattr(module, "weight_fake_quantizer")
 
@@ -286,6 +318,28 @@ def convert(model: nn.Module, recipe: QuantizationRecipe) -> list[str]:
             filter_fn=lambda module, fqn, chosen=set(chosen): fqn in chosen,
         )
     return names
+
+
+def convert_with_report(
+    model: nn.Module, recipe: QuantizationRecipe
+) -> tuple[list[str], dict[str, Any]]:
+    """:func:`convert` ``model`` and return the converted modules with a report: bytes before
+    (``float_bytes``) and after (``quantized_bytes``), the modules and the per-layer relative
+    weight errors measured before conversion (``weight_errors``)."""
+    errors = weight_quantization_errors(model)
+    float_bytes = model_bytes(model)
+    modules = convert(model, recipe)
+    report = {
+        "float_bytes": float_bytes,
+        "quantized_bytes": model_bytes(model),
+        "modules": modules,
+        "weight_errors": errors,
+    }
+    log.info(
+        "QAT (%s): converted %d modules, %.1f MiB -> %.1f MiB",
+        recipe.name, len(modules), float_bytes / 2**20, report["quantized_bytes"] / 2**20,
+    )  # fmt: skip
+    return modules, report
 
 
 def quantized_modules(model: nn.Module) -> list[str]:
