@@ -50,6 +50,7 @@ from lightning_3d.sensitivity import (
     optimizer_state_bytes,
     parameter_drift,
     sensitivity_heatmap,
+    stepped_parameters,
     trainable_fraction_at,
     unit_scores,
 )
@@ -274,14 +275,8 @@ class SensitivityFreezer(Callback):
         # pruner's per-layer sparsity shares; finer ones only for what this freezer may freeze
         shared = self.statistics.granularity == "tensor"
         watched = set(self._sizes if shared else self._candidates) - self.frozen
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self.statistics.update(
-            {
-                n: p.grad
-                for n, p in pl_module.named_parameters()
-                if n in watched and id(p) in stepped and p.grad is not None
-            }
-        )
+        params = stepped_parameters(pl_module.named_parameters(), optimizer, watched)
+        self.statistics.update({n: p.grad for n, p in params.items()})
 
     # -- freezing -----------------------------------------------------------------------------
     def on_train_batch_end(

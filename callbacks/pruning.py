@@ -46,6 +46,7 @@ from lightning_3d.sensitivity import (
     compile_pattern,
     find_gradient_statistics,
     local_part,
+    stepped_parameters,
 )
 from lightning_3d.sharding import (
     all_finite,
@@ -247,13 +248,7 @@ class ProgressivePruner(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        targets = set(self.targets)
-        params = {
-            n: p
-            for n, p in pl_module.named_parameters()
-            if n in targets and id(p) in stepped and p.grad is not None
-        }
+        params = stepped_parameters(pl_module.named_parameters(), optimizer, set(self.targets))
         pruning = trainer.global_step < self._end
         with torch.no_grad():
             if self.statistics is not None and pruning and not self.layer_targets:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -425,6 +425,29 @@ def layerwise_lr_scales(
 
 
 # -- optimizer surgery ---------------------------------------------------------------------------
+def stepped_parameters(
+    named_parameters: Iterable[tuple[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    names: Container[str],
+) -> dict[str, torch.Tensor]:
+    """The parameters called one of ``names`` that ``optimizer`` steps and that have a gradient
+    now (what a hook before the optimizer step reads).
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> layer(torch.ones(1, 2)).sum().backward()
+        >>> optimizer = torch.optim.SGD([layer.weight], lr=0.1)
+        >>> list(stepped_parameters(layer.named_parameters(), optimizer, {"weight", "bias"}))
+        ['weight']
+    """
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return {
+        name: param
+        for name, param in named_parameters
+        if name in names and id(param) in stepped and param.grad is not None
+    }
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the optimizer's per-parameter state tensors (moments, quantization maps),
     each storage counted once (bitsandbytes shares one quantization map among parameters)."""
