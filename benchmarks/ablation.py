@@ -137,6 +137,10 @@ SETUPS: dict[str, dict[str, Any]] = {
     "DataOpt": {"data_budget": 0.5},
     "ParamOpt": {"trainable": 0.5},
     "ModelOpt": DEFAULT_MODEL,
+    # the model axis inside half of Standard's steps: what pruning costs with fewer steps to
+    # recover (the single-axis curves add ModelOpt's loss to Standard-half's, so they cannot
+    # see it; 3D trains that short)
+    "ModelOpt-half": {**DEFAULT_MODEL, STEPS: 0.5},
     "Distill": {"distill": 0.5},
     "3D": THREE_D,
 }
