@@ -67,6 +67,8 @@ Usage::
     python benchmarks/ablation.py --setups Standard 3D --seeds 1   # a part of the sweep
     python benchmarks/ablation.py --latency             # after the seed-0 runs
     python benchmarks/ablation.py --summarize --write   # the figures in BENCHMARKS.md
+    python benchmarks/ablation.py --summarize --also-results benchmarks/results/ablation/cpu-2c-e
+        # ... with the accuracy of set-ups run on another instance in the curves
     python benchmarks/ablation.py --setups Standard DataOpt --seeds 0 --train-samples 64 \\
         --epochs 1 --machine smoke --results-dir SCRATCH --export-dir SCRATCH/exported  # smoke
 """
@@ -184,6 +186,27 @@ def build_plan(setup: str, args: argparse.Namespace) -> Any:
     from lightning_3d.plan import ThreeDPlan
 
     return ThreeDPlan(**plan_arguments(setup), seed=args.data_seed)
+
+
+def twins(setup: str) -> list[str]:
+    """The set-ups with the same row as ``setup`` (itself first): their runs are each other's."""
+    others = [name for name in SETUPS if name != setup and SETUPS[name] == SETUPS[setup]]
+    return [setup, *others]
+
+
+def runs_by_setup(documents: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each set-up's runs by seed: its own result files and, for seeds it has none of, those of
+    set-ups with the same row (one of them was run, the others not again)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for setup in SETUPS:
+        by_seed: dict[int, dict[str, Any]] = {}
+        for name in twins(setup):
+            for document in documents:
+                if document["setup"] == name:
+                    by_seed.setdefault(document["seed"], document)
+        if by_seed:
+            runs[setup] = [by_seed[seed] for seed in sorted(by_seed)]
+    return runs
 
 
 def same_as(setup: str) -> str:
@@ -469,12 +492,18 @@ def trained_as_now(document: dict[str, Any]) -> bool:
     )
 
 
-def current_documents(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The result files of ``--machine`` that trained their set-up's current row."""
+def current_documents(
+    args: argparse.Namespace, folder: Path | None = None, machine: str | None = None
+) -> list[dict[str, Any]]:
+    """The result files of ``--machine`` (or ``machine``; ``"*"``: any) in ``--results-dir``
+    (or ``folder``) that trained their set-up's current row."""
+    folder, machine = folder or args.results_dir, machine or args.machine
     documents = []
-    for path in sorted(args.results_dir.glob(f"*_seed*_{args.machine}.json")):
+    for path in sorted(folder.glob(f"*_seed*_{machine}.json")):
         document = json.loads(path.read_text())
-        if document.get("machine") != args.machine or document.get("setup") not in SETUPS:
+        if machine != "*" and document.get("machine") != machine:
+            continue
+        if document.get("setup") not in SETUPS:
             continue
         if not trained_as_now(document):
             print(f"warning: {path.name} trained another {document['setup']} row; left out")
@@ -506,9 +535,9 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     setups: dict[str, Any] = {}
+    every_run = runs_by_setup(documents)  # a leave-one-out row may be the 3D row itself
     for setup in SETUPS:
-        source = same_as(setup)  # a leave-one-out row whose axis is off is the 3D row itself
-        runs = sorted((d for d in documents if d["setup"] == source), key=lambda d: d["seed"])
+        runs = every_run.get(setup)
         if not runs:
             continue
         entry: dict[str, Any] = {"seeds": [d["seed"] for d in runs]}
@@ -518,7 +547,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
             ]
         first = next((d for d in runs if d["seed"] == 0), None)
         entry["model_bytes"] = None if first is None else int(first["row"]["model_bytes"])
-        timed = latency.get("latency", {}).get(source, {})
+        measured = latency.get("latency", {})
+        timed = next((measured[name] for name in twins(setup) if name in measured), {})
         for batch in BATCHES:
             key = f"latency_b{batch}_ms"
             entry[key] = None if timed.get(key) is None else float(timed[key])
@@ -768,20 +798,38 @@ def measured_curves(args: argparse.Namespace) -> None:
     change from fp32 to int8 over the runs that have both, so it is paired run by run even when
     only some runs have an int8 export. Standard's int8 reading gives the ``weight_bits`` point,
     a pruned set-up's fp32 reading the ``sparsity`` point, a frozen set-up's reading the
-    ``trainable`` point at the share its freezer reached (whole tensors: not its target)."""
+    ``trainable`` point at the share its freezer reached (whole tensors: not its target), and
+    a pruned set-up of fewer steps (``ModelOpt-half``) against the unpruned one of the same
+    length a point of the sparsity curve at that length. A row with several names (a
+    leave-one-out row equal to another) is read once. ``--also-results`` folders add the runs
+    of rows ``--machine`` has none of (of any machine instance: accuracy does not depend on it,
+    and no time is read here), so no seed counts twice."""
     from lightning_3d.budget import AXES, AccuracyCurves
 
     readings: dict[str, list[float]] = {}
     changes: dict[str, list[float]] = {}  # set-up -> int8 - fp32, run by run
     strengths: dict[str, dict[str, Any]] = {}
     documents = current_documents(args)
+    own = set(runs_by_setup(documents))  # the rows this machine ran (under any of their names)
+    for folder in args.also_results or ():
+        documents += [
+            document
+            for document in current_documents(args, folder, machine="*")
+            if document["setup"] not in own
+        ]
     # the freezer keeps whole tensors: a trainable point is the share it reached, not the target
     every_parameter = max(
         (d["row"].get("trainable_params", 0) for d in documents if d["setup"] == "Standard"),
         default=0,
     )
-    for document in documents:
-        setup, row = document["setup"], document["row"]
+    runs = [
+        (setup, document)
+        for setup, documents_of_row in runs_by_setup(documents).items()
+        if same_as(setup) == setup  # a row with several names is read once
+        for document in documents_of_row
+    ]
+    for setup, document in runs:
+        row = document["row"]
         axes = {k: v for k, v in SETUPS[setup].items() if k in AXES}
         if "trainable" in axes and every_parameter and row.get("trainable_params"):
             axes["trainable"] = row["trainable_params"] / every_parameter
@@ -946,6 +994,11 @@ def main() -> None:
     parser.add_argument("--machine", default="cpu-2c-b", help="names the result files")
     parser.add_argument("--results-dir", type=Path, default=RESULTS / "ablation")
     parser.add_argument("--export-dir", type=Path, default=RESULTS / "exported" / "ablation")
+    parser.add_argument(
+        "--also-results", type=Path, nargs="+",
+        help="--summarize: result folders whose runs of other set-ups (any machine) add to the "
+        "accuracy curves",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="rerun runs that have a file")
     parser.add_argument("--latency", action="store_true", help="time the seed-0 exports")
     parser.add_argument("--latency-rounds", type=int, default=5)

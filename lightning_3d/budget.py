@@ -702,6 +702,60 @@ def _strength_key(axis: str, raw: Any) -> Any:
     return float(raw)
 
 
+def _normalized_points(axis: str, raw: Any) -> tuple[tuple[Any, float], ...]:
+    """``{strength: change}`` or ``[[strength, change], ...]`` of ``axis`` as sorted pairs, the
+    off strength included (change 0), every value checked."""
+    pairs = list(raw.items()) if isinstance(raw, Mapping) else [tuple(p) for p in raw]
+    seen: dict[Any, float] = {}
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"{axis}: a point is [strength, change], got {list(pair)}")
+        strength, change = _strength_key(axis, pair[0]), float(pair[1])
+        _check_strength(axis, strength)
+        if not math.isfinite(change):
+            raise ValueError(f"{axis}: change at {strength} must be finite, got {change}")
+        if not _on(axis, strength):
+            if change != 0:
+                raise ValueError(
+                    f"{axis}={strength} is the axis off: its change is 0 by definition, "
+                    f"got {change}"
+                )
+            continue
+        if strength in seen:
+            raise ValueError(f"{axis}: two points at strength {strength}")
+        seen[strength] = change
+    if axis != "weight_bits":
+        seen[OFF[axis]] = 0.0
+    return tuple(sorted(seen.items(), key=lambda item: item[0]))
+
+
+def _covered(axis: str, pairs: Sequence[tuple[Any, float]], strength: Any) -> bool:
+    """Whether ``strength`` lies within the measured ``pairs`` of ``axis``."""
+    if axis == "weight_bits":
+        return strength is None or any(bits == strength for bits, _ in pairs)
+    return pairs[0][0] - _EPS <= strength <= pairs[-1][0] + _EPS
+
+
+def _interpolated(axis: str, pairs: Sequence[tuple[Any, float]], strength: Any) -> float:
+    """The change at ``strength``, linear between the measured ``pairs`` (no extrapolation)."""
+    _check_strength(axis, strength)
+    if not _covered(axis, pairs, strength):
+        measured = [s for s, _ in pairs]
+        raise ValueError(
+            f"{axis}={strength} is outside the measured points {measured}: the curves do "
+            "not extrapolate; measure it or choose a strength within"
+        )
+    if axis == "weight_bits":
+        return 0.0 if strength is None else dict(pairs)[strength]
+    for (x0, y0), (x1, y1) in itertools.pairwise(pairs):
+        if strength <= x1 + _EPS:
+            if x1 - x0 <= _EPS:
+                return y1
+            share = min(1.0, max(0.0, (strength - x0) / (x1 - x0)))
+            return y0 + share * (y1 - y0)
+    return pairs[-1][1]  # a single point: the off one
+
+
 @dataclass(frozen=True)
 class AccuracyCurves:
     r"""Accuracy change (points) per axis strength, and a combination's predicted accuracy.
@@ -723,14 +777,25 @@ class AccuracyCurves:
     axis masks another's loss (fewer steps matter less to a model that trains fewer parameters).
     Measure a combined run to check the sum before trusting it far from the measured points.
 
-    Distillation is the one interaction modelled: with ``distill_recovers_compression`` (the
-    default) it only recovers what pruning and quantization lose, so its change is 0 when both
-    are off, and a gain is capped at their combined loss ``-(c_sparsity + c_weight_bits)``.
+    Two interactions are modelled. Distillation, with ``distill_recovers_compression`` (the
+    default), only recovers what pruning and quantization lose: its change is 0 when both are
+    off, and a gain is capped at their combined loss ``-(c_sparsity + c_weight_bits)``. Pruning
+    needs steps to recover: ``sparsity_by_steps`` holds sparsity curves measured in shorter runs
+    (``{steps: points}``, each change against the unpruned run of the same length); in a run of
+    ``steps`` between two measured lengths ``a < steps < b`` (the full run, ``b = 1``, reads
+    ``points["sparsity"]``) the change is interpolated linearly in the length,
+
+        c_sparsity(p, steps) = c_a(p) + (steps - a) / (b - a) * (c_b(p) - c_a(p)),
+
+    and below the shortest measured length pruning is not covered (no extrapolation). Without
+    such curves the sparsity change does not depend on the run's length.
 
     Args:
         points: per axis, ``{strength: change}`` or ``[[strength, change], ...]``.
         base: the reference run's accuracy in percent, if known (for :meth:`predict`).
         distill_recovers_compression: the distillation rule above.
+        sparsity_by_steps: ``{steps: sparsity points}`` of runs shorter than the reference
+            (``steps`` in ``(0, 1)``), in the format of ``points["sparsity"]``.
 
     Example:
         >>> curves = AccuracyCurves({"sparsity": {0.5: -2.0}, "distill": {1.0: 1.0}}, base=80.0)
@@ -740,71 +805,88 @@ class AccuracyCurves:
         (-0.5, 0.0)
         >>> curves.predict(sparsity=0.5, distill=1.0), curves.covers("sparsity", 0.6)
         (79.0, False)
+        >>> short = AccuracyCurves({"sparsity": {0.2: -0.3}, "steps": {0.5: -1.0}},
+        ...                        sparsity_by_steps={0.5: {0.2: -2.3}})
+        >>> short.change(sparsity=0.2, steps=0.5), round(short.change(sparsity=0.2, steps=0.75), 6)
+        (-3.3, -1.8)
+        >>> short.covers_run(sparsity=0.2, steps=0.5), short.covers_run(sparsity=0.2, steps=0.4)
+        (True, False)
     """
 
     points: Mapping[str, Any]
     base: float | None = None
     distill_recovers_compression: bool = True
+    sparsity_by_steps: Mapping[Any, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.points) - set(AXES))
         if unknown:
             raise ValueError(f"unknown axes {unknown}; axes: {list(AXES)}")
-        normalized: dict[str, tuple[tuple[Any, float], ...]] = {}
-        for axis in AXES:
-            raw = self.points.get(axis, {})
-            pairs = list(raw.items()) if isinstance(raw, Mapping) else [tuple(p) for p in raw]
-            seen: dict[Any, float] = {}
-            for pair in pairs:
-                if len(pair) != 2:
-                    raise ValueError(f"{axis}: a point is [strength, change], got {list(pair)}")
-                strength, change = _strength_key(axis, pair[0]), float(pair[1])
-                _check_strength(axis, strength)
-                if not math.isfinite(change):
-                    raise ValueError(f"{axis}: change at {strength} must be finite, got {change}")
-                if not _on(axis, strength):
-                    if change != 0:
-                        raise ValueError(
-                            f"{axis}={strength} is the axis off: its change is 0 by definition, "
-                            f"got {change}"
-                        )
-                    continue
-                if strength in seen:
-                    raise ValueError(f"{axis}: two points at strength {strength}")
-                seen[strength] = change
-            if axis != "weight_bits":
-                seen[OFF[axis]] = 0.0
-            normalized[axis] = tuple(sorted(seen.items(), key=lambda item: item[0]))
+        normalized = {axis: _normalized_points(axis, self.points.get(axis, {})) for axis in AXES}
         object.__setattr__(self, "points", normalized)
+        by_steps: dict[float, tuple[tuple[Any, float], ...]] = {}
+        for raw_steps, raw_points in self.sparsity_by_steps.items():
+            steps = float(raw_steps)
+            if not 0.0 < steps < 1.0:
+                raise ValueError(
+                    f"sparsity_by_steps: a run length must be in (0, 1) of the reference run, "
+                    f"got {raw_steps} (the full run's curve is points['sparsity'])"
+                )
+            by_steps[steps] = _normalized_points("sparsity", raw_points)
+        object.__setattr__(self, "sparsity_by_steps", dict(sorted(by_steps.items())))
         if self.base is not None and not math.isfinite(self.base):
             raise ValueError(f"base must be finite, got {self.base}")
 
     def covers(self, axis: str, strength: Any) -> bool:
         """Whether ``strength`` lies within the measured range of ``axis`` (off always does)."""
         _check_strength(axis, strength)
-        pairs = self.points[axis]
-        if axis == "weight_bits":
-            return strength is None or any(bits == strength for bits, _ in pairs)
-        return pairs[0][0] - _EPS <= strength <= pairs[-1][0] + _EPS
+        return _covered(axis, self.points[axis], strength)
 
     def axis_change(self, axis: str, strength: Any) -> float:
         """The change of ``axis`` alone at ``strength`` (linear between measured points)."""
-        if not self.covers(axis, strength):
-            measured = [s for s, _ in self.points[axis]]
+        return _interpolated(axis, self.points[axis], strength)
+
+    def _sparsity_lengths(self, steps: float) -> tuple[float, float] | None:
+        """The measured run lengths around ``steps`` (``None``: shorter than every one)."""
+        lengths = [*self.sparsity_by_steps, 1.0]
+        if steps >= 1.0 - _EPS:
+            return 1.0, 1.0
+        for a, b in itertools.pairwise(lengths):
+            if a - _EPS <= steps <= b + _EPS:
+                return a, b
+        return None
+
+    def _curve(self, length: float) -> tuple[tuple[Any, float], ...]:
+        return self.points["sparsity"] if length >= 1.0 else self.sparsity_by_steps[length]
+
+    def covers_run(self, **strengths: Any) -> bool:
+        """Whether every axis of a combination is covered, pruning at its run length too."""
+        if not all(self.covers(axis, strengths.get(axis, OFF[axis])) for axis in AXES):
+            return False
+        sparsity, steps = strengths.get("sparsity", 0.0), strengths.get("steps", 1.0)
+        if not self.sparsity_by_steps or sparsity == 0:
+            return True
+        lengths = self._sparsity_lengths(steps)
+        if lengths is None:
+            return False
+        return all(_covered("sparsity", self._curve(length), sparsity) for length in lengths)
+
+    def sparsity_change(self, sparsity: float, steps: float = 1.0) -> float:
+        """The change of pruning to ``sparsity`` in a run of ``steps`` (see the class notes)."""
+        if not self.sparsity_by_steps or sparsity == 0:
+            return self.axis_change("sparsity", sparsity)
+        lengths = self._sparsity_lengths(steps)
+        if lengths is None:
             raise ValueError(
-                f"{axis}={strength} is outside the measured points {measured}: the curves do "
-                "not extrapolate; measure it or choose a strength within"
+                f"sparsity={sparsity} in a run of steps={steps}: pruning was measured in runs of "
+                f"{[*self.sparsity_by_steps, 1.0]} of the reference; the curves do not "
+                "extrapolate to shorter ones"
             )
-        if axis == "weight_bits":
-            return 0.0 if strength is None else dict(self.points[axis])[strength]
-        pairs = self.points[axis]
-        for (x0, y0), (x1, y1) in itertools.pairwise(pairs):
-            if strength <= x1 + _EPS:
-                if x1 - x0 <= _EPS:
-                    return y1
-                share = min(1.0, max(0.0, (strength - x0) / (x1 - x0)))
-                return y0 + share * (y1 - y0)
-        return pairs[-1][1]  # a single point: the off one
+        a, b = lengths
+        change_a = _interpolated("sparsity", self._curve(a), sparsity)
+        change_b = _interpolated("sparsity", self._curve(b), sparsity)
+        share = 0.0 if b - a <= _EPS else (steps - a) / (b - a)
+        return change_a + share * (change_b - change_a)
 
     def contributions(
         self,
@@ -819,6 +901,7 @@ class AccuracyCurves:
         values = (data_budget, trainable, sparsity, weight_bits, distill, steps)
         strengths = dict(zip(AXES, values, strict=True))
         parts = {axis: self.axis_change(axis, value) for axis, value in strengths.items()}
+        parts["sparsity"] = self.sparsity_change(sparsity, steps)
         if self.distill_recovers_compression and distill > 0:
             if sparsity == 0 and weight_bits is None:
                 parts["distill"] = 0.0
@@ -844,22 +927,30 @@ class AccuracyCurves:
         points = {
             axis: [[s, c] for s, c in pairs if _on(axis, s)] for axis, pairs in self.points.items()
         }
-        return {
+        document = {
             "base": self.base,
             "distill_recovers_compression": self.distill_recovers_compression,
             "points": {axis: pairs for axis, pairs in points.items() if pairs},
         }
+        if self.sparsity_by_steps:
+            document["sparsity_by_steps"] = {
+                str(steps): [[s, c] for s, c in pairs if _on("sparsity", s)]
+                for steps, pairs in self.sparsity_by_steps.items()
+            }
+        return document
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AccuracyCurves:
         """Curves from :meth:`to_dict`'s format; unknown keys raise ``ValueError``."""
-        unknown = sorted(set(data) - {"base", "distill_recovers_compression", "points"})
+        known = {"base", "distill_recovers_compression", "points", "sparsity_by_steps"}
+        unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown AccuracyCurves keys {unknown}")
         return cls(
             dict(data.get("points", {})),
             base=data.get("base"),
             distill_recovers_compression=bool(data.get("distill_recovers_compression", True)),
+            sparsity_by_steps=dict(data.get("sparsity_by_steps", {})),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -890,8 +981,10 @@ class AccuracyCurves:
         point on that axis: its mean accuracy minus the baseline's. A set-up with distillation
         and pruning or quantization on gives a ``distill`` point against the same set-up
         without distillation (which must be in the summary), since distillation only recovers
-        what compression loses; distillation without compression is not read. Set-ups with
-        several other axes on are combinations the curves predict, and are not read either.
+        what compression loses; distillation without compression is not read. A set-up with
+        exactly ``sparsity`` and ``steps`` on gives a point of ``sparsity_by_steps`` against
+        the same run length unpruned (which must be in the summary). Set-ups with several
+        other axes on are combinations the curves predict, and are not read either.
 
         Example:
             >>> curves = AccuracyCurves.from_ablation_summary({
@@ -950,8 +1043,17 @@ class AccuracyCurves:
         if baseline not in strengths or on(baseline):
             raise ValueError(f"baseline {baseline!r} must be a set-up with every axis off")
         points: dict[str, list[tuple[Any, float]]] = {axis: [] for axis in AXES}
+        by_steps: dict[float, list[tuple[Any, float]]] = {}
         for name, axes in ((n, on(n)) for n in strengths):
-            if "distill" in axes:
+            if sorted(axes) == ["sparsity", "steps"]:
+                reference = {**strengths[name], "sparsity": 0.0}
+                matches = [n for n, s in strengths.items() if s == reference]
+                if matches:
+                    change = means[name] - means[matches[0]]
+                    by_steps.setdefault(strengths[name]["steps"], []).append(
+                        (strengths[name]["sparsity"], change)
+                    )
+            elif "distill" in axes:
                 if "sparsity" not in axes and "weight_bits" not in axes:
                     continue  # nothing to recover: the curves' rule makes it 0
                 reference = {**strengths[name], "distill": 0.0}
@@ -962,7 +1064,9 @@ class AccuracyCurves:
             elif len(axes) == 1:
                 axis = axes[0]
                 points[axis].append((strengths[name][axis], means[name] - means[baseline]))
-        return cls({a: p for a, p in points.items() if p}, base=means[baseline])
+        return cls(
+            {a: p for a, p in points.items() if p}, base=means[baseline], sparsity_by_steps=by_steps
+        )
 
 
 #: A conservative prior (points of accuracy, against the reference run), to replace with curves
@@ -1307,9 +1411,14 @@ def solve_budget(
             return None  # the freezer would land on an unmeasured share
         return {**strengths, "trainable": reached}
 
+    def covered(strengths: dict[str, Any]) -> dict[str, Any] | None:
+        """The run's strengths when the curves cover them all (pruning at its run length)."""
+        predicted = as_run(strengths)
+        return predicted if predicted is not None and curves.covers_run(**predicted) else None
+
     for index, combo in enumerate(itertools.product(*(grid[axis] for axis in AXES))):
         strengths = dict(zip(AXES, combo, strict=True))
-        predicted = as_run(strengths)
+        predicted = covered(strengths)
         if predicted is None:
             continue
         run, size_, change = evaluate(predicted)
@@ -1374,6 +1483,12 @@ def solve_budget(
         lines.append(
             "left out of the default grid (beyond the accuracy curves' measured points): "
             + ", ".join(dropped)
+        )
+    if curves.sparsity_by_steps:
+        lengths = ", ".join(f"{steps:g}" for steps in curves.sparsity_by_steps)
+        lines.append(
+            f"pruning priced at the run's length (sparsity curves measured at steps {lengths} "
+            "and 1); pruning in shorter runs left out"
         )
     return BudgetAllocation(
         **strengths,

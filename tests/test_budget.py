@@ -258,6 +258,59 @@ def test_distillation_only_recovers_compression_losses() -> None:
     assert plain.change(sparsity=0.3, distill=0.9) == pytest.approx(0.4)
 
 
+def test_pruning_is_priced_at_the_run_length() -> None:
+    curves = AccuracyCurves(
+        {"sparsity": {0.2: -0.3, 0.4: -1.0}, "steps": {0.5: -1.0}},
+        sparsity_by_steps={0.5: {0.2: -2.3, 0.4: -4.0}},
+    )
+    # at the measured lengths: each length's own curve (0.3 lies halfway between 0.2 and 0.4)
+    assert curves.sparsity_change(0.3, steps=1.0) == pytest.approx(-0.65)
+    assert curves.sparsity_change(0.3, steps=0.5) == pytest.approx(-3.15)
+    # between them: linear in the run's length, halfway at 0.75
+    assert curves.sparsity_change(0.3, steps=0.75) == pytest.approx((-0.65 - 3.15) / 2)
+    assert curves.change(sparsity=0.3, steps=0.75) == pytest.approx(-1.9 - 0.5)
+    assert curves.sparsity_change(0.0, steps=0.5) == 0.0  # no pruning, nothing to recover
+    # shorter than every measured length: not covered, never extrapolated
+    assert curves.covers_run(sparsity=0.2, steps=0.5) and curves.covers_run(steps=0.5)
+    assert not curves.covers_run(sparsity=0.2, steps=0.45)
+    with pytest.raises(ValueError, match="do not extrapolate to shorter ones"):
+        curves.sparsity_change(0.2, steps=0.45)
+    # a length's curve must cover the sparsity too
+    assert not AccuracyCurves(
+        {"sparsity": {0.4: -1.0}}, sparsity_by_steps={0.5: {0.2: -2.3}}
+    ).covers_run(sparsity=0.4, steps=0.5)
+    with pytest.raises(ValueError, match=r"a run length must be in \(0, 1\)"):
+        AccuracyCurves({}, sparsity_by_steps={1.0: {0.2: -1.0}})
+    # without length curves pruning costs the same in every run (the earlier rule)
+    assert AccuracyCurves({"sparsity": {0.2: -0.3}}).sparsity_change(0.2, steps=0.5) == -0.3
+
+
+def test_solver_prices_pruning_in_a_short_run() -> None:
+    # Time 0.6 and size 0.9 (half of the weights prunable) need half the steps and either
+    # pruning 20% of the heads and neurons (size 0.9) or int8 at export (0.25 + 0): pruning
+    # costs 0.3 points in a full run but 2.3 in a half one.
+    points = {"sparsity": {0.2: -0.3}, "weight_bits": {8: -2.0}, "steps": {0.5: -1.0}}
+    candidates = grid(sparsity=[0.0, 0.2], weight_bits=[None, 8], steps=[1.0, 0.5])
+    arguments: dict[str, Any] = {
+        "compressible_share": 0.5,
+        "candidates": candidates,
+        "quantize_at": "export",
+        **RECIPE,
+    }
+    blind = solve_budget(0.6, 0.9, PLAIN, AccuracyCurves(points), **arguments)
+    assert blind.strengths == {**OFF, "sparsity": 0.2, "steps": 0.5}
+    assert blind.accuracy_change == pytest.approx(-1.3)
+    informed = solve_budget(
+        0.6, 0.9, PLAIN, AccuracyCurves(points, sparsity_by_steps={0.5: {0.2: -2.3}}),
+        **arguments,
+    )  # fmt: skip
+    assert informed.strengths == {**OFF, "weight_bits": 8, "steps": 0.5}
+    assert informed.accuracy_change == pytest.approx(-3.0)
+    assert "pruning priced at the run's length (sparsity curves measured at steps 0.5" in (
+        informed.reason
+    )
+
+
 def test_default_curves_are_a_conservative_prior() -> None:
     for axis in ("data_budget", "trainable", "sparsity", "steps"):
         pairs = DEFAULT_CURVES.points[axis]
@@ -321,6 +374,33 @@ def test_from_ablation_summary() -> None:
     }
     with pytest.raises(ValueError, match="baseline"):
         AccuracyCurves.from_ablation_summary(no_baseline)
+
+
+def test_from_ablation_summary_reads_pruning_in_a_short_run() -> None:
+    summary = {
+        "unit": "percent",
+        "setups": {
+            "Standard": {"test_acc": [84.0, 85.0]},
+            "Standard-half": {"test_acc": [83.0]},
+            "ModelOpt": {"test_acc": [84.0]},
+            "ModelOpt-half": {"test_acc": [80.0, 80.5]},
+        },
+        "strengths": {
+            "Standard": {},
+            "Standard-half": {"steps": 0.5},
+            "ModelOpt": {"sparsity": 0.2},
+            "ModelOpt-half": {"sparsity": 0.2, "steps": 0.5},
+        },
+    }
+    curves = AccuracyCurves.from_ablation_summary(summary)
+    assert curves.axis_change("sparsity", 0.2) == pytest.approx(-0.5)  # against Standard
+    assert curves.axis_change("steps", 0.5) == pytest.approx(-1.5)
+    # the short pruned run against the short unpruned one: 80.25 - 83
+    assert dict(curves.sparsity_by_steps[0.5])[0.2] == pytest.approx(-2.75)
+    assert curves.change(sparsity=0.2, steps=0.5) == pytest.approx(-4.25)
+    # without the same-length unpruned run there is nothing to read it against
+    del summary["setups"]["Standard-half"], summary["strengths"]["Standard-half"]
+    assert AccuracyCurves.from_ablation_summary(summary).sparsity_by_steps == {}
 
 
 # -- the solver -------------------------------------------------------------------------------
@@ -610,6 +690,10 @@ def test_accuracy_curves_json_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown AccuracyCurves keys"):
         AccuracyCurves.from_dict({"points": {}, "scale": 1})
     assert AccuracyCurves.from_dict(DEFAULT_CURVES.to_dict()) == DEFAULT_CURVES
+    by_length = AccuracyCurves({"sparsity": {0.2: -0.3}}, sparsity_by_steps={0.5: {0.2: -2.3}})
+    by_length.save(path)
+    assert AccuracyCurves.load(path) == by_length
+    assert json.loads(path.read_text())["sparsity_by_steps"] == {"0.5": [[0.2, -2.3]]}
 
 
 # -- measuring ----------------------------------------------------------------------------------
