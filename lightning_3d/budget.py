@@ -897,7 +897,8 @@ class AccuracyCurves:
         distill: float = 0.0,
         steps: float = 1.0,
     ) -> dict[str, float]:
-        """Each axis' change in a combination (distillation after its rule)."""
+        """Each axis' change in a combination (pruning at the run's length and distillation
+        after their rules, see the class notes)."""
         values = (data_budget, trainable, sparsity, weight_bits, distill, steps)
         strengths = dict(zip(AXES, values, strict=True))
         parts = {axis: self.axis_change(axis, value) for axis, value in strengths.items()}
