@@ -113,25 +113,32 @@ class CurriculumState:
 
         Raises:
             ValueError: the dataset's length differs from the table's (a checkpoint of another
-                dataset), or its items carry no ``"index"`` while ``needs_index``.
+                dataset), its items carry no ``"index"`` while ``needs_index``, or no
+                ``quality_key`` for ``score="quality"``; the state is unchanged then.
         """
-        count, self.batch_size = len(dataset), batch_size
-        if self._table is None:
-            self._table = SampleScores(count, self.gather_every, self.gather)
-        elif self._table.count != count:
+        count = len(dataset)
+        if self._table is not None and self._table.count != count:
             raise ValueError(
                 f"the training dataset has {count} samples but CurriculumSampler's state was "
-                f"built for {self.table.count} (a checkpoint of another dataset?)"
+                f"built for {self._table.count} (a checkpoint of another dataset?)"
             )
         item = dataset[0]
         if needs_index and (not isinstance(item, Mapping) or "index" not in item):
             raise ValueError(f"{INDEX_HELP}; the first item is {describe(item)}")
-        if self.score == "quality" and not self.table.seen.all():
-            scores, labels = read_quality(dataset, quality_key)
-            self.table.scores.copy_(scores)
-            self.table.seen.fill_(True)
+        unscored = self._table is None or not bool(self._table.seen.all())
+        quality = None
+        if self.score == "quality" and unscored:
+            quality = read_quality(dataset, quality_key)
+        # every check passed: only now does the state change
+        if self._table is None:
+            self._table = SampleScores(count, self.gather_every, self.gather)
+        self.batch_size = batch_size
+        if quality is not None:
+            scores, labels = quality
+            self._table.scores.copy_(scores)
+            self._table.seen.fill_(True)
             if labels is not None:
-                self.table.labels.copy_(labels)
+                self._table.labels.copy_(labels)
 
     def difficulty(self) -> torch.Tensor:
         """Per-sample difficulty (lower is easier); unseen samples get the mean of seen ones."""

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_3d.callbacks import CurriculumSampler
 from lightning_3d.curriculum import CurriculumSchedule, infobatch_keep, pool_size, rank_shard
+from lightning_3d.curriculum_state import CurriculumState
 from lightning_3d.data import WithIndex
 from lightning_3d.sampling import with_curriculum
 from lightning_3d.tasks import total_training_steps, weighted_mean
@@ -546,3 +547,30 @@ def test_a_checkpoint_of_another_dataset_and_a_loader_it_cannot_use_are_refused(
     with pytest.raises(ValueError, match=r"orders a single torch DataLoader; .* is a list"):
         curriculum.wrap_train_dataloader(items)  # type: ignore[arg-type]
     assert curriculum.sampler is sampler  # a refused loader leaves the callback as it was
+
+
+def test_the_state_changes_only_when_a_dataset_passes_every_check() -> None:
+    state = CurriculumState(CurriculumSchedule(budget=0.5, warmup_epochs=0, epochs=2), "quality")
+    with pytest.raises(ValueError, match="reads each item's 'quality' value"):
+        state.attach([{"index": i, "q": 1.0} for i in range(4)], "quality", batch_size=8)
+    assert not state.attached and state.batch_size == 1
+    items = [{"index": i, "quality": float(i), "labels": i % 2} for i in range(4)]
+    state.attach(items, "quality", batch_size=2)
+    assert state.table.scores.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert state.table.labels.tolist() == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="has 3 samples but CurriculumSampler's state was built"):
+        state.attach(items[:3], "quality", batch_size=5)
+    assert state.batch_size == 2 and state.table.count == 4
+    # the budget keeps the better half within each class: 2 (class 0) and 3 (class 1)
+    state.clock = lambda: 0
+    assert sorted(state.current_plan().order.tolist()) == [2, 3]
+    state.batches_done = 1
+    assert state.consumed_samples == 2 and state.position() == (0, 1)
+    with pytest.raises(ValueError, match=r"checkpoint is at epoch 1 but .* the plan of epoch 0"):
+        state.resume_at(1, 0)
+    # two epochs of 2 samples: one batch of 2 each, one step each (accumulating 2 batches too:
+    # an epoch's last batches step)
+    assert state.planned_steps(2, replicas=1, batch_size=2, drop_last=False) == 2
+    assert state.planned_steps(2, 1, 2, False, accumulate=2) == 2
+    assert state.planned_steps(2, 1, 3, drop_last=True) == 0
+    assert state.planned_steps(2, 1, 1, False, max_steps=3) == 3
