@@ -328,6 +328,7 @@ def test_cli_fits_with_the_freezer_config_and_logs_its_table_and_heatmap(tmp_pat
     assert b"freezer/sensitivity" in wandb_run and b"freezer/heatmap" in wandb_run
 
 
+@pytest.mark.slow  # the pruner's sparsity and histograms through the CLI: the prune+quantize run
 def test_cli_fits_with_the_pruner_config_and_logs_sparsity_and_histograms(tmp_path) -> None:
     config = yaml.safe_load(PRUNER_CONFIG.read_text())
     config["trainer"]["callbacks"][0]["init_args"].update(start_step=1, end_step=3, frequency=1)
@@ -361,6 +362,11 @@ def test_cli_prunes_and_quantizes_in_one_run_and_tests_the_converted_model(tmp_p
     assert errors and all(0.0 < e < 0.2 for e in errors)
     assert [r for r in rows if r.get("qat/weight_error/model.bert.embeddings.word_embeddings")]
     assert [r for r in rows if r.get("test/acc")]  # the best checkpoint, converted, was tested
+    sparsity = [float(r["pruner/sparsity"]) for r in rows if r.get("pruner/sparsity")]
+    assert sparsity == sorted(sparsity) and sparsity[-1] == pytest.approx(pruner["target_sparsity"])
+    assert [r for r in rows if r.get("pruner/sparsity_layer_5")]
+    wandb_run = next((root / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"pruner/kept_scores" in wandb_run and b"qat/weight_error" in wandb_run
 
 
 @pytest.mark.slow  # export of pruned + quantized models: test_export; this is the CLI path
