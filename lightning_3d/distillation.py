@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_3d.checkpoints import checkpoint_state
 from lightning_3d.data import IGNORE_INDEX
 from lightning_3d.quantization import set_fake_quantization
 
@@ -456,6 +455,8 @@ def teacher_tokenizer(source: str) -> Any:
 def load_teacher(source: str, student: nn.Module, attribute: str) -> nn.Module:
     """A teacher from a Lightning checkpoint (its ``"<attribute>."`` weights loaded into a copy
     of ``student``) or a Hugging Face folder / Hub id (the student's model class)."""
+    from lightning_3d.checkpoints import checkpoint_state  # reads Lightning's checkpoint files
+
     path = Path(source)
     if path.is_file():
         teacher = copy.deepcopy(student)
