@@ -901,8 +901,12 @@ class AccuracyCurves:
         after their rules, see the class notes)."""
         values = (data_budget, trainable, sparsity, weight_bits, distill, steps)
         strengths = dict(zip(AXES, values, strict=True))
-        parts = {axis: self.axis_change(axis, value) for axis, value in strengths.items()}
-        parts["sparsity"] = self.sparsity_change(sparsity, steps)
+        parts = {
+            axis: self.sparsity_change(sparsity, steps)
+            if axis == "sparsity"
+            else self.axis_change(axis, value)
+            for axis, value in strengths.items()
+        }
         if self.distill_recovers_compression and distill > 0:
             if sparsity == 0 and weight_bits is None:
                 parts["distill"] = 0.0
