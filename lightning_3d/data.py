@@ -106,6 +106,37 @@ def stratified_split(
     return train, val, test
 
 
+def stratified_subset(labels: Sequence[int], size: int, seed: int) -> np.ndarray:
+    """Sorted positions of ``size`` items chosen at random with each label's share preserved.
+
+    Class ``c`` of ``n_c`` items out of ``n`` gets ``floor(size * n_c / n)`` places, the places
+    left over go to the largest remainders (ties to the lower label); members are drawn by a
+    generator seeded with ``seed``.
+
+    Raises:
+        ValueError: ``size`` is not in ``[1, len(labels)]``.
+
+    Example:
+        >>> chosen = stratified_subset([0] * 6 + [1] * 3, 6, seed=0)
+        >>> len(chosen), int((chosen < 6).sum())
+        (6, 4)
+    """
+    label_array = np.asarray(labels)
+    if not 1 <= size <= len(label_array):
+        raise ValueError(f"a subset of {size} items does not fit {len(label_array)} items")
+    classes, counts = np.unique(label_array, return_counts=True)
+    exact = size * counts / len(label_array)
+    places = np.floor(exact).astype(int)
+    for position in np.argsort(-(exact - places), kind="stable")[: size - places.sum()]:
+        places[position] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rng.permutation(np.flatnonzero(label_array == label))[:count]
+        for label, count in zip(classes, places, strict=True)
+    ]
+    return np.sort(np.concatenate(chosen))
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Identify a tokenizer by its full serialized form when it has one, else by name and size."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -605,6 +636,10 @@ class RottenTomatoes(TokenizedDataModule):
         max_length: tokens kept per text (longer texts are truncated).
         batch_size: training batch size per device; ``eval_batch_size`` defaults to twice it.
         val_fraction, test_fraction: shares of each label held out; ``split_seed`` fixes them.
+        train_samples: keep this many training samples, drawn at random with the label shares
+            preserved (:func:`stratified_subset`, seeded by ``split_seed``, so every run with the
+            same split seed trains on the same subset); ``None``: the whole training split.
+            Validation and test splits stay whole.
         train_label_noise: share of training labels replaced by another label (seeded by
             ``split_seed``; positions in :attr:`flipped`), to study data selection under noise.
             Validation and test labels stay clean.
@@ -631,6 +666,7 @@ class RottenTomatoes(TokenizedDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 1234,
+        train_samples: int | None = None,
         train_label_noise: float = 0.0,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -638,7 +674,7 @@ class RottenTomatoes(TokenizedDataModule):
         super().__init__(
             tokenizer, batch_size, eval_batch_size, num_workers, val_fraction, test_fraction
         )
-        _check_positive(max_length=max_length)
+        _check_positive(max_length=max_length, train_samples=train_samples)
         _check_source(dataset, data_files)
         if not 0.0 <= train_label_noise < 1.0:
             raise ValueError(f"train_label_noise must be in [0, 1), got {train_label_noise}")
@@ -712,6 +748,8 @@ class RottenTomatoes(TokenizedDataModule):
         if self.splits:
             return
         for split, (texts, labels) in self._load_splits().items():
+            if split == "train" and self.hparams.train_samples is not None:
+                texts, labels = self._subset(texts, labels, self.hparams.train_samples)
             if split == "train" and self.hparams.train_label_noise > 0:
                 num_labels = len(self.label_names) or 1 + max(labels)
                 labels, self.flipped = flip_labels(
@@ -721,6 +759,18 @@ class RottenTomatoes(TokenizedDataModule):
             self.splits[split] = self._dataset(texts, labels)
         sizes = {split: len(dataset) for split, dataset in self.splits.items()}
         log.info("%s splits: %s, labels %s", type(self).__name__, sizes, self.label_names)
+
+    def _subset(
+        self, texts: list[str], labels: list[int], size: int
+    ) -> tuple[list[str], list[int]]:
+        """``size`` of the training texts, label shares kept (:func:`stratified_subset`)."""
+        if size > len(texts):
+            raise ValueError(
+                f"train_samples={size} is more than the {len(texts)} samples of the training "
+                "split; lower it or pass None for the whole split"
+            )
+        chosen = stratified_subset(labels, size, self.hparams.split_seed)
+        return [texts[i] for i in chosen], [labels[i] for i in chosen]
 
     def _dataset(self, texts: list[str], labels: list[int]) -> Dataset:
         """One split's dataset: the texts tokenized (cached on disk), one label each."""

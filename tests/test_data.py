@@ -21,6 +21,7 @@ from lightning_3d.data import (
     contiguous_split,
     deduplicate,
     stratified_split,
+    stratified_subset,
 )
 
 
@@ -42,6 +43,39 @@ def test_stratified_split_hand_worked() -> None:
     other = stratified_split(labels, 0.1, 0.2, seed=4)
     assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again, strict=True))
     assert not np.array_equal(val, other[1])
+
+
+def test_stratified_subset_hand_worked() -> None:
+    labels = [0] * 5 + [1] * 3 + [2] * 2  # shares 5/10, 3/10, 2/10 of a subset of 4: 2, 1.2, 0.8
+    chosen = stratified_subset(labels, 4, seed=0)
+    picked = [labels[i] for i in chosen]
+    assert sorted(picked) == [0, 0, 1, 2]  # floors 2, 1, 0; the one left goes to 0.8 (label 2)
+    assert list(chosen) == sorted(set(chosen.tolist()))
+    assert list(stratified_subset(labels, 4, seed=0)) == list(chosen)
+    draws = {tuple(stratified_subset(labels, 4, seed=s)) for s in range(10)}
+    assert len(draws) > 1  # the members are random, the shares are not
+    with pytest.raises(ValueError, match="a subset of 11 items does not fit 10 items"):
+        stratified_subset(labels, 11, seed=0)
+
+
+def test_train_samples_keeps_a_seeded_subset_of_the_training_split(
+    minilm_tokenizer, rotten_tomatoes
+) -> None:
+    data = RottenTomatoes(tokenizer=minilm_tokenizer, train_samples=400)
+    data.setup("fit")
+    whole = rotten_tomatoes.texts["train"]
+    assert len(data.splits["train"]) == len(data.texts["train"]) == 400
+    assert set(data.texts["train"]) <= set(whole)
+    assert data.texts["val"] == rotten_tomatoes.texts["val"]  # held-out splits stay whole
+    assert data.texts["test"] == rotten_tomatoes.texts["test"]
+    whole_positive = np.mean(rotten_tomatoes.splits["train"].labels)
+    assert abs(np.mean(data.splits["train"].labels) - whole_positive) < 1 / 400
+    again = RottenTomatoes(tokenizer=minilm_tokenizer, train_samples=400)
+    again.setup("fit")
+    assert again.texts["train"] == data.texts["train"]
+    too_many = RottenTomatoes(tokenizer=minilm_tokenizer, train_samples=len(whole) + 1)
+    with pytest.raises(ValueError, match=f"train_samples={len(whole) + 1} is more than the"):
+        too_many.setup("fit")
 
 
 def test_chunk_and_contiguous_split() -> None:
@@ -203,6 +237,7 @@ def test_missing_column_is_named(tmp_path, minilm_tokenizer) -> None:
         ({"val_fraction": 0.5, "test_fraction": 0.5}, ValueError, "sum < 1"),
         ({"batch_size": 0}, ValueError, "batch_size must be a positive integer, got 0"),
         ({"max_length": -3}, ValueError, "max_length must be a positive integer, got -3"),
+        ({"train_samples": 0}, ValueError, "train_samples must be a positive integer, got 0"),
         ({"num_workers": -1}, ValueError, "num_workers must be >= 0"),
         ({"dataset": "imdb", "data_files": "x.csv"}, ValueError, "not both"),
         ({"data_files": "/no/such/file.csv"}, FileNotFoundError, "'/no/such/file.csv' does not"),
