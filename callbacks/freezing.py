@@ -39,6 +39,7 @@ from lightning_3d.freezing import (
 )
 from lightning_3d.loggers import log_axis_metrics, log_table_and_figure
 from lightning_3d.sensitivity import (
+    BASELINE_METRICS,
     DEFAULT_HEAD,
     DEFAULT_LAYER_PATTERN,
     GradientStatistics,
@@ -245,9 +246,14 @@ class SensitivityFreezer(Callback):
         if self.frozen:
             self._apply(trainer, pl_module, freeze=self.frozen, unfreeze=set())
 
+    @property
+    def measures_gradients(self) -> bool:
+        """Whether the freezing order reads gradient statistics (not for the baselines)."""
+        return self.metric not in BASELINE_METRICS
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.warmup_steps == 0 and self.events_done == 0:  # freeze before step 1
-            if self.metric not in ("random", "depth") and not self.statistics.names:
+            if self.measures_gradients and not self.statistics.names:
                 raise ValueError(
                     f"SensitivityFreezer: warmup_steps=0 with metric={self.metric!r} needs "
                     "gradient statistics measured before training (put a PlanCoordinator before "
@@ -264,7 +270,7 @@ class SensitivityFreezer(Callback):
     ) -> None:
         step = trainer.global_step
         if (
-            self.metric in ("random", "depth")
+            not self.measures_gradients
             or step == self._last_measured
             or step >= self._last_event_step()
             or step % self.measure_every
@@ -306,7 +312,7 @@ class SensitivityFreezer(Callback):
 
     def _freezing_event(self, trainer: Trainer, pl_module: LightningModule) -> None:
         units = group_parameters(self._candidates, self.group_by)
-        if self.metric in ("random", "depth"):
+        if not self.measures_gradients:
             scores = baseline_scores(self.metric, list(units), self.seed)
         else:
             per_tensor = self.tensor_scores(pl_module)

@@ -212,8 +212,8 @@ class PlanCoordinator(Callback):
         curriculum = self._curriculum()
         scoring = curriculum is not None and curriculum.prescore
         freezer = self._freezer()
-        if freezer is not None:  # it measures during its warm-up otherwise
-            before_step_one = freezer.warmup_steps == 0
+        if freezer is not None:  # it measures during its warm-up otherwise (by depth: never)
+            before_step_one = freezer.warmup_steps == 0 and freezer.measures_gradients
         else:  # the pruner's per-layer sparsity: from the warm-up, or before step 1
             before_step_one = self.plan.warmup == 0
         statistics = find_gradient_statistics(trainer) if before_step_one else None

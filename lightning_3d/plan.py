@@ -131,6 +131,9 @@ class ParameterAxis(Protocol):
     @property
     def candidates(self) -> tuple[str, ...]: ...
 
+    @property
+    def measures_gradients(self) -> bool: ...
+
 
 class PruningAxis(Protocol):
     """What the coordinator uses of the pruning axis (``ProgressivePruner``)."""
@@ -165,6 +168,8 @@ PRUNE_PATTERNS = ("unstructured", "heads+neurons")
 #: Where the quantization axis quantizes: in training (QAT) or at export (ONNX Runtime int8).
 QUANTIZE_AT = ("train", "export")
 FREEZE_POLICIES = ("uncompressed", "any")
+#: How the plan's freezer orders what to freeze (``SensitivityFreezer`` metrics).
+FREEZE_ORDERS = ("fisher", "depth")
 MODES = ("max", "min")
 MAX_SPARSITY = 0.98  # the most the plan prunes any tensor (see ProgressivePruner)
 DEFAULT_PRUNE_INCLUDE = r"(?:^|\.)(?:layer|layers|h|blocks)\.\d+\.(?:.*\.)?weight$"
@@ -233,6 +238,11 @@ class ThreeDPlan:
             block: removed physically at export, so the deployed model is faster).
         freeze: ``"uncompressed"``: the freezer never freezes a pruned tensor; ``"any"``: it
             may (pruned weights then cannot adapt to their masks).
+        freeze_by: what the freezer freezes first: ``"fisher"`` (the least sensitive tensors,
+            ``E[g^2]``) or ``"depth"`` (the lowest blocks: backward then stops below the lowest
+            trainable tensor). Under LoRA a frozen adapter saves almost no work (its weight
+            gradient is tiny, the base's input gradients are still needed below it), so
+            ``"depth"`` is what makes the parameter axis save time there.
         temperature: distillation temperature ``T``.
         teacher: ``"snapshot"`` (the run's own model at the end of the warm-up), or a
             checkpoint or Hugging Face path of a model fine-tuned on the same labels.
@@ -248,8 +258,9 @@ class ThreeDPlan:
         qat_start: fraction of the run at which fake quantization goes on (``>= prune_end``).
         quantize_at: ``"train"``: quantization-aware training from ``qat_start`` (torchao),
             converted at the end of fit; ``"export"``: training stays float and the export
-            quantizes (``onnx-int8``: ONNX Runtime int8, post-training), so the run pays no
-            fake-quantization time; ``weight_bits`` must then be 8.
+            quantizes after training, so the run pays no fake-quantization time: 8 bits with
+            ``onnx-int8`` (ONNX Runtime), 4 or 8 bits for causal LMs with
+            :func:`~lightning_3d.generation.export_generator` (ONNX Runtime GenAI).
         max_steps: optimizer steps of the run when the plan shortens it (a budget's choice);
             pass ``Trainer(**plan.trainer_arguments())``. ``None``: the trainer's own length.
         prune_include: regex over parameter names of the weights to prune (unstructured) and
@@ -282,6 +293,7 @@ class ThreeDPlan:
     group_size: int = 32
     prune_pattern: str = "unstructured"
     freeze: str = "uncompressed"
+    freeze_by: str = "fisher"
     temperature: float = 2.0
     teacher: str = "snapshot"
     data_drops: str = "easiest_random"
@@ -330,18 +342,24 @@ class ThreeDPlan:
             ("data_drops", self.data_drops, DATA_DROPS),
             ("prune_pattern", self.prune_pattern, PRUNE_PATTERNS),
             ("freeze", self.freeze, FREEZE_POLICIES),
+            ("freeze_by", self.freeze_by, FREEZE_ORDERS),
             ("mode", self.mode, MODES),
             ("quantize_at", self.quantize_at, QUANTIZE_AT),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.quantize_at == "export" and (
-            self.weight_bits not in (None, 8) or self.quantization is not None
-        ):
+        if self.quantize_at == "export" and self.quantization is not None:
             raise ValueError(
-                "quantize_at='export' quantizes the trained float model with ONNX Runtime's int8: "
-                f"it needs weight_bits=8 and no QAT preset, got weight_bits={self.weight_bits}, "
-                f"quantization={self.quantization!r}"
+                "quantize_at='export' quantizes the trained float model in the export (ONNX "
+                "Runtime): a QAT preset has no effect there, got "
+                f"quantization={self.quantization!r}; leave it out or use quantize_at='train'"
+            )
+        unstructured = self.sparsity > 0 and self.prune_pattern == "unstructured"
+        if self.freeze_by == "depth" and self.trainable < 1 and unstructured:
+            raise ValueError(
+                "freeze_by='depth' measures no gradient statistics, and unstructured pruning "
+                "sets each layer's sparsity from them: use prune_pattern='heads+neurons' or "
+                "freeze_by='fisher'"
             )
         if not 0.0 <= self.data_anneal < 1.0:
             raise ValueError(f"data_anneal must be in [0, 1), got {self.data_anneal}")
@@ -473,7 +491,7 @@ class ThreeDPlan:
             callbacks.append(
                 SensitivityFreezer(
                     target_trainable=self.trainable,
-                    metric="fisher",
+                    metric=self.freeze_by,
                     warmup_steps=0,
                     exclude=self.prune_include if compressed else None,
                 )

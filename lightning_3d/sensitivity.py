@@ -54,8 +54,10 @@ from typing import Any
 import torch
 
 GRANULARITIES = ("tensor", "row", "element")
-#: Metrics computed from gradient statistics, plus two baselines that ignore them.
-METRICS = ("fisher", "variance", "snr", "composite", "random", "depth")
+#: Freezing orders that need no gradient statistics: at random, or by depth (the top trains).
+BASELINE_METRICS = ("random", "depth")
+#: Metrics computed from gradient statistics, plus the baselines that ignore them.
+METRICS = ("fisher", "variance", "snr", "composite", *BASELINE_METRICS)
 SCHEDULES = ("once", "progressive")
 #: Parameter names of task heads (sequence classifiers, poolers, language-model heads).
 DEFAULT_HEAD = r"(^|\.)(classifier|score|lm_head|pooler)\."

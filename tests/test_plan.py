@@ -167,10 +167,14 @@ def of_type(trainer: pl.Trainer, kind: type) -> Any:
         ({"data_anneal": 1.0}, r"data_anneal must be in \[0, 1\)"),
         ({"max_steps": 0}, "max_steps must be >= 1 or None"),
         ({"quantize_at": "deploy"}, "quantize_at must be one of"),
-        ({"weight_bits": 4, "quantize_at": "export"}, "needs weight_bits=8 and no QAT preset"),
         (
             {"weight_bits": 8, "quantization": "int8_weight_only", "quantize_at": "export"},
-            "needs weight_bits=8 and no QAT preset",
+            "a QAT preset has no effect there, got quantization='int8_weight_only'",
+        ),
+        ({"freeze_by": "size"}, "freeze_by must be one of"),
+        (
+            {"trainable": 0.5, "freeze_by": "depth", "sparsity": 0.3},
+            "freeze_by='depth' measures no gradient statistics",
         ),
         ({"budget": PlanBudget(0.5), "trainable": 0.5}, "budget chooses .*got trainable=0.5"),
     ],
@@ -580,6 +584,28 @@ def test_the_parameter_axis_alone_measures_on_training_batches_and_freezes_befor
     with_state = {n for n, p in module.named_parameters() if p in optimizer.state}
     assert with_state == {n for n, p in module.named_parameters() if p.requires_grad}
     assert not with_state & freezer.frozen
+
+
+def test_freezing_by_depth_needs_no_signal_pass_and_freezes_from_the_bottom(tmp_path) -> None:
+    """Sizes from the top: classifier 66 (always trains), layers.1 bias 32 and weight 1024,
+    layers.0 bias 32 and weight 256; half of 1410 leaves 639 beside the head: the bias fits,
+    the weight above it does not, so it and everything below it freeze."""
+    plan = ThreeDPlan(trainable=0.5, freeze_by="depth", warmup=0)
+    module = Net()
+    trainer = trainer_for(plan.callbacks(), tmp_path, max_epochs=1)
+    trainer.fit(
+        module, with_curriculum(trainer, DataLoader(Items(), batch_size=BATCH, shuffle=True))
+    )
+    freezer = of_type(trainer, SensitivityFreezer)
+    assert freezer.metric == "depth" and not freezer.measures_gradients
+    assert freezer.statistics.steps == 0  # no probe batches, no measuring while training
+    assert "plan/signal_batches" not in trainer.callback_metrics
+    assert freezer.frozen == {
+        "layers.1.dense.weight", "layers.0.dense.weight", "layers.0.dense.bias"
+    }  # fmt: skip
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == [
+        "layers.1.dense.bias", "classifier.weight", "classifier.bias"
+    ]  # fmt: skip
 
 
 def test_resume_mid_run_restores_every_axis(tmp_path) -> None:
