@@ -1,0 +1,353 @@
+"""Large-model fine-tuning: SmolLM2-135M-Instruct (Llama architecture) with LoRA, Standard
+against the 3D plan at the same task, on the CPU.
+
+Regime: the packaged SmolLM2-135M-Instruct, LoRA r=16 (alpha 32, dropout 0.05) on ``q_proj``,
+``k_proj``, ``v_proj`` and ``o_proj`` (``examples/configs/rt_smollm2_lora.yaml``), answering
+``Review: <text>\\nSentiment:`` with `` negative`` / `` positive`` (loss on the answer token), a
+label-stratified 4,000-review training subset (``train_samples``, split seed 1234: the same
+subset for every run), 96 tokens, batch 8, AdamW at 2e-4 with a linear warm-up over 6% of the
+run then linear decay; 1 epoch for ``Standard``. Validation is off during training; the
+trained model is tested on the whole test split.
+
+Set-ups (:data:`SETUPS`): keyword arguments of a :class:`~lightning_3d.plan.ThreeDPlan` plus
+``steps``, the share of ``Standard``'s optimizer steps the run takes (the trainer's
+``max_steps``, the learning-rate schedule spans them; the batches are the first ones of the
+same seeded shuffle, so a shorter run sees a random part of the subset):
+
+* ``Standard``: LoRA as configured, every step; deployed in fp32.
+* ``Standard-half``: the same with half the steps: the equal-budget baseline.
+* ``3D``: the adapters of the lower half of the blocks frozen from the start (``trainable=0.5``,
+  ``freeze_by="depth"``: backward stops at the lowest trainable adapter, the one way freezing
+  saves time under LoRA), 0.6 of the steps, 4-bit weights at export (``quantize_at="export"``).
+  The data axis is off: its scores need a pass over every sample, which within one epoch costs
+  more than the samples it would drop save. Pruning is off: merged LoRA updates are dense.
+
+Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir``
+(skipped when present; ``--force`` reruns):
+
+* ``test_acc``: accuracy of the *deployed* model on the test split in percent: ``Standard`` and
+  ``Standard-half`` deploy fp32 (``trainer.test``, the answer of highest log-probability), the
+  ``3D`` plan deploys its 4-bit ONNX Runtime GenAI model, scored in that runtime
+  (:func:`lightning_3d.generation.answer_accuracy`); ``trained_acc`` is the PyTorch model's;
+  ``int4_acc``: the run's model exported to 4 bits and scored the same way, for every set-up
+  (what post-training 4-bit costs each);
+* ``train_s`` (fit wall time) and ``cpu_s`` (process CPU time during the fit);
+* ``peak_train_mib`` (resident memory above the start of the fit) and ``peak_rss_mib`` (the
+  process's highest resident memory, model and data included: what must fit the machine);
+* ``model_bytes``: the deployed folder (``model.onnx`` + weights + config + tokenizer);
+  ``tokens_per_s``: its greedy generation speed at batch 1, 64 new tokens after a test prompt,
+  median of 3 (:func:`lightning_3d.generation.tokens_per_second`).
+
+``--summarize`` merges the result files into ``--summary`` and prints the table (mean ± sd over
+seeds) and the goals of ``3D`` against ``Standard``.
+
+Usage::
+
+    python benchmarks/llm.py                           # every set-up, its seeds
+    python benchmarks/llm.py --setups 3D --seeds 1     # a part of the sweep
+    python benchmarks/llm.py --summarize               # the table
+    python benchmarks/llm.py --setups Standard --seeds 0 --train-samples 32 \\
+        --test-samples 16 --machine smoke --results-dir SCRATCH   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ablation import cpu_seconds, git_commit, quiet_trainer
+from pruning import PeakMemory, child
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS = REPOSITORY / "benchmarks" / "results" / "llm"
+STEPS = "steps"
+SETUPS: dict[str, dict[str, Any]] = {
+    "Standard": {},
+    "Standard-half": {STEPS: 0.5},
+    "3D": {
+        "trainable": 0.5,
+        "freeze_by": "depth",
+        "warmup": 0.0,
+        "weight_bits": 4,
+        "quantize_at": "export",
+        STEPS: 0.6,
+    },
+}
+THREE_SEEDS = ("Standard", "3D")
+LORA = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.05,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+NEW_TOKENS = 64
+PER_SEED = ("test_acc", "trained_acc", "int4_acc", "train_s", "cpu_s", "peak_rss_mib")
+
+
+def plan_arguments(setup: str) -> dict[str, Any]:
+    return {k: v for k, v in SETUPS[setup].items() if k != STEPS}
+
+
+def seeds_of(setup: str, args: argparse.Namespace) -> list[int]:
+    if args.seeds is not None:
+        return args.seeds
+    return [0, 1, 2] if setup in THREE_SEEDS else [0]
+
+
+def result_path(args: argparse.Namespace, setup: str, seed: int) -> Path:
+    return args.results_dir / f"{setup}_seed{seed}_{args.machine}.json"
+
+
+def peak_rss_mib() -> float:
+    """The process's highest resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Seed, build, fit, test, export and time one set-up (in a child process)."""
+    import lightning
+    import lightning.pytorch as pl
+    import onnxruntime_genai
+    import torch
+    import transformers
+
+    from lightning_3d.data import PromptDataset, RottenTomatoesPrompts
+    from lightning_3d.generation import answer_accuracy, export_generator, tokens_per_second
+    from lightning_3d.plan import ThreeDPlan
+    from lightning_3d.tasks import LoRASettings, PromptClassificationTask
+
+    plan = ThreeDPlan(**plan_arguments(setup), seed=seed)
+    pl.seed_everything(seed, verbose=False)
+    task = PromptClassificationTask(
+        lora=LoRASettings(**LORA), learning_rate=args.learning_rate, warmup_ratio=0.06
+    )
+    data = RottenTomatoesPrompts(
+        tokenizer=task.tokenizer,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        train_samples=args.train_samples,
+    )
+    data.setup("fit")
+    if args.test_samples:
+        full = data.splits["test"]
+        cut = args.test_samples
+        data.splits["test"] = PromptDataset(full.prompts[:cut], full.answers, full.classes[:cut])
+    train_rows = len(data.splits["train"])
+    standard_steps = math.ceil(train_rows / args.batch_size)
+    fraction = SETUPS[setup].get(STEPS)
+    max_steps = -1 if fraction is None else math.ceil(fraction * standard_steps)
+    trainer = quiet_trainer(max_epochs=1, max_steps=max_steps, callbacks=plan.callbacks())
+    with PeakMemory() as memory:
+        cpu, started = cpu_seconds(), time.perf_counter()
+        trainer.fit(task, datamodule=data)
+        train_s, cpu_s = time.perf_counter() - started, cpu_seconds() - cpu
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    trained = 100 * trainer.test(task, datamodule=data, verbose=False)[0]["test/acc"]
+
+    test = data.splits["test"]
+    prompts = [[int(t) for t in prompt] for prompt in test.prompts]
+    folder = args.export_dir / f"{setup}_seed{seed}"
+    shutil.rmtree(folder, ignore_errors=True)
+    started = time.perf_counter()
+    int4 = export_generator(task.model, task.tokenizer, folder / "int4", weight_bits=4)
+    int4_acc = 100 * answer_accuracy(int4.path, prompts, test.answers, test.classes)
+    deployed = int4 if plan.weight_bits == 4 else None
+    if deployed is None:  # a float deployment: fp32 weights
+        deployed = export_generator(task.model, task.tokenizer, folder / "fp32", weight_bits=None)
+    speed = tokens_per_second(deployed.path, prompts[0], NEW_TOKENS, rounds=3)
+    export_s = time.perf_counter() - started
+    shutil.rmtree(folder)
+    row = {
+        "test_acc": int4_acc if deployed is int4 else trained,
+        "trained_acc": trained,
+        "int4_acc": int4_acc,
+        "train_s": train_s,
+        "cpu_s": cpu_s,
+        "peak_train_mib": memory.peak_mib,
+        "peak_rss_mib": peak_rss_mib(),
+        "steps": trainer.global_step,
+        "trainable_params": trainable,
+        "deployed": "int4" if deployed is int4 else "fp32",
+        "model_bytes": deployed.bytes,
+        "int4_bytes": int4.bytes,
+        "tokens_per_s": speed,
+        "export_s": export_s,
+    }
+    run = {
+        "train_rows": train_rows,
+        "test_rows": len(prompts),
+        "standard_steps": standard_steps,
+        "max_steps": max_steps,
+        "plan": plan_arguments(setup),
+        "lora": LORA,
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "transformers": transformers.__version__,
+            "onnxruntime_genai": onnxruntime_genai.__version__,
+        },
+    }
+    return {"row": row, "run": run}
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("train_samples", "test_samples", "max_length", "batch_size", "learning_rate")
+    return {key: getattr(args, key) for key in keys} | {"machine": args.machine}
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Every selected (set-up, seed) without a result file, each in a fresh process, seed 0 of
+    every set-up first; returns the number of failed runs."""
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for seed in sorted({s for setup in args.setups for s in seeds_of(setup, args)}):
+        for setup in args.setups:
+            target = result_path(args, setup, seed)
+            if seed not in seeds_of(setup, args):
+                continue
+            if target.exists() and not args.force:
+                print(f"{setup} seed {seed}: {target.name} exists; skipped", flush=True)
+                continue
+            try:
+                measured = child("--one", setup, str(seed), script=__file__)
+            except RuntimeError as error:
+                failed.append(f"{setup} seed {seed}")
+                print(f"{setup} seed {seed}: failed\n{error}", flush=True)
+                continue
+            document = {
+                "setup": setup,
+                "seed": seed,
+                "machine": args.machine,
+                "commit": git_commit(),
+                "settings": {**settings_of(args), **measured["run"]},
+                "row": measured["row"],
+            }
+            target.write_text(json.dumps(document, indent=1) + "\n")
+            print(f"{setup} seed {seed}: {json.dumps(measured['row'])}", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+    return len(failed)
+
+
+# ----------------------------------------------------------------------------- summary
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """The result files of ``--machine`` as ``{"regime": ..., "setups": {NAME: ...}}``."""
+    documents = [
+        json.loads(path.read_text())
+        for path in sorted(args.results_dir.glob(f"*_{args.machine}.json"))
+    ]
+    setups: dict[str, Any] = {}
+    for setup in SETUPS:
+        runs = sorted((d for d in documents if d["setup"] == setup), key=lambda d: d["seed"])
+        if not runs:
+            continue
+        rows = [run["row"] for run in runs]
+        setups[setup] = {
+            "seeds": [run["seed"] for run in runs],
+            "commits": sorted({run["commit"] for run in runs}),
+            **{key: [row[key] for row in rows] for key in PER_SEED},
+            "deployed": rows[0]["deployed"],
+            "model_bytes": rows[0]["model_bytes"],
+            "tokens_per_s": statistics.median(row["tokens_per_s"] for row in rows),
+            "steps": rows[0]["steps"],
+            "trainable_params": rows[0]["trainable_params"],
+        }
+    regime = documents[0]["settings"] if documents else {}
+    return {"regime": regime, "setups": setups}
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(summary: dict[str, Any]) -> str:
+    setups = summary["setups"]
+    base = setups.get("Standard")
+    lines = [
+        "| set-up | seeds | test acc % (deployed) | trained acc % | 4-bit export acc % "
+        "| train s | x Standard | CPU s | peak RSS MiB | deployed MB | x smaller "
+        "| tokens/s | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in setups.items():
+        train = statistics.mean(row["train_s"])
+        time_ratio = train / statistics.mean(base["train_s"]) if base else math.nan
+        smaller = base["model_bytes"] / row["model_bytes"] if base else math.nan
+        lines.append(
+            f"| {name} ({row['deployed']}) | {len(row['seeds'])} | {mean_sd(row['test_acc'])} "
+            f"| {mean_sd(row['trained_acc'])} | {mean_sd(row['int4_acc'])} | {train:.0f} "
+            f"| {time_ratio:.2f}x | {statistics.mean(row['cpu_s']):.0f} "
+            f"| {max(row['peak_rss_mib']):.0f} | {row['model_bytes'] / 1e6:.0f} | {smaller:.2f}x "
+            f"| {row['tokens_per_s']:.1f} | {row['steps']} |"
+        )
+    return "\n".join(lines)
+
+
+def goals(summary: dict[str, Any]) -> str:
+    setups = summary["setups"]
+    if "Standard" not in setups or "3D" not in setups:
+        return "goals: Standard and 3D both needed"
+    base, plan = setups["Standard"], setups["3D"]
+    kept = statistics.mean(plan["test_acc"]) / statistics.mean(base["test_acc"])
+    time_ratio = statistics.mean(plan["train_s"]) / statistics.mean(base["train_s"])
+    smaller = base["model_bytes"] / plan["model_bytes"]
+    return "\n".join(
+        [
+            f"- accuracy kept: {100 * kept:.1f}% (goal >= 99%): "
+            f"{'met' if kept >= 0.99 else 'missed'}",
+            f"- training time: {time_ratio:.2f}x (goal <= 0.5x): "
+            f"{'met' if time_ratio <= 0.5 else 'missed'}",
+            f"- deployed model: {smaller:.2f}x smaller (goal >= 3x): "
+            f"{'met' if smaller >= 3 else 'missed'}",
+        ]
+    )
+
+
+def summarize(args: argparse.Namespace) -> None:
+    summary = merge(args)
+    args.summary.write_text(json.dumps(summary, indent=1) + "\n")
+    print(table(summary))
+    print()
+    print(goals(summary))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--train-samples", type=int, default=4000)
+    parser.add_argument("--test-samples", type=int, default=0, help="0: the whole test split")
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--machine", default="cpu")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--export-dir", type=Path, default=Path("runs") / "llm_exports")
+    parser.add_argument("--summary", type=Path, default=RESULTS.parent / "llm_summary.json")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--summarize", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        result = run_one(args.one[0], int(args.one[1]), args)
+        print("RESULT " + json.dumps(result), flush=True)
+    elif args.summarize:
+        summarize(args)
+    else:
+        sys.exit(1 if sweep(args) else 0)
+
+
+if __name__ == "__main__":
+    main()

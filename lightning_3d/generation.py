@@ -1,0 +1,225 @@
+"""Causal LMs deployed for generation: ONNX Runtime GenAI, a decoder with a KV cache and
+integer weights, built from the trained model by the runtime's own model builder.
+
+:func:`export_generator` merges LoRA adapters and de-quantizes torchao weights
+(:func:`~lightning_3d.export.dense_float_model`), writes a Hugging Face folder and runs
+``python -m onnxruntime_genai.models.builder`` on it: every linear layer becomes a
+``MatMulNBits`` with ``weight_bits`` (4 or 8) weights in blocks of ``block_size`` input columns,
+one scale per block (round to nearest), activations quantized to int8 in the product
+(``accuracy_level=4``); ``weight_bits=None`` keeps fp32. The folder holds ``model.onnx``, its
+weights, ``genai_config.json`` and the tokenizer; ``onnxruntime_genai.Model(folder)`` loads it.
+
+:func:`answer_accuracy` scores a prompt-classification test in that runtime (the answer of highest
+log-probability, as :func:`~lightning_3d.tasks.answer_log_probs` does in PyTorch), so the
+deployed model's accuracy is measured, not assumed; :func:`tokens_per_second` times greedy
+generation at batch 1. Install with ``pip install "lightning-3d[deploy]"``.
+
+Example:
+    >>> built = export_generator(model, tokenizer, "out/int4", weight_bits=4)  # doctest: +SKIP
+    >>> answer_accuracy(built.path, prompts, answer_ids, labels)  # doctest: +SKIP
+    0.87
+    >>> tokens_per_second(built.path, prompts[0])  # doctest: +SKIP
+    61.2
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Weight bits the builder writes as integers (``None``: fp32 weights).
+WEIGHT_BITS = (4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class GeneratorExport:
+    """A model folder for ONNX Runtime GenAI.
+
+    Attributes:
+        path: the folder (``onnxruntime_genai.Model(path)``).
+        weight_bits: 4, 8, or ``None`` for fp32 weights.
+        bytes: size of every file in the folder.
+    """
+
+    path: Path
+    weight_bits: int | None
+    bytes: int
+
+
+def check_generator_arguments(weight_bits: int | None, block_size: int) -> None:
+    """Refuse weight bits and block sizes the builder has no kernel for, and a missing runtime.
+
+    Raises:
+        ValueError: ``weight_bits`` not in :data:`WEIGHT_BITS` or ``None``; ``block_size`` not
+            in :data:`BLOCK_SIZES`.
+        ImportError: ``onnxruntime-genai`` is not installed (the ``deploy`` extra).
+
+    Example:
+        >>> check_generator_arguments(3, 32)
+        Traceback (most recent call last):
+        ...
+        ValueError: weight_bits must be one of (4, 8) or None (fp32), got 3
+    """
+    if weight_bits is not None and weight_bits not in WEIGHT_BITS:
+        raise ValueError(
+            f"weight_bits must be one of {WEIGHT_BITS} or None (fp32), got {weight_bits}"
+        )
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise ImportError(
+            "exporting a generator needs onnxruntime-genai: pip install 'lightning-3d[deploy]'"
+        )
+
+
+def folder_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def export_generator(
+    model: nn.Module,
+    tokenizer: Any,
+    output: str | os.PathLike[str],
+    weight_bits: int | None = 4,
+    block_size: int = 32,
+) -> GeneratorExport:
+    """Write ``model`` (a causal LM: LoRA-wrapped, masked or QAT-converted) as an ONNX Runtime
+    GenAI folder at ``output`` with ``weight_bits`` integer weights.
+
+    A block of ``block_size`` weights ``w`` is stored as ``round(w / s)`` with
+    ``s = max|w| / (2^(bits-1) - 1)``; the product de-quantizes on the fly.
+
+    Raises:
+        ValueError: bad ``weight_bits``/``block_size``; ``output`` exists and is not empty; the
+            model is not a causal LM the builder knows (its message names the architecture).
+        RuntimeError: the builder failed (its last output lines are in the message).
+    """
+    from lightning_3d.export import dense_float_model, prepare_output_dir
+
+    check_generator_arguments(weight_bits, block_size)
+    target = prepare_output_dir(output)
+    dense, _, notes = dense_float_model(model)
+    for note in notes:
+        log.info("export_generator: %s", note)
+    precision = "fp32" if weight_bits is None else f"int{weight_bits}"
+    with tempfile.TemporaryDirectory(prefix="lightning3d-genai-") as scratch:
+        source = Path(scratch) / "hf"
+        dense.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+        command = [
+            sys.executable, "-m", "onnxruntime_genai.models.builder",
+            "-i", str(source), "-o", str(target), "-p", precision, "-e", "cpu",
+            "-c", str(Path(scratch) / "cache"),
+        ]  # fmt: skip
+        if weight_bits is not None:
+            options = f"int4_block_size={block_size} int4_accuracy_level=4"
+            command += ["--extra_options", *options.split()]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not (target / "genai_config.json").exists():
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+        if "NotImplementedError" in tail and "architecture" in tail.lower():
+            raise ValueError(f"ONNX Runtime GenAI cannot build this model:\n{tail}")
+        raise RuntimeError(f"the ONNX Runtime GenAI builder failed ({precision}):\n{tail}")
+    built = GeneratorExport(target, weight_bits, folder_bytes(target))
+    log.info("export_generator: %s (%s) %.1f MB", target, precision, built.bytes / 2**20)
+    return built
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def answer_log_probs_generated(
+    generator: Any, prompt: Sequence[int], answers: Sequence[Sequence[int]]
+) -> list[float]:
+    """``log p(answer | prompt)`` of each answer in an empty ONNX Runtime GenAI ``generator``:
+    the prompt is prefilled once, each answer appended and rewound to the prompt (its KV cache
+    kept); the generator is left empty again.
+    ``log p(a_1..a_k | x) = sum_j log softmax(logits(x, a_<j))[a_j]``."""
+    generator.append_tokens(list(prompt))
+    after_prompt = _log_softmax(np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1))
+    scores = []
+    for answer in answers:
+        total, log_probs = 0.0, after_prompt
+        for position, token in enumerate(answer):
+            total += float(log_probs[token])
+            if position + 1 < len(answer):
+                generator.append_tokens([int(token)])
+                logits = np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1)
+                log_probs = _log_softmax(logits)
+        if len(answer) > 1:
+            generator.rewind_to(len(prompt))
+        scores.append(total)
+    generator.rewind_to(0)
+    return scores
+
+
+def answer_accuracy(
+    path: str | os.PathLike[str],
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    labels: Sequence[int],
+) -> float:
+    """Share of ``prompts`` (token ids, without the answer) whose answer of highest
+    log-probability under the GenAI model at ``path`` is ``answers[label]``.
+
+    Raises:
+        ValueError: ``prompts`` and ``labels`` differ in length, or there are none.
+    """
+    import onnxruntime_genai as og
+
+    if len(prompts) != len(labels) or not prompts:
+        raise ValueError(f"{len(prompts)} prompts and {len(labels)} labels: need as many, > 0")
+    model = og.Model(str(path))
+    answers = [[int(token) for token in answer] for answer in answers]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max(map(len, prompts)) + max(map(len, answers)) + 1)
+    generator = og.Generator(model, params)  # one KV cache, rewound between prompts
+    correct = 0
+    for prompt, label in zip(prompts, labels, strict=True):
+        scores = answer_log_probs_generated(generator, [int(t) for t in prompt], answers)
+        correct += int(np.argmax(scores) == label)
+    return correct / len(prompts)
+
+
+def tokens_per_second(
+    path: str | os.PathLike[str], prompt: Sequence[int], new_tokens: int = 64, rounds: int = 3
+) -> float:
+    """Median over ``rounds`` of greedy decoding speed at batch 1: ``new_tokens`` generated after
+    ``prompt`` (the prefill is not counted), one warm-up round first."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+
+    def one_round(count: int) -> float:
+        params = og.GeneratorParams(model)
+        length = len(prompt) + count
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(list(prompt))
+        started, made = time.perf_counter(), 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            made += 1
+        return made / (time.perf_counter() - started)
+
+    one_round(min(8, new_tokens))
+    return statistics.median(one_round(new_tokens) for _ in range(rounds))
