@@ -107,8 +107,9 @@ def export_generator(
     ``s = max|w| / (2^(bits-1) - 1)``; the product de-quantizes on the fly.
 
     Raises:
-        ValueError: bad ``weight_bits``/``block_size``; ``output`` exists and is not empty; the
-            model is not a causal LM the builder knows (its message names the architecture).
+        ValueError: bad ``weight_bits``/``block_size``; the model is not a causal LM the
+            builder knows (its message names the architecture).
+        FileExistsError: ``output`` exists and is not empty.
         RuntimeError: the builder failed (its last output lines are in the message).
     """
     from lightning_3d.export import dense_float_model, prepare_output_dir

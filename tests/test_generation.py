@@ -1,0 +1,124 @@
+"""Causal-LM deployment with ONNX Runtime GenAI: the exported decoder's answer log-probabilities
+against the LoRA model in PyTorch, accuracy counted from them, integer weights, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_3d.generation import (
+    answer_accuracy,
+    answer_log_probs_generated,
+    export_generator,
+    tokens_per_second,
+)
+
+og = pytest.importorskip("onnxruntime_genai")
+
+PROMPTS = [[1, 520, 33, 4012, 77], [1, 901, 902], [1, 12, 13, 14, 15, 16, 17, 18]]
+ANSWERS = [[3524], [2731, 30]]  # one answer of one token, one of two
+
+
+@pytest.fixture(scope="module")
+def lora_llama(smollm2_tokenizer):
+    """A two-block Llama over SmolLM2's vocabulary with LoRA adapters that are not zero (so
+    what is exported must hold the merged ``W + (alpha / r) B A``)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, tie_word_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id,
+    )  # fmt: skip
+    adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(LlamaForCausalLM(config), adapters)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(lora_llama, smollm2_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("genai")
+    return {
+        bits: export_generator(lora_llama, smollm2_tokenizer, folder / str(bits), bits)
+        for bits in (None, 4)
+    }
+
+
+def reference_log_probs(model, prompt: list[int], answer: list[int]) -> float:
+    """One forward of prompt + answer through the LoRA model in PyTorch."""
+    with torch.no_grad():
+        log_probs = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+    return sum(float(log_probs[len(prompt) + j - 1, token]) for j, token in enumerate(answer))
+
+
+def generator(path):
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=32)
+    return og.Generator(model, params)
+
+
+def test_the_fp32_generator_scores_answers_as_the_lora_model_does(lora_llama, exported) -> None:
+    built = exported[None]
+    assert built.weight_bits is None and (built.path / "genai_config.json").exists()
+    runtime = generator(built.path)
+    for prompt in PROMPTS:
+        scores = answer_log_probs_generated(runtime, prompt, ANSWERS)
+        expected = [reference_log_probs(lora_llama, prompt, answer) for answer in ANSWERS]
+        assert scores == pytest.approx(expected, abs=2e-4)
+    base = lora_llama.get_base_model()
+    with lora_llama.disable_adapter():  # the adapters change the answer: they were merged
+        unadapted = reference_log_probs(base, PROMPTS[0], ANSWERS[1])
+    assert abs(unadapted - reference_log_probs(lora_llama, PROMPTS[0], ANSWERS[1])) > 1e-2
+
+
+def test_accuracy_counts_the_answer_of_highest_log_probability(lora_llama, exported) -> None:
+    best = [
+        int(np.argmax([reference_log_probs(lora_llama, p, a) for a in ANSWERS])) for p in PROMPTS
+    ]
+    labels = [best[0], best[1], 1 - best[2]]  # two right, one wrong
+    assert answer_accuracy(exported[None].path, PROMPTS, ANSWERS, labels) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="3 prompts and 2 labels"):
+        answer_accuracy(exported[None].path, PROMPTS, ANSWERS, labels[:2])
+
+
+def test_four_bit_weights_shrink_the_folder_and_stay_near_fp32(exported) -> None:
+    dense, packed = exported[None], exported[4]
+    # both folders hold the same 3.5 MB tokenizer; the weights shrink about 6x
+    assert packed.weight_bits == 4 and packed.bytes < dense.bytes / 2.5
+    for prompt in PROMPTS:
+        fp32 = answer_log_probs_generated(generator(dense.path), prompt, ANSWERS)
+        int4 = answer_log_probs_generated(generator(packed.path), prompt, ANSWERS)
+        assert int4 == pytest.approx(fp32, abs=0.5)
+        assert int4 != pytest.approx(fp32, abs=1e-6)  # quantized, not a copy
+    speed = tokens_per_second(packed.path, PROMPTS[0], new_tokens=4, rounds=1)
+    assert math.isfinite(speed) and speed > 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"weight_bits": 3}, r"weight_bits must be one of \(4, 8\) or None \(fp32\), got 3"),
+        ({"block_size": 24}, r"block_size must be one of \(16, 32, 64, 128, 256\), got 24"),
+    ],
+)
+def test_bad_generator_arguments_are_refused_before_any_work(
+    lora_llama, smollm2_tokenizer, tmp_path, arguments, message
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        export_generator(lora_llama, smollm2_tokenizer, tmp_path / "out", **arguments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_empty_output_folder_is_refused(lora_llama, smollm2_tokenizer, tmp_path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        export_generator(lora_llama, smollm2_tokenizer, tmp_path)
