@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_3d.checkpoints import keeps_callback_tensors_sharded
 from lightning_3d.loggers import log_axis_metrics, log_histogram
+from lightning_3d.models import refuse_four_bit
 from lightning_3d.pruning import (
     DEFAULT_EXCLUDE,
     MAX_TENSOR_SPARSITY,
@@ -215,6 +216,7 @@ class ProgressivePruner(Callback):
         self.targets, self.groups = find_targets(
             pl_module, self.pattern, self._selected, self.include, self.exclude
         )
+        refuse_four_bit(pl_module, self.targets, "ProgressivePruner", "masks need float weights")
         if self.score == "movement":
             frozen = [n for n in self.targets if not params[n].requires_grad]
             if frozen:

@@ -26,6 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from lightning_3d.loggers import log_axis_metrics
+from lightning_3d.models import refuse_four_bit
 from lightning_3d.pruning import DEFAULT_EXCLUDE
 from lightning_3d.quantization import (
     STAGES,
@@ -150,6 +151,7 @@ class QATHook(Callback):
         if fake_quantized_modules(pl_module):
             return
         names = select_modules(pl_module, self.include, self.exclude, self.embeddings)
+        refuse_four_bit(pl_module, names, "QATHook", "fake quantization needs float weights")
         if not names:
             raise ValueError(
                 f"QATHook selected no linear or embedding module: check include={self.include!r}"

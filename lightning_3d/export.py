@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_3d.models import evaluation_mode
+from lightning_3d.models import dequantize_four_bit, evaluation_mode
 from lightning_3d.pruning import DEFAULT_EXCLUDE, remove_dead_units
 from lightning_3d.quantization import (
     QuantizationRecipe,
@@ -227,8 +227,8 @@ def dense_float_model(model: nn.Module) -> tuple[nn.Module, list[str], list[str]
     """A copy of ``model`` as one plain fp32 Hugging Face model in eval mode, with notes on what
     was done and the names (in the copy) of the modules that were torchao-quantized.
 
-    LoRA adapters (``peft``) are merged into their base weights; torchao quantized weights are
-    dequantized (the values the quantized model computes with).
+    LoRA adapters (``peft``) are merged into their base weights; torchao quantized weights and a
+    4-bit (QLoRA) base are dequantized (the values the quantized model computes with).
 
     Raises:
         ValueError: the model is fake-quantized (a QAT run not yet converted).
@@ -240,6 +240,9 @@ def dense_float_model(model: nn.Module) -> tuple[nn.Module, list[str], list[str]
         )
     notes = []
     model = copy.deepcopy(model)
+    four_bit = dequantize_four_bit(model)
+    if four_bit:
+        notes.append(f"{len(four_bit)} 4-bit base layers de-quantized to fp32")
     converted = quantized_modules(model)
     quantized_ids = {id(model.get_submodule(name)) for name in converted}
     if converted:

@@ -184,3 +184,80 @@ def load_pretrained(auto_class, source: str, kind: str, **kwargs):
         return auto_class.from_pretrained(source, **kwargs)
     except OSError as error:
         raise _load_error(kind, source, error) from error
+
+
+#: The class of a weight stored in 4 bits by bitsandbytes (a QLoRA base), found by name so
+#: bitsandbytes is imported only where such a weight exists.
+FOUR_BIT_WEIGHT = "Params4bit"
+
+
+def four_bit_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules whose ``weight`` is stored in 4 bits (bitsandbytes ``Linear4bit``,
+    as :class:`~lightning_3d.tasks.LoRASettings` ``base_quantization`` loads them).
+
+    Example:
+        >>> four_bit_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        []
+    """
+    return [
+        name
+        for name, module in model.named_modules()  # the owner of the weight, not a wrapper
+        if type(dict(module.named_parameters(recurse=False)).get("weight")).__name__
+        == FOUR_BIT_WEIGHT
+    ]
+
+
+def refuse_four_bit(model: torch.nn.Module, names: list[str], who: str, why: str) -> None:
+    """Raise a ``ValueError`` naming the first of ``names`` (module or ``<module>.weight``
+    names) that holds 4-bit weights; ``who`` acts on them, ``why`` it cannot."""
+    four_bit = set(four_bit_modules(model))
+    hit = [n for n in names if n in four_bit or n.removesuffix(".weight") in four_bit]
+    if hit:
+        raise ValueError(
+            f"{who}: {hit[0]} (and {len(hit) - 1} more) holds 4-bit weights (a QLoRA base, "
+            f"LoRASettings base_quantization): {why}; load a float base or exclude them"
+        )
+
+
+def dequantize_four_bit(model: torch.nn.Module) -> list[str]:
+    """Replace every 4-bit linear layer of ``model`` by an fp32 ``nn.Linear`` holding its
+    de-quantized weight (the values it computes with), in place; returns their names.
+
+    A 4-bit layer that is the base of a LoRA adapter (``peft``) is replaced together with its
+    adapter by one ``nn.Linear`` of ``W + (alpha / r) B A`` (merging into the 4-bit codes
+    instead would round the update to the 4-bit grid).
+
+    Example:
+        >>> dequantize_four_bit(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        []
+    """
+    names = four_bit_modules(model)
+    if not names:
+        return []
+    from bitsandbytes.functional import dequantize_4bit
+
+    for name in names:
+        module = model.get_submodule(name)
+        shape = (module.out_features, module.in_features)
+        weight = dequantize_4bit(module.weight.data, module.weight.quant_state)
+        weight = weight.float().reshape(shape)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replaced = name
+        if child == "base_layer" and hasattr(parent, "get_delta_weight"):  # a LoRA wrapper
+            for adapter in parent.active_adapters:
+                if adapter in parent.lora_A:
+                    weight = weight + parent.get_delta_weight(adapter).float().reshape(shape)
+            replaced = parent_name
+        linear = torch.nn.Linear(*reversed(shape), bias=module.bias is not None)
+        linear.weight.data = weight
+        if module.bias is not None:
+            linear.bias.data = module.bias.data.float()
+        linear.requires_grad_(False)
+        owner_name, _, attribute = replaced.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, attribute, linear)
+    pretrained = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(pretrained, "hf_quantizer", None)
+    if quantizer is not None:  # a float model now: its config and casts say so again
+        quantizer.remove_quantization_config(pretrained)
+    return names

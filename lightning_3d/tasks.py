@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import resource
 import sys
@@ -44,6 +45,8 @@ from lightning_3d.models import (
     resolve_classifier,
 )
 
+#: 4-bit formats of a frozen LoRA base (bitsandbytes ``bnb_4bit_quant_type``).
+BASE_QUANTIZATIONS = ("nf4", "fp4")
 #: Parameter-name fragments that are excluded from weight decay (biases and normalization).
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -61,6 +64,11 @@ class LoRASettings:
         dropout: dropout on the adapter input.
         target_modules: module-name suffixes (or one regex) to adapt; ``None`` uses peft's default
             for the architecture (``query``/``value`` for BERT, ``q_proj``/``v_proj`` for Llama).
+        base_quantization: ``"nf4"`` or ``"fp4"``: load the frozen base of a causal LM with
+            4-bit weights (bitsandbytes ``Linear4bit``, blocks of 64 with one absmax scale,
+            de-quantized to fp32 in every product: QLoRA), the adapters in fp32; ``None``: a
+            float base. Pruning and QAT refuse a 4-bit base before training; the export
+            de-quantizes it and merges the adapters.
 
     Example:
         >>> LoRASettings(r=4).to_peft("SEQ_CLS").r
@@ -71,6 +79,7 @@ class LoRASettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] | str | None = None
+    base_quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -79,6 +88,34 @@ class LoRASettings:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.base_quantization not in (None, *BASE_QUANTIZATIONS):
+            raise ValueError(
+                f"LoRA base_quantization must be one of {BASE_QUANTIZATIONS} or None, got "
+                f"{self.base_quantization!r}"
+            )
+
+    def load_arguments(self) -> dict[str, Any]:
+        """``from_pretrained`` keyword arguments for the base: a bitsandbytes 4-bit config when
+        ``base_quantization`` is set, else none.
+
+        Raises:
+            ImportError: bitsandbytes is not installed.
+        """
+        if self.base_quantization is None:
+            return {}
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(
+                f"LoRA base_quantization={self.base_quantization!r} needs bitsandbytes: "
+                "pip install bitsandbytes"
+            )
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.base_quantization,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        return {"quantization_config": config}
 
     def to_peft(self, task_type: str):  # -> peft.LoraConfig
         from peft import LoraConfig
@@ -244,6 +281,11 @@ class SequenceClassificationTask(PretrainedTask):
         super().__init__(learning_rate, weight_decay, warmup_ratio)
         if num_labels < 2:
             raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+        if lora is not None and lora.base_quantization is not None:
+            raise ValueError(
+                f"LoRA base_quantization={lora.base_quantization!r} is for causal LMs "
+                "(CausalLMTask, PromptClassificationTask): a classifier's head trains in full"
+            )
         from transformers import AutoModelForSequenceClassification
 
         source = resolve_classifier(model_name_or_path)
@@ -382,7 +424,9 @@ class CausalLMTask(PretrainedTask):
         source = resolve_causal_lm(model_name_or_path, gguf_file)
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(source)
-        self._attach(load_pretrained(AutoModelForCausalLM, source, "model"), lora, "CAUSAL_LM")
+        arguments = lora.load_arguments() if lora is not None else {}
+        model = load_pretrained(AutoModelForCausalLM, source, "model", **arguments)
+        self._attach(model, lora, "CAUSAL_LM")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 

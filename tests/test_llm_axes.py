@@ -90,6 +90,74 @@ def test_qat_fake_quantizes_the_base_and_keeps_lora_float(tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_a_4bit_base_trains_its_adapters_and_pruning_and_qat_refuse_it(tmp_path) -> None:
+    """QLoRA: SmolLM2 loaded with an NF4 base. The curriculum, the freezer and distillation from
+    the snapshot train the adapters while the 4-bit codes stay; the pruner and QAT refuse before
+    the first step; the export de-quantizes the base and computes the same logits."""
+    pytest.importorskip("bitsandbytes")
+    from lightning_3d.callbacks import Distiller
+    from lightning_3d.export import dense_float_model
+    from lightning_3d.models import four_bit_modules
+
+    settings = LoRASettings(
+        r=4, alpha=8, target_modules=["q_proj", "v_proj"], base_quantization="nf4"
+    )
+    task = PromptClassificationTask(lora=settings)
+    four_bit = four_bit_modules(task)
+    assert len(four_bit) == 30 * 7  # every linear layer of the 30 blocks; lm_head stays float
+    assert "model.base_model.model.model.layers.0.self_attn.q_proj.base_layer" in four_bit
+    codes = task.get_submodule(four_bit[0]).weight.detach().clone()
+    adapters = {n: p.detach().clone() for n, p in task.named_parameters() if p.requires_grad}
+    data = small_prompts(task.tokenizer)
+    axes = [
+        CurriculumSampler(score="loss", warmup_epochs=1),
+        Distiller("snapshot", alpha=0.5, start_step=1, top_k=4),
+        SensitivityFreezer(target_trainable=0.5, warmup_steps=2),
+    ]
+    trainer_for(tmp_path, axes, max_steps=3).fit(task, datamodule=data)
+    assert torch.equal(task.get_submodule(four_bit[0]).weight, codes)
+    moved = [n for n, p in task.named_parameters() if n in adapters and "lora_B" in n]
+    assert any(not torch.equal(dict(task.named_parameters())[n], adapters[n]) for n in moved)
+    assert axes[1].teacher_samples > 0
+
+    for axis, message in (
+        (ProgressivePruner(target_sparsity=0.5), "ProgressivePruner: .* holds 4-bit weights"),
+        (QATHook("int8_weight_only"), "QATHook: .* holds 4-bit weights"),
+    ):
+        trainer = trainer_for(tmp_path, [axis], max_steps=2)
+        with pytest.raises(ValueError, match=message):
+            trainer.fit(task, datamodule=data)
+        assert trainer.global_step == 0
+
+    dense, notes, _ = dense_float_model(task.model)
+    assert not four_bit_modules(dense) and any("4-bit base" in note for note in notes)
+    # by hand: the de-quantized codes, plus (alpha / r) B A where an adapter sits
+    from bitsandbytes.functional import dequantize_4bit
+
+    attention = task.model.get_base_model().model.layers[0].self_attn
+    for name, adapted in (("q_proj", True), ("k_proj", False)):
+        wrapper = getattr(attention, name)
+        base = wrapper.base_layer if adapted else wrapper
+        expected = dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        if adapted:
+            a, b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+            expected = expected + (8 / 4) * b.detach() @ a.detach()
+        exported = getattr(dense.model.layers[0].self_attn, name)
+        assert type(exported) is torch.nn.Linear
+        torch.testing.assert_close(exported.weight, expected.reshape(exported.weight.shape))
+    # end to end: bitsandbytes' CPU kernel rounds its products (about 1% per layer), the
+    # export computes in fp32, so the logits differ a little and the answers agree
+    batch = next(iter(data.test_dataloader()))
+    with torch.no_grad():
+        quantized = task.eval()(batch["input_ids"], batch["attention_mask"])
+        merged = dense(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (merged - quantized).abs().max() < 1.0
+    last = batch["attention_mask"].sum(1) - 1
+    rows = torch.arange(len(last))
+    assert torch.equal(merged[rows, last].argmax(-1), quantized[rows, last].argmax(-1))
+
+
+@pytest.mark.slow
 def test_heads_and_neurons_pruned_on_smollm2_reload_with_plain_from_pretrained(
     tmp_path,
 ) -> None:
