@@ -135,6 +135,14 @@ def test_data_labels_outside_label_names_are_named(minilm_tokenizer) -> None:
         (lambda: SequenceClassificationTask(warmup_ratio=1.0), r"warmup_ratio must be in \[0, 1\)"),
         (lambda: LoRASettings(r=0), "LoRA r must be a positive integer, got 0"),
         (lambda: LoRASettings(dropout=1.0), r"LoRA dropout must be in \[0, 1\)"),
+        (
+            lambda: LoRASettings(base_quantization="int3"),
+            r"base_quantization must be one of \('nf4', 'fp4'\) or None, got 'int3'",
+        ),
+        (
+            lambda: SequenceClassificationTask(lora=LoRASettings(base_quantization="nf4")),
+            "base_quantization='nf4' is for causal LMs",
+        ),
     ],
 )
 def test_bad_task_arguments(build, message) -> None:
