@@ -223,6 +223,7 @@ class _ExportCLI(Lightning3DCLI):
 
 def _export_parser() -> argparse.ArgumentParser:
     from lightning_3d.export import DEFAULT_INT8_SCHEME, FORMATS, INT8_SCHEMES
+    from lightning_3d.generation import GENERATOR_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="lightning-3d export",
@@ -233,7 +234,11 @@ def _export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt_path", required=True, help="checkpoint file or sharded folder")
     parser.add_argument("--output", required=True, help="folder to write (must be empty)")
     parser.add_argument(
-        "--formats", nargs="+", default=["hf", "onnx", "onnx-int8"], help=f"of {FORMATS}"
+        "--formats",
+        nargs="+",
+        default=["hf", "onnx", "onnx-int8"],
+        help=f"of {FORMATS}, and for causal LMs {tuple(GENERATOR_FORMATS)} (ONNX Runtime "
+        "GenAI: KV-cache decoder, timed in tokens/s)",
     )
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     parser.add_argument(
@@ -300,9 +305,18 @@ def run_export(args: Sequence[str]) -> Any:
     configuration, load the checkpoint (converted as the run's ``QATHook`` would), then
     :func:`lightning_3d.export.export`; prints the report's table and returns the report."""
     from lightning_3d.export import INT8_SCHEMES, check_formats, export, prepare_output_dir
+    from lightning_3d.generation import GENERATOR_FORMATS, check_generator_arguments
+    from lightning_3d.tasks import CausalLMTask
 
     options, run_args = _export_parser().parse_known_args(list(args))
-    formats = check_formats(options.formats)
+    generators = [f for f in dict.fromkeys(options.formats) if f in GENERATOR_FORMATS]
+    requested = [f for f in options.formats if f not in GENERATOR_FORMATS]
+    try:
+        formats = check_formats(requested) if requested or not generators else ()
+    except ValueError as error:
+        raise ValueError(f"{error}; for causal LMs also {tuple(GENERATOR_FORMATS)}") from error
+    if generators:
+        check_generator_arguments(None, 32)  # onnxruntime-genai is installed
     if options.int8_scheme not in INT8_SCHEMES:
         raise ValueError(f"--int8_scheme {options.int8_scheme!r}: choose from {INT8_SCHEMES}")
     if not os.path.exists(options.ckpt_path):
@@ -317,6 +331,11 @@ def run_export(args: Sequence[str]) -> Any:
         task, data, qat = load_run(
             run_args, options.ckpt_path, needs_quantization="torchao" in formats
         )
+        if generators and not isinstance(task, CausalLMTask):
+            raise ValueError(
+                f"formats {generators} are decoders for generation: this run's model is a "
+                f"{type(task).__name__}, not a CausalLMTask"
+            )
     except Exception:
         if created and os.path.isdir(options.output) and not os.listdir(options.output):
             os.rmdir(options.output)  # leave nothing behind for a run that did not start
@@ -329,22 +348,51 @@ def run_export(args: Sequence[str]) -> Any:
     if static:
         data.setup("fit")
         calibration = list(_samples(data.train_dataloader(), options.calibration_samples))
-    report = export(
+    report = None
+    if formats:
+        report = export(
+            task.model,
+            task.tokenizer,
+            options.output,
+            formats,
+            eval_data,
+            quantization=qat.recipe if qat else None,
+            int8_scheme=options.int8_scheme,
+            calibration_data=calibration,
+            overwrite=options.overwrite,  # (checked above, before the model was built)
+            latency_rounds=options.latency_rounds,
+            sequence_length=options.sequence_length,
+        )
+        print(report.table())
+    if generators:
+        _export_generators(task, data, options, generators)
+    print(f"written to {options.output} (reports beside the formats)")
+    return report
+
+
+def _export_generators(task: Any, data: Any, options: Any, formats: list[str]) -> None:
+    """The GenAI formats of ``lightning-3d export``: scored on the evaluation split when its
+    samples are prompts with answers (``RottenTomatoesPrompts``), timed in tokens/s."""
+    from lightning_3d.generation import export_generators, generator_table
+
+    split = {"test": "test", "val": "val"}.get(options.eval_split)
+    dataset = data.splits.get(split) if split else None
+    scored = dataset is not None and hasattr(dataset, "answers")
+    count = len(dataset) if scored else 0
+    if scored and options.eval_samples is not None:
+        count = min(count, options.eval_samples)
+    reports = export_generators(
         task.model,
         task.tokenizer,
         options.output,
         formats,
-        eval_data,
-        quantization=qat.recipe if qat else None,
-        int8_scheme=options.int8_scheme,
-        calibration_data=calibration,
-        overwrite=options.overwrite,  # (checked above, before the model was built)
-        latency_rounds=options.latency_rounds,
-        sequence_length=options.sequence_length,
+        prompts=list(dataset.prompts[:count]) if scored else None,
+        answers=dataset.answers if scored else None,
+        labels=list(dataset.classes[:count]) if scored else None,
+        rounds=options.latency_rounds,
+        overwrite=options.overwrite,
     )
-    print(report.table())
-    print(f"written to {options.output} (report.json beside the formats)")
-    return report
+    print(generator_table(reports))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -25,15 +25,17 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,11 @@ log = logging.getLogger(__name__)
 #: Weight bits the builder writes as integers (``None``: fp32 weights).
 WEIGHT_BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+#: ``lightning-3d export`` formats of a causal LM for generation, and their weight bits.
+GENERATOR_FORMATS = {"genai-fp32": None, "genai-int8": 8, "genai-int4": 4}
+GENERATOR_REPORT_FILE = "generation_report.json"
+#: Tokens generated per timing round.
+NEW_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,10 @@ def answer_accuracy(
 
 
 def tokens_per_second(
-    path: str | os.PathLike[str], prompt: Sequence[int], new_tokens: int = 64, rounds: int = 3
+    path: str | os.PathLike[str],
+    prompt: Sequence[int],
+    new_tokens: int = NEW_TOKENS,
+    rounds: int = 3,
 ) -> float:
     """Median over ``rounds`` of greedy decoding speed at batch 1: ``new_tokens`` generated after
     ``prompt`` (the prefill is not counted), one warm-up round first."""
@@ -224,3 +234,70 @@ def tokens_per_second(
 
     one_round(min(8, new_tokens))
     return statistics.median(one_round(new_tokens) for _ in range(rounds))
+
+
+@dataclass(frozen=True)
+class GeneratorReport:
+    """One exported generator as measured: folder bytes, accuracy on the prompts (``None``
+    without them) and greedy tokens per second at batch 1 (``None`` with no timing rounds)."""
+
+    format: str
+    path: str
+    bytes: int
+    accuracy: float | None
+    tokens_per_s: float | None
+
+
+def export_generators(
+    model: nn.Module,
+    tokenizer: Any,
+    output: str | os.PathLike[str],
+    formats: Sequence[str],
+    prompts: Sequence[Sequence[int]] | None = None,
+    answers: Sequence[Sequence[int]] | None = None,
+    labels: Sequence[int] | None = None,
+    rounds: int = 3,
+    new_tokens: int = NEW_TOKENS,
+    overwrite: bool = False,
+) -> list[GeneratorReport]:
+    """Each of ``formats`` (:data:`GENERATOR_FORMATS`) written to ``output/<format>`` by
+    :func:`export_generator`, scored on ``prompts`` (:func:`answer_accuracy`, when given) and
+    timed (:func:`tokens_per_second` over ``rounds``, after the first prompt or the tokenizer's
+    BOS); the list is also saved as ``output/generation_report.json``. ``overwrite`` replaces
+    those format folders when they exist.
+
+    Raises:
+        ValueError: an unknown format (the message lists them), prompts without answers and
+            labels.
+    """
+    unknown = [f for f in formats if f not in GENERATOR_FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"formats {unknown or []}: choose from {list(GENERATOR_FORMATS)}")
+    if prompts is not None and (answers is None or labels is None):
+        raise ValueError("scoring prompts needs their answers and labels")
+    start = [int(t) for t in prompts[0]] if prompts else [int(tokenizer.bos_token_id or 0)]
+    reports = []
+    for name in formats:
+        folder = Path(output) / name
+        if overwrite and folder.is_dir():
+            shutil.rmtree(folder)
+        built = export_generator(model, tokenizer, folder, GENERATOR_FORMATS[name])
+        accuracy = None
+        if prompts is not None:
+            assert answers is not None and labels is not None
+            accuracy = answer_accuracy(built.path, prompts, answers, labels)
+        speed = tokens_per_second(built.path, start, new_tokens, rounds) if rounds else None
+        reports.append(GeneratorReport(name, str(built.path), built.bytes, accuracy, speed))
+    document = [asdict(report) for report in reports]
+    (Path(output) / GENERATOR_REPORT_FILE).write_text(json.dumps(document, indent=1))
+    return reports
+
+
+def generator_table(reports: Sequence[GeneratorReport]) -> str:
+    """A Markdown table of :func:`export_generators`' reports."""
+    lines = ["| format | MiB | accuracy % | tokens/s |", "|---|---|---|---|"]
+    for r in reports:
+        accuracy = "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
+        speed = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}"
+        lines.append(f"| {r.format} | {r.bytes / 2**20:.1f} | {accuracy} | {speed} |")
+    return "\n".join(lines)

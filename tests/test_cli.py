@@ -412,6 +412,11 @@ def test_cli_exports_a_pruned_and_quantized_run(tmp_path) -> None:
     ("arguments", "error", "message"),
     [
         (["--formats", "tflite"], ValueError, r"unknown \['tflite'\]"),
+        (
+            ["--formats", "hf", "genai-int3"],
+            ValueError,
+            r"unknown \['genai-int3'\]; .* for causal LMs also \('genai-fp32'",
+        ),
         (["--formats", "torchao"], ValueError, r"'torchao'.*has none"),
         (["--int8_scheme", "int3"], ValueError, "choose from"),
     ],

@@ -3,6 +3,8 @@ against the LoRA model in PyTorch, accuracy counted from them, integer weights, 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -12,9 +14,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_3d.generation import (
+    GENERATOR_REPORT_FILE,
     answer_accuracy,
     answer_log_probs_generated,
     export_generator,
+    export_generators,
+    folder_bytes,
+    generator_table,
     tokens_per_second,
 )
 
@@ -101,6 +107,27 @@ def test_four_bit_weights_shrink_the_folder_and_stay_near_fp32(exported) -> None
         assert int4 != pytest.approx(fp32, abs=1e-6)  # quantized, not a copy
     speed = tokens_per_second(packed.path, PROMPTS[0], new_tokens=4, rounds=1)
     assert math.isfinite(speed) and speed > 0
+
+
+def test_export_generators_writes_scores_times_and_reports_each_format(
+    lora_llama, smollm2_tokenizer, tmp_path
+) -> None:
+    labels = [0, 1, 0]
+    reports = export_generators(
+        lora_llama, smollm2_tokenizer, tmp_path, ["genai-int8"], PROMPTS, ANSWERS, labels, 1, 4
+    )
+    (report,) = reports
+    assert report.format == "genai-int8" and report.path == str(tmp_path / "genai-int8")
+    assert report.bytes == folder_bytes(report.path)
+    assert report.accuracy == answer_accuracy(report.path, PROMPTS, ANSWERS, labels)
+    assert report.tokens_per_s is not None and report.tokens_per_s > 0
+    saved = json.loads((tmp_path / GENERATOR_REPORT_FILE).read_text())
+    assert saved == [dataclasses.asdict(report)]
+    assert "| genai-int8 |" in generator_table(reports)
+    with pytest.raises(ValueError, match=r"formats \['genai-int3'\]: choose from"):
+        export_generators(lora_llama, smollm2_tokenizer, tmp_path, ["genai-int3"])
+    with pytest.raises(ValueError, match="needs their answers and labels"):
+        export_generators(lora_llama, smollm2_tokenizer, tmp_path, ["genai-fp32"], PROMPTS)
 
 
 @pytest.mark.parametrize(
