@@ -110,12 +110,12 @@ def export_generator(
     """Write ``model`` (a causal LM: LoRA-wrapped, masked or QAT-converted) as an ONNX Runtime
     GenAI folder at ``output`` with ``weight_bits`` integer weights.
 
-    A block of ``block_size`` weights ``w`` is stored as ``round(w / s)`` with
-    ``s = max|w| / (2^(bits-1) - 1)``; the product de-quantizes on the fly.
+    A block of ``block_size`` weights ``w`` is stored symmetrically (the builder's default) as
+    ``round(w / s)`` with one scale ``s`` per block; the product de-quantizes on the fly.
 
     Raises:
-        ValueError: bad ``weight_bits``/``block_size``; the model is not a causal LM the
-            builder knows (its message names the architecture).
+        ValueError: bad ``weight_bits``/``block_size``; an architecture the builder does not
+            know (named in the message).
         FileExistsError: ``output`` exists and is not empty.
         RuntimeError: the builder failed (its last output lines are in the message).
     """
@@ -142,8 +142,9 @@ def export_generator(
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not (target / "genai_config.json").exists():
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
-        if "NotImplementedError" in tail and "architecture" in tail.lower():
-            raise ValueError(f"ONNX Runtime GenAI cannot build this model:\n{tail}")
+        if "is not currently supported" in tail:
+            architecture = (getattr(dense.config, "architectures", None) or ["?"])[0]
+            raise ValueError(f"ONNX Runtime GenAI has no builder for {architecture}:\n{tail}")
         raise RuntimeError(f"the ONNX Runtime GenAI builder failed ({precision}):\n{tail}")
     built = GeneratorExport(target, weight_bits, folder_bytes(target))
     log.info("export_generator: %s (%s) %.1f MB", target, precision, built.bytes / 2**20)
