@@ -20,6 +20,7 @@ BASELINE = REPO / "examples" / "configs" / "rt_minilm_baseline.yaml"
 LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
 PROMPT_CONFIG = REPO / "examples" / "configs" / "rt_smollm2_lora.yaml"
 PROMPT_PLAN_CONFIG = REPO / "examples" / "configs" / "rt_smollm2_3d.yaml"
+ONE_EPOCH_LM_PLAN = REPO / "examples" / "configs" / "rt_smollm2_3d_one_epoch.yaml"
 FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
@@ -212,6 +213,7 @@ def test_every_example_config_is_tested() -> None:
             LM_CONFIG,
             PROMPT_CONFIG,
             PROMPT_PLAN_CONFIG,
+            ONE_EPOCH_LM_PLAN,
             FSDP_CONFIG,
             CURRICULUM_CONFIG,
             FREEZER_CONFIG,
@@ -230,6 +232,7 @@ EXAMPLE_CONFIGS = [
     LM_CONFIG,
     PROMPT_CONFIG,
     PROMPT_PLAN_CONFIG,
+    ONE_EPOCH_LM_PLAN,
     FSDP_CONFIG,
     CURRICULUM_CONFIG,
     FREEZER_CONFIG,
