@@ -645,3 +645,36 @@ def test_named_tuples_in_callback_states_keep_their_type() -> None:
     assert isinstance(plain["pair"], Pair) and tensors == {}
     assert isinstance(join_sharded(plain, tensors)["pair"], Pair)
     assert gather_sharded(state)["pair"].step == 3
+
+
+@pytest.mark.slow
+def test_lora_on_the_real_smollm2_sends_only_adapter_gradients(tmp_path, launch_two_ranks):
+    """SmolLM2 with LoRA on q/v under CompressedFSDPStrategy, 2 ranks, 3 steps: the frozen base
+    sharded (FSDP2's default), sharded with int8 all-gathers, or kept whole on every rank."""
+    results = launch_two_ranks("smollm2_lora", tmp_path, timeout=1500)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
+    for rank in range(2):
+        found = json.loads((tmp_path / f"smollm2_lora.rank{rank}.json").read_text())
+        adapters, base = found["adapter_bytes"], found["base_bytes"]
+        assert found["shard_adapters"] == 30 * 2 * 2  # lora_A and lora_B of q and v, 30 blocks
+        for name in ("shard", "shard_int8", "replicate"):
+            assert found[f"{name}_base_moved"] == 0.0  # the base never changes
+            assert found[f"{name}_adapters_moved"] > 1e-4
+            assert found[f"{name}_sharded_adapters"] == found["shard_adapters"]
+            # only adapter gradients are reduce-scattered: 3 steps of at most every adapter
+            # (padding to the ranks included), nothing of the base
+            dense = found[f"{name}_reduce_scatter_dense_bytes"]
+            assert 0 < dense <= 3 * (adapters + 4 * 2 * found["shard_adapters"])
+        assert found["shard_sharded_base"] > 0 and found["replicate_sharded_base"] == 0
+        # kept whole, the base is never all-gathered; int8 all-gathers send about a quarter
+        sent = found["shard_int8_all_gather_wire_bytes"]
+        assert 0 < sent < 0.3 * found["shard_int8_all_gather_dense_bytes"]
+        # the same training whichever way the base travels (int8 weights: close, not equal)
+        assert found["replicate_vs_shard"] <= 1e-5
+        assert found["int8_vs_shard"] < 0.05 * found["shard_adapters_moved"] + 1e-4
+        print(
+            f"rank {rank}: median step s shard {found['shard_step_s']:.2f}, shard+int8 "
+            f"{found['shard_int8_step_s']:.2f}, replicate {found['replicate_step_s']:.2f}; "
+            f"base {base / 2**20:.0f} MiB"
+        )
