@@ -166,6 +166,12 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     speed = tokens_per_second(deployed.path, prompts[0], NEW_TOKENS, rounds=3)
     export_s = time.perf_counter() - started
     shutil.rmtree(folder)
+    if args.keep_models is not None:  # the merged fp32 model, for later export variants
+        from lightning_3d.export import dense_float_model
+
+        kept = args.keep_models / f"{setup}_seed{seed}"
+        dense_float_model(task.model)[0].save_pretrained(kept)
+        task.tokenizer.save_pretrained(kept)
     row = {
         "test_acc": int4_acc if deployed is int4 else trained,
         "trained_acc": trained,
@@ -337,6 +343,9 @@ def main() -> None:
     parser.add_argument("--export-dir", type=Path, default=Path("runs") / "llm_exports")
     parser.add_argument("--summary", type=Path, default=RESULTS.parent / "llm_summary.json")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument(
+        "--keep-models", type=Path, default=None, help="save each merged fp32 model here"
+    )
     parser.add_argument("--summarize", action="store_true")
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
