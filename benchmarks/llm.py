@@ -43,6 +43,10 @@ seeds) and the goals of ``3D`` against ``Standard``. A result file with a ``"con
 (a note saying why) comes from a run that shared the CPU with other work: its accuracy and
 sizes count, its times (``train_s``, ``cpu_s``, ``tokens_per_s``) are left out.
 
+``--keep-models DIR`` saves each run's merged fp32 model; ``--export-variants DIR/SETUP_seedN``
+exports one of them at 4 and 8 bits and scores both on the test split
+(``export_variants_<model>_<machine>.json``).
+
 Usage::
 
     python benchmarks/llm.py                           # every set-up, its seeds
@@ -248,12 +252,47 @@ def sweep(args: argparse.Namespace) -> int:
     return len(failed)
 
 
+def export_variants(args: argparse.Namespace) -> None:
+    """The merged model of one run (``--keep-models``) exported at 4 and 8 bits and scored on
+    the test split side by side: what the deployment's bit width costs that model."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_3d.data import RottenTomatoesPrompts
+    from lightning_3d.generation import answer_accuracy, export_generator, tokens_per_second
+    from lightning_3d.models import load_tokenizer
+
+    source = args.export_variants
+    tokenizer = load_tokenizer(str(source))
+    model = AutoModelForCausalLM.from_pretrained(source)
+    data = RottenTomatoesPrompts(tokenizer=tokenizer, max_length=args.max_length)
+    data.setup("test")
+    test = data.splits["test"]
+    prompts = [[int(t) for t in prompt] for prompt in test.prompts]
+    variants = {}
+    for bits in (4, 8):
+        folder = args.export_dir / f"{source.name}_int{bits}"
+        shutil.rmtree(folder, ignore_errors=True)
+        built = export_generator(model, tokenizer, folder, weight_bits=bits)
+        variants[f"int{bits}"] = {
+            "bytes": built.bytes,
+            "acc": 100 * answer_accuracy(built.path, prompts, test.answers, test.classes),
+            "tokens_per_s": tokens_per_second(built.path, prompts[0], NEW_TOKENS, rounds=3),
+        }
+        shutil.rmtree(folder)
+        print(f"int{bits}: {json.dumps(variants[f'int{bits}'])}", flush=True)
+    target = args.results_dir / f"export_variants_{source.name}_{args.machine}.json"
+    document = {"model": str(source.name), "commit": git_commit(), "variants": variants}
+    target.write_text(json.dumps(document, indent=1) + "\n")
+
+
 # ----------------------------------------------------------------------------- summary
 def merge(args: argparse.Namespace) -> dict[str, Any]:
     """The result files of ``--machine`` as ``{"regime": ..., "setups": {NAME: ...}}``."""
+    paths = sorted(args.results_dir.glob(f"*_seed*_{args.machine}.json"))
     documents = [
-        json.loads(path.read_text())
-        for path in sorted(args.results_dir.glob(f"*_{args.machine}.json"))
+        document
+        for document in map(json.loads, (path.read_text() for path in paths))
+        if "setup" in document  # not an export-variants file
     ]
     setups: dict[str, Any] = {}
     for setup in SETUPS:
@@ -290,6 +329,11 @@ def mean_of(values: list[float | None]) -> float:
     return statistics.mean(kept) if kept else math.nan
 
 
+def shown(value: float, spec: str, suffix: str = "") -> str:
+    """``value`` formatted, or ``-`` when it was not measured (NaN)."""
+    return "-" if math.isnan(value) else f"{value:{spec}}{suffix}"
+
+
 def mean_sd(values: list[float | None]) -> str:
     kept = measured(values)
     if not kept:
@@ -315,8 +359,8 @@ def table(summary: dict[str, Any]) -> str:
         speed = "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.1f}"
         lines.append(
             f"| {name} ({row['deployed']}) | {len(row['seeds'])} | {mean_sd(row['test_acc'])} "
-            f"| {mean_sd(row['trained_acc'])} | {mean_sd(row['int4_acc'])} | {train:.0f} "
-            f"| {time_ratio:.2f}x | {mean_of(row['cpu_s']):.0f} "
+            f"| {mean_sd(row['trained_acc'])} | {mean_sd(row['int4_acc'])} | {shown(train, '.0f')} "
+            f"| {shown(time_ratio, '.2f', 'x')} | {shown(mean_of(row['cpu_s']), '.0f')} "
             f"| {max(row['peak_rss_mib']):.0f} | {row['model_bytes'] / 1e6:.0f} | {smaller:.2f}x "
             f"| {speed} | {row['steps']} |"
         )
@@ -369,6 +413,9 @@ def main() -> None:
         "--keep-models", type=Path, default=None, help="save each merged fp32 model here"
     )
     parser.add_argument("--summarize", action="store_true")
+    parser.add_argument(
+        "--export-variants", type=Path, help="a kept model folder: its 4- and 8-bit exports"
+    )
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -376,6 +423,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
     elif args.summarize:
         summarize(args)
+    elif args.export_variants:
+        export_variants(args)
     else:
         sys.exit(1 if sweep(args) else 0)
 
