@@ -379,7 +379,7 @@ def goals(summary: dict[str, Any]) -> str:
         [
             f"- accuracy kept: {100 * kept:.1f}% (goal >= 99%): "
             f"{'met' if kept >= 0.99 else 'missed'}",
-            f"- training time: {time_ratio:.2f}x (goal <= 0.5x): "
+            f"- training time: {shown(time_ratio, '.2f', 'x')} (goal <= 0.5x): "
             f"{'met' if time_ratio <= 0.5 else 'missed' if time_ratio > 0.5 else 'not measured'}",
             f"- deployed model: {smaller:.2f}x smaller (goal >= 3x): "
             f"{'met' if smaller >= 3 else 'missed'}",
