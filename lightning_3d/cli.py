@@ -375,8 +375,7 @@ def _export_generators(task: Any, data: Any, options: Any, formats: list[str]) -
     samples are prompts with answers (``RottenTomatoesPrompts``), timed in tokens/s."""
     from lightning_3d.generation import export_generators, generator_table
 
-    split = {"test": "test", "val": "val"}.get(options.eval_split)
-    dataset = data.splits.get(split) if split else None
+    dataset = None if options.eval_split == "none" else data.splits.get(options.eval_split)
     scored = dataset is not None and hasattr(dataset, "answers")
     count = len(dataset) if scored else 0
     if scored and options.eval_samples is not None:

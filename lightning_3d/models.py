@@ -213,9 +213,10 @@ def refuse_four_bit(model: torch.nn.Module, names: list[str], who: str, why: str
     four_bit = set(four_bit_modules(model))
     hit = [n for n in names if n in four_bit or n.removesuffix(".weight") in four_bit]
     if hit:
+        more = f" (and {len(hit) - 1} more)" if len(hit) > 1 else ""
         raise ValueError(
-            f"{who}: {hit[0]} (and {len(hit) - 1} more) holds 4-bit weights (a QLoRA base, "
-            f"LoRASettings base_quantization): {why}; load a float base or exclude them"
+            f"{who}: {hit[0]}{more} holds 4-bit weights (a QLoRA base, LoRASettings "
+            f"base_quantization): {why}; load a float base or exclude them"
         )
 
 
