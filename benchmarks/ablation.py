@@ -411,25 +411,35 @@ def sweep(args: argparse.Namespace) -> int:
             if target.exists() and not args.force:
                 print(f"{setup} seed {seed}: {target.name} exists; skipped", flush=True)
                 continue
-            try:
-                measured = child("--one", setup, str(seed), script=__file__)
-            except RuntimeError as error:
+            if not record_run(setup, seed, target, args.machine, settings_of(args), __file__):
                 failed.append(f"{setup} seed {seed}")
-                print(f"{setup} seed {seed}: failed\n{error}", flush=True)
-                continue
-            document = {
-                "setup": setup,
-                "seed": seed,
-                "machine": args.machine,
-                "commit": git_commit(),  # per run: a sweep in parts may span commits
-                "settings": {**settings_of(args), **measured["run"]},
-                "row": measured["row"],
-            }
-            target.write_text(json.dumps(document, indent=1) + "\n")
-            print(f"{setup} seed {seed}: {json.dumps(measured['row'])}", flush=True)
     if failed:
         print(f"failed: {', '.join(failed)}", flush=True)
     return len(failed)
+
+
+def record_run(
+    setup: str, seed: int, target: Path, machine: str, settings: dict[str, Any], script: str
+) -> bool:
+    """Run ``script --one SETUP SEED`` in a fresh process and write its result document to
+    ``target`` (the set-up, seed, machine, commit, ``settings`` plus the run's own, the row);
+    ``False`` (and the error printed) when the run failed."""
+    try:
+        measured = child("--one", setup, str(seed), script=script)
+    except RuntimeError as error:
+        print(f"{setup} seed {seed}: failed\n{error}", flush=True)
+        return False
+    document = {
+        "setup": setup,
+        "seed": seed,
+        "machine": machine,
+        "commit": git_commit(),  # per run: a sweep in parts may span commits
+        "settings": {**settings, **measured["run"]},
+        "row": measured["row"],
+    }
+    target.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"{setup} seed {seed}: {json.dumps(measured['row'])}", flush=True)
+    return True
 
 
 # ----------------------------------------------------------------------------- latency

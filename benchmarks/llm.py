@@ -70,8 +70,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import cpu_seconds, git_commit, quiet_trainer
-from pruning import PeakMemory, child
+from ablation import cpu_seconds, git_commit, quiet_trainer, record_run
+from pruning import PeakMemory
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results" / "llm"
@@ -231,22 +231,8 @@ def sweep(args: argparse.Namespace) -> int:
             if target.exists() and not args.force:
                 print(f"{setup} seed {seed}: {target.name} exists; skipped", flush=True)
                 continue
-            try:
-                measured = child("--one", setup, str(seed), script=__file__)
-            except RuntimeError as error:
+            if not record_run(setup, seed, target, args.machine, settings_of(args), __file__):
                 failed.append(f"{setup} seed {seed}")
-                print(f"{setup} seed {seed}: failed\n{error}", flush=True)
-                continue
-            document = {
-                "setup": setup,
-                "seed": seed,
-                "machine": args.machine,
-                "commit": git_commit(),
-                "settings": {**settings_of(args), **measured["run"]},
-                "row": measured["row"],
-            }
-            target.write_text(json.dumps(document, indent=1) + "\n")
-            print(f"{setup} seed {seed}: {json.dumps(measured['row'])}", flush=True)
     if failed:
         print(f"failed: {', '.join(failed)}", flush=True)
     return len(failed)
