@@ -244,7 +244,7 @@ def export_variants(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from lightning_3d.data import RottenTomatoesPrompts
-    from lightning_3d.generation import answer_accuracy, export_generator, tokens_per_second
+    from lightning_3d.generation import export_generators, generator_table
     from lightning_3d.models import load_tokenizer
 
     source = args.export_variants
@@ -253,19 +253,20 @@ def export_variants(args: argparse.Namespace) -> None:
     data = RottenTomatoesPrompts(tokenizer=tokenizer, max_length=args.max_length)
     data.setup("test")
     test = data.splits["test"]
-    prompts = [[int(t) for t in prompt] for prompt in test.prompts]
-    variants = {}
-    for bits in (4, 8):
-        folder = args.export_dir / f"{source.name}_int{bits}"
-        shutil.rmtree(folder, ignore_errors=True)
-        built = export_generator(model, tokenizer, folder, weight_bits=bits)
-        variants[f"int{bits}"] = {
-            "bytes": built.bytes,
-            "acc": 100 * answer_accuracy(built.path, prompts, test.answers, test.classes),
-            "tokens_per_s": tokens_per_second(built.path, prompts[0], NEW_TOKENS, rounds=3),
+    folder = args.export_dir / f"{source.name}_variants"
+    shutil.rmtree(folder, ignore_errors=True)
+    reports = export_generators(
+        model, tokenizer, folder, ["genai-int4", "genai-int8"],
+        test.prompts, test.answers, test.classes, rounds=3, new_tokens=NEW_TOKENS,
+    )  # fmt: skip
+    shutil.rmtree(folder)
+    print(generator_table(reports), flush=True)
+    variants = {
+        r.format.removeprefix("genai-"): {
+            "bytes": r.bytes, "acc": 100 * r.accuracy, "tokens_per_s": r.tokens_per_s
         }
-        shutil.rmtree(folder)
-        print(f"int{bits}: {json.dumps(variants[f'int{bits}'])}", flush=True)
+        for r in reports
+    }  # fmt: skip
     target = args.results_dir / f"export_variants_{source.name}_{args.machine}.json"
     document = {"model": str(source.name), "commit": git_commit(), "variants": variants}
     target.write_text(json.dumps(document, indent=1) + "\n")
