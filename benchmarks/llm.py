@@ -43,7 +43,7 @@ seeds) and the goals of ``3D`` against ``Standard``. A result file with a ``"con
 (a note saying why) comes from a run that shared the CPU with other work: its accuracy and
 sizes count, its times (``train_s``, ``cpu_s``, ``tokens_per_s``) are left out.
 
-``--keep-models DIR`` saves each run's merged fp32 model; ``--export-variants DIR/SETUP_seedN``
+``--keep-models DIR`` saves each run's fp32 base and adapters; ``--export-variants DIR/SETUP_seedN``
 exports one of them at 4 and 8 bits and scores both on the test split
 (``export_variants_<model>_<machine>.json``).
 
@@ -59,6 +59,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import resource
@@ -75,7 +76,9 @@ from pruning import PeakMemory
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results" / "llm"
+ADAPTER, DEPLOYMENT = "adapter", "lora_deployment.txt"  # of a --keep-models folder
 STEPS = "steps"
+BASE = "base_quantization"  # of the LoRA base: not a plan argument
 SETUPS: dict[str, dict[str, Any]] = {
     "Standard": {},
     "Standard-half": {STEPS: 0.5},
@@ -86,6 +89,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "weight_bits": 4,
         "quantize_at": "export",
         STEPS: 0.6,
+        BASE: "int4",
     },
 }
 THREE_SEEDS = ("Standard", "3D")
@@ -101,7 +105,7 @@ TIMES = ("train_s", "cpu_s", "tokens_per_s")  # not comparable from a contended 
 
 
 def plan_arguments(setup: str) -> dict[str, Any]:
-    return {k: v for k, v in SETUPS[setup].items() if k != STEPS}
+    return {k: v for k, v in SETUPS[setup].items() if k not in (STEPS, BASE)}
 
 
 def seeds_of(setup: str, args: argparse.Namespace) -> list[int]:
@@ -134,9 +138,12 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
     plan = ThreeDPlan(**plan_arguments(setup), seed=seed)
     pl.seed_everything(seed, verbose=False)
+    settings = LoRASettings(**LORA, base_quantization=SETUPS[setup].get(BASE))
+    started = time.perf_counter()
     task = PromptClassificationTask(
-        lora=LoRASettings(**LORA), learning_rate=args.learning_rate, warmup_ratio=0.06
+        lora=settings, learning_rate=args.learning_rate, warmup_ratio=0.06
     )
+    load_s = time.perf_counter() - started
     data = RottenTomatoesPrompts(
         tokenizer=task.tokenizer,
         max_length=args.max_length,
@@ -165,7 +172,9 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     folder = args.export_dir / f"{setup}_seed{seed}"
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
-    int4 = export_generator(task.model, task.tokenizer, folder / "int4", weight_bits=4)
+    int4 = export_generator(
+        task.model, task.tokenizer, folder / "int4", weight_bits=4, lora=settings.deployment
+    )
     int4_acc = 100 * answer_accuracy(int4.path, prompts, test.answers, test.classes)
     deployed = int4 if plan.weight_bits == 4 else None
     if deployed is None:  # a float deployment: fp32 weights
@@ -173,12 +182,12 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     speed = tokens_per_second(deployed.path, prompts[0], NEW_TOKENS, rounds=3)
     export_s = time.perf_counter() - started
     shutil.rmtree(folder)
-    if args.keep_models is not None:  # the merged fp32 model, for later export variants
-        from lightning_3d.export import dense_float_model
-
+    if args.keep_models is not None:  # the base and its adapters, for later export variants
         kept = args.keep_models / f"{setup}_seed{seed}"
-        dense_float_model(task.model)[0].save_pretrained(kept)
+        task.model.save_pretrained(kept / ADAPTER)
+        copy.deepcopy(task.model).unload().save_pretrained(kept)
         task.tokenizer.save_pretrained(kept)
+        (kept / DEPLOYMENT).write_text(settings.deployment)
     row = {
         "test_acc": int4_acc if deployed is int4 else trained,
         "trained_acc": trained,
@@ -194,6 +203,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "int4_bytes": int4.bytes,
         "tokens_per_s": speed,
         "export_s": export_s,
+        "load_s": load_s,
     }
     run = {
         "train_rows": train_rows,
@@ -201,7 +211,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "standard_steps": standard_steps,
         "max_steps": max_steps,
         "plan": plan_arguments(setup),
-        "lora": LORA,
+        "lora": LORA | {BASE: settings.base_quantization, "deployed": settings.deployment},
         "threads": torch.get_num_threads(),
         "versions": {
             "torch": torch.__version__,
@@ -239,8 +249,10 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def export_variants(args: argparse.Namespace) -> None:
-    """The merged model of one run (``--keep-models``) exported at 4 and 8 bits and scored on
-    the test split side by side: what the deployment's bit width costs that model."""
+    """The model of one run (``--keep-models``: base and adapters) exported at 4 and 8 bits as
+    the run deployed it (adapters merged or beside the base) and scored on the test split side
+    by side: what the deployment's bit width costs that model."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lightning_3d.data import RottenTomatoesPrompts
@@ -249,7 +261,9 @@ def export_variants(args: argparse.Namespace) -> None:
 
     source = args.export_variants
     tokenizer = load_tokenizer(str(source))
-    model = AutoModelForCausalLM.from_pretrained(source)
+    base = AutoModelForCausalLM.from_pretrained(source)
+    model = PeftModel.from_pretrained(base, source / ADAPTER)
+    deployment = (source / DEPLOYMENT).read_text().strip()
     data = RottenTomatoesPrompts(tokenizer=tokenizer, max_length=args.max_length)
     data.setup("test")
     test = data.splits["test"]
@@ -258,6 +272,7 @@ def export_variants(args: argparse.Namespace) -> None:
     reports = export_generators(
         model, tokenizer, folder, ["genai-int4", "genai-int8"],
         test.prompts, test.answers, test.classes, rounds=3, new_tokens=NEW_TOKENS,
+        lora=deployment,
     )  # fmt: skip
     shutil.rmtree(folder)
     print(generator_table(reports), flush=True)
@@ -268,7 +283,9 @@ def export_variants(args: argparse.Namespace) -> None:
         for r in reports
     }  # fmt: skip
     target = args.results_dir / f"export_variants_{source.name}_{args.machine}.json"
-    document = {"model": str(source.name), "commit": git_commit(), "variants": variants}
+    document = {
+        "model": str(source.name), "lora": deployment, "commit": git_commit(), "variants": variants
+    }  # fmt: skip
     target.write_text(json.dumps(document, indent=1) + "\n")
 
 
@@ -397,7 +414,7 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, default=RESULTS.parent / "llm_summary.json")
     parser.add_argument("--force", action="store_true")
     parser.add_argument(
-        "--keep-models", type=Path, default=None, help="save each merged fp32 model here"
+        "--keep-models", type=Path, default=None, help="save each run's base and adapters here"
     )
     parser.add_argument("--summarize", action="store_true")
     parser.add_argument(

@@ -24,10 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 #: ``lightning-3d export`` formats of a causal LM for generation, and their weight bits.
 GENERATOR_FORMATS = {"genai-fp32": None, "genai-int8": 8, "genai-int4": 4}
 GENERATOR_REPORT_FILE = "generation_report.json"
+#: How ``export_generator`` deploys LoRA adapters: folded into the base, or beside it.
+LORA_DEPLOYMENTS = ("merge", "separate")
 #: Tokens generated per timing round.
 NEW_TOKENS = 64
 
@@ -95,6 +100,100 @@ def check_generator_arguments(weight_bits: int | None, block_size: int) -> None:
         )
 
 
+def adapter_product_names(model: nn.Module) -> list[str]:
+    """The builder's names of the two products ``A x`` and ``B (A x)`` of every LoRA adapter of
+    ``model`` (``/model/layers.{i}/attn/q_proj/lora_A/MatMul``, ...), kept unquantized by
+    ``export_generator(..., lora="separate")``.
+
+    Raises:
+        ValueError: ``model`` is not a peft model with LoRA adapters, or has one outside the
+            decoder blocks' attention and MLP projections (the builder has no adapter path
+            there).
+    """
+    adapted = [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer")
+    ]
+    if not adapted or not hasattr(model, "unload"):
+        raise ValueError("lora='separate' needs a peft model with LoRA adapters")
+    names = []
+    for name in adapted:
+        found = re.search(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)$", name)
+        if found is None:
+            raise ValueError(
+                f"lora='separate': the adapter on {name} is outside the decoder blocks' "
+                "attention and MLP projections; export with lora='merge'"
+            )
+        block, part, projection = found.groups()
+        part = "attn" if part == "self_attn" else part
+        names += [f"/model/layers.{block}/{part}/{projection}/lora_{m}/MatMul" for m in "AB"]
+    return names
+
+
+def runtime_grid(weight: torch.Tensor, bits: int = 4, block_size: int = 32) -> torch.Tensor:
+    """``weight`` (``out x in``, a linear layer's or a tied embedding's) rounded to the grid on
+    which ONNX Runtime's ``MatMulNBits`` stores it, by the runtime's own quantizer.
+
+    Each row is cut into blocks of ``block_size`` input columns (the last one zero-padded); with
+    ``m`` the block's value of largest magnitude and ``h = 2^(bits-1)``, the symmetric scheme the
+    GenAI builder uses keeps ``s = m / -h``, ``q = clamp(round(w / s) + h, 0, 2h - 1)`` and
+    computes with ``(q - h) s``. The result is a fixed point: rounding it again changes nothing,
+    so a model trained on these values is deployed exactly (the LoRA base of
+    ``LoRASettings(base_quantization="int4")``).
+
+    Example:
+        >>> row = torch.tensor([[-8.0, 1.2, -3.4, 7.6] + [0.0] * 12])
+        >>> runtime_grid(row, bits=4, block_size=16)[0, :4].tolist()
+        [-8.0, 1.0, -3.0, 7.0]
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    if bits not in WEIGHT_BITS or block_size not in BLOCK_SIZES or weight.dim() != 2:
+        raise ValueError(
+            f"runtime_grid needs a 2-D weight, bits in {WEIGHT_BITS} and block_size in "
+            f"{BLOCK_SIZES}; got shape {tuple(weight.shape)}, bits={bits}, "
+            f"block_size={block_size}"
+        )
+    rows, columns = weight.shape
+    blocks = -(-columns // block_size)
+    padded = np.zeros((blocks * block_size, rows), dtype=np.float32)  # the K x N layout
+    padded[:columns] = weight.detach().float().cpu().numpy().T
+    codes = np.zeros((rows, blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = np.zeros((rows, blocks), dtype=np.float32)
+    zero_points = np.zeros((rows, -(-blocks * bits // 8)), dtype=np.uint8)  # unused: symmetric
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(codes, padded, scales, zero_points, block_size, rows, len(padded), True)
+    if bits == 4:  # two codes a byte, the first in the low nibble
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1)
+    values = codes.reshape(rows, blocks, block_size).astype(np.float32) - 2 ** (bits - 1)
+    values = (values * scales[..., None]).reshape(rows, -1)[:, :columns]
+    return torch.from_numpy(np.ascontiguousarray(values)).to(weight.dtype)
+
+
+def round_to_runtime_grid(model: nn.Module, bits: int = 4, block_size: int = 32) -> list[str]:
+    """Round, in place, the weight of every ``nn.Linear`` of ``model`` but LoRA adapters (a
+    tied output layer rounds the input embedding with it) to :func:`runtime_grid`: what ONNX
+    Runtime GenAI's builder quantizes at ``weight_bits=bits``; returns the names of the
+    rounded layers.
+
+    Example:
+        >>> layer = torch.nn.Sequential(torch.nn.Linear(32, 2))
+        >>> round_to_runtime_grid(layer)
+        ['0']
+    """
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".lora_" not in f".{name}"
+    ]
+    with torch.no_grad():
+        for name in names:
+            weight = model.get_submodule(name).weight
+            weight.copy_(runtime_grid(weight, bits, block_size))
+    return names
+
+
 def folder_bytes(path: str | os.PathLike[str]) -> int:
     """Bytes of every file under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
@@ -106,29 +205,49 @@ def export_generator(
     output: str | os.PathLike[str],
     weight_bits: int | None = 4,
     block_size: int = 32,
+    lora: str = "merge",
 ) -> GeneratorExport:
     """Write ``model`` (a causal LM: LoRA-wrapped, masked or QAT-converted) as an ONNX Runtime
     GenAI folder at ``output`` with ``weight_bits`` integer weights.
 
     A block of ``block_size`` weights ``w`` is stored symmetrically (the builder's default) as
-    ``round(w / s)`` with one scale ``s`` per block; the product de-quantizes on the fly.
+    ``round(w / s)`` with one scale ``s`` per block; the product de-quantizes on the fly
+    (:func:`runtime_grid`).
+
+    ``lora``: ``"merge"`` folds each adapter into its base weight, ``W + (alpha / r) B A``, which
+    is then rounded; ``"separate"`` keeps every adapter as a float branch beside the integer
+    base, ``q(W) x + (alpha / r) B A x`` (the builder's adapter path, the adapter products left
+    unquantized): the deployment of a base trained on the runtime's grid
+    (``LoRASettings(base_quantization="int4")``), where rounding the merged sum would erase
+    every update smaller than half a grid step.
 
     Raises:
-        ValueError: bad ``weight_bits``/``block_size``; an architecture the builder does not
-            know (named in the message).
+        ValueError: bad ``weight_bits``/``block_size``/``lora``; ``lora="separate"`` for a model
+            without LoRA adapters or with adapters outside the decoder blocks; an architecture
+            the builder does not know (named in the message).
         FileExistsError: ``output`` exists and is not empty.
         RuntimeError: the builder failed (its last output lines are in the message).
     """
     from lightning_3d.export import dense_float_model, prepare_output_dir
 
     check_generator_arguments(weight_bits, block_size)
+    if lora not in LORA_DEPLOYMENTS:
+        raise ValueError(f"lora must be one of {LORA_DEPLOYMENTS}, got {lora!r}")
+    excluded = adapter_product_names(model) if lora == "separate" else []
     target = prepare_output_dir(output)
-    dense, _, notes = dense_float_model(model)
-    for note in notes:
-        log.info("export_generator: %s", note)
     precision = "fp32" if weight_bits is None else f"int{weight_bits}"
     with tempfile.TemporaryDirectory(prefix="lightning3d-genai-") as scratch:
-        source = Path(scratch) / "hf"
+        source, options = Path(scratch) / "hf", []
+        if lora == "separate":  # the adapters on their own; the base without them
+            with_adapters = copy.deepcopy(model)
+            with_adapters.save_pretrained(Path(scratch) / "adapter")
+            model = with_adapters.unload()
+            options.append(f"adapter_path={Path(scratch) / 'adapter'}")
+            if weight_bits is not None:
+                options.append("nodes_to_exclude=" + ",".join(excluded))
+        dense, _, notes = dense_float_model(model)
+        for note in notes:
+            log.info("export_generator: %s", note)
         dense.save_pretrained(source)
         tokenizer.save_pretrained(source)
         command = [
@@ -137,8 +256,9 @@ def export_generator(
             "-c", str(Path(scratch) / "cache"),
         ]  # fmt: skip
         if weight_bits is not None:
-            options = f"int4_block_size={block_size} int4_accuracy_level=4"
-            command += ["--extra_options", *options.split()]
+            options += [f"block_size={block_size}", "accuracy_level=4"]
+        if options:
+            command += ["--extra_options", *options]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not (target / "genai_config.json").exists():
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
@@ -260,12 +380,13 @@ def export_generators(
     rounds: int = 3,
     new_tokens: int = NEW_TOKENS,
     overwrite: bool = False,
+    lora: str = "merge",
 ) -> list[GeneratorReport]:
     """Each of ``formats`` (:data:`GENERATOR_FORMATS`) written to ``output/<format>`` by
     :func:`export_generator`, scored on ``prompts`` (:func:`answer_accuracy`, when given) and
     timed (:func:`tokens_per_second` over ``rounds``, after the first prompt or the tokenizer's
     BOS); the list is also saved as ``output/generation_report.json``. ``overwrite`` replaces
-    those format folders when they exist.
+    those format folders when they exist; ``lora`` is :func:`export_generator`'s.
 
     Raises:
         ValueError: an unknown format (the message lists them), prompts without answers and
@@ -282,7 +403,7 @@ def export_generators(
         folder = Path(output) / name
         if overwrite and folder.is_dir():
             shutil.rmtree(folder)
-        built = export_generator(model, tokenizer, folder, GENERATOR_FORMATS[name])
+        built = export_generator(model, tokenizer, folder, GENERATOR_FORMATS[name], lora=lora)
         accuracy = None
         if prompts is not None:
             assert answers is not None and labels is not None

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import resource
 import sys
@@ -45,8 +46,13 @@ from lightning_3d.models import (
     resolve_classifier,
 )
 
-#: 4-bit formats of a frozen LoRA base (bitsandbytes ``bnb_4bit_quant_type``).
-BASE_QUANTIZATIONS = ("nf4", "fp4")
+log = logging.getLogger(__name__)
+
+#: 4-bit formats of a frozen LoRA base held in 4 bits (bitsandbytes ``bnb_4bit_quant_type``).
+BITSANDBYTES_BASES = ("nf4", "fp4")
+#: A frozen LoRA base rounded to the deployment runtime's integer grid, and its bits.
+RUNTIME_GRID_BASES = {"int4": 4, "int8": 8}
+BASE_QUANTIZATIONS = (*BITSANDBYTES_BASES, *RUNTIME_GRID_BASES)
 #: Parameter-name fragments that are excluded from weight decay (biases and normalization).
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -64,11 +70,16 @@ class LoRASettings:
         dropout: dropout on the adapter input.
         target_modules: module-name suffixes (or one regex) to adapt; ``None`` uses peft's default
             for the architecture (``query``/``value`` for BERT, ``q_proj``/``v_proj`` for Llama).
-        base_quantization: ``"nf4"`` or ``"fp4"``: load the frozen base of a causal LM with
-            4-bit weights (bitsandbytes ``Linear4bit``, blocks of 64 with one absmax scale,
-            de-quantized to fp32 in every product: QLoRA), the adapters in fp32; ``None``: a
-            float base. Pruning and QAT refuse a 4-bit base before training; the export
-            de-quantizes it and merges the adapters.
+        base_quantization: the frozen base of a causal LM, the adapters staying fp32.
+            ``"nf4"`` or ``"fp4"``: held in 4 bits (bitsandbytes ``Linear4bit``, blocks of 64
+            with one absmax scale, de-quantized to fp32 in every product: QLoRA); pruning and
+            QAT refuse it before training; the export de-quantizes it and merges the adapters.
+            ``"int4"`` or ``"int8"``: every base weight rounded once, before training, to the
+            grid ONNX Runtime GenAI deploys it on (:func:`lightning_3d.generation.runtime_grid`:
+            symmetric, blocks of 32), held in fp32: the adapters learn against the weights
+            that will be deployed, and the GenAI export keeps them beside that base
+            (``lora="separate"``), so the deployed decoder computes what was trained (QAT of a
+            frozen base, at no cost per step). ``None``: a float base.
 
     Example:
         >>> LoRASettings(r=4).to_peft("SEQ_CLS").r
@@ -101,7 +112,7 @@ class LoRASettings:
         Raises:
             ImportError: bitsandbytes is not installed.
         """
-        if self.base_quantization is None:
+        if self.base_quantization not in BITSANDBYTES_BASES:
             return {}
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ImportError(
@@ -116,6 +127,32 @@ class LoRASettings:
             bnb_4bit_compute_dtype=torch.float32,
         )
         return {"quantization_config": config}
+
+    @property
+    def deployment(self) -> str:
+        """How a GenAI export deploys these adapters (``export_generator``'s ``lora``):
+        ``"separate"`` beside a base on the runtime's grid, else ``"merge"``."""
+        return "separate" if self.base_quantization in RUNTIME_GRID_BASES else "merge"
+
+    def round_base(self, model: torch.nn.Module) -> None:
+        """Round ``model``'s linear weights to the runtime grid of ``base_quantization``
+        (``"int4"``/``"int8"``; nothing otherwise).
+
+        Raises:
+            ImportError: ONNX Runtime (its quantizer defines the grid) is not installed.
+        """
+        bits = RUNTIME_GRID_BASES.get(self.base_quantization or "")
+        if bits is None:
+            return
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise ImportError(
+                f"LoRA base_quantization={self.base_quantization!r} rounds to ONNX Runtime's "
+                "grid: pip install 'lightning-3d[deploy]'"
+            )
+        from lightning_3d.generation import round_to_runtime_grid
+
+        rounded = round_to_runtime_grid(model, bits)
+        log.info("LoRA base: %d linear layers on the int%d runtime grid", len(rounded), bits)
 
     def to_peft(self, task_type: str):  # -> peft.LoraConfig
         from peft import LoraConfig
@@ -426,6 +463,8 @@ class CausalLMTask(PretrainedTask):
         self.tokenizer = load_tokenizer(source)
         arguments = lora.load_arguments() if lora is not None else {}
         model = load_pretrained(AutoModelForCausalLM, source, "model", **arguments)
+        if lora is not None:
+            lora.round_base(model)
         self._attach(model, lora, "CAUSAL_LM")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()

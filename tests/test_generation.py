@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -16,14 +17,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_3d.generation import (
     GENERATOR_REPORT_FILE,
+    adapter_product_names,
     answer_accuracy,
     answer_log_probs_generated,
     export_generator,
     export_generators,
     folder_bytes,
     generator_table,
+    runtime_grid,
     tokens_per_second,
 )
+from lightning_3d.tasks import LoRASettings
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -31,23 +35,30 @@ PROMPTS = [[1, 520, 33, 4012, 77], [1, 901, 902], [1, 12, 13, 14, 15, 16, 17, 18
 ANSWERS = [[3524], [2731, 30]]  # one answer of one token, one of two
 
 
-@pytest.fixture(scope="module")
-def lora_llama(smollm2_tokenizer):
+def tiny_lora_llama(tokenizer, base_quantization: str | None = None):
     """A two-block Llama over SmolLM2's vocabulary with LoRA adapters that are not zero (so
-    what is exported must hold the merged ``W + (alpha / r) B A``)."""
+    what is exported must hold ``W + (alpha / r) B A``), its base first treated as
+    ``LoRASettings(base_quantization=...)`` treats it."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=128, tie_word_embeddings=True,
-        bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
+    base = LlamaForCausalLM(config)
+    LoRASettings(base_quantization=base_quantization).round_base(base)
     adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    model = get_peft_model(LlamaForCausalLM(config), adapters)
+    model = get_peft_model(base, adapters)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lora_llama(smollm2_tokenizer):
+    return tiny_lora_llama(smollm2_tokenizer)
 
 
 LABELS = [0, 1, 0]
@@ -161,3 +172,57 @@ def test_a_non_empty_output_folder_is_refused(lora_llama, smollm2_tokenizer, tmp
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         export_generator(lora_llama, smollm2_tokenizer, tmp_path)
+
+
+def test_runtime_grid_is_a_fixed_point_of_the_runtimes_rounding() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(6, 80)  # 80 columns: the third block of 32 is zero-padded
+    for bits, step in ((4, 1 / 8), (8, 1 / 128)):
+        rounded = runtime_grid(weight, bits)
+        assert torch.equal(runtime_grid(rounded, bits), rounded)
+        blocks = torch.nn.functional.pad(weight, (0, 16)).view(6, 3, 32).abs().amax(-1)
+        error = (rounded - weight).abs().view(6, -1)
+        # at most half a step of the block's scale m / 2^(bits-1), and a clamp at +m
+        assert (error <= blocks.repeat_interleave(32, 1)[:, :80] * step + 1e-6).all()
+        assert not torch.equal(rounded, weight)
+    # hand-worked: m = -8 gives s = 1; 7.6 rounds to code 16, clamped to 15, so 7
+    row = torch.tensor([[-8.0, 1.2, -3.4, 7.6, 0.49] + [0.0] * 11])
+    assert runtime_grid(row, 4, 16)[0, :5].tolist() == [-8.0, 1.0, -3.0, 7.0, 0.0]
+    with pytest.raises(ValueError, match=r"2-D weight, bits in \(4, 8\).*bits=3"):
+        runtime_grid(weight, bits=3)
+
+
+def test_adapters_kept_separate_deploy_a_grid_base_as_trained(smollm2_tokenizer, tmp_path) -> None:
+    """A base on the runtime's int4 grid with float LoRA beside it: the int4 decoder computes
+    the PyTorch model's answer log-probs up to its int8 activations; merging the adapters
+    first and rounding the sum moves them an order of magnitude further."""
+    model = tiny_lora_llama(smollm2_tokenizer, base_quantization="int4")
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert torch.equal(runtime_grid(q_proj.base_layer.weight), q_proj.base_layer.weight)
+    separate = export_generator(model, smollm2_tokenizer, tmp_path / "separate", lora="separate")
+    merged = export_generator(model, smollm2_tokenizer, tmp_path / "merged", lora="merge")
+    graph = onnx.load(str(separate.path / "model.onnx"), load_external_data=False).graph
+    products = {n.name: n.op_type for n in graph.node if n.op_type.startswith("MatMul")}
+    for name in adapter_product_names(model):  # the 8 adapter products stay float
+        assert products[name] == "MatMul"
+    assert sum(op == "MatMulNBits" for op in products.values()) == 2 * 7 + 1  # base and head
+    errors = {"separate": [], "merged": []}
+    for prompt in PROMPTS:
+        expected = [reference_log_probs(model, prompt, answer) for answer in ANSWERS]
+        for name, built in (("separate", separate), ("merged", merged)):
+            scores = answer_log_probs_generated(generator(built.path), prompt, ANSWERS)
+            errors[name] += [abs(a - b) for a, b in zip(scores, expected, strict=True)]
+    assert max(errors["separate"]) < 5e-3
+    assert max(errors["merged"]) > 4 * max(errors["separate"])
+
+
+def test_separate_adapters_need_lora_in_the_decoder_blocks(smollm2_tokenizer, tmp_path) -> None:
+    base = tiny_lora_llama(smollm2_tokenizer).get_base_model()
+    with pytest.raises(ValueError, match="needs a peft model with LoRA adapters"):
+        export_generator(base, smollm2_tokenizer, tmp_path / "a", lora="separate")
+    head = get_peft_model(base, LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match=r"adapter on .*lm_head is outside the decoder blocks"):
+        export_generator(head, smollm2_tokenizer, tmp_path / "b", lora="separate")
+    with pytest.raises(ValueError, match=r"lora must be one of \('merge', 'separate'\)"):
+        export_generator(head, smollm2_tokenizer, tmp_path / "c", lora="fold")
+    assert not any(tmp_path.iterdir())

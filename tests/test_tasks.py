@@ -137,7 +137,8 @@ def test_data_labels_outside_label_names_are_named(minilm_tokenizer) -> None:
         (lambda: LoRASettings(dropout=1.0), r"LoRA dropout must be in \[0, 1\)"),
         (
             lambda: LoRASettings(base_quantization="int3"),
-            r"base_quantization must be one of \('nf4', 'fp4'\) or None, got 'int3'",
+            r"base_quantization must be one of \('nf4', 'fp4', 'int4', 'int8'\) or None, "
+            "got 'int3'",
         ),
         (
             lambda: SequenceClassificationTask(lora=LoRASettings(base_quantization="nf4")),
