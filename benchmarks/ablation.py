@@ -86,7 +86,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -399,23 +399,47 @@ def sweep(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as error:
             failed.append(setup)
             print(f"{setup}: cannot build its ThreeDPlan ({error}); skipped", flush=True)
-    seeds = sorted({seed for setup in setups for seed in seeds_of(setup, args)})
-    for seed in seeds:  # seed 0 of every set-up first: a complete picture early
-        for setup in setups:
-            target = result_path(args, setup, seed)
-            if seed not in seeds_of(setup, args):
-                continue
-            if same_as(setup) != setup:
-                print(f"{setup}: the same plan as {same_as(setup)}; not run again", flush=True)
-                continue
-            if target.exists() and not args.force:
-                print(f"{setup} seed {seed}: {target.name} exists; skipped", flush=True)
-                continue
-            if not record_run(setup, seed, target, args.machine, settings_of(args), __file__):
-                failed.append(f"{setup} seed {seed}")
+    for setup in [s for s in setups if same_as(s) != s]:
+        print(f"{setup}: the same plan as {same_as(setup)}; not run again", flush=True)
+    pairs = seed_major([s for s in setups if same_as(s) == s], lambda s: seeds_of(s, args))
+    failed += record_missing(
+        pairs, lambda s, seed: result_path(args, s, seed), args, settings_of(args), __file__
+    )
     if failed:
         print(f"failed: {', '.join(failed)}", flush=True)
     return len(failed)
+
+
+def seed_major(
+    setups: Sequence[str], seeds_of: Callable[[str], Sequence[int]]
+) -> list[tuple[str, int]]:
+    """Every (set-up, seed), seed 0 of every set-up first (a complete picture early).
+
+    Example:
+        >>> seed_major(["A", "B"], lambda setup: [0, 1] if setup == "A" else [0])
+        [('A', 0), ('B', 0), ('A', 1)]
+    """
+    seeds = sorted({seed for setup in setups for seed in seeds_of(setup)})
+    return [(setup, seed) for seed in seeds for setup in setups if seed in seeds_of(setup)]
+
+
+def record_missing(
+    pairs: Sequence[tuple[str, int]],
+    target_of: Callable[[str, int], Path],
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    script: str,
+) -> list[str]:
+    """:func:`record_run` for each of ``pairs`` without a result file (every one with
+    ``args.force``), in order; returns the failed ones as ``"SETUP seed N"``."""
+    failed = []
+    for setup, seed in pairs:
+        target = target_of(setup, seed)
+        if target.exists() and not args.force:
+            print(f"{setup} seed {seed}: {target.name} exists; skipped", flush=True)
+        elif not record_run(setup, seed, target, args.machine, settings, script):
+            failed.append(f"{setup} seed {seed}")
+    return failed
 
 
 def record_run(

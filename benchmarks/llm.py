@@ -18,7 +18,10 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
 * ``Standard-half``: the same with half the steps: the equal-budget baseline.
 * ``3D``: the adapters of the lower half of the blocks frozen from the start (``trainable=0.5``,
   ``freeze_by="depth"``: backward stops at the lowest trainable adapter, the one way freezing
-  saves time under LoRA), 0.6 of the steps, 4-bit weights at export (``quantize_at="export"``).
+  saves time under LoRA), 0.6 of the steps, 4-bit weights at export (``quantize_at="export"``)
+  with the base rounded to the runtime's int4 grid before training
+  (``LoRASettings(base_quantization="int4")``) and the adapters deployed beside it, in float
+  (``lora="separate"``): the deployed decoder computes what was trained.
   The data axis is off: its scores need a pass over every sample, which within one epoch costs
   more than the samples it would drop save. Pruning is off: merged LoRA updates are dense.
 
@@ -67,11 +70,12 @@ import shutil
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import cpu_seconds, git_commit, quiet_trainer, record_run
+from ablation import cpu_seconds, git_commit, quiet_trainer, record_missing, seed_major
 from pruning import PeakMemory
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -232,17 +236,9 @@ def sweep(args: argparse.Namespace) -> int:
     """Every selected (set-up, seed) without a result file, each in a fresh process, seed 0 of
     every set-up first; returns the number of failed runs."""
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    failed = []
-    for seed in sorted({s for setup in args.setups for s in seeds_of(setup, args)}):
-        for setup in args.setups:
-            target = result_path(args, setup, seed)
-            if seed not in seeds_of(setup, args):
-                continue
-            if target.exists() and not args.force:
-                print(f"{setup} seed {seed}: {target.name} exists; skipped", flush=True)
-                continue
-            if not record_run(setup, seed, target, args.machine, settings_of(args), __file__):
-                failed.append(f"{setup} seed {seed}")
+    pairs = seed_major(args.setups, lambda setup: seeds_of(setup, args))
+    target_of = partial(result_path, args)
+    failed = record_missing(pairs, target_of, args, settings_of(args), __file__)
     if failed:
         print(f"failed: {', '.join(failed)}", flush=True)
     return len(failed)

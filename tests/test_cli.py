@@ -411,6 +411,42 @@ def test_cli_exports_a_pruned_and_quantized_run(tmp_path) -> None:
     assert quantized_modules(load_quantized(out / "torchao"))
 
 
+@pytest.mark.slow  # SmolLM2 trained, exported by the GenAI builder and scored
+def test_cli_exports_the_lora_plan_for_generation_with_adapters_beside_the_int4_base(
+    tmp_path,
+) -> None:
+    """rt_smollm2_3d_one_epoch.yaml for 4 steps: its base trained on the runtime's int4 grid,
+    exported as ``genai-int4`` with the adapters kept as float products (the run's
+    ``LoRASettings.deployment``), scored on 8 test prompts and timed."""
+    import onnx
+    import torch
+
+    from lightning_3d.generation import runtime_grid
+
+    overrides = (*SHORT_RUN[:-1], "--plan.max_steps=4", "--data.init_args.train_samples=16")
+    root, _ = _fit(tmp_path, ONE_EPOCH_LM_PLAN, *overrides, "--data.init_args.max_length=96")
+    checkpoint = next(root.rglob("last.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    base = state["model.base_model.model.model.layers.3.mlp.up_proj.weight"]
+    assert torch.equal(runtime_grid(base), base)  # trained on the grid
+    out = tmp_path / "deploy"
+    args = [*_cli(), "export", "--config", str(ONE_EPOCH_LM_PLAN), "--ckpt_path", str(checkpoint)]
+    args += ["--output", str(out), "--formats", "genai-int4", "--eval_samples", "8"]
+    args += ["--latency_rounds", "1"]
+    result = subprocess.run(
+        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "| genai-int4 |" in result.stdout
+    (report,) = json.loads((out / "generation_report.json").read_text())
+    assert report["format"] == "genai-int4" and 0.0 <= report["accuracy"] <= 1.0
+    assert report["tokens_per_s"] > 0
+    graph = onnx.load(str(out / "genai-int4" / "model.onnx"), load_external_data=False).graph
+    ops = {node.name: node.op_type for node in graph.node}
+    assert ops["/model/layers.29/attn/o_proj/lora_B/MatMul"] == "MatMul"  # float adapter
+    assert sum(op == "MatMulNBits" for op in ops.values()) == 30 * 7 + 1  # base and head
+
+
 @pytest.mark.parametrize(
     ("arguments", "error", "message"),
     [
