@@ -46,6 +46,9 @@ seeds) and the goals of ``3D`` against ``Standard``. A result file with a ``"con
 (a note saying why) comes from a run that shared the CPU with other work: its accuracy and
 sizes count, its times (``train_s``, ``cpu_s``, ``tokens_per_s``) are left out.
 
+``--speed`` times the greedy generation of every deployed form (fp32, int8, int4 merged, int4
+with the adapters beside the base) in turn in one process (``speed_<machine>.json``).
+
 ``--keep-models DIR`` saves each run's fp32 base and adapters; ``--export-variants DIR/SETUP_seedN``
 exports one of them at 4 and 8 bits and scores both on the test split
 (``export_variants_<model>_<machine>.json``).
@@ -285,6 +288,56 @@ def export_variants(args: argparse.Namespace) -> None:
     target.write_text(json.dumps(document, indent=1) + "\n")
 
 
+#: The deployed forms timed side by side by ``--speed``: (export bits, LoRA deployment).
+SPEED_FORMS = {
+    "fp32 (Standard)": (None, "merge"),
+    "int8, merged": (8, "merge"),
+    "int4, merged": (4, "merge"),
+    "int4, adapters beside (3D)": (4, "separate"),
+}
+
+
+def speed(args: argparse.Namespace) -> None:
+    """Greedy tokens/s of every deployed form (:data:`SPEED_FORMS`) timed in turn in one
+    process, ``--speed-rounds`` rounds, medians: SmolLM2 with fresh LoRA adapters of the
+    regime's shape (speed depends on the shapes and formats, not on the trained values), 64 new
+    tokens after the first test prompt, batch 1. Writes ``speed_<machine>.json``."""
+    from lightning_3d.data import RottenTomatoesPrompts
+    from lightning_3d.generation import export_generator, tokens_per_second
+    from lightning_3d.tasks import LoRASettings, PromptClassificationTask
+
+    task = PromptClassificationTask(lora=LoRASettings(**LORA))
+    data = RottenTomatoesPrompts(tokenizer=task.tokenizer, max_length=args.max_length)
+    data.setup("test")
+    prompt = [int(t) for t in data.splits["test"].prompts[0]]
+    folder = args.export_dir / "speed"
+    shutil.rmtree(folder, ignore_errors=True)
+    built = {
+        name: export_generator(task.model, task.tokenizer, folder / str(i), bits, lora=lora)
+        for i, (name, (bits, lora)) in enumerate(SPEED_FORMS.items())
+    }
+    rounds: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(args.speed_rounds):
+        for name, export in built.items():
+            rounds[name].append(tokens_per_second(export.path, prompt, NEW_TOKENS, rounds=1))
+    shutil.rmtree(folder)
+    baseline = statistics.median(rounds["fp32 (Standard)"])
+    print("| deployed form | MB | tokens/s | vs fp32 |\n|---|---|---|---|")
+    for name, export in built.items():
+        median = statistics.median(rounds[name])
+        print(f"| {name} | {export.bytes / 1e6:.0f} | {median:.1f} | {median / baseline:.2f}x |")
+    document = {
+        "commit": git_commit(),
+        "machine": args.machine,
+        "new_tokens": NEW_TOKENS,
+        "forms": {
+            name: {"bytes": built[name].bytes, "tokens_per_s": rounds[name]} for name in built
+        },
+    }
+    target = args.results_dir / f"speed_{args.machine}.json"
+    target.write_text(json.dumps(document, indent=1) + "\n")
+
+
 # ----------------------------------------------------------------------------- summary
 def merge(args: argparse.Namespace) -> dict[str, Any]:
     """The result files of ``--machine`` as ``{"regime": ..., "setups": {NAME: ...}}``."""
@@ -416,6 +469,10 @@ def main() -> None:
     parser.add_argument(
         "--export-variants", type=Path, help="a kept model folder: its 4- and 8-bit exports"
     )
+    parser.add_argument(
+        "--speed", action="store_true", help="tokens/s of every deployed form, side by side"
+    )
+    parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -425,6 +482,8 @@ def main() -> None:
         summarize(args)
     elif args.export_variants:
         export_variants(args)
+    elif args.speed:
+        speed(args)
     else:
         sys.exit(1 if sweep(args) else 0)
 

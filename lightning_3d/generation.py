@@ -8,6 +8,11 @@ integer weights, built from the trained model by the runtime's own model builder
 one scale per block (round to nearest), activations quantized to int8 in the product
 (``accuracy_level=4``); ``weight_bits=None`` keeps fp32. The folder holds ``model.onnx``, its
 weights, ``genai_config.json`` and the tokenizer; ``onnxruntime_genai.Model(folder)`` loads it.
+``lora="separate"`` keeps LoRA adapters as float products beside the integer base instead of
+merging them: the deployment of a base trained on the runtime's grid (:func:`runtime_grid`,
+``LoRASettings(base_quantization="int4")``), which the int4 decoder then reproduces exactly.
+An int4-grid base exported at 8 bits or fp32 is exact too (every int4 value lies on the int8
+grid of the same block).
 
 :func:`answer_accuracy` scores a prompt-classification test in that runtime (the answer of highest
 log-probability, as :func:`~lightning_3d.tasks.answer_log_probs` does in PyTorch), so the
