@@ -44,6 +44,14 @@ from lightning_3d.plan import ThreeDPlan
 log = logging.getLogger(__name__)
 
 
+#: What ``lightning-3d --help`` says above LightningCLI's subcommands.
+DESCRIPTION = (
+    "Fine-tuning made cheaper along data, parameters and model (LightningCLI: fit, validate, "
+    "test, predict; a `plan:` section adds the axes). `lightning-3d export --help`: a run's "
+    "checkpoint as hf, onnx, onnx-int8, torchao or ONNX Runtime GenAI decoders."
+)
+
+
 class Lightning3DCLI(LightningCLI):
     """LightningCLI with the tokenizer link, default loggers and test-after-fit."""
 
@@ -409,7 +417,8 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_data=True,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        parser_kwargs={"description": DESCRIPTION},
+        args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself
     )
 
 

@@ -58,8 +58,8 @@ def tiny_lora_llama(tokenizer, base_quantization: str | None = None):
 
 @pytest.fixture(scope="module")
 def lora_llama(smollm2_tokenizer):
-    """The tiny LoRA Llama with its base on the runtime's int4 grid (which changes nothing for
-    the merged exports: the adapters move every merged weight off that grid)."""
+    """The tiny LoRA Llama with its base on the runtime's int4 grid: the merged exports'
+    tests hold as for any base (merging moves the adapted weights off that grid)."""
     return tiny_lora_llama(smollm2_tokenizer, base_quantization="int4")
 
 
@@ -184,7 +184,8 @@ def test_runtime_grid_is_a_fixed_point_of_the_runtimes_rounding() -> None:
         assert torch.equal(runtime_grid(rounded, bits), rounded)
         blocks = torch.nn.functional.pad(weight, (0, 16)).view(6, 3, 32).abs().amax(-1)
         error = (rounded - weight).abs().view(6, -1)
-        # at most half a step of the block's scale m / 2^(bits-1), and a clamp at +m
+        # within one step |m| / 2^(bits-1) of the block: half a step where it rounds, up to a
+        # whole one where the code clamps (values near -m when m is the block's extreme)
         assert (error <= blocks.repeat_interleave(32, 1)[:, :80] * step + 1e-6).all()
         assert not torch.equal(rounded, weight)
     # hand-worked: m = -8 gives s = 1; 7.6 rounds to code 16, clamped to 15, so 7
