@@ -381,7 +381,7 @@ def run_export(args: Sequence[str]) -> Any:
 def _export_generators(task: Any, data: Any, options: Any, formats: list[str]) -> None:
     """The GenAI formats of ``lightning-3d export``: scored on the evaluation split when its
     samples are prompts with answers (``RottenTomatoesPrompts``), timed in tokens/s; LoRA
-    adapters kept beside a base trained on the runtime's grid (``LoRASettings.deployment``)."""
+    adapters kept beside a base trained on the runtime's grid (the task's ``lora_deployment``)."""
     from lightning_3d.generation import export_generators, generator_table
 
     dataset = None if options.eval_split == "none" else data.splits.get(options.eval_split)
@@ -399,7 +399,7 @@ def _export_generators(task: Any, data: Any, options: Any, formats: list[str]) -
         labels=list(dataset.classes[:count]) if scored else None,
         rounds=options.latency_rounds,
         overwrite=options.overwrite,
-        lora=lora.deployment if (lora := task.hparams.get("lora")) is not None else "merge",
+        lora=task.lora_deployment,
     )
     print(generator_table(reports))
 

@@ -465,6 +465,8 @@ class CausalLMTask(PretrainedTask):
         model = load_pretrained(AutoModelForCausalLM, source, "model", **arguments)
         if lora is not None:
             lora.round_base(model)
+        #: how a GenAI export deploys this task's adapters (``LoRASettings.deployment``)
+        self.lora_deployment = "merge" if lora is None else lora.deployment
         self._attach(model, lora, "CAUSAL_LM")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()

@@ -11,6 +11,7 @@ from lightning import Callback, Trainer
 
 from lightning_3d.data import IGNORE_INDEX, PaddingCollator, PlainTextLM, RottenTomatoes
 from lightning_3d.tasks import (
+    BASE_QUANTIZATIONS,
     CausalLMTask,
     LoRASettings,
     SequenceClassificationTask,
@@ -213,3 +214,10 @@ def test_causal_lm_fit_logs_perplexity(tmp_path) -> None:
     metrics = trainer.callback_metrics
     torch.testing.assert_close(metrics["val/ppl"], torch.exp(metrics["val/loss"]))
     assert float(metrics["val/ppl"]) > 1
+
+
+def test_adapters_are_deployed_beside_a_base_on_the_runtime_grid_and_merged_otherwise() -> None:
+    deployments = {q: LoRASettings(base_quantization=q).deployment for q in BASE_QUANTIZATIONS}
+    assert deployments == {"nf4": "merge", "fp4": "merge", "int4": "separate", "int8": "separate"}
+    assert LoRASettings().deployment == "merge"
+    assert LoRASettings(base_quantization="int8").load_arguments() == {}  # no bitsandbytes
