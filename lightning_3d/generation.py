@@ -152,6 +152,9 @@ def runtime_grid(weight: torch.Tensor, bits: int = 4, block_size: int = 32) -> t
         >>> runtime_grid(row, bits=4, block_size=16)[0, :4].tolist()
         [-8.0, 1.0, -3.0, 7.0]
     """
+    # Private module, on purpose: these are the kernels onnxruntime.quantization's
+    # DefaultWeightOnlyQuantizer (what the GenAI builder calls) runs; if they move, the tests of
+    # runtime_grid fail with an ImportError naming this module.
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     if bits not in WEIGHT_BITS or block_size not in BLOCK_SIZES or weight.dim() != 2:
