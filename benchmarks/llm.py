@@ -24,6 +24,9 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
   (``lora="separate"``): the deployed decoder computes what was trained.
   The data axis is off: its scores need a pass over every sample, which within one epoch costs
   more than the samples it would drop save. Pruning is off: merged LoRA updates are dense.
+* ``3D-all-linear``: ``3D`` with adapters on every linear projection of the blocks (the MLP's
+  ``gate_proj``, ``up_proj`` and ``down_proj`` too), as QLoRA places them on a 4-bit base: the
+  MLPs hold three quarters of the rounded block weights.
 
 Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir``
 (skipped when present; ``--force`` reruns):
@@ -86,18 +89,22 @@ RESULTS = REPOSITORY / "benchmarks" / "results" / "llm"
 ADAPTER, DEPLOYMENT = "adapter", "lora_deployment.txt"  # of a --keep-models folder
 STEPS = "steps"
 BASE = "base_quantization"  # of the LoRA base: not a plan argument
+TARGETS = "target_modules"  # the set-up's LoRA targets, when not the regime's: not a plan argument
+THREE_D = {
+    "trainable": 0.5,
+    "freeze_by": "depth",
+    "warmup": 0.0,
+    "weight_bits": 4,
+    "quantize_at": "export",
+    STEPS: 0.6,
+    BASE: "int4",
+}
 SETUPS: dict[str, dict[str, Any]] = {
     "Standard": {},
     "Standard-half": {STEPS: 0.5},
-    "3D": {
-        "trainable": 0.5,
-        "freeze_by": "depth",
-        "warmup": 0.0,
-        "weight_bits": 4,
-        "quantize_at": "export",
-        STEPS: 0.6,
-        BASE: "int4",
-    },
+    "3D": THREE_D,
+    "3D-all-linear": THREE_D
+    | {TARGETS: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
 }
 THREE_SEEDS = ("Standard", "3D")
 LORA = {
@@ -112,7 +119,12 @@ TIMES = ("train_s", "cpu_s", "tokens_per_s")  # not comparable from a contended 
 
 
 def plan_arguments(setup: str) -> dict[str, Any]:
-    return {k: v for k, v in SETUPS[setup].items() if k not in (STEPS, BASE)}
+    return {k: v for k, v in SETUPS[setup].items() if k not in (STEPS, BASE, TARGETS)}
+
+
+def lora_of(setup: str) -> dict[str, Any]:
+    """The LoRA settings of ``setup``: the regime's, with the set-up's targets and base grid."""
+    return LORA | {key: SETUPS[setup][key] for key in (TARGETS, BASE) if key in SETUPS[setup]}
 
 
 def seeds_of(setup: str, args: argparse.Namespace) -> list[int]:
@@ -145,7 +157,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
     plan = ThreeDPlan(**plan_arguments(setup), seed=seed)
     pl.seed_everything(seed, verbose=False)
-    settings = LoRASettings(**LORA, base_quantization=SETUPS[setup].get(BASE))
+    settings = LoRASettings(**lora_of(setup))
     started = time.perf_counter()
     task = PromptClassificationTask(
         lora=settings, learning_rate=args.learning_rate, warmup_ratio=0.06
@@ -218,7 +230,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "standard_steps": standard_steps,
         "max_steps": max_steps,
         "plan": plan_arguments(setup),
-        "lora": LORA | {BASE: settings.base_quantization, "deployed": settings.deployment},
+        "lora": lora_of(setup) | {"deployed": settings.deployment},
         "threads": torch.get_num_threads(),
         "versions": {
             "torch": torch.__version__,
