@@ -95,9 +95,22 @@ from pruning import PeakMemory, child
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results"
-#: The budget solver's allocation the 3D row trains (``--calibrate``, then ``--solve 0.5 0.25``).
-ALLOCATION = RESULTS / "ablation" / "allocation_cpu-2c-b.json"
 STEPS = "steps"  # the key of a row that is not a ThreeDPlan field
+DEFAULT_MACHINE = "cpu-2c-b"
+
+
+def allocation_path(argv: Sequence[str] | None = None) -> Path:
+    """The budget solver's allocation the 3D row trains: ``allocation_<machine>.json`` in the
+    results folder (``--calibrate``, then ``--solve 0.5 0.25``), read from the command line
+    before the set-ups are built (every run's child process gets the same arguments)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--machine", default=DEFAULT_MACHINE)
+    early.add_argument("--results-dir", type=Path, default=RESULTS / "ablation")
+    known, _ = early.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.results_dir / f"allocation_{known.machine}.json"
+
+
+ALLOCATION = allocation_path()
 
 
 def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
@@ -115,6 +128,8 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
         row["quantize_at"] = document["quantize_at"]
     if strengths.get(STEPS, 1.0) < 1:
         row[STEPS] = strengths[STEPS]
+    if document.get("vocabulary", "full") != "full":
+        row["vocabulary"] = document["vocabulary"]
     return row
 
 
@@ -124,7 +139,7 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
 #: interpolates between them and the axis off); 3D is the solver's allocation for time 0.5 and
 #: size 0.25, and the leave-one-out rows measure what each of its axes adds.
 THREE_D = solver_row() if ALLOCATION.exists() else {}
-MODEL_AXIS = ("sparsity", "prune_pattern", "weight_bits", "quantize_at")
+MODEL_AXIS = ("sparsity", "prune_pattern", "weight_bits", "quantize_at", "vocabulary")
 #: The model-axis row: the smallest sparsity of the solver's grid, with int8 weights quantized at
 #: export (the deployment this CPU runs fastest).
 DEFAULT_MODEL = {
@@ -144,6 +159,9 @@ SETUPS: dict[str, dict[str, Any]] = {
     # see it; 3D trains that short)
     "ModelOpt-half": {**DEFAULT_MODEL, STEPS: 0.5},
     "Distill": {"distill": 0.5},
+    # the embedding rows of the tokens in the training data only: the model axis's cut that
+    # costs no training steps (the rows it drops get no gradient)
+    "VocabOpt": {"vocabulary": "train"},
     "3D": THREE_D,
 }
 #: The 3D row less one axis each (derived, so they follow the 3D row when it is tuned).
@@ -165,7 +183,7 @@ if "trainable" in THREE_D:  # the parameter axis's other policy: it may freeze p
 #: main job's export measured 1 / 3.84 of fp32 (BENCHMARKS.md, Deployment), not 1 / 4.
 QUANTIZED_OVERHEAD = 1 / 3.84 - 1 / 4
 THREE_SEEDS = ("Standard", "Standard-half", "3D")  # the set-ups run with seeds 0 1 2 by default
-SINGLE_AXIS = ("DataOpt", "ParamOpt", "ModelOpt", "Distill")
+SINGLE_AXIS = ("DataOpt", "ParamOpt", "ModelOpt", "Distill", "VocabOpt")
 BATCHES = (1, 32)  # latency batch sizes
 #: Every run exports both: the int8 graph of a float-trained model measures what quantizing at
 #: export costs (the ``weight_bits`` point of ``quantize_at="export"`` in the accuracy curves).
@@ -976,24 +994,33 @@ def solve(args: argparse.Namespace) -> None:
 
     from lightning_3d.plan import ThreeDPlan, freezable_units, parameter_shares
     from lightning_3d.tasks import SequenceClassificationTask
+    from lightning_3d.vocabulary import observed_token_ids, removed_share, special_token_ids
 
     time_budget, size_budget = args.solve
     task = SequenceClassificationTask()
     data = prepare_data(args, 0.0, task.tokenizer)
     per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
     compressible, head = parameter_shares(task.model)
+    share = 0.0
+    if args.vocabulary == "train":  # what the run's VocabularyTrimmer will remove
+        special, _ = special_token_ids(task.tokenizer)
+        kept = observed_token_ids(data.train_dataloader(), always=special)
+        share = removed_share(task.model, len(kept))
     plan = ThreeDPlan.for_budget(
         time_budget, size_budget,
         cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,
         epochs=args.epochs, compressible_share=compressible, head_share=head,
         quantized_overhead=QUANTIZED_OVERHEAD, curves=args.curves,
         quantize_at=args.quantize_at, freezable=freezable_units(task.model),
+        vocabulary=args.vocabulary, vocabulary_share=share,
     )  # fmt: skip
     allocation = plan.allocation
     assert allocation is not None
     document = {
         "budget": {"time": time_budget, "size": size_budget},
         "curves": "prior" if args.curves is None else args.curves.name,
+        "vocabulary": args.vocabulary,
+        "vocabulary_share": share,
         "quantize_at": allocation.quantize_at,
         "strengths": allocation.strengths,
         "trainable_reached": allocation.trainable_reached,
@@ -1025,7 +1052,7 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup-ratio", type=float, default=0.06)
     parser.add_argument("--data-seed", type=int, default=1234)
-    parser.add_argument("--machine", default="cpu-2c-b", help="names the result files")
+    parser.add_argument("--machine", default=DEFAULT_MACHINE, help="names the result files")
     parser.add_argument("--results-dir", type=Path, default=RESULTS / "ablation")
     parser.add_argument("--export-dir", type=Path, default=RESULTS / "exported" / "ablation")
     parser.add_argument(
@@ -1057,6 +1084,10 @@ def main() -> None:
         help="--solve: where the plan quantizes (default: at export, ONNX Runtime int8)",
     )  # fmt: skip
     parser.add_argument("--one", nargs=2, metavar=("SETUP", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--vocabulary", choices=("full", "train"), default="full",
+        help="--solve for a plan that trims the vocabulary to the training data's tokens",
+    )  # fmt: skip
     args = parser.parse_args()
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)
 

@@ -13,6 +13,8 @@ Each callback is thin glue: it decides *when* (which hook, which step) and calls
   and converts to quantized weights at the end.
 * :class:`Distiller` (model, teacher): distils the student from a teacher (the run's own
   snapshot, a checkpoint or a fine-tuned model) with the teacher's outputs cached per sample.
+* :class:`VocabularyTrimmer` (model, vocabulary): keeps only the input-embedding rows of the
+  tokens the training data uses.
 * :class:`PlanCoordinator` (all axes): runs the axes of a :class:`lightning_3d.plan.ThreeDPlan`
   as one: a shared signal pass, one timeline, cross-axis checks, adaptive budgets.
 """
@@ -23,6 +25,7 @@ from lightning_3d.callbacks.freezing import SensitivityFreezer
 from lightning_3d.callbacks.plan import PlanCoordinator
 from lightning_3d.callbacks.pruning import ProgressivePruner
 from lightning_3d.callbacks.quantization import QATHook
+from lightning_3d.callbacks.vocabulary import VocabularyTrimmer
 from lightning_3d.sensitivity import find_gradient_statistics  # re-exported: it moved
 
 __all__ = [
@@ -32,5 +35,6 @@ __all__ = [
     "ProgressivePruner",
     "QATHook",
     "SensitivityFreezer",
+    "VocabularyTrimmer",
     "find_gradient_statistics",
 ]

@@ -11,7 +11,8 @@ alone imports neither Lightning nor ``transformers``)::
 The axes, as Lightning callbacks: :class:`CurriculumSampler` (data: scores, paces and budgets the
 training samples), :class:`SensitivityFreezer` (parameters), :class:`ProgressivePruner` and
 :class:`QATHook` (model: sparsity and quantization-aware training), :class:`Distiller` (model:
-a teacher's outputs), and :class:`PlanCoordinator` to run a :class:`ThreeDPlan` of them together.
+a teacher's outputs), :class:`VocabularyTrimmer` (model: embedding rows of unused tokens), and
+:class:`PlanCoordinator` to run a :class:`ThreeDPlan` of them together.
 The communication axis: :class:`CompressedFSDPStrategy` and :class:`CompressedDDPStrategy`
 (importing either registers ``"fsdp_compressed"`` and ``"ddp_compressed"``), built on
 :class:`GradientCompressor`. Tasks and data: :class:`SequenceClassificationTask`,
@@ -38,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "ProgressivePruner": "lightning_3d.callbacks",
     "QATHook": "lightning_3d.callbacks",
     "SensitivityFreezer": "lightning_3d.callbacks",
+    "VocabularyTrimmer": "lightning_3d.callbacks",
     "ThreeDPlan": "lightning_3d.plan",
     "PlanBudget": "lightning_3d.plan",
     "CompressedDDPStrategy": "lightning_3d.strategies",
@@ -76,6 +78,7 @@ __all__ = [
     "SensitivityFreezer",
     "SequenceClassificationTask",
     "ThreeDPlan",
+    "VocabularyTrimmer",
     "compressed_allreduce_hook",
 ]
 
@@ -101,6 +104,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         ProgressivePruner,
         QATHook,
         SensitivityFreezer,
+        VocabularyTrimmer,
     )
     from lightning_3d.compression import GradientCompressor
     from lightning_3d.data import PlainTextLM, RottenTomatoes

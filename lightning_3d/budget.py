@@ -1105,15 +1105,18 @@ def size_fraction(
     prune_pattern: str,
     compressible_share: float,
     quantized_overhead: float = 0.0,
+    vocabulary_share: float = 0.0,
 ) -> float:
     r"""Exported model bytes relative to the fp32 dense model.
 
     With ``c`` the share of the parameters the pruner targets (the transformer blocks' linear
-    weights; embeddings and the head are not pruned), sparsity ``s`` and ``k`` bits per weight::
+    weights; embeddings and the head are not pruned), sparsity ``s``, ``v`` the share a trimmed
+    vocabulary removes (embedding rows of tokens the training data never uses; 0: untrimmed)
+    and ``k`` bits per weight::
 
         size = kept * k / 32
-        kept = 1 - c * s    for "heads+neurons" (pruned heads and neurons are removed)
-        kept = 1            for "unstructured" (a dense export stores the zeros)
+        kept = 1 - v - c * s    for "heads+neurons" (pruned heads and neurons are removed)
+        kept = 1 - v            for "unstructured" (a dense export stores the zeros)
 
     and ``k = 32`` when ``weight_bits`` is ``None``. Quantization divides *every* weight by
     ``32 / k`` (the int8 and int4 presets quantize the embeddings too). Quantization scales,
@@ -1126,6 +1129,8 @@ def size_fraction(
         0.7
         >>> size_fraction(0.5, 8, "unstructured", 0.6), size_fraction(0.5, 4, "heads+neurons", 0.6)
         (0.25, 0.0875)
+        >>> size_fraction(0.0, 8, "heads+neurons", 0.6, vocabulary_share=0.2)  # 0.8 * 8 / 32
+        0.2
     """
     _check_strength("sparsity", sparsity)
     _check_strength("weight_bits", weight_bits)
@@ -1134,7 +1139,12 @@ def size_fraction(
     _check_fraction("compressible_share", compressible_share, closed_top=True)
     if not 0.0 <= quantized_overhead < 1.0:
         raise ValueError(f"quantized_overhead must be in [0, 1), got {quantized_overhead}")
-    kept = 1.0 - compressible_share * sparsity if prune_pattern == "heads+neurons" else 1.0
+    if not 0.0 <= vocabulary_share < 1.0 - compressible_share + _EPS:
+        raise ValueError(
+            f"vocabulary_share must be in [0, 1 - compressible_share], got {vocabulary_share}"
+        )
+    pruned = compressible_share * sparsity if prune_pattern == "heads+neurons" else 0.0
+    kept = 1.0 - vocabulary_share - pruned
     if weight_bits is None:
         return kept
     return kept * weight_bits / 32 + quantized_overhead
@@ -1195,6 +1205,8 @@ class BudgetAllocation:
         trainable_reached: the share the freezer reaches for ``trainable`` when the solver was
             given the freezable tensors (:func:`reachable_trainable`), else ``None``; the
             predictions use it.
+        vocabulary_share: the share of the parameters a trimmed vocabulary removes from the
+            export (in ``size_fraction``).
 
     Example:
         >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
@@ -1231,6 +1243,7 @@ class BudgetAllocation:
     quantize_at: str = "train"
     prune_pattern: str = "heads+neurons"
     trainable_reached: float | None = None
+    vocabulary_share: float = 0.0
 
     @property
     def strengths(self) -> dict[str, Any]:
@@ -1308,6 +1321,7 @@ def solve_budget(
     quantize_at: str = "train",
     freezable_units: Sequence[float] | None = None,
     freezable_units_pruned: Sequence[float] | None = None,
+    vocabulary_share: float = 0.0,
 ) -> BudgetAllocation:
     r"""The most accurate allocation of the candidate grid within a time and a size budget.
 
@@ -1346,6 +1360,8 @@ def solve_budget(
             replace ``freezable_share*`` and every ``trainable`` candidate is predicted at the
             share the freezer reaches with whole tensors (:func:`reachable_trainable`), which
             must lie within the accuracy curves' points.
+        vocabulary_share: the share of the parameters a trimmed vocabulary removes from every
+            export (``ThreeDPlan(vocabulary="train")``; :func:`size_fraction`); 0: untrimmed.
 
     Raises:
         ValueError: a bad argument, or no allocation of the grid meets the budgets (the
@@ -1392,7 +1408,7 @@ def solve_budget(
         run = cost.run_seconds(**schedule, **strengths)
         size_ = size_fraction(
             strengths["sparsity"], strengths["weight_bits"], prune_pattern, compressible_share,
-            quantized_overhead,
+            quantized_overhead, vocabulary_share,
         )  # fmt: skip
         return run, size_, curves.change(**strengths)
 
@@ -1460,6 +1476,11 @@ def solve_budget(
     ]
     if not binding:
         lines.append("no budget binds: this is the most accurate allocation of the grid")
+    if vocabulary_share:
+        lines.append(
+            f"vocabulary trimmed to the training data's tokens: {vocabulary_share:.3g} of the "
+            "parameters out of every export, at no training time"
+        )
     if any(_on(axis, strengths[axis]) for axis in AXES):
         lines.append(f"axes on ({_describe(strengths)}), each against switching it off:")
     else:
@@ -1511,6 +1532,7 @@ def solve_budget(
         quantize_at=quantize_at,
         prune_pattern=prune_pattern,
         trainable_reached=reached,
+        vocabulary_share=vocabulary_share,
     )
 
 

@@ -44,6 +44,7 @@ from lightning_3d.quantization import (
     prepare,
     select_modules,
 )
+from lightning_3d.vocabulary import trim_like_state
 
 
 def checkpoint_state(
@@ -107,7 +108,9 @@ def load_run_weights(
 
     ``qat`` is the run's ``QATHook`` (or anything with ``recipe``, ``include``, ``exclude`` and
     ``embeddings``): the model is converted with its recipe, before loading when the checkpoint
-    holds converted weights, after loading otherwise (the modules the hook selects).
+    holds converted weights, after loading otherwise (the modules the hook selects). A
+    checkpoint of a trimmed vocabulary (``VocabularyTrimmer``) trims the model's embedding like
+    it first (single-file checkpoints).
 
     Raises:
         ValueError: the weights do not fit ``module`` (missing, unexpected or mis-shaped
@@ -125,6 +128,7 @@ def load_run_weights(
         prepare(module, recipe, layouts)
         convert(module, recipe)
         from_plain_state(state)
+    trim_like_state(module, state)  # a VocabularyTrimmer run's embedding
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:

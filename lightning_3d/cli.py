@@ -118,6 +118,7 @@ def solve_plan(
     import torch
 
     from lightning_3d.budget import CostModel, measure_cost_model
+    from lightning_3d.vocabulary import observed_token_ids, removed_share, special_token_ids
 
     assert plan.budget is not None
     epochs = trainer_config.get("max_epochs")
@@ -184,7 +185,14 @@ def solve_plan(
             saved.parent.mkdir(parents=True, exist_ok=True)
             cost.save(saved)
             log.info("plan budget: the step-cost model was measured and saved to %s", saved)
-    return plan.solve(model, reference_steps=reference_steps, epochs=epochs, cost=cost)
+    share = 0.0
+    if plan.vocabulary == "train":  # what the run's VocabularyTrimmer will remove
+        special, _ = special_token_ids(_tokenizer_of(model))
+        kept = observed_token_ids(loader, always=special)
+        share = removed_share(getattr(model, "model", model), len(kept))
+    return plan.solve(
+        model, reference_steps=reference_steps, epochs=epochs, cost=cost, vocabulary_share=share
+    )
 
 
 def _tokenizer_of(model: Any) -> Any:

@@ -74,6 +74,7 @@ from lightning_3d.quantization import (
     resolve_recipe,
     select_modules,
 )
+from lightning_3d.vocabulary import restore_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -682,6 +683,12 @@ def _write_hf(
 
     model = copy.deepcopy(dense)
     remove_dead_units(model, config_compatible=True)
+    if restore_vocabulary(model):
+        notes.append(
+            f"hf: the embedding restored to all {model.get_input_embeddings().num_embeddings} "
+            "token ids for from_pretrained (ids unseen in training share the unknown token's "
+            "row, as in the trimmed model); onnx and onnx-int8 keep the trimmed rows"
+        )
     if removed:
         kept_heads = [name for name in removed if name.endswith("heads")]
         notes.append(

@@ -152,10 +152,10 @@ def runtime_grid(weight: torch.Tensor, bits: int = 4, block_size: int = 32) -> t
         >>> runtime_grid(row, bits=4, block_size=16)[0, :4].tolist()
         [-8.0, 1.0, -3.0, 7.0]
     """
-    # Private module, on purpose: these are the kernels onnxruntime.quantization's
-    # DefaultWeightOnlyQuantizer (what the GenAI builder calls) runs; if they move, the tests of
-    # runtime_grid fail with an ImportError naming this module.
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
 
     if bits not in WEIGHT_BITS or block_size not in BLOCK_SIZES or weight.dim() != 2:
         raise ValueError(
@@ -163,18 +163,13 @@ def runtime_grid(weight: torch.Tensor, bits: int = 4, block_size: int = 32) -> t
             f"{BLOCK_SIZES}; got shape {tuple(weight.shape)}, bits={bits}, "
             f"block_size={block_size}"
         )
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits)
     rows, columns = weight.shape
-    blocks = -(-columns // block_size)
-    padded = np.zeros((blocks * block_size, rows), dtype=np.float32)  # the K x N layout
-    padded[:columns] = weight.detach().float().cpu().numpy().T
-    codes = np.zeros((rows, blocks, block_size * bits // 8), dtype=np.uint8)
-    scales = np.zeros((rows, blocks), dtype=np.float32)
-    zero_points = np.zeros((rows, -(-blocks * bits // 8)), dtype=np.uint8)  # unused: symmetric
-    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    quantize(codes, padded, scales, zero_points, block_size, rows, len(padded), True)
+    matrix = np.ascontiguousarray(weight.detach().float().cpu().numpy().T)  # the K x N layout
+    codes, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(matrix)
     if bits == 4:  # two codes a byte, the first in the low nibble
         codes = np.stack([codes & 0x0F, codes >> 4], axis=-1)
-    values = codes.reshape(rows, blocks, block_size).astype(np.float32) - 2 ** (bits - 1)
+    values = codes.reshape(rows, len(scales[0]), block_size).astype(np.float32) - 2 ** (bits - 1)
     values = (values * scales[..., None]).reshape(rows, -1)[:, :columns]
     return torch.from_numpy(np.ascontiguousarray(values)).to(weight.dtype)
 

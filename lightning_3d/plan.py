@@ -6,8 +6,9 @@ A :class:`ThreeDPlan` says how much of each resource a fine-tune may use:
 * ``trainable``: the share of the parameters that keep training (the parameter axis);
 * ``sparsity``: the share of the transformer blocks' linear weights (or heads and FFN neurons)
   pruned, ``weight_bits``: 4 or 8-bit weights (after quantization-aware training, or 8-bit
-  quantized at export with ``quantize_at="export"``), and ``distill``: the weight of
-  distillation from a teacher (the model axis);
+  quantized at export with ``quantize_at="export"``), ``distill``: the weight of
+  distillation from a teacher, and ``vocabulary="train"``: only the embedding rows of tokens in
+  the training data kept (the model axis);
 * ``gradient_density``: the share of gradient entries sent between ranks (communication).
 
 :meth:`ThreeDPlan.callbacks` turns it into Lightning callbacks in the order a step needs them::
@@ -167,6 +168,8 @@ DATA_DROPS = ("hardest", "easiest_random")
 PRUNE_PATTERNS = ("unstructured", "heads+neurons")
 #: Where the quantization axis quantizes: in training (QAT) or at export (ONNX Runtime int8).
 QUANTIZE_AT = ("train", "export")
+#: ``vocabulary``: every embedding row, or those of the tokens in the training data.
+VOCABULARIES = ("full", "train")
 FREEZE_POLICIES = ("uncompressed", "any")
 #: How the plan's freezer orders what to freeze (``SensitivityFreezer`` metrics).
 FREEZE_ORDERS = ("fisher", "depth")
@@ -271,6 +274,12 @@ class ThreeDPlan:
             or lower (``"min"``) is better.
         margin: how far below its running best the metric may fall before sparsity backs off.
         backoff: each back-off multiplies the sparsity target by this factor, in ``(0, 1)``.
+        vocabulary: ``"full"`` (off) or ``"train"``: before the first step the input embedding
+            keeps only the rows of the tokens in the training data and the tokenizer's special
+            tokens (:class:`~lightning_3d.callbacks.VocabularyTrimmer`); later unseen tokens
+            read as the unknown token. Those rows get no gradient in training, so it costs no
+            training and shrinks every export (all-MiniLM-L6-v2 on Rotten Tomatoes: 13,668 of
+            30,522 ids, 28% of the parameters removed). Refused for tied language-model heads.
         seed: seeds the data order and random drops.
         budget: solve ``data_budget``, ``trainable``, ``sparsity``, ``weight_bits``,
             ``distill`` and ``max_steps`` for a :class:`PlanBudget` (:meth:`solve`;
@@ -304,6 +313,7 @@ class ThreeDPlan:
     qat_start: float = 0.8
     quantize_at: str = "train"
     max_steps: int | None = None
+    vocabulary: str = "full"
     prune_include: str = DEFAULT_PRUNE_INCLUDE
     adaptive: bool = False
     monitor: str = "val/acc"
@@ -345,6 +355,7 @@ class ThreeDPlan:
             ("freeze_by", self.freeze_by, FREEZE_ORDERS),
             ("mode", self.mode, MODES),
             ("quantize_at", self.quantize_at, QUANTIZE_AT),
+            ("vocabulary", self.vocabulary, VOCABULARIES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -412,8 +423,10 @@ class ThreeDPlan:
 
     @property
     def axes(self) -> tuple[str, ...]:
-        """The axes this plan turns on, in :data:`STEP_ORDER` order."""
+        """The axes this plan turns on, in :data:`STEP_ORDER` order (``"vocabulary"``, which
+        acts once before training, first)."""
         on = {
+            "vocabulary": self.vocabulary != "full",
             "data": self.data_budget < 1,
             "distillation": self.distill > 0,
             "parameters": self.trainable < 1,
@@ -461,6 +474,7 @@ class ThreeDPlan:
             ProgressivePruner,
             QATHook,
             SensitivityFreezer,
+            VocabularyTrimmer,
         )
 
         if self.budget is not None:
@@ -510,7 +524,8 @@ class ThreeDPlan:
         if self.trains_quantized:  # and the start
             callbacks.append(QATHook(self.preset, group_size=self.group_size))
         scheduled = [c for c in callbacks if not isinstance(c, CurriculumSampler)]
-        return [PlanCoordinator(self, scheduled), *callbacks]
+        trimmer = [VocabularyTrimmer()] if "vocabulary" in self.axes else []
+        return [PlanCoordinator(self, scheduled), *trimmer, *callbacks]
 
     def trainer_arguments(self) -> dict[str, Any]:
         """``Trainer`` keyword arguments the plan needs: ``max_steps`` when it shortens the run.
@@ -575,6 +590,7 @@ class ThreeDPlan:
         quantized_overhead: float = 0.0,
         head_share: float = 0.0,
         freezable: tuple[Sequence[float], Sequence[float]] | None = None,
+        vocabulary_share: float = 0.0,
         **settings: Any,
     ) -> ThreeDPlan:
         """The plan whose axis strengths :func:`~lightning_3d.budget.solve_budget` picks for a
@@ -604,6 +620,10 @@ class ThreeDPlan:
                 the pruner leaves alone (:func:`freezable_units`). Given, every ``trainable``
                 is predicted at the share the freezer reaches with whole tensors
                 (:func:`~lightning_3d.budget.reachable_trainable`), not at its nominal value.
+            vocabulary_share: with ``vocabulary="train"``, the share of the parameters the
+                trimmed vocabulary removes (:func:`~lightning_3d.vocabulary.removed_share`);
+                every allocation's export is that much smaller. ``0``: priced untrimmed (an
+                upper bound on the size).
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 
@@ -645,6 +665,7 @@ class ThreeDPlan:
             freezable_units_pruned=(
                 None if freezable is None else freezable[1] if keeps_pruned else freezable[0]
             ),
+            vocabulary_share=vocabulary_share,
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")
@@ -664,6 +685,7 @@ class ThreeDPlan:
         cost: CostModel | None = None,
         batch: Any = None,
         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        vocabulary_share: float = 0.0,
     ) -> ThreeDPlan:
         """The plan with this plan's :class:`PlanBudget` solved (:meth:`for_budget`), every
         other setting kept.
@@ -673,6 +695,8 @@ class ThreeDPlan:
             reference_steps, epochs: the reference run (the trainer's own length).
             cost: the step-cost model; default: the budget's ``calibration`` file, else
                 measured on ``batch`` with ``loss_fn(module, batch) -> loss``.
+            vocabulary_share: see :meth:`for_budget` (``lightning-3d fit`` measures it on the
+                training data when the plan trims the vocabulary).
         """
         from lightning_3d.budget import CostModel, measure_cost_model
 
@@ -701,7 +725,8 @@ class ThreeDPlan:
             cost=cost, reference_steps=reference_steps, epochs=epochs,
             compressible_share=compressible, head_share=head, curves=budget.curves,
             quantized_overhead=budget.quantized_overhead,
-            freezable=freezable_units(module, self.prune_include), **settings,
+            freezable=freezable_units(module, self.prune_include),
+            vocabulary_share=vocabulary_share, **settings,
         )  # fmt: skip
 
 

@@ -1,0 +1,137 @@
+"""``VocabularyTrimmer``: the model axis's cheapest cut -- embedding rows of tokens the data never
+uses.
+
+Life cycle: ``setup("fit")`` reads the token ids of the training data (the data module's
+``train_dataloader``, or ``token_ids`` given) and replaces the model's input embedding by a
+:class:`~lightning_3d.vocabulary.TrimmedEmbedding` of those ids and the tokenizer's special
+tokens, before the optimizer is built (so it never holds state for the dropped rows). Any
+later ``load_state_dict`` of a trimmed model's weights (resume, ``trainer.test(ckpt_path=...)``,
+a fresh process) first trims the model like the checkpoint (a load pre-hook): the checkpoint's
+table of rows wins, the data is not read again.
+
+Example:
+    >>> from lightning import Trainer
+    >>> trainer = Trainer(callbacks=[VocabularyTrimmer()])  # doctest: +SKIP
+    >>> trainer.fit(task, datamodule=data)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from lightning_3d.loggers import log_axis_metrics
+from lightning_3d.vocabulary import (
+    TrimmedEmbedding,
+    observed_token_ids,
+    special_token_ids,
+    trim_like_state,
+    trim_vocabulary,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _language_model(pl_module: LightningModule) -> nn.Module:
+    """The Hugging Face model of a task (``pl_module.model``), or the module itself."""
+    model = getattr(pl_module, "model", pl_module)
+    if not callable(getattr(model, "get_input_embeddings", None)):
+        raise ValueError(
+            "VocabularyTrimmer needs a Hugging Face model: the LightningModule's `model` "
+            f"attribute (or the module itself) with get_input_embeddings; got "
+            f"{type(model).__name__}"
+        )
+    return model
+
+
+class VocabularyTrimmer(Callback):
+    """Keep only the input-embedding rows of the tokens in the training data.
+
+    Args:
+        token_ids: the ids to keep besides the tokenizer's special tokens; ``None``: every id
+            in the ``input_ids`` of the data module's training loader (read once, before the
+            first step, without touching the random state the training shuffle uses).
+        unknown_token_id: the id that tokens not kept are read as; ``None``: the task's
+            ``tokenizer.unk_token_id``.
+
+    Logged: ``vocabulary/kept_ids`` and ``vocabulary/kept_share`` (of the tokenizer's ids).
+
+    Raises (at ``setup``, before training): ``ValueError`` when the model is not a Hugging
+    Face model, its output layer shares the input embedding (a tied language-model head),
+    there is neither ``token_ids`` nor a data module, or no unknown token is known.
+
+    Example:
+        >>> VocabularyTrimmer(token_ids=[101, 102, 2204]).token_ids
+        [101, 102, 2204]
+    """
+
+    #: The plan's name of this axis.
+    axis = "vocabulary"
+
+    def __init__(
+        self, token_ids: Sequence[int] | None = None, unknown_token_id: int | None = None
+    ) -> None:
+        if token_ids is not None and any(int(i) < 0 for i in token_ids):
+            raise ValueError("token_ids must be non-negative token ids")
+        self.token_ids = None if token_ids is None else [int(i) for i in token_ids]
+        self.unknown_token_id = unknown_token_id
+        self._hook: Any = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        model = _language_model(pl_module)
+        if self._hook is None:
+            self._hook = pl_module.register_load_state_dict_pre_hook(self._before_state_load)
+        if stage != "fit" or trainer.ckpt_path is not None:
+            return  # a trimmed checkpoint trims the model as it loads
+        if isinstance(model.get_input_embeddings(), TrimmedEmbedding):
+            return  # fitted before in this process
+        special, unknown = self._specials(pl_module)
+        kept = observed_token_ids(self._training_ids(trainer), always=special)
+        trim_vocabulary(model, kept, unknown)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        embedding = _language_model(pl_module).get_input_embeddings()
+        if isinstance(embedding, TrimmedEmbedding):  # from the data or from a checkpoint
+            share = embedding.kept / embedding.num_embeddings
+            metrics = {"vocabulary/kept_ids": embedding.kept, "vocabulary/kept_share": share}
+            log_axis_metrics(trainer, metrics)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _specials(self, pl_module: LightningModule) -> tuple[list[int], int]:
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        if self.unknown_token_id is not None:
+            special = [] if tokenizer is None else special_token_ids(tokenizer)[0]
+            return sorted({*special, self.unknown_token_id}), self.unknown_token_id
+        if tokenizer is None:
+            raise ValueError(
+                "VocabularyTrimmer: the module has no `tokenizer` to take the unknown token "
+                "from; pass unknown_token_id"
+            )
+        return special_token_ids(tokenizer)
+
+    def _training_ids(self, trainer: Trainer) -> Any:
+        if self.token_ids is not None:
+            return [torch.tensor(self.token_ids)]
+        if trainer.datamodule is None:
+            raise ValueError(
+                "VocabularyTrimmer reads the training data from the data module "
+                "(trainer.fit(..., datamodule=...)); without one, pass token_ids"
+            )
+        return trainer.datamodule.train_dataloader()
+
+    def _before_state_load(
+        self, module: nn.Module, state: dict[str, Any], prefix: str, *_: Any
+    ) -> None:
+        """Trim ``module`` like the state about to load (its children load after this)."""
+        local = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        for name in trim_like_state(module, local):
+            log.info("vocabulary trimmed like the checkpoint at %s", name)

@@ -1,0 +1,310 @@
+"""Vocabulary trimming: keep only the word-embedding rows of the tokens a fine-tune can see.
+
+A pretrained encoder carries an embedding row for every token of its tokenizer (30,522 for
+all-MiniLM-L6-v2: 11.7M of its 22.7M parameters), while one task's training data uses a part of
+them (13,668 on the Rotten Tomatoes training split). A row whose token never occurs in training
+gets no gradient, so training does not change it (AdamW's update of a row with zero gradients
+is zero; only weight decay shrinks it); dropping such rows makes the exported model smaller
+at no training cost. The one change of function: a token that occurs only after training
+(at test time) is read as the unknown token instead of through its pretrained row.
+
+The model keeps taking the tokenizer's ids: :class:`TrimmedEmbedding` looks each id up in a
+table ``rows`` (one entry per tokenizer id) and then in the kept rows::
+
+    embedding(i) = weight[rows[i]]
+    rows[i] = position of i among the kept ids, or the unknown token's position
+
+so no tokenizer changes, and an ONNX export of the model holds the table as one more ``Gather``.
+:func:`restore_vocabulary` gives back a plain ``nn.Embedding`` of the tokenizer's size (dropped
+ids share the unknown token's row: the same function), which ``from_pretrained`` can load.
+
+Example:
+    >>> import torch
+    >>> embedding = torch.nn.Embedding(6, 2)
+    >>> trimmed = trim_embedding(embedding, torch.tensor([0, 2, 5]), unknown_id=0)
+    >>> trimmed.rows.tolist()  # ids 1, 3 and 4 were never seen: they read id 0's row
+    [0, 0, 1, 0, 0, 2]
+    >>> bool(torch.equal(trimmed(torch.tensor([5, 4])), embedding.weight[[5, 0]]))
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Name of the id-to-row table in a :class:`TrimmedEmbedding`'s state (what a checkpoint of a
+#: trimmed model holds beside the kept rows' ``weight``).
+ROWS = "token_rows"
+
+
+class TrimmedEmbedding(nn.Module):
+    """An embedding of the tokenizer's ids that stores rows for a subset of them.
+
+    ``weight`` holds the ``K`` kept rows; the buffer ``token_rows`` (one entry per tokenizer
+    id, saved with the model) maps each id to its row, an id that was not kept to the unknown
+    token's row. ``padding_idx`` (a tokenizer id, as in ``nn.Embedding``) keeps its row's
+    gradient at zero.
+
+    Example:
+        >>> rows = torch.tensor([0, 0, 1])  # 3 tokenizer ids, 2 kept rows
+        >>> TrimmedEmbedding(torch.ones(2, 4), rows)(torch.tensor([[2, 1]])).shape
+        torch.Size([1, 2, 4])
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, rows: torch.Tensor, padding_idx: int | None = None
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 2 or rows.dim() != 1 or rows.dtype != torch.long:
+            raise ValueError(
+                "TrimmedEmbedding needs a 2-D weight and a 1-D int64 rows table, got shapes "
+                f"{tuple(weight.shape)} and {tuple(rows.shape)} ({rows.dtype})"
+            )
+        if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < len(weight):
+            raise ValueError(f"rows must index the {len(weight)} kept rows")
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.register_buffer(ROWS, rows.clone())
+        self.padding_idx = padding_idx
+        self.padding_row = None if padding_idx is None else int(rows[padding_idx])
+
+    @property
+    def num_embeddings(self) -> int:
+        """The tokenizer's ids this embedding takes (as ``nn.Embedding.num_embeddings``)."""
+        return len(self.token_rows)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def kept(self) -> int:
+        """How many rows are stored."""
+        return self.weight.shape[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(self.token_rows[input_ids], self.weight, self.padding_row)
+
+    def full(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` over every tokenizer id computing the same function (ids
+        that were not kept get a copy of the unknown token's row)."""
+        full = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx)
+        full = full.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            full.weight.copy_(self.weight[self.token_rows])
+        full.weight.requires_grad_(self.weight.requires_grad)
+        return full
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings} ids, {self.kept} rows kept, dim {self.embedding_dim}"
+
+
+def observed_token_ids(
+    batches: Iterable[Any], always: Iterable[int] = (), key: str = "input_ids"
+) -> torch.Tensor:
+    """The sorted distinct token ids in ``batches`` (mappings with ``key``, or id tensors) and
+    in ``always`` (e.g. the tokenizer's special tokens). ``batches`` is read under
+    ``torch.random.fork_rng``: a shuffling data loader's draw leaves torch's random state (which
+    the training's own shuffle then draws from) as it was.
+
+    Example:
+        >>> observed_token_ids([{"input_ids": torch.tensor([[5, 3, 0]])}, torch.tensor([3, 9])],
+        ...                    always=[1]).tolist()
+        [0, 1, 3, 5, 9]
+    """
+    seen = [torch.as_tensor(list(always), dtype=torch.long)]
+    with torch.random.fork_rng(devices=[]):
+        for batch in batches:
+            ids = batch[key] if isinstance(batch, Mapping) else batch
+            seen.append(torch.as_tensor(ids).reshape(-1).long().unique())
+    return torch.cat(seen).unique()
+
+
+def row_table(kept: torch.Tensor, vocabulary_size: int, unknown_id: int) -> torch.Tensor:
+    """``rows`` of :class:`TrimmedEmbedding`: each id's position in the sorted ``kept`` ids,
+    the unknown token's position for an id not kept (``unknown_id`` must be kept).
+
+    Example:
+        >>> row_table(torch.tensor([1, 3]), 5, unknown_id=1).tolist()
+        [0, 0, 0, 1, 0]
+    """
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    if kept.dim() != 1 or len(kept) == 0 or bool((kept[1:] <= kept[:-1]).any()):
+        raise ValueError("kept must be a non-empty, sorted 1-D tensor of distinct token ids")
+    if int(kept[0]) < 0 or int(kept[-1]) >= vocabulary_size:
+        raise ValueError(
+            f"kept ids must lie in [0, {vocabulary_size}), got {int(kept[0])}..{int(kept[-1])}"
+        )
+    position = torch.searchsorted(kept, torch.tensor([unknown_id]))
+    if int(position) >= len(kept) or int(kept[position]) != unknown_id:
+        raise ValueError(f"unknown_id={unknown_id} must be among the kept ids")
+    rows = torch.full((vocabulary_size,), int(position), dtype=torch.long)
+    rows[kept] = torch.arange(len(kept))
+    return rows
+
+
+def trim_embedding(
+    embedding: nn.Embedding, kept: torch.Tensor, unknown_id: int
+) -> TrimmedEmbedding:
+    """A :class:`TrimmedEmbedding` holding ``embedding``'s rows of the ``kept`` ids (sorted,
+    distinct, the unknown token's among them)."""
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"trimming needs an nn.Embedding, got {type(embedding).__name__}")
+    rows = row_table(kept, embedding.num_embeddings, unknown_id).to(embedding.weight.device)
+    kept = torch.as_tensor(kept, device=embedding.weight.device)
+    trimmed = TrimmedEmbedding(embedding.weight[kept], rows, embedding.padding_idx)
+    trimmed.weight.requires_grad_(embedding.weight.requires_grad)
+    return trimmed
+
+
+def _input_embedding_path(model: nn.Module) -> tuple[str, nn.Module]:
+    """The name (in ``model``) and module of the model's input embedding."""
+    if not callable(getattr(model, "get_input_embeddings", None)):
+        raise ValueError(
+            f"vocabulary trimming needs a Hugging Face model (get_input_embeddings), got "
+            f"{type(model).__name__}"
+        )
+    embedding = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    if name is None:
+        raise ValueError("the model's input embedding is not one of its modules")
+    return name, embedding
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attribute, module)
+
+
+def trim_vocabulary(model: nn.Module, kept: torch.Tensor, unknown_id: int) -> TrimmedEmbedding:
+    """Replace ``model``'s input embedding (a Hugging Face model, or a peft model around one)
+    by the :class:`TrimmedEmbedding` of the ``kept`` ids, in place; returns it.
+
+    Raises:
+        ValueError: the embedding is already trimmed or is not an ``nn.Embedding``; the output
+            layer shares its weight (a tied language-model head: trimming would remove
+            tokens the model can write); ``unknown_id`` is not kept.
+    """
+    name, embedding = _input_embedding_path(model)
+    if isinstance(embedding, TrimmedEmbedding):
+        raise ValueError("the model's vocabulary is already trimmed")
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and getattr(output, "weight", None) is embedding.weight:
+        raise ValueError(
+            "the model's output layer shares the input embedding's weight (a tied language-model "
+            "head): trimming the vocabulary would remove tokens it can generate"
+        )
+    trimmed = trim_embedding(embedding, kept, unknown_id)
+    _replace(model, name, trimmed)
+    log.info(
+        "vocabulary trimmed to %d of %d token ids (%d of %d embedding parameters kept)",
+        trimmed.kept,
+        trimmed.num_embeddings,
+        trimmed.weight.numel(),
+        embedding.weight.numel(),
+    )
+    return trimmed
+
+
+def restore_vocabulary(model: nn.Module) -> bool:
+    """Put back a plain ``nn.Embedding`` of every tokenizer id (:meth:`TrimmedEmbedding.full`)
+    where ``model``'s input embedding is trimmed, in place; returns whether it was (``False``
+    for a model without ``get_input_embeddings``)."""
+    if not callable(getattr(model, "get_input_embeddings", None)):
+        return False
+    name, embedding = _input_embedding_path(model)
+    if not isinstance(embedding, TrimmedEmbedding):
+        return False
+    _replace(model, name, embedding.full())
+    return True
+
+
+def trim_like_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Make every embedding of ``module`` that ``state`` (a state dict of a trimmed model:
+    ``NAME.token_rows`` beside ``NAME.weight``) holds trimmed a :class:`TrimmedEmbedding` of
+    the same rows, so that ``state`` loads (the weights are filled by the load); returns the
+    names of the embeddings it replaced.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(4, 2))
+        >>> trim_like_state(model, {"0.weight": torch.zeros(2, 2),
+        ...                         "0.token_rows": torch.tensor([0, 0, 1, 0])})
+        ['0']
+    """
+    replaced = []
+    for key in [key for key in state if key.endswith(f".{ROWS}")]:
+        name = key.removesuffix(f".{ROWS}")
+        embedding = module.get_submodule(name)
+        rows, weight = state[key], state[f"{name}.weight"]
+        if isinstance(embedding, TrimmedEmbedding) and torch.equal(
+            embedding.token_rows.cpu(), rows.cpu()
+        ):
+            continue
+        if not isinstance(embedding, nn.Embedding | TrimmedEmbedding):
+            raise ValueError(f"the state trims {name}, which is a {type(embedding).__name__}")
+        if len(rows) != embedding.num_embeddings:
+            raise ValueError(
+                f"the state trims {name} from {len(rows)} token ids, the model has "
+                f"{embedding.num_embeddings}"
+            )
+        like = embedding.weight
+        empty = torch.empty(weight.shape, dtype=like.dtype, device=like.device)
+        trimmed = TrimmedEmbedding(empty, rows.long().to(like.device), embedding.padding_idx)
+        trimmed.weight.requires_grad_(like.requires_grad)
+        _replace(module, name, trimmed)
+        replaced.append(name)
+    return replaced
+
+
+def removed_share(model: nn.Module, kept: int) -> float:
+    """The share of ``model``'s parameters that trimming its input embedding to ``kept`` rows
+    removes (what :func:`~lightning_3d.budget.size_fraction` calls ``vocabulary_share``).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+        >>> model.get_input_embeddings = lambda: model[0]
+        >>> removed_share(model, 5)  # 5 rows of 4 out of 60 parameters
+        0.3333333333333333
+    """
+    _, embedding = _input_embedding_path(model)
+    rows = embedding.num_embeddings
+    if not 0 < kept <= rows:
+        raise ValueError(f"kept must be in [1, {rows}], got {kept}")
+    total = sum(p.numel() for p in model.parameters())
+    return (rows - kept) * embedding.embedding_dim / total
+
+
+def special_token_ids(tokenizer: Any) -> tuple[list[int], int]:
+    """The tokenizer's special token ids (always kept) and its unknown token's id.
+
+    Raises:
+        ValueError: the tokenizer has no unknown token (its ids then cannot fall back to one).
+    """
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        raise ValueError(
+            f"vocabulary trimming maps tokens unseen in training to the unknown token: "
+            f"{type(tokenizer).__name__} has none (unk_token_id is None)"
+        )
+    return sorted({*getattr(tokenizer, "all_special_ids", ()), int(unknown)}), int(unknown)
+
+
+__all__: Sequence[str] = [
+    "ROWS",
+    "TrimmedEmbedding",
+    "observed_token_ids",
+    "removed_share",
+    "restore_vocabulary",
+    "row_table",
+    "special_token_ids",
+    "trim_embedding",
+    "trim_like_state",
+    "trim_vocabulary",
+]
