@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_3d.loggers import log_axis_metrics
@@ -96,10 +97,15 @@ class VocabularyTrimmer(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         embedding = _language_model(pl_module).get_input_embeddings()
-        if isinstance(embedding, TrimmedEmbedding):  # from the data or from a checkpoint
-            share = embedding.kept / embedding.num_embeddings
-            metrics = {"vocabulary/kept_ids": embedding.kept, "vocabulary/kept_share": share}
-            log_axis_metrics(trainer, metrics)
+        if not isinstance(embedding, TrimmedEmbedding):  # resumed from an untrimmed run
+            rank_zero_warn(
+                "VocabularyTrimmer: the run resumed from a checkpoint of an untrimmed model; "
+                "the vocabulary stays whole (trimming now would drop optimizer state)"
+            )
+            return
+        share = embedding.kept / embedding.num_embeddings
+        metrics = {"vocabulary/kept_ids": embedding.kept, "vocabulary/kept_share": share}
+        log_axis_metrics(trainer, metrics)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._hook is not None:
@@ -109,7 +115,7 @@ class VocabularyTrimmer(Callback):
     def _specials(self, pl_module: LightningModule) -> tuple[list[int], int]:
         tokenizer = getattr(pl_module, "tokenizer", None)
         if self.unknown_token_id is not None:
-            special = [] if tokenizer is None else special_token_ids(tokenizer)[0]
+            special = getattr(tokenizer, "all_special_ids", ())
             return sorted({*special, self.unknown_token_id}), self.unknown_token_id
         if tokenizer is None:
             raise ValueError(

@@ -506,6 +506,7 @@ def test_cli_export_reads_a_runs_saved_config(tmp_path) -> None:
 def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(tmp_path) -> None:
     from lightning_3d.callbacks import PlanCoordinator
     from lightning_3d.cli import Lightning3DCLI, _ExportCLI
+    from lightning_3d.vocabulary import observed_token_ids, removed_share, special_token_ids
 
     overrides = [
         "--config",
@@ -514,6 +515,7 @@ def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(t
         f"--trainer.default_root_dir={tmp_path}",
         "--data.init_args.batch_size=4",
         "--data.init_args.max_length=16",
+        "--plan.vocabulary=train",  # the solver prices exports without the unused rows
     ]
     cli = Lightning3DCLI(
         subclass_mode_model=True, subclass_mode_data=True, run=False, args=overrides
@@ -527,7 +529,12 @@ def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(t
     assert plan.prune_pattern == "heads+neurons" and "time budget 0.5" in allocation.reason
     assert cli.trainer.max_steps == (-1 if plan.max_steps is None else plan.max_steps)
     assert (tmp_path / "cost_model.json").exists()  # the measured step costs, for export
+    special, _ = special_token_ids(cli.model.tokenizer)
+    kept = observed_token_ids(cli.datamodule.train_dataloader(), always=special)
+    assert allocation.vocabulary_share == removed_share(cli.model.model, len(kept)) > 0.2
+    assert "vocabulary trimmed to the training data's tokens" in allocation.reason
     kinds = [type(c).__name__ for c in plan.callbacks()]
+    assert kinds[:2] == ["PlanCoordinator", "VocabularyTrimmer"]
     exporting = _ExportCLI(
         subclass_mode_model=True, subclass_mode_data=True, run=False, args=overrides
     )

@@ -251,6 +251,19 @@ def test_the_trimmer_keeps_the_training_tokens_and_resume_equals_the_uninterrupt
     )
 
 
+def test_resuming_an_untrimmed_run_keeps_the_vocabulary_and_says_so(
+    tmp_path, minilm_tokenizer, reviews
+) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, 1, checkpoint).fit(TinyClassifier(minilm_tokenizer), datamodule=reviews)
+    module = TinyClassifier(minilm_tokenizer)
+    with pytest.warns(UserWarning, match="resumed from a checkpoint of an untrimmed model"):
+        _trainer(tmp_path, 2, VocabularyTrimmer()).fit(
+            module, datamodule=reviews, ckpt_path=checkpoint.last_model_path
+        )
+    assert isinstance(module.model.get_input_embeddings(), nn.Embedding)
+
+
 def test_the_trimmer_needs_data_or_ids(tmp_path, minilm_tokenizer, reviews) -> None:
     trainer = _trainer(tmp_path, 1, VocabularyTrimmer())
     with pytest.raises(ValueError, match="without one, pass token_ids"):
