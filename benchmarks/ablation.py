@@ -76,6 +76,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -994,24 +995,31 @@ def solve(args: argparse.Namespace) -> None:
 
     from lightning_3d.plan import ThreeDPlan, freezable_units, parameter_shares
     from lightning_3d.tasks import SequenceClassificationTask
-    from lightning_3d.vocabulary import observed_token_ids, removed_share, special_token_ids
+    from lightning_3d.vocabulary import (
+        observed_token_ids,
+        removed_share,
+        special_token_ids,
+        trim_vocabulary,
+    )
 
     time_budget, size_budget = args.solve
     task = SequenceClassificationTask()
     data = prepare_data(args, 0.0, task.tokenizer)
     per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
-    compressible, head = parameter_shares(task.model)
-    share = 0.0
-    if args.vocabulary == "train":  # what the run's VocabularyTrimmer will remove
-        special, _ = special_token_ids(task.tokenizer)
+    model, share = task.model, 0.0
+    if args.vocabulary == "train":  # priced as the run's VocabularyTrimmer will leave it
+        special, unknown = special_token_ids(task.tokenizer)
         kept = observed_token_ids(data.train_dataloader(), always=special)
-        share = removed_share(task.model, len(kept))
+        share = removed_share(model, len(kept))
+        model = copy.deepcopy(model)
+        trim_vocabulary(model, kept, unknown)
+    compressible, head = parameter_shares(model)
     plan = ThreeDPlan.for_budget(
         time_budget, size_budget,
         cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,
         epochs=args.epochs, compressible_share=compressible, head_share=head,
         quantized_overhead=QUANTIZED_OVERHEAD, curves=args.curves,
-        quantize_at=args.quantize_at, freezable=freezable_units(task.model),
+        quantize_at=args.quantize_at, freezable=freezable_units(model),
         vocabulary=args.vocabulary, vocabulary_share=share,
     )  # fmt: skip
     allocation = plan.allocation

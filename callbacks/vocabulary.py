@@ -1,13 +1,14 @@
 """``VocabularyTrimmer``: the model axis's cheapest cut -- embedding rows of tokens the data never
 uses.
 
-Life cycle: ``setup("fit")`` reads the token ids of the training data (the data module's
-``train_dataloader``, or ``token_ids`` given) and replaces the model's input embedding by a
+Life cycle: ``setup("fit")`` reads every training sample once (the data module's training
+dataset in order, not the epoch's sampler; or ``token_ids`` given), takes the union of the ids
+over the ranks, and replaces the model's input embedding by a
 :class:`~lightning_3d.vocabulary.TrimmedEmbedding` of those ids and the tokenizer's special
-tokens, before the optimizer is built (so it never holds state for the dropped rows). Any
-later ``load_state_dict`` of a trimmed model's weights (resume, ``trainer.test(ckpt_path=...)``,
-a fresh process) first trims the model like the checkpoint (a load pre-hook): the checkpoint's
-table of rows wins, the data is not read again.
+tokens, before the optimizer is built (so it never holds state for the dropped rows). A
+``load_state_dict`` of weights (resume, ``trainer.test(ckpt_path=...)``) first makes the
+model's embedding fit them (a load pre-hook): trimmed like the checkpoint (its table of rows
+wins over the data's), or whole again for a checkpoint of an untrimmed run.
 
 Example:
     >>> from lightning import Trainer
@@ -25,6 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.vocabulary import (
@@ -36,6 +38,8 @@ from lightning_3d.vocabulary import (
 )
 
 log = logging.getLogger(__name__)
+
+SCAN_BATCH = 64  # samples per batch when the training loader has no batch size of its own
 
 
 def _language_model(pl_module: LightningModule) -> nn.Module:
@@ -63,8 +67,10 @@ class VocabularyTrimmer(Callback):
     Logged: ``vocabulary/kept_ids`` and ``vocabulary/kept_share`` (of the tokenizer's ids).
 
     Raises (at ``setup``, before training): ``ValueError`` when the model is not a Hugging
-    Face model, its output layer shares the input embedding (a tied language-model head),
-    there is neither ``token_ids`` nor a data module, or no unknown token is known.
+    Face model, its input embedding is not a plain ``nn.Embedding`` or shares its weight (a
+    tied language-model head), there is neither ``token_ids`` nor a data module, no unknown
+    token is known, or the strategy loads checkpoints after building the optimizer (FSDP,
+    DeepSpeed, model-parallel).
 
     Example:
         >>> VocabularyTrimmer(token_ids=[101, 102, 2204]).token_ids
@@ -85,14 +91,25 @@ class VocabularyTrimmer(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         model = _language_model(pl_module)
+        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            raise ValueError(
+                f"VocabularyTrimmer: {type(trainer.strategy).__name__} builds the optimizer "
+                "before it loads a checkpoint, so a trimmed embedding could not follow the "
+                "checkpoint; use a single-device or DDP strategy"
+            )
         if self._hook is None:
             self._hook = pl_module.register_load_state_dict_pre_hook(self._before_state_load)
-        if stage != "fit" or trainer.ckpt_path is not None:
-            return  # a trimmed checkpoint trims the model as it loads
-        if isinstance(model.get_input_embeddings(), TrimmedEmbedding):
-            return  # fitted before in this process
+        if stage != "fit" or isinstance(model.get_input_embeddings(), TrimmedEmbedding):
+            return  # trimmed already (fitted before in this process); loads trim themselves
         special, unknown = self._specials(pl_module)
         kept = observed_token_ids(self._training_ids(trainer), always=special)
+        if trainer.world_size > 1:  # ranks may hold different data: keep every rank's ids
+            present = torch.zeros(model.get_input_embeddings().num_embeddings)
+            present[kept] = 1.0
+            present = trainer.strategy.reduce(
+                present.to(trainer.strategy.root_device), reduce_op="sum"
+            )
+            kept = torch.nonzero(present.cpu() > 0).flatten()
         trim_vocabulary(model, kept, unknown)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -132,12 +149,18 @@ class VocabularyTrimmer(Callback):
                 "VocabularyTrimmer reads the training data from the data module "
                 "(trainer.fit(..., datamodule=...)); without one, pass token_ids"
             )
-        return trainer.datamodule.train_dataloader()
+        loader = trainer.datamodule.train_dataloader()
+        if not isinstance(loader, DataLoader):
+            return loader
+        # every sample once, in order: not the epoch's sampler (a data budget's subset)
+        size = loader.batch_size or SCAN_BATCH
+        return DataLoader(loader.dataset, batch_size=size, collate_fn=loader.collate_fn)
 
     def _before_state_load(
         self, module: nn.Module, state: dict[str, Any], prefix: str, *_: Any
     ) -> None:
-        """Trim ``module`` like the state about to load (its children load after this)."""
+        """Make ``module``'s embedding fit the state about to load (its children load after
+        this): trimmed like it, or whole again."""
         local = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         for name in trim_like_state(module, local):
-            log.info("vocabulary trimmed like the checkpoint at %s", name)
+            log.info("vocabulary at %s made to fit the checkpoint", name)

@@ -1109,14 +1109,15 @@ def size_fraction(
 ) -> float:
     r"""Exported model bytes relative to the fp32 dense model.
 
-    With ``c`` the share of the parameters the pruner targets (the transformer blocks' linear
-    weights; embeddings and the head are not pruned), sparsity ``s``, ``v`` the share a trimmed
-    vocabulary removes (embedding rows of tokens the training data never uses; 0: untrimmed)
-    and ``k`` bits per weight::
+    With ``v`` the share of the parameters a trimmed vocabulary removes (embedding rows of
+    tokens the training data never uses; 0: untrimmed), ``c`` the share of the parameters of
+    the model as it trains (trimmed) the pruner targets (the transformer blocks' linear
+    weights; embeddings and the head are not pruned), sparsity ``s`` and ``k`` bits per
+    weight::
 
         size = kept * k / 32
-        kept = 1 - v - c * s    for "heads+neurons" (pruned heads and neurons are removed)
-        kept = 1 - v            for "unstructured" (a dense export stores the zeros)
+        kept = (1 - v) * (1 - c * s)   for "heads+neurons" (pruned heads and neurons removed)
+        kept = 1 - v                   for "unstructured" (a dense export stores the zeros)
 
     and ``k = 32`` when ``weight_bits`` is ``None``. Quantization divides *every* weight by
     ``32 / k`` (the int8 and int4 presets quantize the embeddings too). Quantization scales,
@@ -1131,6 +1132,8 @@ def size_fraction(
         (0.25, 0.0875)
         >>> size_fraction(0.0, 8, "heads+neurons", 0.6, vocabulary_share=0.2)  # 0.8 * 8 / 32
         0.2
+        >>> round(size_fraction(0.5, None, "heads+neurons", 0.6, vocabulary_share=0.2), 6)
+        0.56
     """
     _check_strength("sparsity", sparsity)
     _check_strength("weight_bits", weight_bits)
@@ -1139,12 +1142,10 @@ def size_fraction(
     _check_fraction("compressible_share", compressible_share, closed_top=True)
     if not 0.0 <= quantized_overhead < 1.0:
         raise ValueError(f"quantized_overhead must be in [0, 1), got {quantized_overhead}")
-    if not 0.0 <= vocabulary_share < 1.0 - compressible_share + _EPS:
-        raise ValueError(
-            f"vocabulary_share must be in [0, 1 - compressible_share], got {vocabulary_share}"
-        )
+    if not 0.0 <= vocabulary_share < 1.0:
+        raise ValueError(f"vocabulary_share must be in [0, 1), got {vocabulary_share}")
     pruned = compressible_share * sparsity if prune_pattern == "heads+neurons" else 0.0
-    kept = 1.0 - vocabulary_share - pruned
+    kept = (1.0 - vocabulary_share) * (1.0 - pruned)
     if weight_bits is None:
         return kept
     return kept * weight_bits / 32 + quantized_overhead
@@ -1344,7 +1345,8 @@ def solve_budget(
             ``None``.
         cost, curves: the time and accuracy models.
         reference_steps, epochs: the reference recipe's optimizer steps and epochs.
-        compressible_share: the share of the parameters the pruner targets.
+        compressible_share: the share of the parameters the pruner targets (of the model as it
+            trains: trimmed, with ``vocabulary_share``).
         prune_pattern: ``"heads+neurons"`` or ``"unstructured"`` (:func:`size_fraction`).
         candidates: per axis, the strengths to try.
         warmup, qat_start: fractions of the run's steps (:meth:`CostModel.run_seconds`).
@@ -1360,8 +1362,9 @@ def solve_budget(
             replace ``freezable_share*`` and every ``trainable`` candidate is predicted at the
             share the freezer reaches with whole tensors (:func:`reachable_trainable`), which
             must lie within the accuracy curves' points.
-        vocabulary_share: the share of the parameters a trimmed vocabulary removes from every
-            export (``ThreeDPlan(vocabulary="train")``; :func:`size_fraction`); 0: untrimmed.
+        vocabulary_share: the share of the parameters a trimmed vocabulary removes from the
+            ONNX exports (``ThreeDPlan(vocabulary="train")``; :func:`size_fraction`); 0:
+            untrimmed.
 
     Raises:
         ValueError: a bad argument, or no allocation of the grid meets the budgets (the
@@ -1479,7 +1482,7 @@ def solve_budget(
     if vocabulary_share:
         lines.append(
             f"vocabulary trimmed to the training data's tokens: {vocabulary_share:.3g} of the "
-            "parameters out of every export, at no training time"
+            "parameters out of the ONNX exports, at no training time"
         )
     if any(_on(axis, strengths[axis]) for axis in AXES):
         lines.append(f"axes on ({_describe(strengths)}), each against switching it off:")

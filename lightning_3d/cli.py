@@ -26,6 +26,7 @@ What it adds to plain LightningCLI:
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -118,7 +119,12 @@ def solve_plan(
     import torch
 
     from lightning_3d.budget import CostModel, measure_cost_model
-    from lightning_3d.vocabulary import observed_token_ids, removed_share, special_token_ids
+    from lightning_3d.vocabulary import (
+        observed_token_ids,
+        removed_share,
+        special_token_ids,
+        trim_vocabulary,
+    )
 
     assert plan.budget is not None
     epochs = trainer_config.get("max_epochs")
@@ -185,13 +191,15 @@ def solve_plan(
             saved.parent.mkdir(parents=True, exist_ok=True)
             cost.save(saved)
             log.info("plan budget: the step-cost model was measured and saved to %s", saved)
-    share = 0.0
-    if plan.vocabulary == "train":  # what the run's VocabularyTrimmer will remove
-        special, _ = special_token_ids(_tokenizer_of(model))
+    share, priced = 0.0, model
+    if plan.vocabulary == "train":  # priced as the run's VocabularyTrimmer will leave it
+        special, unknown = special_token_ids(_tokenizer_of(model))
         kept = observed_token_ids(loader, always=special)
         share = removed_share(getattr(model, "model", model), len(kept))
+        priced = copy.deepcopy(model)
+        trim_vocabulary(getattr(priced, "model", priced), kept, unknown)
     return plan.solve(
-        model, reference_steps=reference_steps, epochs=epochs, cost=cost, vocabulary_share=share
+        priced, reference_steps=reference_steps, epochs=epochs, cost=cost, vocabulary_share=share
     )
 
 

@@ -278,8 +278,9 @@ class ThreeDPlan:
             keeps only the rows of the tokens in the training data and the tokenizer's special
             tokens (:class:`~lightning_3d.callbacks.VocabularyTrimmer`); later unseen tokens
             read as the unknown token. Those rows get no gradient in training, so it costs no
-            training and shrinks every export (all-MiniLM-L6-v2 on Rotten Tomatoes: 13,668 of
-            30,522 ids, 28% of the parameters removed). Refused for tied language-model heads.
+            training and shrinks the ONNX exports (all-MiniLM-L6-v2 on Rotten Tomatoes: 13,668
+            of 30,522 ids, 28% of the parameters removed). Refused for tied language-model
+            heads and with quantization-aware training (torchao leaves the table fp32).
         seed: seeds the data order and random drops.
         budget: solve ``data_budget``, ``trainable``, ``sparsity``, ``weight_bits``,
             ``distill`` and ``max_steps`` for a :class:`PlanBudget` (:meth:`solve`;
@@ -359,6 +360,12 @@ class ThreeDPlan:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.vocabulary != "full" and self.trains_quantized:
+            raise ValueError(
+                f"vocabulary={self.vocabulary!r} with quantization-aware training: torchao "
+                "quantizes plain embedding tables only, so the trimmed embedding would stay "
+                "fp32; use quantize_at='export' (ONNX Runtime's int8 quantizes it)"
+            )
         if self.quantize_at == "export" and self.quantization is not None:
             raise ValueError(
                 "quantize_at='export' quantizes the trained float model in the export (ONNX "
@@ -787,7 +794,8 @@ def _allowed(
 ) -> dict[str, Sequence[Any]] | None:
     """The solver's grid less what the user's other settings rule out: distillation from a
     snapshot without a warm-up, pruning that cannot ramp after the warm-up, quantization-aware
-    training that would start before pruning ends, 4-bit weights when the export quantizes."""
+    training that would start before pruning ends or with a trimmed vocabulary, 4-bit weights
+    when the export quantizes."""
     allowed = dict(candidates or {})
     warmup = settings.get("warmup", ThreeDPlan.warmup)
     snapshot = settings.get("teacher", ThreeDPlan.teacher) == "snapshot"
@@ -801,6 +809,8 @@ def _allowed(
         allowed["weight_bits"] = [b for b in bits if b in (None, 8)]
     elif settings.get("qat_start", ThreeDPlan.qat_start) < prune_end:
         allowed["weight_bits"] = [None]
+    elif settings.get("vocabulary", ThreeDPlan.vocabulary) != "full":
+        allowed["weight_bits"] = [None]  # QAT leaves a trimmed embedding in fp32
     return allowed or None
 
 

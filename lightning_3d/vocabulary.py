@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -111,8 +112,9 @@ def observed_token_ids(
 ) -> torch.Tensor:
     """The sorted distinct token ids in ``batches`` (mappings with ``key``, or id tensors) and
     in ``always`` (e.g. the tokenizer's special tokens). ``batches`` is read under
-    ``torch.random.fork_rng``: a shuffling data loader's draw leaves torch's random state (which
-    the training's own shuffle then draws from) as it was.
+    ``torch.random.fork_rng``: a shuffling loader's draw from torch's global random state (which
+    the training's own shuffle then draws from) is undone; a loader's own ``generator`` and
+    other libraries' random states are not.
 
     Example:
         >>> observed_token_ids([{"input_ids": torch.tensor([[5, 3, 0]])}, torch.tensor([3, 9])],
@@ -155,10 +157,16 @@ def trim_embedding(
 ) -> TrimmedEmbedding:
     """A :class:`TrimmedEmbedding` holding ``embedding``'s rows of the ``kept`` ids (sorted,
     distinct, the unknown token's among them)."""
-    if not isinstance(embedding, nn.Embedding):
-        raise ValueError(f"trimming needs an nn.Embedding, got {type(embedding).__name__}")
+    if type(embedding) is not nn.Embedding:  # a subclass may scale or otherwise change rows
+        raise ValueError(
+            f"trimming needs a plain nn.Embedding, got {type(embedding).__name__} (a subclass "
+            "may compute more than a row lookup)"
+        )
     rows = row_table(kept, embedding.num_embeddings, unknown_id).to(embedding.weight.device)
     kept = torch.as_tensor(kept, device=embedding.weight.device)
+    padding = embedding.padding_idx
+    if padding is not None and not bool((kept == padding).any()):
+        raise ValueError(f"the padding id {padding} must be among the kept ids")
     trimmed = TrimmedEmbedding(embedding.weight[kept], rows, embedding.padding_idx)
     trimmed.weight.requires_grad_(embedding.weight.requires_grad)
     return trimmed
@@ -187,19 +195,30 @@ def trim_vocabulary(model: nn.Module, kept: torch.Tensor, unknown_id: int) -> Tr
     """Replace ``model``'s input embedding (a Hugging Face model, or a peft model around one)
     by the :class:`TrimmedEmbedding` of the ``kept`` ids, in place; returns it.
 
+    A model with an output vocabulary of its own (an untied language-model head) is trimmed
+    with a warning: tokens it writes that were not kept read as the unknown token when fed back.
+
     Raises:
-        ValueError: the embedding is already trimmed or is not an ``nn.Embedding``; the output
-            layer shares its weight (a tied language-model head: trimming would remove
-            tokens the model can write); ``unknown_id`` is not kept.
+        ValueError: the embedding is already trimmed or is not a plain ``nn.Embedding``; its
+            weight is shared with another layer (a tied language-model head: trimming would
+            remove tokens the model can write); ``unknown_id`` or the padding id is not kept.
     """
     name, embedding = _input_embedding_path(model)
     if isinstance(embedding, TrimmedEmbedding):
         raise ValueError("the model's vocabulary is already trimmed")
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None and getattr(output, "weight", None) is embedding.weight:
+    weight = getattr(embedding, "weight", None)
+    sharing = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    if len(sharing) > 1:
         raise ValueError(
-            "the model's output layer shares the input embedding's weight (a tied language-model "
-            "head): trimming the vocabulary would remove tokens it can generate"
+            f"the input embedding's weight is shared ({', '.join(sharing)}: a tied "
+            "language-model head): trimming the vocabulary would remove tokens it can generate"
+        )
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        warnings.warn(
+            "trimming the input vocabulary of a model with an output vocabulary: tokens it "
+            "generates that were not in the training data read as the unknown token",
+            stacklevel=2,
         )
     trimmed = trim_embedding(embedding, kept, unknown_id)
     _replace(model, name, trimmed)
@@ -227,10 +246,11 @@ def restore_vocabulary(model: nn.Module) -> bool:
 
 
 def trim_like_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Make every embedding of ``module`` that ``state`` (a state dict of a trimmed model:
-    ``NAME.token_rows`` beside ``NAME.weight``) holds trimmed a :class:`TrimmedEmbedding` of
-    the same rows, so that ``state`` loads (the weights are filled by the load); returns the
-    names of the embeddings it replaced.
+    """Make ``module``'s embeddings fit ``state`` so that it loads (the load fills the
+    weights): one that ``state`` holds trimmed (``NAME.token_rows`` beside ``NAME.weight``)
+    becomes a :class:`TrimmedEmbedding` of the same rows; a :class:`TrimmedEmbedding` that
+    ``state`` holds whole (``NAME.weight`` alone) becomes a plain ``nn.Embedding`` again.
+    Returns the names of the embeddings it replaced.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Embedding(4, 2))
@@ -260,6 +280,14 @@ def trim_like_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> lis
         trimmed.weight.requires_grad_(like.requires_grad)
         _replace(module, name, trimmed)
         replaced.append(name)
+    for name, embedding in list(module.named_modules()):
+        whole = state.get(f"{name}.weight")
+        trimmed_here = f"{name}.{ROWS}" in state
+        if isinstance(embedding, TrimmedEmbedding) and whole is not None and not trimmed_here:
+            if tuple(whole.shape) != (embedding.num_embeddings, embedding.embedding_dim):
+                continue  # not this embedding's whole form: the load reports the mismatch
+            _replace(module, name, embedding.full())
+            replaced.append(name)
     return replaced
 
 

@@ -106,15 +106,27 @@ def test_training_the_trimmed_model_updates_exactly_the_kept_rows_of_the_full_on
     assert embedding.kept == len(kept) < 200
 
 
-def test_a_tied_language_model_head_is_refused() -> None:
+class ScaledEmbedding(nn.Embedding):
+    """Rows times a constant, as some architectures' embeddings compute."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 2.0
+
+
+def test_a_tied_language_model_head_is_refused_and_an_untied_one_warned_about() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="tied language-model head"):
-        trim_vocabulary(LlamaForCausalLM(config), torch.tensor([0, 1, 2]), unknown_id=0)
+    def llama(tied: bool) -> nn.Module:
+        config = LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied,
+        )  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    with pytest.raises(ValueError, match=r"shared \(model.embed_tokens.weight, lm_head.weight"):
+        trim_vocabulary(llama(tied=True), torch.tensor([0, 1, 2]), unknown_id=0)
+    with pytest.warns(UserWarning, match="tokens it generates that were not in the training"):
+        trim_vocabulary(llama(tied=False), torch.tensor([0, 1, 2]), unknown_id=0)
 
 
 def test_bad_input_is_refused() -> None:
@@ -132,6 +144,15 @@ def test_bad_input_is_refused() -> None:
         trim_vocabulary(model, torch.tensor([0, 1]), 1)
     with pytest.raises(ValueError, match="vocabulary must be one of"):
         ThreeDPlan(vocabulary="test")
+    with pytest.raises(ValueError, match="trimmed embedding would stay fp32"):
+        ThreeDPlan(vocabulary="train", weight_bits=8)
+    ThreeDPlan(vocabulary="train", weight_bits=8, quantize_at="export")  # ONNX Runtime's int8
+    scaled = _tiny_bert(50)
+    scaled.bert.embeddings.word_embeddings = ScaledEmbedding(50, 16)
+    with pytest.raises(ValueError, match=r"needs a plain nn\.Embedding, got ScaledEmbedding"):
+        trim_vocabulary(scaled, torch.tensor([0, 1]), 1)
+    with pytest.raises(ValueError, match="the padding id 0 must be among the kept ids"):
+        trim_vocabulary(_tiny_bert(50), torch.tensor([1, 2]), 1)
     with pytest.raises(ValueError, match="token_ids must be non-negative"):
         VocabularyTrimmer(token_ids=[-1])
 
@@ -148,8 +169,12 @@ def test_removed_share_and_the_export_size_model() -> None:
     assert removed_share(model, 40) == pytest.approx(60 * 16 / total)
     # int8 of a model with a fifth of its parameters trimmed away: 0.8 * 8 / 32
     assert size_fraction(0.0, 8, "heads+neurons", 0.5, vocabulary_share=0.2) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="vocabulary_share must be in"):
-        size_fraction(0.0, 8, "heads+neurons", 0.5, vocabulary_share=0.6)
+    # a fifth trimmed, then 20% of the half that the pruner targets removed: 0.8 * 0.9
+    assert size_fraction(0.2, None, "heads+neurons", 0.5, vocabulary_share=0.2) == pytest.approx(
+        0.72
+    )
+    with pytest.raises(ValueError, match=r"vocabulary_share must be in \[0, 1\)"):
+        size_fraction(0.0, 8, "heads+neurons", 0.5, vocabulary_share=1.0)
 
 
 def test_the_plan_adds_the_trimmer() -> None:
@@ -251,6 +276,20 @@ def test_the_trimmer_keeps_the_training_tokens_and_resume_equals_the_uninterrupt
     )
 
 
+def test_the_checkpoints_rows_win_over_the_datas_on_resume(
+    tmp_path, minilm_tokenizer, reviews
+) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = TinyClassifier(minilm_tokenizer)
+    _trainer(tmp_path, 1, VocabularyTrimmer(), checkpoint).fit(first, datamodule=reviews)
+    resumed = TinyClassifier(minilm_tokenizer)  # told other ids: the checkpoint's still win
+    _trainer(tmp_path, 2, VocabularyTrimmer(token_ids=[2204, 2919])).fit(
+        resumed, datamodule=reviews, ckpt_path=checkpoint.last_model_path
+    )
+    saved = first.model.get_input_embeddings().token_rows
+    assert torch.equal(resumed.model.get_input_embeddings().token_rows, saved)
+
+
 def test_resuming_an_untrimmed_run_keeps_the_vocabulary_and_says_so(
     tmp_path, minilm_tokenizer, reviews
 ) -> None:
@@ -316,3 +355,17 @@ def test_exports_of_a_trimmed_model_compute_the_same_and_are_smaller(
         b = model.eval()(input_ids=as_unknown).logits
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
     assert restore_vocabulary(trimmed) and not restore_vocabulary(trimmed)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_ddp_rank_keeps_the_union_of_the_ranks_ids(launch_two_ranks, tmp_path, ranks):
+    import json
+
+    results = launch_two_ranks("vocabulary", tmp_path, 600, ranks)
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    runs = [json.loads((tmp_path / f"vocabulary.rank{r}.json").read_text()) for r in range(ranks)]
+    union = set(runs[0]["special"]).union(*(run["seen"] for run in runs))
+    assert all(set(run["seen"]) < union for run in runs)  # each rank alone saw fewer ids
+    for run in runs:
+        assert set(run["kept"]) == union and run["rank_spread"] == 0.0

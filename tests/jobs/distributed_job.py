@@ -33,9 +33,11 @@ Scenarios:
   plan: the whole ThreeDPlan (data budget, distillation from the warm-up snapshot, freezer,
     heads+neurons pruning, int8 QAT) on the real MiniLM under DDP: the phases, the frozen set,
     the masks, the parameters before conversion, the data scores and the teacher's samples.
+  vocabulary: VocabularyTrimmer under DDP with other reviews on every rank: the ids each rank
+    saw and kept, and the ranks' parameter spread.
 
-``JOB_RANKS`` (default 2) sets the number of ranks (``sharded_checkpoint`` and ``plan`` also run
-on 3).
+``JOB_RANKS`` (default 2) sets the number of ranks (``sharded_checkpoint``, ``plan`` and
+``vocabulary`` also run on 3).
 """
 
 from __future__ import annotations
@@ -1113,6 +1115,59 @@ def plan(out: Path) -> dict[str, Any]:
     }
 
 
+class RankReviews(pl.LightningDataModule):
+    """Each rank's own training batches: the rank's slice of 48 real reviews (different words on
+    every rank), in order."""
+
+    def __init__(self, task: Any) -> None:
+        super().__init__()
+        from lightning_3d.data import PaddingCollator, RottenTomatoes
+
+        data = RottenTomatoes(tokenizer=task.tokenizer, batch_size=BATCH, max_length=48)
+        data.setup("fit")
+        own = range(RANK * 2 * BATCH, (RANK + 1) * 2 * BATCH)
+        self.dataset = Subset(data.splits["train"], own)
+        self.collate = PaddingCollator(int(task.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=BATCH, collate_fn=self.collate)
+
+
+def vocabulary(out: Path) -> dict[str, Any]:
+    """VocabularyTrimmer under DDP with different training reviews on every rank: the ids each
+    rank saw, the ids kept, and the ranks' parameter spread after 2 steps."""
+    from lightning_3d.callbacks import VocabularyTrimmer
+
+    task = make_task()
+    data = RankReviews(task)
+    seen = sorted(
+        {int(i) for batch in data.train_dataloader() for i in batch["input_ids"].flatten()}
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=RANKS,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_steps=2,
+        callbacks=[VocabularyTrimmer()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(task, datamodule=data)
+    embedding = task.model.get_input_embeddings()
+    rows = embedding.token_rows
+    unknown = int(task.tokenizer.unk_token_id)
+    kept = sorted({int(i) for i in torch.nonzero(rows != rows[unknown]).flatten()} | {unknown})
+    return {
+        "seen": seen,
+        "kept": kept,
+        "special": sorted(task.tokenizer.all_special_ids),
+        "rank_spread": rank_spread(full_parameters(task)),
+    }
+
+
 SCENARIOS = {
     "parity": parity,
     "resume": resume,
@@ -1133,6 +1188,7 @@ SCENARIOS = {
     "pruner_checkpoint": pruner_checkpoint,
     "sharded_checkpoint": sharded_checkpoint,
     "plan": plan,
+    "vocabulary": vocabulary,
 }
 
 
