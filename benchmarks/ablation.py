@@ -52,10 +52,12 @@ ablation section of BENCHMARKS.md.
 
 The ``3D`` row is the budget solver's: ``--calibrate`` measures this regime's step-cost model
 (``cost_model_<machine>.json``) and ``--solve TIME SIZE`` writes the allocation
-(``allocation_cpu-2c-b.json``) the row reads, from the prior accuracy curves or ``--curves``,
-quantizing where ``--quantize-at`` says (default: at export). ``--summarize`` saves the curves
-the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`). Until an
-allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
+(``allocation_<machine>.json`` in ``--results-dir``) the row reads, from the prior accuracy
+curves or ``--curves``, quantizing where ``--quantize-at`` says (default: at export), for a plan
+that trims the vocabulary with ``--vocabulary train`` (the solver then prices the exports
+without the embedding rows of tokens the training split never uses). ``--summarize`` saves the
+curves the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`).
+Until an allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
 default strengths.
 
 Usage::
@@ -69,6 +71,9 @@ Usage::
     python benchmarks/ablation.py --summarize --write   # the figures in BENCHMARKS.md
     python benchmarks/ablation.py --summarize --also-results benchmarks/results/ablation/cpu-2c-e
         # ... with the accuracy of set-ups run on another instance in the curves
+    python benchmarks/ablation.py --calibrate --solve 0.5 0.25 --vocabulary train \\
+        --curves benchmarks/results/ablation/curves_cpu-2c-b.json --machine cpu-2c-xeon \\
+        --results-dir benchmarks/results/ablation/cpu-2c-xeon   # another machine's 3D row
     python benchmarks/ablation.py --setups Standard DataOpt --seeds 0 --train-samples 64 \\
         --epochs 1 --machine smoke --results-dir SCRATCH --export-dir SCRATCH/exported  # smoke
 """
@@ -853,7 +858,8 @@ def measured_curves(args: argparse.Namespace) -> None:
     a pruned set-up's fp32 reading the ``sparsity`` point, a frozen set-up's reading the
     ``trainable`` point at the share its freezer reached (whole tensors: not its target), and
     a pruned set-up of fewer steps (``ModelOpt-half``) against the unpruned one of the same
-    length a point of the sparsity curve at that length. A row with several names (a
+    length a point of the sparsity curve at that length. Rows that trim the vocabulary are left
+    out (the curves have no vocabulary axis). A row with several names (a
     leave-one-out row equal to another) is read once. ``--also-results`` folders add the runs
     of rows ``--machine`` has none of (of any machine instance: accuracy does not depend on it,
     and no time is read here), so no seed counts twice."""
@@ -882,6 +888,8 @@ def measured_curves(args: argparse.Namespace) -> None:
         for document in documents_of_row
     ]
     for setup, document in runs:
+        if SETUPS[setup].get("vocabulary", "full") != "full":
+            continue  # the curves have no vocabulary axis: the solver prices trimming by size
         row = document["row"]
         axes = {k: v for k, v in SETUPS[setup].items() if k in AXES}
         if "trainable" in axes and every_parameter and row.get("trainable_params"):

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.vocabulary import (
+    UNSEEN,
     TrimmedEmbedding,
     observed_token_ids,
     special_token_ids,
@@ -61,8 +62,12 @@ class VocabularyTrimmer(Callback):
         token_ids: the ids to keep besides the tokenizer's special tokens; ``None``: every id
             in the ``input_ids`` of the data module's training loader (read once, before the
             first step, without touching the random state the training shuffle uses).
-        unknown_token_id: the id that tokens not kept are read as; ``None``: the task's
+        unknown_token_id: the tokenizer's unknown token (always kept); ``None``: the task's
             ``tokenizer.unk_token_id``.
+        unseen: what an id that was not kept reads: ``"unknown"``, the unknown token's row, or
+            ``"nearest"``, the row of the kept token nearest to its own pretrained row (cosine
+            similarity, :func:`~lightning_3d.vocabulary.nearest_kept`): a word first seen at
+            test time is read as a similar word rather than as unknown, at no cost in size.
 
     Logged: ``vocabulary/kept_ids`` and ``vocabulary/kept_share`` (of the tokenizer's ids).
 
@@ -81,10 +86,16 @@ class VocabularyTrimmer(Callback):
     axis = "vocabulary"
 
     def __init__(
-        self, token_ids: Sequence[int] | None = None, unknown_token_id: int | None = None
+        self,
+        token_ids: Sequence[int] | None = None,
+        unknown_token_id: int | None = None,
+        unseen: str = "unknown",
     ) -> None:
         if token_ids is not None and any(int(i) < 0 for i in token_ids):
             raise ValueError("token_ids must be non-negative token ids")
+        if unseen not in UNSEEN:
+            raise ValueError(f"unseen must be one of {UNSEEN}, got {unseen!r}")
+        self.unseen = unseen
         self.token_ids = None if token_ids is None else [int(i) for i in token_ids]
         self.unknown_token_id = unknown_token_id
         self._hook: Any = None
@@ -110,7 +121,7 @@ class VocabularyTrimmer(Callback):
                 present.to(trainer.strategy.root_device), reduce_op="sum"
             )
             kept = torch.nonzero(present.cpu() > 0).flatten()
-        trim_vocabulary(model, kept, unknown)
+        trim_vocabulary(model, kept, unknown, self.unseen)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         embedding = _language_model(pl_module).get_input_embeddings()

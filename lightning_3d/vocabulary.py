@@ -129,41 +129,90 @@ def observed_token_ids(
     return torch.cat(seen).unique()
 
 
-def row_table(kept: torch.Tensor, vocabulary_size: int, unknown_id: int) -> torch.Tensor:
-    """``rows`` of :class:`TrimmedEmbedding`: each id's position in the sorted ``kept`` ids,
-    the unknown token's position for an id not kept (``unknown_id`` must be kept).
+#: What an id that was not kept reads (``unseen=``): the unknown token's row, or the row of the
+#: kept token nearest to its own pretrained row.
+UNSEEN = ("unknown", "nearest")
+
+
+def nearest_kept(weight: torch.Tensor, kept: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    r"""For every row of ``weight`` (one per tokenizer id), the position among the sorted
+    ``kept`` ids of the kept id whose row is most similar to it by cosine similarity::
+
+        nearest(i) = argmax_k  <w_i, w_k> / (|w_i| |w_k|)     over k in kept
+
+    (a kept id is its own nearest). Computed ``chunk`` ids at a time.
 
     Example:
-        >>> row_table(torch.tensor([1, 3]), 5, unknown_id=1).tolist()
-        [0, 0, 0, 1, 0]
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.8]])
+        >>> nearest_kept(weight, torch.tensor([0, 1])).tolist()
+        [0, 1, 0, 1]
     """
-    kept = torch.as_tensor(kept, dtype=torch.long)
+    unit = F.normalize(weight.detach().float(), dim=1)
+    anchors = unit[torch.as_tensor(kept, device=weight.device)]
+    return torch.cat([(part @ anchors.T).argmax(dim=1) for part in unit.split(chunk)]).cpu()
+
+
+def _checked(kept: torch.Tensor, vocabulary_size: int) -> torch.Tensor:
+    """``kept`` as a CPU int64 tensor, refused unless sorted, distinct and within the ids."""
+    kept = torch.as_tensor(kept, dtype=torch.long).cpu()
     if kept.dim() != 1 or len(kept) == 0 or bool((kept[1:] <= kept[:-1]).any()):
         raise ValueError("kept must be a non-empty, sorted 1-D tensor of distinct token ids")
     if int(kept[0]) < 0 or int(kept[-1]) >= vocabulary_size:
         raise ValueError(
             f"kept ids must lie in [0, {vocabulary_size}), got {int(kept[0])}..{int(kept[-1])}"
         )
+    return kept
+
+
+def row_table(
+    kept: torch.Tensor,
+    vocabulary_size: int,
+    unknown_id: int,
+    nearest: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``rows`` of :class:`TrimmedEmbedding`: each id's position in the sorted ``kept`` ids;
+    for an id not kept, the unknown token's position, or ``nearest[id]`` when given (e.g.
+    :func:`nearest_kept`). ``unknown_id`` must be kept.
+
+    Example:
+        >>> row_table(torch.tensor([1, 3]), 5, unknown_id=1).tolist()
+        [0, 0, 0, 1, 0]
+        >>> row_table(torch.tensor([1, 3]), 5, 1, nearest=torch.tensor([1, 0, 1, 1, 1])).tolist()
+        [1, 0, 1, 1, 1]
+    """
+    kept = _checked(kept, vocabulary_size)
     position = torch.searchsorted(kept, torch.tensor([unknown_id]))
     if int(position) >= len(kept) or int(kept[position]) != unknown_id:
         raise ValueError(f"unknown_id={unknown_id} must be among the kept ids")
-    rows = torch.full((vocabulary_size,), int(position), dtype=torch.long)
+    if nearest is None:
+        rows = torch.full((vocabulary_size,), int(position), dtype=torch.long)
+    elif nearest.shape != (vocabulary_size,):
+        raise ValueError(f"nearest must hold one row per id ({vocabulary_size})")
+    else:
+        rows = nearest.to(dtype=torch.long, device="cpu").clone()
     rows[kept] = torch.arange(len(kept))
     return rows
 
 
 def trim_embedding(
-    embedding: nn.Embedding, kept: torch.Tensor, unknown_id: int
+    embedding: nn.Embedding, kept: torch.Tensor, unknown_id: int, unseen: str = "unknown"
 ) -> TrimmedEmbedding:
     """A :class:`TrimmedEmbedding` holding ``embedding``'s rows of the ``kept`` ids (sorted,
-    distinct, the unknown token's among them)."""
+    distinct, the unknown token's among them); an id not kept reads the unknown token's row
+    (``unseen="unknown"``) or that of the kept id nearest to its own row (``"nearest"``,
+    :func:`nearest_kept` on ``embedding``'s rows)."""
     if type(embedding) is not nn.Embedding:  # a subclass may scale or otherwise change rows
         raise ValueError(
             f"trimming needs a plain nn.Embedding, got {type(embedding).__name__} (a subclass "
             "may compute more than a row lookup)"
         )
-    rows = row_table(kept, embedding.num_embeddings, unknown_id).to(embedding.weight.device)
-    kept = torch.as_tensor(kept, device=embedding.weight.device)
+    if unseen not in UNSEEN:
+        raise ValueError(f"unseen must be one of {UNSEEN}, got {unseen!r}")
+    kept = _checked(kept, embedding.num_embeddings)
+    nearest = nearest_kept(embedding.weight, kept) if unseen == "nearest" else None
+    rows = row_table(kept, embedding.num_embeddings, unknown_id, nearest)
+    rows = rows.to(embedding.weight.device)
+    kept = kept.to(embedding.weight.device)
     padding = embedding.padding_idx
     if padding is not None and not bool((kept == padding).any()):
         raise ValueError(f"the padding id {padding} must be among the kept ids")
@@ -191,9 +240,12 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attribute, module)
 
 
-def trim_vocabulary(model: nn.Module, kept: torch.Tensor, unknown_id: int) -> TrimmedEmbedding:
+def trim_vocabulary(
+    model: nn.Module, kept: torch.Tensor, unknown_id: int, unseen: str = "unknown"
+) -> TrimmedEmbedding:
     """Replace ``model``'s input embedding (a Hugging Face model, or a peft model around one)
-    by the :class:`TrimmedEmbedding` of the ``kept`` ids, in place; returns it.
+    by the :class:`TrimmedEmbedding` of the ``kept`` ids, in place (``unseen``: see
+    :func:`trim_embedding`); returns it.
 
     A model with an output vocabulary of its own (an untied language-model head) is trimmed
     with a warning: tokens it writes that were not kept read as the unknown token when fed back.
@@ -220,7 +272,7 @@ def trim_vocabulary(model: nn.Module, kept: torch.Tensor, unknown_id: int) -> Tr
             "generates that were not in the training data read as the unknown token",
             stacklevel=2,
         )
-    trimmed = trim_embedding(embedding, kept, unknown_id)
+    trimmed = trim_embedding(embedding, kept, unknown_id, unseen)
     _replace(model, name, trimmed)
     log.info(
         "vocabulary trimmed to %d of %d token ids (%d of %d embedding parameters kept)",
@@ -326,7 +378,9 @@ def special_token_ids(tokenizer: Any) -> tuple[list[int], int]:
 
 __all__: Sequence[str] = [
     "ROWS",
+    "UNSEEN",
     "TrimmedEmbedding",
+    "nearest_kept",
     "observed_token_ids",
     "removed_share",
     "restore_vocabulary",

@@ -53,6 +53,19 @@ def test_trimmed_embedding_reads_kept_rows_and_the_unknown_row_for_the_rest() ->
     assert torch.equal(restored(ids), expected)
 
 
+def test_unseen_ids_can_read_their_nearest_kept_row() -> None:
+    full = nn.Embedding(5, 2)
+    with torch.no_grad():  # ids 3 and 4 lie near kept ids 1 and 0
+        full.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [0, -1], [0.1, 2], [3, 0.2]]))
+    trimmed = trim_embedding(full, torch.tensor([0, 1, 2]), unknown_id=2, unseen="nearest")
+    assert trimmed.token_rows.tolist() == [0, 1, 2, 1, 0]
+    assert torch.equal(trimmed(torch.tensor([3, 4])), full.weight[[1, 0]])
+    with pytest.raises(ValueError, match="unseen must be one of"):
+        trim_embedding(full, torch.tensor([0, 1, 2]), unknown_id=2, unseen="zero")
+    with pytest.raises(ValueError, match="unseen must be one of"):
+        VocabularyTrimmer(unseen="zero")
+
+
 def test_padding_row_gets_no_gradient() -> None:
     trimmed = trim_embedding(nn.Embedding(5, 2, padding_idx=0), torch.tensor([0, 1, 4]), 1)
     trimmed(torch.tensor([0, 4, 0])).sum().backward()
