@@ -788,8 +788,9 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def pareto_plot(summary: dict[str, Any], path: Path) -> Path:
-    """Accuracy against training time and against model bytes, one point per set-up (mean, the
-    seeds' spread as error bars), the Pareto frontier as a dashed line."""
+    """Accuracy against training time and against model bytes, one point per plan (mean, the
+    seeds' spread as error bars; set-ups with one plan share a point and a label), the Pareto
+    frontier as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -800,6 +801,8 @@ def pareto_plot(summary: dict[str, Any], path: Path) -> Path:
     for panel, (key, label) in zip(panels, axes, strict=True):
         points = []
         for name, entry in summary["setups"].items():
+            if name not in SETUPS or same_as(name) != name:
+                continue  # drawn with the first set-up of its plan
             accuracy, accuracy_sd = mean(entry["test_acc"]), spread(entry["test_acc"])
             if key == "model_bytes":
                 if entry[key] is None:
@@ -810,7 +813,12 @@ def pareto_plot(summary: dict[str, Any], path: Path) -> Path:
                 if x is None:
                     continue
             panel.errorbar(x, accuracy, xerr=x_sd, yerr=accuracy_sd, fmt="o", capsize=3)
-            panel.annotate(name, (x, accuracy), textcoords="offset points", xytext=(5, 5))
+            alike = [
+                other for other in summary["setups"] if other in SETUPS and same_as(other) == name
+            ]
+            panel.annotate(
+                " = ".join(alike), (x, accuracy), textcoords="offset points", xytext=(5, 5)
+            )
             points.append((x, accuracy))
         if len(points) > 1:
             line = frontier(points)
