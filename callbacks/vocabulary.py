@@ -164,7 +164,9 @@ class VocabularyTrimmer(Callback):
         if not isinstance(loader, DataLoader):
             return loader
         # every sample once, in order: not the epoch's sampler (a data budget's subset)
-        size = loader.batch_size or SCAN_BATCH
+        if loader.batch_size is None and loader.batch_sampler is None:  # items are batches
+            return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn)
+        size = loader.batch_size or SCAN_BATCH  # a batch sampler of its own: read in chunks
         return DataLoader(loader.dataset, batch_size=size, collate_fn=loader.collate_fn)
 
     def _before_state_load(

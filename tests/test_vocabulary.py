@@ -370,7 +370,7 @@ def test_exports_of_a_trimmed_model_compute_the_same_and_are_smaller(
     assert restore_vocabulary(trimmed) and not restore_vocabulary(trimmed)
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_every_ddp_rank_keeps_the_union_of_the_ranks_ids(launch_two_ranks, tmp_path, ranks):
     import json
 
