@@ -1012,6 +1012,7 @@ def solve(args: argparse.Namespace) -> None:
     from lightning_3d.plan import ThreeDPlan, freezable_units, parameter_shares
     from lightning_3d.tasks import SequenceClassificationTask
     from lightning_3d.vocabulary import (
+        every_sample,
         observed_token_ids,
         removed_share,
         special_token_ids,
@@ -1025,7 +1026,7 @@ def solve(args: argparse.Namespace) -> None:
     model, share = task.model, 0.0
     if args.vocabulary == "train":  # priced as the run's VocabularyTrimmer will leave it
         special, unknown = special_token_ids(task.tokenizer)
-        kept = observed_token_ids(data.train_dataloader(), always=special)
+        kept = observed_token_ids(every_sample(data.train_dataloader()), always=special)
         share = removed_share(model, len(kept))
         model = copy.deepcopy(model)
         trim_vocabulary(model, kept, unknown)

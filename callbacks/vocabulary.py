@@ -26,12 +26,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.vocabulary import (
     UNSEEN,
     TrimmedEmbedding,
+    every_sample,
     observed_token_ids,
     special_token_ids,
     trim_like_state,
@@ -39,8 +39,6 @@ from lightning_3d.vocabulary import (
 )
 
 log = logging.getLogger(__name__)
-
-SCAN_BATCH = 64  # samples per batch when the training loader has no batch size of its own
 
 
 def _language_model(pl_module: LightningModule) -> nn.Module:
@@ -60,8 +58,9 @@ class VocabularyTrimmer(Callback):
 
     Args:
         token_ids: the ids to keep besides the tokenizer's special tokens; ``None``: every id
-            in the ``input_ids`` of the data module's training loader (read once, before the
-            first step, without touching the random state the training shuffle uses).
+            in the ``input_ids`` of the data module's training dataset (read once, in order,
+            before the first step; torch's global random state is left as it was), united
+            over the ranks.
         unknown_token_id: the tokenizer's unknown token (always kept); ``None``: the task's
             ``tokenizer.unk_token_id``.
         unseen: what an id that was not kept reads: ``"unknown"``, the unknown token's row, or
@@ -160,14 +159,7 @@ class VocabularyTrimmer(Callback):
                 "VocabularyTrimmer reads the training data from the data module "
                 "(trainer.fit(..., datamodule=...)); without one, pass token_ids"
             )
-        loader = trainer.datamodule.train_dataloader()
-        if not isinstance(loader, DataLoader):
-            return loader
-        # every sample once, in order: not the epoch's sampler (a data budget's subset)
-        if loader.batch_size is None and loader.batch_sampler is None:  # items are batches
-            return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn)
-        size = loader.batch_size or SCAN_BATCH  # a batch sampler of its own: read in chunks
-        return DataLoader(loader.dataset, batch_size=size, collate_fn=loader.collate_fn)
+        return every_sample(trainer.datamodule.train_dataloader())
 
     def _before_state_load(
         self, module: nn.Module, state: dict[str, Any], prefix: str, *_: Any

@@ -120,6 +120,7 @@ def solve_plan(
 
     from lightning_3d.budget import CostModel, measure_cost_model
     from lightning_3d.vocabulary import (
+        every_sample,
         observed_token_ids,
         removed_share,
         special_token_ids,
@@ -194,7 +195,7 @@ def solve_plan(
     share, priced = 0.0, model
     if plan.vocabulary == "train":  # priced as the run's VocabularyTrimmer will leave it
         special, unknown = special_token_ids(_tokenizer_of(model))
-        kept = observed_token_ids(loader, always=special)
+        kept = observed_token_ids(every_sample(loader), always=special)
         share = removed_share(getattr(model, "model", model), len(kept))
         priced = copy.deepcopy(model)
         trim_vocabulary(getattr(priced, "model", priced), kept, unknown)

@@ -278,8 +278,8 @@ class ThreeDPlan:
             keeps only the rows of the tokens in the training data and the tokenizer's special
             tokens (:class:`~lightning_3d.callbacks.VocabularyTrimmer`); later unseen tokens
             read as the unknown token. Those rows get no gradient in training, so it costs no
-            training and shrinks the ONNX exports (all-MiniLM-L6-v2 on Rotten Tomatoes: 13,668
-            of 30,522 ids, 28% of the parameters removed). Refused for tied language-model
+            training and shrinks the ONNX exports (all-MiniLM-L6-v2 on Rotten Tomatoes: 13,671
+            of 30,522 ids kept, 28% of the parameters removed). Refused for tied language-model
             heads and with quantization-aware training (torchao leaves the table fp32).
         seed: seeds the data order and random drops.
         budget: solve ``data_budget``, ``trainable``, ``sparsity``, ``weight_bits``,

@@ -22,7 +22,7 @@ Example:
     >>> import torch
     >>> embedding = torch.nn.Embedding(6, 2)
     >>> trimmed = trim_embedding(embedding, torch.tensor([0, 2, 5]), unknown_id=0)
-    >>> trimmed.rows.tolist()  # ids 1, 3 and 4 were never seen: they read id 0's row
+    >>> trimmed.token_rows.tolist()  # ids 1, 3 and 4 were never seen: they read id 0's row
     [0, 0, 1, 0, 0, 2]
     >>> bool(torch.equal(trimmed(torch.tensor([5, 4])), embedding.weight[[5, 0]]))
     True
@@ -162,6 +162,26 @@ def _checked(kept: torch.Tensor, vocabulary_size: int) -> torch.Tensor:
             f"kept ids must lie in [0, {vocabulary_size}), got {int(kept[0])}..{int(kept[-1])}"
         )
     return kept
+
+
+def every_sample(loader: Any, batch_size: int = 64) -> Any:
+    """Batches holding every sample of ``loader``'s dataset once, in order: a ``DataLoader``
+    over the same dataset and collate function without its sampler (an epoch's sampler may
+    visit a part of the data, e.g. under a data budget); anything else as it is.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> [b.tolist() for b in every_sample(DataLoader(range(5), batch_size=2, shuffle=True))]
+        [[0, 1], [2, 3], [4]]
+    """
+    from torch.utils.data import DataLoader
+
+    if not isinstance(loader, DataLoader):
+        return loader
+    if loader.batch_size is None and loader.batch_sampler is None:  # its items are batches
+        return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn)
+    size = loader.batch_size or batch_size  # a batch sampler of its own: read in chunks
+    return DataLoader(loader.dataset, batch_size=size, collate_fn=loader.collate_fn)
 
 
 def row_table(
@@ -380,6 +400,7 @@ __all__: Sequence[str] = [
     "ROWS",
     "UNSEEN",
     "TrimmedEmbedding",
+    "every_sample",
     "nearest_kept",
     "observed_token_ids",
     "removed_share",

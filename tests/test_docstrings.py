@@ -35,6 +35,8 @@ MODULES = [
     "budget",
     "distillation",
     "callbacks.distillation",
+    "vocabulary",
+    "callbacks.vocabulary",
 ]
 
 
