@@ -220,7 +220,8 @@ class TinyClassifier(pl.LightningModule):
 
 
 class Reviews(pl.LightningDataModule):
-    """The first real training reviews, in order (no shuffle: resume is exact)."""
+    """Three batches of real training reviews, served in the same order every epoch (no
+    shuffle: resume at an epoch's end is exact)."""
 
     def __init__(self, rotten_tomatoes: Any) -> None:
         super().__init__()
