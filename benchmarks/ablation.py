@@ -81,7 +81,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -1011,13 +1010,7 @@ def solve(args: argparse.Namespace) -> None:
 
     from lightning_3d.plan import ThreeDPlan, freezable_units, parameter_shares
     from lightning_3d.tasks import SequenceClassificationTask
-    from lightning_3d.vocabulary import (
-        every_sample,
-        observed_token_ids,
-        removed_share,
-        special_token_ids,
-        trim_vocabulary,
-    )
+    from lightning_3d.vocabulary import trimmed_copy
 
     time_budget, size_budget = args.solve
     task = SequenceClassificationTask()
@@ -1025,11 +1018,7 @@ def solve(args: argparse.Namespace) -> None:
     per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
     model, share = task.model, 0.0
     if args.vocabulary == "train":  # priced as the run's VocabularyTrimmer will leave it
-        special, unknown = special_token_ids(task.tokenizer)
-        kept = observed_token_ids(every_sample(data.train_dataloader()), always=special)
-        share = removed_share(model, len(kept))
-        model = copy.deepcopy(model)
-        trim_vocabulary(model, kept, unknown)
+        model, share = trimmed_copy(model, data.train_dataloader(), task.tokenizer)
     compressible, head = parameter_shares(model)
     plan = ThreeDPlan.for_budget(
         time_budget, size_budget,

@@ -26,7 +26,6 @@ What it adds to plain LightningCLI:
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import sys
@@ -119,13 +118,7 @@ def solve_plan(
     import torch
 
     from lightning_3d.budget import CostModel, measure_cost_model
-    from lightning_3d.vocabulary import (
-        every_sample,
-        observed_token_ids,
-        removed_share,
-        special_token_ids,
-        trim_vocabulary,
-    )
+    from lightning_3d.vocabulary import trimmed_copy
 
     assert plan.budget is not None
     epochs = trainer_config.get("max_epochs")
@@ -194,11 +187,7 @@ def solve_plan(
             log.info("plan budget: the step-cost model was measured and saved to %s", saved)
     share, priced = 0.0, model
     if plan.vocabulary == "train":  # priced as the run's VocabularyTrimmer will leave it
-        special, unknown = special_token_ids(_tokenizer_of(model))
-        kept = observed_token_ids(every_sample(loader), always=special)
-        share = removed_share(getattr(model, "model", model), len(kept))
-        priced = copy.deepcopy(model)
-        trim_vocabulary(getattr(priced, "model", priced), kept, unknown)
+        priced, share = trimmed_copy(model, loader, _tokenizer_of(model))
     return plan.solve(
         priced, reference_steps=reference_steps, epochs=epochs, cost=cost, vocabulary_share=share
     )

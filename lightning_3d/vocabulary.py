@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -381,6 +382,20 @@ def removed_share(model: nn.Module, kept: int) -> float:
     return (rows - kept) * embedding.embedding_dim / total
 
 
+def trimmed_copy(module: nn.Module, loader: Any, tokenizer: Any) -> tuple[nn.Module, float]:
+    """What a :class:`~lightning_3d.callbacks.VocabularyTrimmer` run will train, for pricing it
+    before training: a deep copy of ``module`` (a Hugging Face model, or a task holding one as
+    ``model``) trimmed to the ids of every sample of ``loader`` (:func:`every_sample`) and the
+    tokenizer's special tokens, and the share of the parameters the trimming removes
+    (:func:`removed_share`). ``module`` itself is not changed."""
+    special, unknown = special_token_ids(tokenizer)
+    kept = observed_token_ids(every_sample(loader), always=special)
+    share = removed_share(getattr(module, "model", module), len(kept))
+    copied = copy.deepcopy(module)
+    trim_vocabulary(getattr(copied, "model", copied), kept, unknown)
+    return copied, share
+
+
 def special_token_ids(tokenizer: Any) -> tuple[list[int], int]:
     """The tokenizer's special token ids (always kept) and its unknown token's id.
 
@@ -410,4 +425,5 @@ __all__: Sequence[str] = [
     "trim_embedding",
     "trim_like_state",
     "trim_vocabulary",
+    "trimmed_copy",
 ]
