@@ -66,7 +66,11 @@ class VocabularyTrimmer(Callback):
         unseen: what an id that was not kept reads: ``"unknown"``, the unknown token's row, or
             ``"nearest"``, the row of the kept token nearest to its own pretrained row (cosine
             similarity, :func:`~lightning_3d.vocabulary.nearest_kept`): a word first seen at
-            test time is read as a similar word rather than as unknown, at no cost in size.
+            test time is read as a similar word rather than as unknown, at no cost in size;
+            or ``"pretrained"``, its own pretrained row, held apart and never trained: the
+            model computes what the untrimmed one would (AdamW's update of a row without
+            gradient is zero), the exports keep every row, and training still saves the
+            dropped rows' gradients and optimizer state.
 
     Logged: ``vocabulary/kept_ids`` and ``vocabulary/kept_share`` (of the tokenizer's ids).
 

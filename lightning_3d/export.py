@@ -74,7 +74,7 @@ from lightning_3d.quantization import (
     resolve_recipe,
     select_modules,
 )
-from lightning_3d.vocabulary import restore_vocabulary
+from lightning_3d.vocabulary import restore_vocabulary, rows_held_apart
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,11 @@ FORMATS = ("hf", "onnx", "onnx-int8", "torchao")
 INT8_SCHEMES = ("dynamic-per-channel", "dynamic", "static")
 #: The default int8 scheme: measured the most accurate full-int8 scheme on MiniLM (BENCHMARKS.md).
 DEFAULT_INT8_SCHEME = "dynamic-per-channel"
+#: ``onnx-int8``'s bits for the token-embedding table: 8, ONNX Runtime's int8 ``Gather`` (one
+#: scale for the table); 4, blocks of :data:`EMBEDDING_BLOCK` entries along the hidden axis with
+#: one fp32 scale each (``GatherBlockQuantized``): 5 bits an entry with the scales.
+EMBEDDING_BITS = (8, 4)
+EMBEDDING_BLOCK = 32
 ONNX_FILE = "model.onnx"
 REPORT_FILE = "report.json"
 DEPLOY_INSTALL = 'pip install "lightning-3d[deploy]"'
@@ -343,6 +348,7 @@ def quantize_onnx_int8(
     target: str | os.PathLike[str],
     scheme: str = DEFAULT_INT8_SCHEME,
     calibration: Iterable[Inputs] | None = None,
+    embedding_bits: int = 8,
 ) -> None:
     """ONNX Runtime int8 quantization of the fp32 graph ``source`` into ``target``.
 
@@ -350,28 +356,51 @@ def quantize_onnx_int8(
       from each call's own range (``MatMulInteger``), no calibration;
     * ``dynamic-per-channel``: the same with one weight scale per output channel;
     * ``static``: QDQ graph with activation ranges fixed from ``calibration`` batches
-      (min/max), weights per channel.
+      (min/max), weights per channel (embedding tables stay fp32).
+
+    ``embedding_bits=4`` stores the token-embedding table in 4-bit blocks instead
+    (:func:`quantize_embedding_4bit`), in every scheme.
 
     Raises:
-        ValueError: unknown scheme, or ``static`` without calibration data.
+        ValueError: unknown scheme or ``embedding_bits``, or ``static`` without calibration
+            data.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if scheme not in INT8_SCHEMES:
         raise ValueError(f"int8 scheme {scheme!r} is unknown; choose from {INT8_SCHEMES}")
+    if embedding_bits not in EMBEDDING_BITS:
+        raise ValueError(f"embedding_bits must be one of {EMBEDDING_BITS}, got {embedding_bits!r}")
+    graph = onnx.load(str(source))
+    table = token_table_gather(graph) if embedding_bits == 4 else None
+    excluded = [] if table is None else [table]  # left for the 4-bit pass
     options = {"DefaultTensorType": 1}  # FLOAT, for tensors shape inference leaves untyped
     if scheme.startswith("dynamic"):
         quantize_dynamic(
-            str(source),
+            graph,
             str(target),
             per_channel=scheme == "dynamic-per-channel",
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
             extra_options=options,
         )
-        return
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    else:
+        _quantize_static(graph, target, list(calibration or []), options)
+    if table is not None:
+        quantize_embedding_4bit(target, table)
 
-    batches = list(calibration or [])
+
+def _quantize_static(
+    graph: Any, target: str | os.PathLike[str], batches: list[Inputs], options: dict[str, Any]
+) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
     if not batches:
         raise ValueError("int8 scheme 'static' needs calibration batches (calibration_data)")
 
@@ -383,7 +412,7 @@ def quantize_onnx_int8(
             return next(self.feeds, None)
 
     quantize_static(
-        str(source),
+        graph,
         str(target),
         Reader(),
         quant_format=QuantFormat.QDQ,
@@ -393,6 +422,73 @@ def quantize_onnx_int8(
         weight_type=QuantType.QInt8,
         extra_options=options,
     )
+
+
+def token_table_gather(graph: Any) -> str:
+    """The name of the ``Gather`` in the ONNX ``graph`` (a ``ModelProto``) that reads the largest
+    2-D float initializer: the token-embedding table. Unnamed nodes get names, in place.
+
+    Raises:
+        ValueError: no ``Gather`` reads a 2-D float initializer.
+    """
+    import onnx
+
+    tables = {
+        t.name: int(np.prod(t.dims))
+        for t in graph.graph.initializer
+        if len(t.dims) == 2 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    }
+    for index, node in enumerate(graph.graph.node):
+        node.name = node.name or f"{node.op_type}_{index}"
+    reading = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    if not reading:
+        raise ValueError("no Gather reads a 2-D float table (a token embedding) to quantize")
+    return max(reading, key=lambda n: tables[n.input[0]]).name
+
+
+def quantize_embedding_4bit(path: str | os.PathLike[str], gather: str | None = None) -> str:
+    r"""Store the token-embedding table of the ONNX graph at ``path`` in 4 bits, in place: the
+    ``Gather`` named ``gather`` (default: :func:`token_table_gather`) becomes ONNX Runtime's
+    ``GatherBlockQuantized``, each row cut into blocks of ``B`` = :data:`EMBEDDING_BLOCK`
+    entries along the hidden axis with one scale each (ONNX Runtime's symmetric scheme, ``m``
+    the block's entry of largest magnitude, which is kept exactly)::
+
+        s = m / -8,   q = clamp(round(w / s), -8, 7),   w' = q * s
+
+    ``4 + 32 / B`` bits an entry with the fp32 scales (5 for ``B = 32``). Other tables
+    (positions, token types) keep what they had. Returns the name of the new node.
+
+    Raises:
+        ValueError: no ``Gather`` reads a 2-D float initializer, or ``gather`` is not one.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = onnx.load(str(path))
+    largest = token_table_gather(model)
+    gather = gather or largest
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    table = next((n for n in gathers if n.name == gather), None)
+    if table is None:
+        raise ValueError(f"{path} has no Gather named {gather!r}")
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=EMBEDDING_BLOCK,
+        is_symmetric=True,
+        bits=4,
+        quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=("Gather",),
+        quant_axes=(("Gather", 1),),
+    )
+    others = [n.name for n in gathers if n is not table]
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+    nodes = quantizer.model.model.graph.node
+    return next(n.name for n in nodes if n.output[0] == table.output[0])
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
@@ -511,6 +607,7 @@ def export(
     *,
     quantization: str | QuantizationRecipe | None = None,
     int8_scheme: str = DEFAULT_INT8_SCHEME,
+    embedding_bits: int = 8,
     calibration_data: Iterable[Any] | None = None,
     overwrite: bool = False,
     latency_rounds: int = 5,
@@ -530,6 +627,8 @@ def export(
         quantization: the run's torchao recipe or preset name, needed for ``torchao`` (the
             command line takes it from the run's ``QATHook``).
         int8_scheme: ``onnx-int8`` quantization (:data:`INT8_SCHEMES`).
+        embedding_bits: ``onnx-int8``'s bits for the token-embedding table
+            (:data:`EMBEDDING_BITS`; 4: :func:`quantize_embedding_4bit`).
         calibration_data: batches like ``eval_data`` for ``int8_scheme="static"`` (training
             data, not the test split).
         latency_rounds: turns of the round-robin timing (0: no timing).
@@ -546,6 +645,8 @@ def export(
     formats = check_formats(formats)
     if int8_scheme not in INT8_SCHEMES:
         raise ValueError(f"int8_scheme={int8_scheme!r}; choose from {INT8_SCHEMES}")
+    if embedding_bits not in EMBEDDING_BITS:
+        raise ValueError(f"embedding_bits={embedding_bits!r}; choose from {EMBEDDING_BITS}")
     recipe = resolve_recipe(quantization) if isinstance(quantization, str) else quantization
     if "torchao" in formats and recipe is None:
         raise ValueError(
@@ -570,6 +671,11 @@ def export(
 
     pruned = copy.deepcopy(dense)
     counts = remove_dead_units(pruned)
+    if rows_held_apart(pruned) and restore_vocabulary(pruned):
+        notes.append(
+            "onnx: the trimmed embedding and the untrained rows it held apart written as one "
+            "table of every token id (the same function, one Gather)"
+        )
     removed = {name: list(kept) for name, kept in counts.items() if kept[0] < kept[1]}
     if removed:
         notes.append(
@@ -598,11 +704,18 @@ def export(
         if "onnx-int8" in formats:
             int8 = folder / "onnx-int8" / ONNX_FILE
             int8.parent.mkdir(parents=True)
-            quantize_onnx_int8(fp32_onnx, int8, int8_scheme, calibration)
+            quantize_onnx_int8(fp32_onnx, int8, int8_scheme, calibration, embedding_bits)
             _save_tokenizer(tokenizer, int8.parent)
             runners["onnx-int8"], paths["onnx-int8"] = onnx_runner(int8), int8.parent
             sizes["onnx-int8"] = int8.stat().st_size
-            notes.append(f"onnx-int8: ONNX Runtime {int8_scheme} int8 quantization")
+            notes.append(
+                f"onnx-int8: ONNX Runtime {int8_scheme} int8 quantization"
+                + (
+                    f", the token-embedding table in 4-bit blocks of {EMBEDDING_BLOCK}"
+                    if embedding_bits == 4
+                    else ""
+                )
+            )
     if "torchao" in formats:
         assert recipe is not None
         as_is = quantized and not removed and not hasattr(model, "merge_and_unload")
@@ -683,11 +796,17 @@ def _write_hf(
 
     model = copy.deepcopy(dense)
     remove_dead_units(model, config_compatible=True)
+    apart = rows_held_apart(model)
     if restore_vocabulary(model):
         notes.append(
             f"hf: the embedding restored to all {model.get_input_embeddings().num_embeddings} "
-            "token ids for from_pretrained (ids unseen in training share the unknown token's "
-            "row, as in the trimmed model); onnx and onnx-int8 keep the trimmed rows"
+            "token ids for from_pretrained ("
+            + (
+                "ids unseen in training hold their pretrained rows, as in the trimmed model)"
+                if apart
+                else "ids unseen in training share the unknown token's row, as in the trimmed "
+                "model); onnx and onnx-int8 keep the trimmed rows"
+            )
         )
     if removed:
         kept_heads = [name for name in removed if name.endswith("heads")]
@@ -737,6 +856,8 @@ def _quantized_copy(
 __all__ = [
     "BASELINE",
     "DEFAULT_INT8_SCHEME",
+    "EMBEDDING_BITS",
+    "EMBEDDING_BLOCK",
     "FORMATS",
     "INT8_SCHEMES",
     "ExportReport",
@@ -750,7 +871,9 @@ __all__ = [
     "latency_inputs",
     "onnx_runner",
     "prepare_output_dir",
+    "quantize_embedding_4bit",
     "quantize_onnx_int8",
     "round_robin_latency",
+    "token_table_gather",
     "torch_runner",
 ]

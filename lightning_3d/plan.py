@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from lightning_3d.sensitivity import GradientStatistics
+from lightning_3d.vocabulary import UNSEEN
 
 if TYPE_CHECKING:
     from lightning.pytorch import Callback
@@ -281,6 +282,12 @@ class ThreeDPlan:
             training and shrinks the ONNX exports (all-MiniLM-L6-v2 on Rotten Tomatoes: 13,671
             of 30,522 ids kept, 28% of the parameters removed). Refused for tied language-model
             heads and with quantization-aware training (torchao leaves the table fp32).
+        unseen_tokens: with ``vocabulary="train"``, what a token the training data never had
+            reads (``VocabularyTrimmer(unseen=...)``): ``"unknown"``, the unknown token's row;
+            ``"nearest"``, the nearest kept row; ``"pretrained"``, its own pretrained row, held
+            apart and never trained: the model computes what the untrimmed one would, the
+            exports keep every row (no size saving; the training still saves the dropped
+            rows' gradients and optimizer state).
         seed: seeds the data order and random drops.
         budget: solve ``data_budget``, ``trainable``, ``sparsity``, ``weight_bits``,
             ``distill`` and ``max_steps`` for a :class:`PlanBudget` (:meth:`solve`;
@@ -315,6 +322,7 @@ class ThreeDPlan:
     quantize_at: str = "train"
     max_steps: int | None = None
     vocabulary: str = "full"
+    unseen_tokens: str = "unknown"
     prune_include: str = DEFAULT_PRUNE_INCLUDE
     adaptive: bool = False
     monitor: str = "val/acc"
@@ -357,9 +365,15 @@ class ThreeDPlan:
             ("mode", self.mode, MODES),
             ("quantize_at", self.quantize_at, QUANTIZE_AT),
             ("vocabulary", self.vocabulary, VOCABULARIES),
+            ("unseen_tokens", self.unseen_tokens, UNSEEN),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.vocabulary == "full" and self.unseen_tokens != "unknown":
+            raise ValueError(
+                f"unseen_tokens={self.unseen_tokens!r} says what tokens a trimmed vocabulary "
+                "dropped read: set vocabulary='train' too"
+            )
         if self.vocabulary != "full" and self.trains_quantized:
             raise ValueError(
                 f"vocabulary={self.vocabulary!r} with quantization-aware training: torchao "
@@ -531,7 +545,8 @@ class ThreeDPlan:
         if self.trains_quantized:  # and the start
             callbacks.append(QATHook(self.preset, group_size=self.group_size))
         scheduled = [c for c in callbacks if not isinstance(c, CurriculumSampler)]
-        trimmer = [VocabularyTrimmer()] if "vocabulary" in self.axes else []
+        trims = "vocabulary" in self.axes
+        trimmer = [VocabularyTrimmer(unseen=self.unseen_tokens)] if trims else []
         return [PlanCoordinator(self, scheduled), *trimmer, *callbacks]
 
     def trainer_arguments(self) -> dict[str, Any]:
@@ -629,8 +644,9 @@ class ThreeDPlan:
                 (:func:`~lightning_3d.budget.reachable_trainable`), not at its nominal value.
             vocabulary_share: with ``vocabulary="train"``, the share of the parameters the
                 trimmed vocabulary removes (:func:`~lightning_3d.vocabulary.removed_share`);
-                every allocation's export is that much smaller. ``0``: priced untrimmed (an
-                upper bound on the size).
+                every allocation's export is that much smaller (not with
+                ``unseen_tokens="pretrained"``, whose exports keep every row). ``0``: priced
+                untrimmed (an upper bound on the size).
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 
@@ -672,7 +688,9 @@ class ThreeDPlan:
             freezable_units_pruned=(
                 None if freezable is None else freezable[1] if keeps_pruned else freezable[0]
             ),
-            vocabulary_share=vocabulary_share,
+            vocabulary_share=(
+                0.0 if settings.get("unseen_tokens") == "pretrained" else vocabulary_share
+            ),
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")

@@ -6,7 +6,9 @@ them (13,668 on the Rotten Tomatoes training split). A row whose token never occ
 gets no gradient, so training does not change it (AdamW's update of a row with zero gradients
 is zero; only weight decay shrinks it); dropping such rows makes the exported model smaller
 at no training cost. The one change of function: a token that occurs only after training
-(at test time) is read as the unknown token instead of through its pretrained row.
+(at test time) is read as the unknown token instead of through its pretrained row; with
+``unseen="pretrained"`` it keeps its pretrained row (held apart, outside the optimizer), so
+the model computes what the untrimmed one does and trimming only saves training time.
 
 The model keeps taking the tokenizer's ids: :class:`TrimmedEmbedding` looks each id up in a
 table ``rows`` (one entry per tokenizer id) and then in the kept rows::
@@ -16,7 +18,8 @@ table ``rows`` (one entry per tokenizer id) and then in the kept rows::
 
 so no tokenizer changes, and an ONNX export of the model holds the table as one more ``Gather``.
 :func:`restore_vocabulary` gives back a plain ``nn.Embedding`` of the tokenizer's size (dropped
-ids share the unknown token's row: the same function), which ``from_pretrained`` can load.
+ids share the unknown token's row, or hold their pretrained rows: the same function), which
+``from_pretrained`` can load.
 
 Example:
     >>> import torch
@@ -45,24 +48,39 @@ log = logging.getLogger(__name__)
 #: Name of the id-to-row table in a :class:`TrimmedEmbedding`'s state (what a checkpoint of a
 #: trimmed model holds beside the kept rows' ``weight``).
 ROWS = "token_rows"
+#: Name of the untrained rows a :class:`TrimmedEmbedding` holds apart (``unseen="pretrained"``).
+UNSEEN_ROWS = "unseen_weight"
 
 
 class TrimmedEmbedding(nn.Module):
-    """An embedding of the tokenizer's ids that stores rows for a subset of them.
+    """An embedding of the tokenizer's ids that trains rows for a subset of them.
 
     ``weight`` holds the ``K`` kept rows; the buffer ``token_rows`` (one entry per tokenizer
     id, saved with the model) maps each id to its row, an id that was not kept to the unknown
-    token's row. ``padding_idx`` (a tokenizer id, as in ``nn.Embedding``) keeps its row's
-    gradient at zero.
+    token's row. With ``unseen_weight`` (``U`` rows, a buffer: saved, never trained), an entry
+    ``K + j`` of ``token_rows`` reads its row ``j`` instead::
+
+        embedding(i) = weight[rows[i]]            if rows[i] < K
+                       unseen_weight[rows[i] - K]  otherwise
+
+    ``padding_idx`` (a tokenizer id, as in ``nn.Embedding``) keeps its row's gradient at zero.
 
     Example:
         >>> rows = torch.tensor([0, 0, 1])  # 3 tokenizer ids, 2 kept rows
         >>> TrimmedEmbedding(torch.ones(2, 4), rows)(torch.tensor([[2, 1]])).shape
         torch.Size([1, 2, 4])
+        >>> apart = TrimmedEmbedding(torch.ones(2, 1), torch.tensor([0, 2, 1]), None,
+        ...                          unseen_weight=torch.full((1, 1), 7.0))
+        >>> apart(torch.tensor([0, 1, 2])).flatten().tolist()  # id 1 reads its own row
+        [1.0, 7.0, 1.0]
     """
 
     def __init__(
-        self, weight: torch.Tensor, rows: torch.Tensor, padding_idx: int | None = None
+        self,
+        weight: torch.Tensor,
+        rows: torch.Tensor,
+        padding_idx: int | None = None,
+        unseen_weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if weight.dim() != 2 or rows.dim() != 1 or rows.dtype != torch.long:
@@ -70,12 +88,24 @@ class TrimmedEmbedding(nn.Module):
                 "TrimmedEmbedding needs a 2-D weight and a 1-D int64 rows table, got shapes "
                 f"{tuple(weight.shape)} and {tuple(rows.shape)} ({rows.dtype})"
             )
-        if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < len(weight):
-            raise ValueError(f"rows must index the {len(weight)} kept rows")
+        stored = len(weight) + (0 if unseen_weight is None else len(unseen_weight))
+        if unseen_weight is not None and (
+            unseen_weight.dim() != 2 or unseen_weight.shape[1] != weight.shape[1]
+        ):
+            raise ValueError(
+                f"unseen_weight must hold rows of width {weight.shape[1]}, got shape "
+                f"{tuple(unseen_weight.shape)}"
+            )
+        if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < stored:
+            raise ValueError(f"rows must index the {stored} stored rows")
         self.weight = nn.Parameter(weight.detach().clone())
         self.register_buffer(ROWS, rows.clone())
+        unseen = None if unseen_weight is None else unseen_weight.detach().clone()
+        self.register_buffer(UNSEEN_ROWS, unseen)
         self.padding_idx = padding_idx
         self.padding_row = None if padding_idx is None else int(rows[padding_idx])
+        if self.padding_row is not None and self.padding_row >= len(weight):
+            raise ValueError(f"the padding id {padding_idx} must be among the kept rows")
 
     @property
     def num_embeddings(self) -> int:
@@ -92,20 +122,32 @@ class TrimmedEmbedding(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(self.token_rows[input_ids], self.weight, self.padding_row)
+        rows = self.token_rows[input_ids]
+        unseen = self.unseen_weight
+        if unseen is None:
+            return F.embedding(rows, self.weight, self.padding_row)
+        # both lookups for every id (no data-dependent branch: no host sync, one ONNX graph);
+        # the clamped rows an id does not use get no gradient through the where
+        trained = F.embedding(rows.clamp(max=self.kept - 1), self.weight, self.padding_row)
+        apart = F.embedding((rows - self.kept).clamp(min=0), unseen)
+        return torch.where((rows < self.kept).unsqueeze(-1), trained, apart)
 
     def full(self) -> nn.Embedding:
         """A plain ``nn.Embedding`` over every tokenizer id computing the same function (ids
-        that were not kept get a copy of the unknown token's row)."""
+        that were not kept get a copy of the unknown token's row, or their row held apart)."""
         full = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx)
         full = full.to(device=self.weight.device, dtype=self.weight.dtype)
+        stored = self.weight.detach()
+        if self.unseen_weight is not None:
+            stored = torch.cat([stored, self.unseen_weight.to(stored.dtype)])
         with torch.no_grad():
-            full.weight.copy_(self.weight[self.token_rows])
+            full.weight.copy_(stored[self.token_rows])
         full.weight.requires_grad_(self.weight.requires_grad)
         return full
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings} ids, {self.kept} rows kept, dim {self.embedding_dim}"
+        apart = "" if self.unseen_weight is None else f", {len(self.unseen_weight)} held apart"
+        return f"{self.num_embeddings} ids, {self.kept} rows kept{apart}, dim {self.embedding_dim}"
 
 
 def observed_token_ids(
@@ -130,9 +172,9 @@ def observed_token_ids(
     return torch.cat(seen).unique()
 
 
-#: What an id that was not kept reads (``unseen=``): the unknown token's row, or the row of the
-#: kept token nearest to its own pretrained row.
-UNSEEN = ("unknown", "nearest")
+#: What an id that was not kept reads (``unseen=``): the unknown token's row, the row of the
+#: kept token nearest to its own pretrained row, or its own pretrained row held apart (untrained).
+UNSEEN = ("unknown", "nearest", "pretrained")
 
 
 def nearest_kept(weight: torch.Tensor, kept: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -218,10 +260,11 @@ def row_table(
 def trim_embedding(
     embedding: nn.Embedding, kept: torch.Tensor, unknown_id: int, unseen: str = "unknown"
 ) -> TrimmedEmbedding:
-    """A :class:`TrimmedEmbedding` holding ``embedding``'s rows of the ``kept`` ids (sorted,
+    """A :class:`TrimmedEmbedding` training ``embedding``'s rows of the ``kept`` ids (sorted,
     distinct, the unknown token's among them); an id not kept reads the unknown token's row
-    (``unseen="unknown"``) or that of the kept id nearest to its own row (``"nearest"``,
-    :func:`nearest_kept` on ``embedding``'s rows)."""
+    (``unseen="unknown"``), that of the kept id nearest to its own row (``"nearest"``,
+    :func:`nearest_kept` on ``embedding``'s rows), or its own row, held apart and never trained
+    (``"pretrained"``)."""
     if type(embedding) is not nn.Embedding:  # a subclass may scale or otherwise change rows
         raise ValueError(
             f"trimming needs a plain nn.Embedding, got {type(embedding).__name__} (a subclass "
@@ -237,7 +280,13 @@ def trim_embedding(
     padding = embedding.padding_idx
     if padding is not None and not bool((kept == padding).any()):
         raise ValueError(f"the padding id {padding} must be among the kept ids")
-    trimmed = TrimmedEmbedding(embedding.weight[kept], rows, embedding.padding_idx)
+    apart = None
+    if unseen == "pretrained":
+        dropped = torch.ones(embedding.num_embeddings, dtype=torch.bool, device=kept.device)
+        dropped[kept] = False
+        apart = embedding.weight.detach()[dropped]
+        rows[dropped] = len(kept) + torch.arange(len(apart), device=rows.device)
+    trimmed = TrimmedEmbedding(embedding.weight[kept], rows, embedding.padding_idx, apart)
     trimmed.weight.requires_grad_(embedding.weight.requires_grad)
     return trimmed
 
@@ -318,10 +367,18 @@ def restore_vocabulary(model: nn.Module) -> bool:
     return True
 
 
+def rows_held_apart(model: nn.Module) -> bool:
+    """Whether ``model``'s input embedding is a :class:`TrimmedEmbedding` that holds the
+    untrained rows apart (``unseen="pretrained"``): restoring it loses nothing in size."""
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    return isinstance(embedding, TrimmedEmbedding) and embedding.unseen_weight is not None
+
+
 def trim_like_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Make ``module``'s embeddings fit ``state`` so that it loads (the load fills the
-    weights): one that ``state`` holds trimmed (``NAME.token_rows`` beside ``NAME.weight``)
-    becomes a :class:`TrimmedEmbedding` of the same rows; a :class:`TrimmedEmbedding` that
+    weights): one that ``state`` holds trimmed (``NAME.token_rows`` beside ``NAME.weight``,
+    and ``NAME.unseen_weight`` when it holds rows apart) becomes a :class:`TrimmedEmbedding`
+    of the same rows; a :class:`TrimmedEmbedding` that
     ``state`` holds whole (``NAME.weight`` alone) becomes a plain ``nn.Embedding`` again.
     Returns the names of the embeddings it replaced.
 
@@ -336,8 +393,11 @@ def trim_like_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> lis
         name = key.removesuffix(f".{ROWS}")
         embedding = module.get_submodule(name)
         rows, weight = state[key], state[f"{name}.weight"]
-        if isinstance(embedding, TrimmedEmbedding) and torch.equal(
-            embedding.token_rows.cpu(), rows.cpu()
+        apart = state.get(f"{name}.{UNSEEN_ROWS}")
+        if (
+            isinstance(embedding, TrimmedEmbedding)
+            and torch.equal(embedding.token_rows.cpu(), rows.cpu())
+            and _shape(embedding.unseen_weight) == _shape(apart)
         ):
             continue
         if not isinstance(embedding, nn.Embedding | TrimmedEmbedding):
@@ -349,7 +409,9 @@ def trim_like_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> lis
             )
         like = embedding.weight
         empty = torch.empty(weight.shape, dtype=like.dtype, device=like.device)
-        trimmed = TrimmedEmbedding(empty, rows.long().to(like.device), embedding.padding_idx)
+        held = None if apart is None else empty.new_empty(tuple(apart.shape))
+        rows = rows.long().to(like.device)
+        trimmed = TrimmedEmbedding(empty, rows, embedding.padding_idx, held)
         trimmed.weight.requires_grad_(like.requires_grad)
         _replace(module, name, trimmed)
         replaced.append(name)
@@ -362,6 +424,10 @@ def trim_like_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> lis
             _replace(module, name, embedding.full())
             replaced.append(name)
     return replaced
+
+
+def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if tensor is None else tuple(tensor.shape)
 
 
 def removed_share(model: nn.Module, kept: int) -> float:
@@ -414,6 +480,7 @@ def special_token_ids(tokenizer: Any) -> tuple[list[int], int]:
 __all__: Sequence[str] = [
     "ROWS",
     "UNSEEN",
+    "UNSEEN_ROWS",
     "TrimmedEmbedding",
     "every_sample",
     "nearest_kept",
@@ -421,6 +488,7 @@ __all__: Sequence[str] = [
     "removed_share",
     "restore_vocabulary",
     "row_table",
+    "rows_held_apart",
     "special_token_ids",
     "trim_embedding",
     "trim_like_state",

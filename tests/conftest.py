@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 DISTRIBUTED_JOB = Path(__file__).parent / "jobs" / "distributed_job.py"
+# the jobs' model (``job_model.job_minilm``), for tests that load what a job saved
+sys.path.insert(0, str(DISTRIBUTED_JOB.parent))
 
 # Tests never reach the Hugging Face Hub: every default comes from installed packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -82,36 +82,6 @@ def _csv_rows(root: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_cli_fit_writes_offline_wandb_run_and_csv_metrics(tmp_path) -> None:
-    root, output = _fit(
-        tmp_path,
-        BASELINE,
-        "--trainer.max_steps",
-        "3",
-        "--trainer.val_check_interval",
-        "3",
-        "--trainer.limit_val_batches",
-        "2",
-        "--trainer.limit_test_batches",
-        "2",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--data.init_args.batch_size",
-        "4",
-    )
-    assert output.count("W&B: no credentials found") == 1
-    runs = list((root / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-    rows = _csv_rows(root)
-    train_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(train_losses) == 3 and all(0 < loss < 5 for loss in train_losses)
-    assert any(r.get("val/acc") for r in rows)
-    test_acc = [float(r["test/acc"]) for r in rows if r.get("test/acc")]  # test_after_fit: true
-    assert len(test_acc) == 1 and 0 <= test_acc[0] <= 1
-    assert (root / "config.yaml").exists()
-    assert list(root.rglob("best-*.ckpt"))
-
-
 @pytest.mark.slow  # the strategy is tested in test_strategies; this is the CLI wiring
 def test_cli_fits_with_the_compressed_fsdp_strategy_on_two_processes(tmp_path) -> None:
     root = tmp_path / "run"
@@ -157,8 +127,11 @@ def test_cli_fits_with_the_compressed_fsdp_strategy_on_two_processes(tmp_path) -
     ]
 
 
-def test_cli_fits_with_the_curriculum_config_and_logs_its_metrics(tmp_path) -> None:
-    root, _ = _fit(
+def test_cli_fits_offline_with_the_curriculum_config_and_logs_to_wandb_and_csv(tmp_path) -> None:
+    """A whole ``lightning-3d fit`` without W&B credentials: an offline W&B run and CSV metrics
+    (training loss, validation and the test after fit), the saved config and the best
+    checkpoint; and the data axis's own metrics."""
+    root, output = _fit(
         tmp_path,
         CURRICULUM_CONFIG,
         "--trainer.max_epochs",
@@ -176,7 +149,17 @@ def test_cli_fits_with_the_curriculum_config_and_logs_its_metrics(tmp_path) -> N
         "--data.init_args.max_length",
         "32",
     )
+    assert output.count("W&B: no credentials found") == 1
+    runs = list((root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
     rows = _csv_rows(root)
+    train_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(train_losses) == 6 and all(0 < loss < 5 for loss in train_losses)
+    assert any(r.get("val/acc") for r in rows)
+    test_acc = [float(r["test/acc"]) for r in rows if r.get("test/acc")]  # test_after_fit: true
+    assert len(test_acc) == 1 and 0 <= test_acc[0] <= 1
+    assert (root / "config.yaml").exists()
+    assert list(root.rglob("best-*.ckpt"))
     fractions = [
         float(r["curriculum/fraction_in_play"])
         for r in rows
@@ -273,21 +256,17 @@ def test_example_configs_parse(tmp_path) -> None:
 
 
 def test_bad_config_value_fails_before_training(tmp_path) -> None:
-    args = [
-        *_cli(),
-        "fit",
-        "--config",
-        str(BASELINE),
-        "--data.init_args.val_fraction",
-        "1.5",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
-    result = subprocess.run(
-        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode != 0
-    assert "val_fraction must be in [0, 1), got 1.5" in result.stderr
+    from lightning_3d.cli import Lightning3DCLI
+
+    args = ["--config", str(BASELINE), "--data.init_args.val_fraction", "1.5"]
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\), got 1\.5"):
+        Lightning3DCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=[*args, "--trainer.default_root_dir", str(tmp_path)],
+        )
+    assert not list(tmp_path.iterdir())  # nothing was written
 
 
 def test_wandb_credentials_detection(tmp_path, monkeypatch) -> None:

@@ -224,10 +224,76 @@ def test_a_qat_converted_model_exports_to_torchao_and_onnx(trained, tmp_path) ->
     assert report.row("torchao").bytes < 0.35 * report.row(BASELINE).bytes
 
 
+def _blocks_of_4_bits(table: np.ndarray, block: int) -> np.ndarray:
+    """Symmetric 4-bit blocks along the rows, by hand: the entry of largest magnitude ``m`` is
+    stored as -8, the scale is ``m / -8``."""
+    rows, width = table.shape
+    blocks = table.reshape(rows, width // block, block)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    scale = largest / -8.0
+    codes = np.clip(np.round(blocks / scale), -8, 7)
+    return (codes * scale).reshape(rows, width).astype(np.float32)
+
+
+@needs_onnx
+def test_the_token_table_can_be_stored_in_4_bit_blocks(tmp_path) -> None:
+    import onnx
+    from onnx import numpy_helper
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lightning_3d.export import (
+        EMBEDDING_BLOCK,
+        export_onnx,
+        onnx_runner,
+        quantize_embedding_4bit,
+        quantize_onnx_int8,
+    )
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=600, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=2,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 600, (3, 12))
+    example = (ids.numpy(), np.ones((3, 12), dtype=np.int64))
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(model, fp32, example)
+
+    four = tmp_path / "four.onnx"
+    four.write_bytes(fp32.read_bytes())
+    quantized = quantize_embedding_4bit(four)
+    nodes = onnx.load(str(four)).graph.node
+    assert [n.name for n in nodes if n.op_type == "GatherBlockQuantized"] == [quantized]
+    assert sum(n.op_type == "Gather" for n in nodes) >= 2  # positions, token types: as they were
+    # the graph computes what the fp32 graph computes with the table rounded by hand
+    graph = onnx.load(str(fp32))
+    table = next(t for t in graph.graph.initializer if list(t.dims) == [600, 64])
+    rounded = _blocks_of_4_bits(numpy_helper.to_array(table), EMBEDDING_BLOCK)
+    assert not np.array_equal(rounded, numpy_helper.to_array(table))
+    table.CopyFrom(numpy_helper.from_array(rounded, table.name))
+    by_hand = tmp_path / "by_hand.onnx"
+    onnx.save(graph, str(by_hand))
+    np.testing.assert_allclose(
+        onnx_runner(four)(*example), onnx_runner(by_hand)(*example), rtol=1e-5, atol=1e-5
+    )
+
+    # in the int8 export: 5 bits an entry of the table (4 + a 32-bit scale per 32) instead of 8
+    weights = {}
+    for bits in (8, 4):
+        target = tmp_path / f"int8-{bits}.onnx"
+        quantize_onnx_int8(fp32, target, embedding_bits=bits)
+        weights[bits] = sum(len(t.raw_data) for t in onnx.load(str(target)).graph.initializer)
+    assert weights[8] - weights[4] == pytest.approx(600 * 64 * 3 / 8, rel=0.02)
+    with pytest.raises(ValueError, match=r"embedding_bits must be one of \(8, 4\), got 2"):
+        quantize_onnx_int8(fp32, tmp_path / "bad.onnx", embedding_bits=2)
+
+
 @pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_fsdp2_checkpoint_is_consolidated(launch_two_ranks, tmp_path, ranks) -> None:
+    from job_model import job_minilm
+
     from lightning_3d.checkpoints import checkpoint_state, load_run_weights
-    from lightning_3d.tasks import SequenceClassificationTask
 
     results = launch_two_ranks("sharded_checkpoint", tmp_path, 600, ranks)
     assert len(results) == ranks
@@ -236,13 +302,13 @@ def test_sharded_fsdp2_checkpoint_is_consolidated(launch_two_ranks, tmp_path, ra
     folder = next((tmp_path / "sharded").glob("*.ckpt"))
     assert folder.is_dir() and (folder / ".metadata").exists()
     full = torch.load(tmp_path / "full_state.pt", weights_only=True)
-    task = SequenceClassificationTask()
+    task = job_minilm()
     state = checkpoint_state(folder, task)
     assert state.keys() == full.keys()
     for key, value in full.items():
         assert torch.equal(state[key], value), key
     load_run_weights(task, folder)
-    pretrained = SequenceClassificationTask().state_dict()
+    pretrained = job_minilm().state_dict()
     key = "model.bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(task.state_dict()[key], full[key])
     assert not torch.equal(pretrained[key], full[key])  # the run trained it

@@ -283,11 +283,11 @@ def test_metrics_reach_the_logger_every_step(job):
 
 
 def test_full_state_export_loads_on_one_device(job):
-    from lightning_3d.tasks import SequenceClassificationTask
+    from job_model import job_minilm
 
     out, (rank0, _) = job
     state = torch.load(out / "full_state.pt", weights_only=True)
-    task = SequenceClassificationTask()
+    task = job_minilm()
     task.load_state_dict(state)
     for name, param in task.named_parameters():
         assert float(param.detach().double().sum()) == pytest.approx(

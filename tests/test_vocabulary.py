@@ -66,6 +66,28 @@ def test_unseen_ids_can_read_their_nearest_kept_row() -> None:
         VocabularyTrimmer(unseen="zero")
 
 
+def test_unseen_ids_can_keep_their_pretrained_rows_untrained() -> None:
+    full = nn.Embedding(6, 3, padding_idx=0)
+    kept = torch.tensor([0, 2, 5])
+    trimmed = trim_embedding(full, kept, unknown_id=2, unseen="pretrained")
+    # kept ids 0, 2, 5 -> rows 0, 1, 2; ids 1, 3, 4 -> rows 3, 4, 5: the rows held apart
+    assert trimmed.token_rows.tolist() == [0, 3, 1, 4, 5, 2]
+    assert torch.equal(trimmed.unseen_weight, full.weight.detach()[[1, 3, 4]])
+    assert [n for n, _ in trimmed.named_parameters()] == ["weight"] and trimmed.kept == 3
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    assert torch.equal(trimmed(ids), full(ids))
+    trimmed(ids).sum().backward()  # every id once: the kept rows but padding get gradients
+    assert trimmed.weight.grad.tolist() == [[0.0] * 3, [1.0] * 3, [1.0] * 3]
+    assert torch.equal(trimmed.full().weight, full.weight)
+    assert "3 held apart" in repr(trimmed)
+    state = trimmed.state_dict()
+    assert set(state) == {"weight", "token_rows", "unseen_weight"}
+    with pytest.raises(ValueError, match=r"unseen_weight must hold rows of width 3"):
+        TrimmedEmbedding(trimmed.weight, trimmed.token_rows, None, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="rows must index the 3 stored rows"):
+        TrimmedEmbedding(trimmed.weight, trimmed.token_rows)  # rows 3-5 need the rows apart
+
+
 def test_padding_row_gets_no_gradient() -> None:
     trimmed = trim_embedding(nn.Embedding(5, 2, padding_idx=0), torch.tensor([0, 1, 4]), 1)
     trimmed(torch.tensor([0, 4, 0])).sum().backward()
@@ -95,14 +117,16 @@ def _tiny_bert(vocabulary: int = 30522) -> nn.Module:
     return BertForSequenceClassification(config)
 
 
-def test_training_the_trimmed_model_updates_exactly_the_kept_rows_of_the_full_one() -> None:
+@pytest.mark.parametrize("unseen", ["unknown", "pretrained"])
+def test_training_the_trimmed_model_updates_exactly_the_kept_rows_of_the_full_one(unseen) -> None:
     """Rows of ids that never occur get no gradient: AdamW (no weight decay) leaves them, so
-    the trimmed run equals the full run on every kept row and every other parameter."""
+    the trimmed run equals the full run on every kept row and every other parameter; with the
+    unseen rows held apart it computes what the full model computes on every id."""
     full = _tiny_bert(200)
     trimmed_model = copy.deepcopy(full)
     batches = [torch.randint(1, 60, (4, 12)) for _ in range(3)]
     kept = observed_token_ids(batches, always=[0, 100])
-    trim_vocabulary(trimmed_model, kept, unknown_id=100)
+    trim_vocabulary(trimmed_model, kept, unknown_id=100, unseen=unseen)
     labels = torch.tensor([0, 1, 1, 0])
     for model in (full, trimmed_model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
@@ -117,6 +141,18 @@ def test_training_the_trimmed_model_updates_exactly_the_kept_rows_of_the_full_on
         if "word_embeddings" not in name:
             torch.testing.assert_close(parameter, others[name], msg=name)
     assert embedding.kept == len(kept) < 200
+    unseen_ids = torch.tensor([[101, 150, 199, 7]])  # 150 and 199 never occurred
+    with torch.no_grad():
+        trimmed_logits = trimmed_model.eval()(input_ids=unseen_ids).logits
+        full_logits = full.eval()(input_ids=unseen_ids).logits
+    if unseen == "pretrained":
+        torch.testing.assert_close(trimmed_logits, full_logits)
+        restore_vocabulary(trimmed_model)
+        torch.testing.assert_close(
+            trimmed_model.get_input_embeddings().weight, full.get_input_embeddings().weight
+        )
+    else:  # 150 and 199 read the unknown token's row
+        assert not torch.allclose(trimmed_logits, full_logits)
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -195,7 +231,30 @@ def test_the_plan_adds_the_trimmer() -> None:
     assert plan.axes == ("vocabulary", "parameters")
     names = [type(c).__name__ for c in plan.callbacks()]
     assert names == ["PlanCoordinator", "VocabularyTrimmer", "SensitivityFreezer"]
+    assert plan.callbacks()[1].unseen == "unknown"
     assert "VocabularyTrimmer" not in [type(c).__name__ for c in ThreeDPlan().callbacks()]
+    apart = ThreeDPlan(vocabulary="train", unseen_tokens="pretrained")
+    assert apart.callbacks()[1].unseen == "pretrained"
+    with pytest.raises(ValueError, match="unseen_tokens must be one of"):
+        ThreeDPlan(vocabulary="train", unseen_tokens="zero")
+    with pytest.raises(ValueError, match="set vocabulary='train' too"):
+        ThreeDPlan(unseen_tokens="nearest")
+
+
+def test_the_solver_prices_rows_held_apart_at_full_size() -> None:
+    """The export of a trimmed run keeps every row with unseen_tokens="pretrained": the same
+    budget that trimming meets without them needs another cut."""
+    from lightning_3d.budget import CostModel
+
+    cost = CostModel(forward_s=0.1, backward_s=0.2, optimizer_s=0.05)
+    common = dict(
+        cost=cost, reference_steps=100, epochs=1, compressible_share=0.5, quantize_at="export",
+        vocabulary="train", vocabulary_share=0.3, candidates={"sparsity": [0.0, 0.5]},
+    )  # fmt: skip
+    trimmed = ThreeDPlan.for_budget(1.0, 0.2, **common)
+    assert trimmed.allocation.vocabulary_share == 0.3 and trimmed.sparsity == 0.0
+    held = ThreeDPlan.for_budget(1.0, 0.2, unseen_tokens="pretrained", **common)
+    assert held.allocation.vocabulary_share == 0.0 and held.sparsity == 0.5
 
 
 # ---------------------------------------------------------------------------- in Lightning runs
@@ -249,28 +308,38 @@ def reviews(rotten_tomatoes) -> Reviews:
     return Reviews(rotten_tomatoes)
 
 
+@pytest.mark.parametrize("unseen", ["unknown", "pretrained"])
 def test_the_trimmer_keeps_the_training_tokens_and_resume_equals_the_uninterrupted_run(
-    tmp_path, minilm_tokenizer, reviews
+    tmp_path, minilm_tokenizer, reviews, unseen
 ) -> None:
     whole = TinyClassifier(minilm_tokenizer)
-    trainer = _trainer(tmp_path / "whole", 2, VocabularyTrimmer())
+    trainer = _trainer(tmp_path / "whole", 2, VocabularyTrimmer(unseen=unseen))
     trainer.fit(whole, datamodule=reviews)
     embedding = whole.model.get_input_embeddings()
     seen = {int(i) for b in reviews.batches for i in b["input_ids"].reshape(-1)}
     special, unknown = special_token_ids(minilm_tokenizer)
     assert isinstance(embedding, TrimmedEmbedding)
     rows = embedding.token_rows
-    kept = {int(i) for i in torch.nonzero(rows != rows[unknown]).flatten()} | {unknown}
+    ids = torch.arange(len(rows))  # kept: a row of its own among the trained ones
+    own = (rows < embedding.kept) & ((rows != rows[unknown]) | (ids == unknown))
+    kept = set(ids[own].tolist())
     assert kept == seen | set(special) and embedding.kept == len(kept)
     assert trainer.callback_metrics["vocabulary/kept_ids"] == embedding.kept
     assert embedding.weight.requires_grad and embedding.num_embeddings == 30522
+    apart = embedding.unseen_weight
+    if unseen == "pretrained":  # every other id holds its own row, untouched by training
+        pretrained = TinyClassifier(minilm_tokenizer).model.get_input_embeddings().weight
+        dropped = torch.tensor(sorted(set(range(30522)) - kept))
+        assert torch.equal(apart, pretrained.detach()[dropped])
+    else:
+        assert apart is None
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _trainer(tmp_path / "first", 1, VocabularyTrimmer(), checkpoint).fit(
+    _trainer(tmp_path / "first", 1, VocabularyTrimmer(unseen=unseen), checkpoint).fit(
         TinyClassifier(minilm_tokenizer), datamodule=reviews
     )
     resumed = TinyClassifier(minilm_tokenizer)
-    _trainer(tmp_path / "resumed", 2, VocabularyTrimmer()).fit(
+    _trainer(tmp_path / "resumed", 2, VocabularyTrimmer(unseen=unseen)).fit(
         resumed, datamodule=reviews, ckpt_path=checkpoint.last_model_path
     )
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -278,16 +347,18 @@ def test_the_trimmer_keeps_the_training_tokens_and_resume_equals_the_uninterrupt
 
     # a fresh module tests from the checkpoint: the load trims it like the checkpoint
     fresh = TinyClassifier(minilm_tokenizer)
-    _trainer(tmp_path / "test", 1, VocabularyTrimmer()).test(
+    _trainer(tmp_path / "test", 1, VocabularyTrimmer(unseen=unseen)).test(
         fresh, datamodule=reviews, ckpt_path=checkpoint.last_model_path
     )
     assert fresh.model.get_input_embeddings().kept == embedding.kept
     # and the export path's loader does the same without the callback
     loaded = load_run_weights(TinyClassifier(minilm_tokenizer), checkpoint.last_model_path)
-    assert torch.equal(
-        loaded.model.get_input_embeddings().token_rows,
-        fresh.model.get_input_embeddings().token_rows,
-    )
+    for got, want in zip(
+        loaded.model.get_input_embeddings().buffers(),
+        fresh.model.get_input_embeddings().buffers(),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
 
 
 def test_the_checkpoints_rows_win_over_the_datas_on_resume(
@@ -369,6 +440,21 @@ def test_exports_of_a_trimmed_model_compute_the_same_and_are_smaller(
         b = model.eval()(input_ids=as_unknown).logits
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
     assert restore_vocabulary(trimmed) and not restore_vocabulary(trimmed)
+
+    # the unseen rows held apart: every format computes the untrimmed model's function, and
+    # the graph is written as one table of every id (no smaller, no larger)
+    apart = copy.deepcopy(model)
+    trim_vocabulary(apart, torch.tensor(sorted(kept)), unknown, unseen="pretrained")
+    held = export(apart, None, tmp_path / "apart", ("hf", "onnx"), test, latency_rounds=0)
+    assert held.row("onnx").agreement == held.row("hf").agreement == 1.0
+    assert abs(held.row("onnx").bytes - full.row("onnx").bytes) < 0.001 * full.row("onnx").bytes
+    assert any("one table of every token id" in note for note in held.notes)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            apart.eval()(input_ids=ids).logits.numpy(),
+            model(input_ids=ids).logits.numpy(),
+            atol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])

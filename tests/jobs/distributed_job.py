@@ -36,8 +36,9 @@ Scenarios:
   vocabulary: VocabularyTrimmer under DDP with other reviews on every rank: the ids each rank
     saw and kept, and the ranks' parameter spread.
 
-``JOB_RANKS`` (default 2) sets the number of ranks (``sharded_checkpoint``, ``plan`` and
-``vocabulary`` also run on 3).
+"The real MiniLM" is all-MiniLM-L6-v2's embeddings and its first 2 transformer blocks
+(``job_model.py``). ``JOB_RANKS`` (default 2) sets the number of ranks (``sharded_checkpoint``,
+``plan`` and ``vocabulary`` also run on 3).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from job_model import job_minilm  # beside this script: the first entry of sys.path
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -83,24 +85,35 @@ class LossRecorder(Callback):
 
 
 def make_task() -> Any:
-    from lightning_3d.tasks import SequenceClassificationTask
-
+    """The jobs' MiniLM (:func:`job_model.job_minilm`), dropout off."""
     pl.seed_everything(0, verbose=False)
-    task = SequenceClassificationTask(warmup_ratio=0.0, learning_rate=1e-4)
+    task = job_minilm(warmup_ratio=0.0, learning_rate=1e-4)
     for module in task.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return task
 
 
-def make_loader(task: Any) -> DataLoader:
-    from lightning_3d.data import PaddingCollator, RottenTomatoes
+_training_split: list[Any] = []
 
-    data = RottenTomatoes(tokenizer=task.tokenizer, batch_size=BATCH, max_length=48)
-    data.setup("fit")
+
+def training_split(tokenizer: Any) -> Any:
+    """The tokenized Rotten Tomatoes training split (``max_length=48``), built once per process."""
+    from lightning_3d.data import RottenTomatoes
+
+    if not _training_split:
+        data = RottenTomatoes(tokenizer=tokenizer, batch_size=BATCH, max_length=48)
+        data.setup("fit")
+        _training_split.append(data.splits["train"])
+    return _training_split[0]
+
+
+def make_loader(task: Any) -> DataLoader:
+    from lightning_3d.data import PaddingCollator
+
     # STEPS_PER_EPOCH batches per rank on any number of ranks, so step 3 ends an epoch
     # everywhere (Lightning does not restore a shuffled order mid-epoch)
-    subset = Subset(data.splits["train"], range(RANKS * BATCH * STEPS_PER_EPOCH))
+    subset = Subset(training_split(task.tokenizer), range(RANKS * BATCH * STEPS_PER_EPOCH))
     pad = int(task.tokenizer.pad_token_id)
     return DataLoader(subset, batch_size=BATCH, shuffle=True, collate_fn=PaddingCollator(pad))
 
@@ -1121,12 +1134,10 @@ class RankReviews(pl.LightningDataModule):
 
     def __init__(self, task: Any) -> None:
         super().__init__()
-        from lightning_3d.data import PaddingCollator, RottenTomatoes
+        from lightning_3d.data import PaddingCollator
 
-        data = RottenTomatoes(tokenizer=task.tokenizer, batch_size=BATCH, max_length=48)
-        data.setup("fit")
         own = range(RANK * 2 * BATCH, (RANK + 1) * 2 * BATCH)
-        self.dataset = Subset(data.splits["train"], own)
+        self.dataset = Subset(training_split(task.tokenizer), own)
         self.collate = PaddingCollator(int(task.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
