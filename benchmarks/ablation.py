@@ -55,7 +55,9 @@ The ``3D`` row is the budget solver's: ``--calibrate`` measures this regime's st
 (``allocation_<machine>.json`` in ``--results-dir``) the row reads, from the prior accuracy
 curves or ``--curves``, quantizing where ``--quantize-at`` says (default: at export), for a plan
 that trims the vocabulary with ``--vocabulary train`` (the solver then prices the exports
-without the embedding rows of tokens the training split never uses). ``--summarize`` saves the
+without the embedding rows of tokens the training split never uses; with ``--unseen-tokens
+pretrained`` those rows are held apart, untrained, and exported again) and, with
+``--embedding-bits 4``, exports the token table in 4-bit blocks. ``--summarize`` saves the
 curves the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`).
 Until an allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
 default strengths.
@@ -74,6 +76,9 @@ Usage::
     python benchmarks/ablation.py --calibrate --solve 0.5 0.25 --vocabulary train \\
         --curves benchmarks/results/ablation/curves_cpu-2c-b.json --machine cpu-2c-xeon \\
         --results-dir benchmarks/results/ablation/cpu-2c-xeon   # another machine's 3D row
+    python benchmarks/ablation.py --solve 0.5 0.25 --vocabulary train --unseen-tokens pretrained \
+        --embedding-bits 4 --curves benchmarks/results/ablation/curves_cpu-2c-b.json \
+        --machine cpu-2c-xeon --results-dir benchmarks/results/ablation/cpu-2c-xeon-held
     python benchmarks/ablation.py --setups Standard DataOpt --seeds 0 --train-samples 64 \\
         --epochs 1 --machine smoke --results-dir SCRATCH --export-dir SCRATCH/exported  # smoke
 """
@@ -135,6 +140,10 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
         row[STEPS] = strengths[STEPS]
     if document.get("vocabulary", "full") != "full":
         row["vocabulary"] = document["vocabulary"]
+        if document.get("unseen_tokens", "unknown") != "unknown":
+            row["unseen_tokens"] = document["unseen_tokens"]
+    if row.get("weight_bits") and document.get("embedding_bits") not in (None, 8):
+        row["embedding_bits"] = document["embedding_bits"]
     return row
 
 
@@ -144,7 +153,10 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
 #: interpolates between them and the axis off); 3D is the solver's allocation for time 0.5 and
 #: size 0.25, and the leave-one-out rows measure what each of its axes adds.
 THREE_D = solver_row() if ALLOCATION.exists() else {}
-MODEL_AXIS = ("sparsity", "prune_pattern", "weight_bits", "quantize_at", "vocabulary")
+MODEL_AXIS = (
+    "sparsity", "prune_pattern", "weight_bits", "quantize_at", "vocabulary", "unseen_tokens",
+    "embedding_bits",
+)  # fmt: skip
 #: The model-axis row: the smallest sparsity of the solver's grid, with int8 weights quantized at
 #: export (the deployment this CPU runs fastest).
 DEFAULT_MODEL = {
@@ -367,6 +379,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         eval_data=data.test_dataloader(),
         latency_rounds=0,  # timed later, every set-up side by side (--latency)
         sequence_length=args.max_length,
+        embedding_bits=plan.embedding_bits or 8,
     )
     export_s = time.perf_counter() - started
     exported, dense, int8 = report.row(kind), report.row("onnx"), report.row("onnx-int8")
@@ -1003,6 +1016,16 @@ def calibrate(args: argparse.Namespace) -> None:
     print(json.dumps(cost.to_dict(), indent=1))
 
 
+def export_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The plan settings of ``--unseen-tokens`` and ``--embedding-bits`` that are not defaults."""
+    settings: dict[str, Any] = {}
+    if args.unseen_tokens != "unknown":
+        settings["unseen_tokens"] = args.unseen_tokens
+    if args.embedding_bits != 8:
+        settings["embedding_bits"] = args.embedding_bits
+    return settings
+
+
 def solve(args: argparse.Namespace) -> None:
     """The budget solver's plan for ``--solve TIME SIZE`` from the calibration file: print the
     allocation, its reasons and the predicted cost, and save them beside the results."""
@@ -1010,7 +1033,7 @@ def solve(args: argparse.Namespace) -> None:
 
     from lightning_3d.plan import ThreeDPlan, freezable_units, parameter_shares
     from lightning_3d.tasks import SequenceClassificationTask
-    from lightning_3d.vocabulary import trimmed_copy
+    from lightning_3d.vocabulary import input_embedding_share, trimmed_copy
 
     time_budget, size_budget = args.solve
     task = SequenceClassificationTask()
@@ -1027,6 +1050,7 @@ def solve(args: argparse.Namespace) -> None:
         quantized_overhead=QUANTIZED_OVERHEAD, curves=args.curves,
         quantize_at=args.quantize_at, freezable=freezable_units(model),
         vocabulary=args.vocabulary, vocabulary_share=share,
+        embedding_share=input_embedding_share(model), **export_settings(args),
     )  # fmt: skip
     allocation = plan.allocation
     assert allocation is not None
@@ -1035,6 +1059,7 @@ def solve(args: argparse.Namespace) -> None:
         "curves": "prior" if args.curves is None else args.curves.name,
         "vocabulary": args.vocabulary,
         "vocabulary_share": share,
+        **export_settings(args),
         "quantize_at": allocation.quantize_at,
         "strengths": allocation.strengths,
         "trainable_reached": allocation.trainable_reached,
@@ -1101,6 +1126,14 @@ def main() -> None:
     parser.add_argument(
         "--vocabulary", choices=("full", "train"), default="full",
         help="--solve for a plan that trims the vocabulary to the training data's tokens",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unseen-tokens", choices=("unknown", "nearest", "pretrained"), default="unknown",
+        help="--solve with --vocabulary train: what tokens the training data never had read",
+    )  # fmt: skip
+    parser.add_argument(
+        "--embedding-bits", type=int, choices=(8, 4), default=8,
+        help="--solve: bits of the token table in the int8 export (4: blocks of 32)",
     )  # fmt: skip
     args = parser.parse_args()
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)

@@ -109,7 +109,7 @@ def compare_schemes(spec: str, args: argparse.Namespace) -> Path:
     )
 
     name, config, checkpoint = _spec(spec)
-    task, data, _ = load_run(["--config", config], checkpoint)
+    task, data, _, _ = load_run(["--config", config], checkpoint)
     model, _, _ = dense_float_model(task.model)
     data.setup("test")
     test = batches_of(data.test_dataloader())

@@ -1106,6 +1106,9 @@ def size_fraction(
     compressible_share: float,
     quantized_overhead: float = 0.0,
     vocabulary_share: float = 0.0,
+    embedding_share: float = 0.0,
+    embedding_bits: float | None = None,
+    rows_held_apart: bool = False,
 ) -> float:
     r"""Exported model bytes relative to the fp32 dense model.
 
@@ -1125,6 +1128,16 @@ def size_fraction(
     ``quantized_overhead`` (a share of the fp32 bytes; the int8 ONNX export of
     all-MiniLM-L6-v2 measured 1 / 3.84, an overhead of 0.0104).
 
+    A quantized export may store the token-embedding table, ``e`` of the trained model's
+    parameters (``embedding_share``), at ``k_e = embedding_bits`` bits an entry (scales
+    included, e.g. 5 for 4-bit blocks of 32 with fp32 scales) instead of ``k``; and with
+    ``rows_held_apart`` (``unseen_tokens="pretrained"``) the export holds the ``v`` dropped
+    rows again, in that table. In shares of the untrimmed model::
+
+        E = e * (1 - v) + (v if rows_held_apart else 0)      # the exported table
+        kept = (1 if rows_held_apart else 1 - v) - c * s * (1 - v)
+        size = ((kept - E) * k + E * k_e) / 32 + quantized_overhead
+
     Example:
         >>> size_fraction(0.5, None, "heads+neurons", 0.6)  # 1 - 0.6 * 0.5
         0.7
@@ -1134,6 +1147,8 @@ def size_fraction(
         0.2
         >>> round(size_fraction(0.5, None, "heads+neurons", 0.6, vocabulary_share=0.2), 6)
         0.56
+        >>> size_fraction(0.0, 8, "heads+neurons", 0.6, embedding_share=0.5, embedding_bits=4)
+        0.1875
     """
     _check_strength("sparsity", sparsity)
     _check_strength("weight_bits", weight_bits)
@@ -1144,11 +1159,17 @@ def size_fraction(
         raise ValueError(f"quantized_overhead must be in [0, 1), got {quantized_overhead}")
     if not 0.0 <= vocabulary_share < 1.0:
         raise ValueError(f"vocabulary_share must be in [0, 1), got {vocabulary_share}")
+    _check_fraction("embedding_share", embedding_share, closed_top=True)
+    if embedding_bits is not None and not 0 < embedding_bits <= 32:
+        raise ValueError(f"embedding_bits must be in (0, 32] or None, got {embedding_bits}")
     pruned = compressible_share * sparsity if prune_pattern == "heads+neurons" else 0.0
-    kept = (1.0 - vocabulary_share) * (1.0 - pruned)
+    trained = 1.0 - vocabulary_share
+    kept = (1.0 if rows_held_apart else trained) - pruned * trained
     if weight_bits is None:
         return kept
-    return kept * weight_bits / 32 + quantized_overhead
+    table = embedding_share * trained + (vocabulary_share if rows_held_apart else 0.0)
+    table_bits = weight_bits if embedding_bits is None else embedding_bits
+    return ((kept - table) * weight_bits + table * table_bits) / 32 + quantized_overhead
 
 
 # -- the solver -----------------------------------------------------------------------------------
@@ -1323,6 +1344,9 @@ def solve_budget(
     freezable_units: Sequence[float] | None = None,
     freezable_units_pruned: Sequence[float] | None = None,
     vocabulary_share: float = 0.0,
+    embedding_share: float = 0.0,
+    embedding_bits: float | None = None,
+    rows_held_apart: bool = False,
 ) -> BudgetAllocation:
     r"""The most accurate allocation of the candidate grid within a time and a size budget.
 
@@ -1365,6 +1389,10 @@ def solve_budget(
         vocabulary_share: the share of the parameters a trimmed vocabulary removes from the
             ONNX exports (``ThreeDPlan(vocabulary="train")``; :func:`size_fraction`); 0:
             untrimmed.
+        embedding_share, embedding_bits, rows_held_apart: the token-embedding table's share
+            of the trained parameters, its bits an entry in a quantized export (``None``: as
+            the other weights), and whether the export holds the trimmed rows again
+            (:func:`size_fraction`).
 
     Raises:
         ValueError: a bad argument, or no allocation of the grid meets the budgets (the
@@ -1411,7 +1439,8 @@ def solve_budget(
         run = cost.run_seconds(**schedule, **strengths)
         size_ = size_fraction(
             strengths["sparsity"], strengths["weight_bits"], prune_pattern, compressible_share,
-            quantized_overhead, vocabulary_share,
+            quantized_overhead, vocabulary_share, embedding_share, embedding_bits,
+            rows_held_apart,
         )  # fmt: skip
         return run, size_, curves.change(**strengths)
 
@@ -1479,11 +1508,18 @@ def solve_budget(
     ]
     if not binding:
         lines.append("no budget binds: this is the most accurate allocation of the grid")
-    if vocabulary_share:
+    if vocabulary_share and rows_held_apart:
+        lines.append(
+            f"vocabulary trimmed to the training data's tokens in training: "
+            f"{vocabulary_share:.3g} of the parameters held apart, untrained, and exported"
+        )
+    elif vocabulary_share:
         lines.append(
             f"vocabulary trimmed to the training data's tokens: {vocabulary_share:.3g} of the "
             "parameters out of the ONNX exports, at no training time"
         )
+    if embedding_bits is not None and strengths["weight_bits"]:
+        lines.append(f"the token-embedding table exported at {embedding_bits:g} bits an entry")
     if any(_on(axis, strengths[axis]) for axis in AXES):
         lines.append(f"axes on ({_describe(strengths)}), each against switching it off:")
     else:

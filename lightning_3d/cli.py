@@ -259,6 +259,14 @@ def _export_parser() -> argparse.ArgumentParser:
         "--int8_scheme", default=DEFAULT_INT8_SCHEME, help=f"onnx-int8: one of {INT8_SCHEMES}"
     )
     parser.add_argument(
+        "--embedding_bits",
+        type=int,
+        choices=(8, 4),
+        default=None,
+        help="onnx-int8: bits of the token-embedding table (4: blocks of 32 with a scale "
+        "each); default: the run's plan's embedding_bits, else 8",
+    )
+    parser.add_argument(
         "--eval_split", default="test", choices=("test", "val", "none"), help="data to evaluate"
     )
     parser.add_argument("--eval_samples", type=int, default=None, help="at most this many")
@@ -286,16 +294,16 @@ def _samples(loader: Any, limit: int | None) -> Iterator[Any]:
 
 def load_run(
     config_args: Sequence[str], ckpt_path: str | os.PathLike[str], needs_quantization: bool = False
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, Any, Any, Any]:
     """The task and data module a run's configuration builds (``config_args`` as for ``fit``:
     ``["--config", "RUN.yaml", ...]``) with the checkpoint's weights, converted as the run's
-    ``QATHook`` would; returns ``(task, datamodule, QATHook or None)``.
+    ``QATHook`` would; returns ``(task, datamodule, QATHook or None, ThreeDPlan or None)``.
 
     Raises:
         ValueError: ``needs_quantization`` and the run has no ``QATHook``; the checkpoint does
             not fit the configured model.
     """
-    from lightning_3d.callbacks import QATHook
+    from lightning_3d.callbacks import PlanCoordinator, QATHook
     from lightning_3d.checkpoints import load_run_weights
 
     cli = _ExportCLI(
@@ -311,7 +319,8 @@ def load_run(
             "format 'torchao' holds a model quantized by QATHook, and this run's configuration "
             "has none: use onnx-int8 for an int8 model"
         )
-    return load_run_weights(cli.model, ckpt_path, qat), cli.datamodule, qat
+    plan = next((c.plan for c in cli.run_callbacks if isinstance(c, PlanCoordinator)), None)
+    return load_run_weights(cli.model, ckpt_path, qat), cli.datamodule, qat, plan
 
 
 def run_export(args: Sequence[str]) -> Any:
@@ -342,7 +351,7 @@ def run_export(args: Sequence[str]) -> Any:
     if not options.overwrite:
         prepare_output_dir(options.output)  # refuses a non-empty folder before any work
     try:
-        task, data, qat = load_run(
+        task, data, qat, plan = load_run(
             run_args, options.ckpt_path, needs_quantization="torchao" in formats
         )
         if generators and not isinstance(task, CausalLMTask):
@@ -372,6 +381,7 @@ def run_export(args: Sequence[str]) -> Any:
             eval_data,
             quantization=qat.recipe if qat else None,
             int8_scheme=options.int8_scheme,
+            embedding_bits=options.embedding_bits or getattr(plan, "embedding_bits", None) or 8,
             calibration_data=calibration,
             overwrite=options.overwrite,  # (checked above, before the model was built)
             latency_rounds=options.latency_rounds,

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from lightning_3d.sensitivity import GradientStatistics
-from lightning_3d.vocabulary import UNSEEN
+from lightning_3d.vocabulary import UNSEEN, input_embedding_share
 
 if TYPE_CHECKING:
     from lightning.pytorch import Callback
@@ -288,6 +288,10 @@ class ThreeDPlan:
             apart and never trained: the model computes what the untrimmed one would, the
             exports keep every row (no size saving; the training still saves the dropped
             rows' gradients and optimizer state).
+        embedding_bits: with ``quantize_at="export"``, the bits of the token-embedding table in
+            the ``onnx-int8`` export: ``None`` or 8, int8 as the other weights; 4, blocks of 32
+            entries with one scale each (``lightning-3d export`` takes it from the plan; 5 bits
+            an entry with the scales). What the budget solver prices.
         seed: seeds the data order and random drops.
         budget: solve ``data_budget``, ``trainable``, ``sparsity``, ``weight_bits``,
             ``distill`` and ``max_steps`` for a :class:`PlanBudget` (:meth:`solve`;
@@ -323,6 +327,7 @@ class ThreeDPlan:
     max_steps: int | None = None
     vocabulary: str = "full"
     unseen_tokens: str = "unknown"
+    embedding_bits: int | None = None
     prune_include: str = DEFAULT_PRUNE_INCLUDE
     adaptive: bool = False
     monitor: str = "val/acc"
@@ -369,6 +374,13 @@ class ThreeDPlan:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.embedding_bits not in (None, 8, 4):
+            raise ValueError(f"embedding_bits must be 4, 8 or None, got {self.embedding_bits!r}")
+        if self.embedding_bits is not None and self.quantize_at != "export":
+            raise ValueError(
+                f"embedding_bits={self.embedding_bits} sets the ONNX int8 export's table: it "
+                "needs quantize_at='export'"
+            )
         if self.vocabulary == "full" and self.unseen_tokens != "unknown":
             raise ValueError(
                 f"unseen_tokens={self.unseen_tokens!r} says what tokens a trimmed vocabulary "
@@ -613,6 +625,7 @@ class ThreeDPlan:
         head_share: float = 0.0,
         freezable: tuple[Sequence[float], Sequence[float]] | None = None,
         vocabulary_share: float = 0.0,
+        embedding_share: float = 0.0,
         **settings: Any,
     ) -> ThreeDPlan:
         """The plan whose axis strengths :func:`~lightning_3d.budget.solve_budget` picks for a
@@ -647,6 +660,9 @@ class ThreeDPlan:
                 every allocation's export is that much smaller (not with
                 ``unseen_tokens="pretrained"``, whose exports keep every row). ``0``: priced
                 untrimmed (an upper bound on the size).
+            embedding_share: the token-embedding table's share of the parameters of the model
+                as it trains (:func:`~lightning_3d.vocabulary.input_embedding_share`), priced at
+                ``embedding_bits`` when the plan sets them.
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 
@@ -688,9 +704,9 @@ class ThreeDPlan:
             freezable_units_pruned=(
                 None if freezable is None else freezable[1] if keeps_pruned else freezable[0]
             ),
-            vocabulary_share=(
-                0.0 if settings.get("unseen_tokens") == "pretrained" else vocabulary_share
-            ),
+            vocabulary_share=vocabulary_share, embedding_share=embedding_share,
+            embedding_bits=_entry_bits(settings.get("embedding_bits")),
+            rows_held_apart=settings.get("unseen_tokens") == "pretrained",
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")
@@ -751,7 +767,8 @@ class ThreeDPlan:
             compressible_share=compressible, head_share=head, curves=budget.curves,
             quantized_overhead=budget.quantized_overhead,
             freezable=freezable_units(module, self.prune_include),
-            vocabulary_share=vocabulary_share, **settings,
+            vocabulary_share=vocabulary_share,
+            embedding_share=input_embedding_share(getattr(module, "model", module)), **settings,
         )  # fmt: skip
 
 
@@ -805,6 +822,15 @@ def freezable_units(
         raise ValueError("the model has no trainable parameters")
     units = {name: n / total for name, n in sizes.items() if not head.search(name)}
     return list(units.values()), [u for name, u in units.items() if not pruned.search(name)]
+
+
+def _entry_bits(embedding_bits: int | None) -> float | None:
+    """Bits an entry of the exported token table at ``embedding_bits``, scales included."""
+    from lightning_3d.export import EMBEDDING_BLOCK
+
+    if embedding_bits is None or embedding_bits == 8:
+        return None  # int8 as the other weights
+    return embedding_bits + 32 / EMBEDDING_BLOCK
 
 
 def _allowed(

@@ -448,6 +448,23 @@ def removed_share(model: nn.Module, kept: int) -> float:
     return (rows - kept) * embedding.embedding_dim / total
 
 
+def input_embedding_share(model: nn.Module) -> float:
+    """The share of ``model``'s parameters in its input embedding (the rows it trains, for a
+    :class:`TrimmedEmbedding`); 0 for a model without ``get_input_embeddings``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+        >>> model.get_input_embeddings = lambda: model[0]
+        >>> input_embedding_share(model)  # 40 of 60 parameters
+        0.6666666666666666
+    """
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    if embedding is None:
+        return 0.0
+    total = sum(p.numel() for p in model.parameters())
+    return embedding.weight.numel() / total
+
+
 def trimmed_copy(module: nn.Module, loader: Any, tokenizer: Any) -> tuple[nn.Module, float]:
     """What a :class:`~lightning_3d.callbacks.VocabularyTrimmer` run will train, for pricing it
     before training: a deep copy of ``module`` (a Hugging Face model, or a task holding one as
@@ -483,6 +500,7 @@ __all__: Sequence[str] = [
     "UNSEEN_ROWS",
     "TrimmedEmbedding",
     "every_sample",
+    "input_embedding_share",
     "nearest_kept",
     "observed_token_ids",
     "removed_share",

@@ -494,8 +494,10 @@ def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(t
         f"--trainer.default_root_dir={tmp_path}",
         "--data.init_args.batch_size=4",
         "--data.init_args.max_length=16",
-        "--plan.vocabulary=train",  # the solver prices exports without the unused rows
+        "--plan.vocabulary=train",  # trained trimmed, the unused rows held apart, exported
+        "--plan.unseen_tokens=pretrained",
         "--plan.quantize_at=export",  # int8 by ONNX Runtime: QAT leaves a trimmed table fp32
+        "--plan.embedding_bits=4",  # the token table in 4-bit blocks
     ]
     cli = Lightning3DCLI(
         subclass_mode_model=True, subclass_mode_data=True, run=False, args=overrides
@@ -512,7 +514,8 @@ def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(t
     special, _ = special_token_ids(cli.model.tokenizer)
     kept = observed_token_ids(cli.datamodule.train_dataloader(), always=special)
     assert allocation.vocabulary_share == removed_share(cli.model.model, len(kept)) > 0.2
-    assert "vocabulary trimmed to the training data's tokens" in allocation.reason
+    assert "vocabulary trimmed to the training data's tokens in training" in allocation.reason
+    assert "token-embedding table exported at 5 bits" in allocation.reason
     kinds = [type(c).__name__ for c in plan.callbacks()]
     assert kinds[:2] == ["PlanCoordinator", "VocabularyTrimmer"]
     exporting = _ExportCLI(

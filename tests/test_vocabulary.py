@@ -241,20 +241,29 @@ def test_the_plan_adds_the_trimmer() -> None:
         ThreeDPlan(unseen_tokens="nearest")
 
 
-def test_the_solver_prices_rows_held_apart_at_full_size() -> None:
+def test_the_solver_prices_rows_held_apart_at_full_size_and_a_4_bit_table() -> None:
     """The export of a trimmed run keeps every row with unseen_tokens="pretrained": the same
-    budget that trimming meets without them needs another cut."""
+    size budget that trimming meets needs another cut, pruning or a 4-bit token table."""
     from lightning_3d.budget import CostModel
 
     cost = CostModel(forward_s=0.1, backward_s=0.2, optimizer_s=0.05)
     common = dict(
         cost=cost, reference_steps=100, epochs=1, compressible_share=0.5, quantize_at="export",
-        vocabulary="train", vocabulary_share=0.3, candidates={"sparsity": [0.0, 0.5]},
+        vocabulary="train", vocabulary_share=0.3, embedding_share=0.5,
+        candidates={"sparsity": [0.0, 0.8]},
     )  # fmt: skip
-    trimmed = ThreeDPlan.for_budget(1.0, 0.2, **common)
-    assert trimmed.allocation.vocabulary_share == 0.3 and trimmed.sparsity == 0.0
+    trimmed = ThreeDPlan.for_budget(1.0, 0.2, **common)  # 0.7 * 8 / 32 = 0.175
+    assert trimmed.sparsity == 0.0 and trimmed.allocation.size_fraction == pytest.approx(0.175)
     held = ThreeDPlan.for_budget(1.0, 0.2, unseen_tokens="pretrained", **common)
-    assert held.allocation.vocabulary_share == 0.0 and held.sparsity == 0.5
+    assert held.sparsity == 0.8  # (1 - 0.5 * 0.8 * 0.7) * 8 / 32 = 0.18
+    assert held.allocation.size_fraction == pytest.approx(0.18)
+    assert "held apart, untrained, and exported" in held.allocation.reason
+    table = ThreeDPlan.for_budget(1.0, 0.2, unseen_tokens="pretrained", embedding_bits=4, **common)
+    # the table: 0.5 * 0.7 + 0.3 of the model at 5 bits, the rest at 8: 6.05 / 32
+    assert table.sparsity == 0.0 and table.allocation.size_fraction == pytest.approx(6.05 / 32)
+    assert "token-embedding table exported at 5 bits" in table.allocation.reason
+    with pytest.raises(ValueError, match="needs quantize_at='export'"):
+        ThreeDPlan(embedding_bits=4)
 
 
 # ---------------------------------------------------------------------------- in Lightning runs
