@@ -201,13 +201,16 @@ class CostModel:
         T  = min(S, F)                               # batches the teacher runs on (cached)
 
         forward   = f * N
-        backward  = b * W + b * (1 - w * (1 - t)) * F
-        optimizer = o * W + o * t * F
-        qat       = (q - 1) * ((f + b) * QW + (f + b * (1 - w * (1 - t))) * QF)   if bits
+        backward  = b * (1 - w * (1 - k)) * W + b * (1 - w * (1 - k t)) * F
+        optimizer = o * k * W + o * k t * F
+        qat       = (q - 1) * ((f + b (1 - w (1 - k))) * QW + (f + b (1 - w (1 - k t))) * QF)
         masks     = m * F                          (pruning starts after warm-up) if sparsity > 0
         teacher   = g * T                                                        if distill > 0
 
-    which is the sum of :meth:`step_seconds` over the run's steps plus the teacher forwards.
+    (the ``qat`` term only with ``weight_bits`` set), where ``k`` (``kept_share``) is the
+    share of the reference model's parameters the run trains at all: ``1 - v`` with a trimmed
+    vocabulary (the dropped rows skip their weight gradients and optimizer update), else 1.
+    This is the sum of :meth:`step_seconds` over the run's steps plus the teacher forwards.
     ``T`` counts each distinct batch seen after the teacher snapshot once (the teacher's outputs
     are cached per sample), at most one epoch's worth: an upper bound, since batches of the
     stretch after warm-up may repeat when it crosses an epoch boundary.
@@ -289,6 +292,7 @@ class CostModel:
         warmup: float = 0.25,
         qat_start: float = 0.8,
         quantize_at: str = "train",
+        kept_share: float = 1.0,
     ) -> RunCost:
         """Predicted seconds of a run, with the breakdown (formulas in the class docstring).
 
@@ -302,6 +306,14 @@ class CostModel:
                 ``[0, 1)``.
             quantize_at: ``"train"`` (quantization-aware training from ``qat_start``) or
                 ``"export"`` (the export quantizes: no fake-quantized steps, ``qat`` is 0).
+            kept_share: share of the reference model's parameters the run trains at all, in
+                ``(0, 1]`` (``1 - vocabulary_share`` with a trimmed vocabulary).
+
+        Example:
+            >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0,
+            ...                  weight_grad_share=0.5)
+            >>> cost.run_seconds(reference_steps=10, epochs=1, kept_share=0.5).total_s
+            30.0
         """
         values = (data_budget, trainable, sparsity, weight_bits, distill, steps)
         strengths = dict(zip(AXES, values, strict=True))
@@ -311,6 +323,7 @@ class CostModel:
         _check_fraction("warmup", warmup)
         _check_fraction("qat_start", qat_start)
         _check_quantize_at(quantize_at)
+        _check_fraction("kept_share", kept_share, closed_top=True)
 
         per_epoch = reference_steps / epochs
         total = min(per_epoch * (1 + (epochs - 1) * data_budget), steps * reference_steps)
@@ -321,14 +334,15 @@ class CostModel:
         qat_frozen = (1.0 - max(warmup, qat_start)) * total if qat else 0.0
         teacher_batches = min(per_epoch, frozen) if distill > 0 else 0.0
 
-        f, b, o = self.forward_s, self.backward_s, self.optimizer_s
-        frozen_backward = self._backward(trainable)
+        f, o = self.forward_s, self.optimizer_s
+        dense_backward = self._backward(kept_share)
+        frozen_backward = self._backward(kept_share * trainable)
         breakdown = {
             "forward": f * total,
-            "backward": b * dense + frozen_backward * frozen,
-            "optimizer": o * dense + o * trainable * frozen,
+            "backward": dense_backward * dense + frozen_backward * frozen,
+            "optimizer": o * kept_share * (dense + trainable * frozen),
             "qat": (self.qat_factor - 1.0)
-            * ((f + b) * qat_dense + (f + frozen_backward) * qat_frozen),
+            * ((f + dense_backward) * qat_dense + (f + frozen_backward) * qat_frozen),
             "masks": self.sparsity_overhead_s * frozen if sparsity > 0 else 0.0,
             "teacher": self.teacher_s * teacher_batches,
         }
@@ -1436,7 +1450,7 @@ def solve_budget(
     reference = cost.run_seconds(**schedule).total_s
 
     def evaluate(strengths: Mapping[str, Any]) -> tuple[RunCost, float, float]:
-        run = cost.run_seconds(**schedule, **strengths)
+        run = cost.run_seconds(**schedule, **strengths, kept_share=1.0 - vocabulary_share)
         size_ = size_fraction(
             strengths["sparsity"], strengths["weight_bits"], prune_pattern, compressible_share,
             quantized_overhead, vocabulary_share, embedding_share, embedding_bits,

@@ -254,6 +254,13 @@ def test_the_solver_prices_rows_held_apart_at_full_size_and_a_4_bit_table() -> N
     )  # fmt: skip
     trimmed = ThreeDPlan.for_budget(1.0, 0.2, **common)  # 0.7 * 8 / 32 = 0.175
     assert trimmed.sparsity == 0.0 and trimmed.allocation.size_fraction == pytest.approx(0.175)
+    # its steps are priced without the dropped rows' optimizer update (0.3 of the parameters)
+    schedule = dict(reference_steps=100, epochs=1, quantize_at="export")
+    chosen = trimmed.allocation.strengths
+    priced = cost.run_seconds(**schedule, **chosen, kept_share=0.7)
+    assert trimmed.allocation.time_s == pytest.approx(priced.total_s)
+    untrimmed = cost.run_seconds(**schedule, **chosen).breakdown["optimizer"]
+    assert priced.breakdown["optimizer"] == pytest.approx(0.7 * untrimmed)
     held = ThreeDPlan.for_budget(1.0, 0.2, unseen_tokens="pretrained", **common)
     assert held.sparsity == 0.8  # (1 - 0.5 * 0.8 * 0.7) * 8 / 32 = 0.18
     assert held.allocation.size_fraction == pytest.approx(0.18)
