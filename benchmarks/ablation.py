@@ -276,6 +276,17 @@ def export_folder(args: argparse.Namespace, setup: str, seed: int) -> Path:
     return args.export_dir / f"{setup}-seed{seed}"
 
 
+def export_arguments(description: str, export_help: str) -> argparse.Namespace:
+    """The arguments of the scripts that measure one finished run's export (``--export``, the
+    test split's ``--max-length``, ``--machine`` and ``--results-dir``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--export", type=Path, required=True, help=export_help)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--machine", default="cpu")
+    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
+    return parser.parse_args()
+
+
 def git_commit() -> str:
     try:
         done = subprocess.run(

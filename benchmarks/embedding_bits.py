@@ -16,7 +16,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -24,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import git_commit
+from ablation import export_arguments, git_commit
 
 
 def main() -> None:
@@ -38,12 +37,7 @@ def main() -> None:
     )
     from lightning_3d.models import load_tokenizer, resolve_classifier
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export", type=Path, required=True, help="a run's export folder")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--machine", default="cpu")
-    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
+    args = export_arguments(__doc__.split("\n\n")[0], "a run's export folder")
 
     graph = args.export / "onnx" / "model.onnx"
     if not graph.exists():

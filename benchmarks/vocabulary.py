@@ -24,7 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import git_commit
+from ablation import export_arguments, git_commit
 
 FORMATS = ("onnx-int8", "onnx")  # the deployed graph of a run, int8 first
 
@@ -49,12 +48,7 @@ def main() -> None:
     from lightning_3d.tasks import SequenceClassificationTask
     from lightning_3d.vocabulary import nearest_kept, row_table
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export", type=Path, required=True, help="a trimmed run's export")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--machine", default="cpu")
-    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
+    args = export_arguments(__doc__.split("\n\n")[0], "a trimmed run's export")
 
     graph = next(args.export / f / "model.onnx" for f in FORMATS if (args.export / f).exists())
     task = SequenceClassificationTask()
