@@ -57,7 +57,8 @@ curves or ``--curves``, quantizing where ``--quantize-at`` says (default: at exp
 that trims the vocabulary with ``--vocabulary train`` (the solver then prices the exports
 without the embedding rows of tokens the training split never uses; with ``--unseen-tokens
 pretrained`` those rows are held apart, untrained, and exported again) and, with
-``--embedding-bits 4``, exports the token table in 4-bit blocks. ``--summarize`` saves the
+``--embedding-bits 4``, exports the token table in 4-bit blocks (``--unseen-token-bits 4``:
+only the rows held apart). ``--summarize`` saves the
 curves the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`).
 Until an allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
 default strengths.
@@ -142,8 +143,9 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
         row["vocabulary"] = document["vocabulary"]
         if document.get("unseen_tokens", "unknown") != "unknown":
             row["unseen_tokens"] = document["unseen_tokens"]
-    if row.get("weight_bits") and document.get("embedding_bits") not in (None, 8):
-        row["embedding_bits"] = document["embedding_bits"]
+    for bits in ("embedding_bits", "unseen_token_bits"):
+        if row.get("weight_bits") and document.get(bits) is not None:
+            row[bits] = document[bits]
     return row
 
 
@@ -155,7 +157,7 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
 THREE_D = solver_row() if ALLOCATION.exists() else {}
 MODEL_AXIS = (
     "sparsity", "prune_pattern", "weight_bits", "quantize_at", "vocabulary", "unseen_tokens",
-    "embedding_bits",
+    "embedding_bits", "unseen_token_bits",
 )  # fmt: skip
 #: The model-axis row: the smallest sparsity of the solver's grid, with int8 weights quantized at
 #: export (the deployment this CPU runs fastest).
@@ -391,6 +393,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         latency_rounds=0,  # timed later, every set-up side by side (--latency)
         sequence_length=args.max_length,
         embedding_bits=plan.embedding_bits or 8,
+        unseen_token_bits=plan.unseen_token_bits,
     )
     export_s = time.perf_counter() - started
     exported, dense, int8 = report.row(kind), report.row("onnx"), report.row("onnx-int8")
@@ -1028,12 +1031,15 @@ def calibrate(args: argparse.Namespace) -> None:
 
 
 def export_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The plan settings of ``--unseen-tokens`` and ``--embedding-bits`` that are not defaults."""
+    """The plan settings of ``--unseen-tokens``, ``--embedding-bits`` and
+    ``--unseen-token-bits`` that are not defaults."""
     settings: dict[str, Any] = {}
     if args.unseen_tokens != "unknown":
         settings["unseen_tokens"] = args.unseen_tokens
     if args.embedding_bits != 8:
         settings["embedding_bits"] = args.embedding_bits
+    if args.unseen_token_bits is not None:
+        settings["unseen_token_bits"] = args.unseen_token_bits
     return settings
 
 
@@ -1145,6 +1151,11 @@ def main() -> None:
     parser.add_argument(
         "--embedding-bits", type=int, choices=(8, 4), default=8,
         help="--solve: bits of the token table in the int8 export (4: blocks of 32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unseen-token-bits", type=int, choices=(8, 4), default=None,
+        help="--solve with --unseen-tokens pretrained: bits of the rows held apart in the int8 "
+        "export (default: --embedding-bits)",
     )  # fmt: skip
     args = parser.parse_args()
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)

@@ -1123,6 +1123,7 @@ def size_fraction(
     embedding_share: float = 0.0,
     embedding_bits: float | None = None,
     rows_held_apart: bool = False,
+    unseen_bits: float | None = None,
 ) -> float:
     r"""Exported model bytes relative to the fp32 dense model.
 
@@ -1146,11 +1147,13 @@ def size_fraction(
     parameters (``embedding_share``), at ``k_e = embedding_bits`` bits an entry (scales
     included, e.g. 5 for 4-bit blocks of 32 with fp32 scales) instead of ``k``; and with
     ``rows_held_apart`` (``unseen_tokens="pretrained"``) the export holds the ``v`` dropped
-    rows again, in that table. In shares of the untrimmed model::
+    rows again, at ``k_u = unseen_bits`` bits an entry (default ``k_e``). In shares of the
+    untrimmed model::
 
-        E = e * (1 - v) + (v if rows_held_apart else 0)      # the exported table
+        E = e * (1 - v)                                      # the trained rows
+        U = v if rows_held_apart else 0                      # the rows held apart
         kept = (1 if rows_held_apart else 1 - v) - c * s * (1 - v)
-        size = ((kept - E) * k + E * k_e) / 32 + quantized_overhead
+        size = ((kept - E - U) * k + E * k_e + U * k_u) / 32 + quantized_overhead
 
     Example:
         >>> size_fraction(0.5, None, "heads+neurons", 0.6)  # 1 - 0.6 * 0.5
@@ -1163,6 +1166,9 @@ def size_fraction(
         0.56
         >>> size_fraction(0.0, 8, "heads+neurons", 0.6, embedding_share=0.5, embedding_bits=4)
         0.1875
+        >>> size_fraction(0.0, 8, "heads+neurons", 0.6, vocabulary_share=0.5, embedding_share=0.5,
+        ...               rows_held_apart=True, unseen_bits=4)  # (0.5 * 8 + 0.5 * 4) / 32
+        0.1875
     """
     _check_strength("sparsity", sparsity)
     _check_strength("weight_bits", weight_bits)
@@ -1174,16 +1180,20 @@ def size_fraction(
     if not 0.0 <= vocabulary_share < 1.0:
         raise ValueError(f"vocabulary_share must be in [0, 1), got {vocabulary_share}")
     _check_fraction("embedding_share", embedding_share, closed_top=True)
-    if embedding_bits is not None and not 0 < embedding_bits <= 32:
-        raise ValueError(f"embedding_bits must be in (0, 32] or None, got {embedding_bits}")
+    for name, bits in (("embedding_bits", embedding_bits), ("unseen_bits", unseen_bits)):
+        if bits is not None and not 0 < bits <= 32:
+            raise ValueError(f"{name} must be in (0, 32] or None, got {bits}")
     pruned = compressible_share * sparsity if prune_pattern == "heads+neurons" else 0.0
     trained = 1.0 - vocabulary_share
     kept = (1.0 if rows_held_apart else trained) - pruned * trained
     if weight_bits is None:
         return kept
-    table = embedding_share * trained + (vocabulary_share if rows_held_apart else 0.0)
+    table = embedding_share * trained
+    apart = vocabulary_share if rows_held_apart else 0.0
     table_bits = weight_bits if embedding_bits is None else embedding_bits
-    return ((kept - table) * weight_bits + table * table_bits) / 32 + quantized_overhead
+    apart_bits = table_bits if unseen_bits is None else unseen_bits
+    rest = kept - table - apart
+    return (rest * weight_bits + table * table_bits + apart * apart_bits) / 32 + quantized_overhead
 
 
 # -- the solver -----------------------------------------------------------------------------------
@@ -1361,6 +1371,7 @@ def solve_budget(
     embedding_share: float = 0.0,
     embedding_bits: float | None = None,
     rows_held_apart: bool = False,
+    unseen_bits: float | None = None,
 ) -> BudgetAllocation:
     r"""The most accurate allocation of the candidate grid within a time and a size budget.
 
@@ -1403,10 +1414,10 @@ def solve_budget(
         vocabulary_share: the share of the parameters a trimmed vocabulary removes from the
             ONNX exports (``ThreeDPlan(vocabulary="train")``; :func:`size_fraction`); 0:
             untrimmed.
-        embedding_share, embedding_bits, rows_held_apart: the token-embedding table's share
-            of the trained parameters, its bits an entry in a quantized export (``None``: as
-            the other weights), and whether the export holds the trimmed rows again
-            (:func:`size_fraction`).
+        embedding_share, embedding_bits, rows_held_apart, unseen_bits: the token-embedding
+            table's share of the trained parameters, its bits an entry in a quantized export
+            (``None``: as the other weights), whether the export holds the trimmed rows again,
+            and their bits an entry (``None``: as the table's) (:func:`size_fraction`).
 
     Raises:
         ValueError: a bad argument, or no allocation of the grid meets the budgets (the
@@ -1454,7 +1465,7 @@ def solve_budget(
         size_ = size_fraction(
             strengths["sparsity"], strengths["weight_bits"], prune_pattern, compressible_share,
             quantized_overhead, vocabulary_share, embedding_share, embedding_bits,
-            rows_held_apart,
+            rows_held_apart, unseen_bits,
         )  # fmt: skip
         return run, size_, curves.change(**strengths)
 
@@ -1534,6 +1545,8 @@ def solve_budget(
         )
     if embedding_bits is not None and strengths["weight_bits"]:
         lines.append(f"the token-embedding table exported at {embedding_bits:g} bits an entry")
+    if unseen_bits is not None and rows_held_apart and strengths["weight_bits"]:
+        lines.append(f"the rows held apart exported at {unseen_bits:g} bits an entry")
     if any(_on(axis, strengths[axis]) for axis in AXES):
         lines.append(f"axes on ({_describe(strengths)}), each against switching it off:")
     else:

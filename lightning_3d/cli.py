@@ -267,6 +267,15 @@ def _export_parser() -> argparse.ArgumentParser:
         "each); default: the run's plan's embedding_bits, else 8",
     )
     parser.add_argument(
+        "--unseen_token_bits",
+        type=int,
+        choices=(8, 4),
+        default=None,
+        help="onnx-int8: bits of the untrained rows a trimmed vocabulary holds apart "
+        "(unseen_tokens='pretrained'); default: the run's plan's unseen_token_bits, else "
+        "--embedding_bits",
+    )
+    parser.add_argument(
         "--eval_split", default="test", choices=("test", "val", "none"), help="data to evaluate"
     )
     parser.add_argument("--eval_samples", type=int, default=None, help="at most this many")
@@ -382,6 +391,9 @@ def run_export(args: Sequence[str]) -> Any:
             quantization=qat.recipe if qat else None,
             int8_scheme=options.int8_scheme,
             embedding_bits=options.embedding_bits or getattr(plan, "embedding_bits", None) or 8,
+            unseen_token_bits=(
+                options.unseen_token_bits or getattr(plan, "unseen_token_bits", None)
+            ),
             calibration_data=calibration,
             overwrite=options.overwrite,  # (checked above, before the model was built)
             latency_rounds=options.latency_rounds,

@@ -74,7 +74,7 @@ from lightning_3d.quantization import (
     resolve_recipe,
     select_modules,
 )
-from lightning_3d.vocabulary import restore_vocabulary, rows_held_apart
+from lightning_3d.vocabulary import UNSEEN_ROWS, restore_vocabulary, rows_held_apart
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +349,7 @@ def quantize_onnx_int8(
     scheme: str = DEFAULT_INT8_SCHEME,
     calibration: Iterable[Inputs] | None = None,
     embedding_bits: int = 8,
+    unseen_token_bits: int | None = None,
 ) -> None:
     """ONNX Runtime int8 quantization of the fp32 graph ``source`` into ``target``.
 
@@ -359,11 +360,13 @@ def quantize_onnx_int8(
       (min/max), weights per channel (embedding tables stay fp32).
 
     ``embedding_bits=4`` stores the token-embedding table in 4-bit blocks instead
-    (:func:`quantize_embedding_4bit`), in every scheme.
+    (:func:`quantize_embedding_4bit`), in every scheme. A graph of a trimmed model that holds
+    the unseen tokens' pretrained rows apart (:func:`held_apart_gather`) has a second table:
+    ``unseen_token_bits`` sets its bits (default: ``embedding_bits``).
 
     Raises:
-        ValueError: unknown scheme or ``embedding_bits``, or ``static`` without calibration
-            data.
+        ValueError: unknown scheme or bits, ``static`` without calibration data, or
+            ``unseen_token_bits`` for a graph without rows held apart.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -372,9 +375,22 @@ def quantize_onnx_int8(
         raise ValueError(f"int8 scheme {scheme!r} is unknown; choose from {INT8_SCHEMES}")
     if embedding_bits not in EMBEDDING_BITS:
         raise ValueError(f"embedding_bits must be one of {EMBEDDING_BITS}, got {embedding_bits!r}")
+    if unseen_token_bits not in (None, *EMBEDDING_BITS):
+        raise ValueError(
+            f"unseen_token_bits must be one of {EMBEDDING_BITS} or None, got {unseen_token_bits!r}"
+        )
     graph = onnx.load(str(source))
-    table = token_table_gather(graph) if embedding_bits == 4 else None
-    excluded = [] if table is None else [table]  # left for the 4-bit pass
+    apart = held_apart_gather(graph)
+    if unseen_token_bits is not None and apart is None:
+        raise ValueError(
+            f"unseen_token_bits={unseen_token_bits} sets the bits of the unseen tokens' rows "
+            f"held apart, and {source} holds none apart (a model trimmed with "
+            "VocabularyTrimmer(unseen='pretrained') holds them)"
+        )
+    bits_of = {token_table_gather(graph, exclude=apart): embedding_bits}
+    if apart is not None:
+        bits_of[apart] = embedding_bits if unseen_token_bits is None else unseen_token_bits
+    four_bit = [gather for gather, bits in bits_of.items() if bits == 4]  # left for the 4-bit pass
     options = {"DefaultTensorType": 1}  # FLOAT, for tensors shape inference leaves untyped
     if scheme.startswith("dynamic"):
         quantize_dynamic(
@@ -382,13 +398,13 @@ def quantize_onnx_int8(
             str(target),
             per_channel=scheme == "dynamic-per-channel",
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded,
+            nodes_to_exclude=four_bit,
             extra_options=options,
         )
     else:
         _quantize_static(graph, target, list(calibration or []), options)
-    if table is not None:
-        quantize_embedding_4bit(target, table)
+    for gather in four_bit:
+        quantize_embedding_4bit(target, gather)
 
 
 def _quantize_static(
@@ -424,13 +440,9 @@ def _quantize_static(
     )
 
 
-def token_table_gather(graph: Any) -> str:
-    """The name of the ``Gather`` in the ONNX ``graph`` (a ``ModelProto``) that reads the largest
-    2-D float initializer: the token-embedding table. Unnamed nodes get names, in place.
-
-    Raises:
-        ValueError: no ``Gather`` reads a 2-D float initializer.
-    """
+def _table_gathers(graph: Any) -> dict[str, tuple[str, int]]:
+    """Each ``Gather`` of the ONNX ``graph`` that reads a 2-D float initializer: node name ->
+    (initializer name, entries). Unnamed nodes get names, in place."""
     import onnx
 
     tables = {
@@ -440,10 +452,36 @@ def token_table_gather(graph: Any) -> str:
     }
     for index, node in enumerate(graph.graph.node):
         node.name = node.name or f"{node.op_type}_{index}"
-    reading = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    return {
+        n.name: (n.input[0], tables[n.input[0]])
+        for n in graph.graph.node
+        if n.op_type == "Gather" and n.input[0] in tables
+    }
+
+
+def token_table_gather(graph: Any, exclude: str | None = None) -> str:
+    """The name of the ``Gather`` in the ONNX ``graph`` (a ``ModelProto``) that reads the largest
+    2-D float initializer, other than the ``Gather`` named ``exclude``: the token-embedding
+    table. Unnamed nodes get names, in place.
+
+    Raises:
+        ValueError: no ``Gather`` reads a 2-D float initializer.
+    """
+    reading = {n: size for n, (_, size) in _table_gathers(graph).items() if n != exclude}
     if not reading:
         raise ValueError("no Gather reads a 2-D float table (a token embedding) to quantize")
-    return max(reading, key=lambda n: tables[n.input[0]]).name
+    return max(reading, key=reading.__getitem__)
+
+
+def held_apart_gather(graph: Any) -> str | None:
+    """The name of the ``Gather`` in the ONNX ``graph`` that reads the pretrained rows a trimmed
+    embedding holds apart (the initializer ``....unseen_weight`` of a
+    :class:`~lightning_3d.vocabulary.TrimmedEmbedding` with ``unseen="pretrained"``, exported
+    as it trains: two tables); ``None`` when it reads none."""
+    suffix = f".{UNSEEN_ROWS}"
+    return next(
+        (n for n, (table, _) in _table_gathers(graph).items() if table.endswith(suffix)), None
+    )
 
 
 def quantize_embedding_4bit(path: str | os.PathLike[str], gather: str | None = None) -> str:
@@ -469,8 +507,7 @@ def quantize_embedding_4bit(path: str | os.PathLike[str], gather: str | None = N
     )
 
     model = onnx.load(str(path))
-    largest = token_table_gather(model)
-    gather = gather or largest
+    gather = gather or token_table_gather(model)
     gathers = [n for n in model.graph.node if n.op_type == "Gather"]
     table = next((n for n in gathers if n.name == gather), None)
     if table is None:
@@ -608,6 +645,7 @@ def export(
     quantization: str | QuantizationRecipe | None = None,
     int8_scheme: str = DEFAULT_INT8_SCHEME,
     embedding_bits: int = 8,
+    unseen_token_bits: int | None = None,
     calibration_data: Iterable[Any] | None = None,
     overwrite: bool = False,
     latency_rounds: int = 5,
@@ -629,6 +667,11 @@ def export(
         int8_scheme: ``onnx-int8`` quantization (:data:`INT8_SCHEMES`).
         embedding_bits: ``onnx-int8``'s bits for the token-embedding table
             (:data:`EMBEDDING_BITS`; 4: :func:`quantize_embedding_4bit`).
+        unseen_token_bits: ``onnx-int8``'s bits for the pretrained rows a trimmed vocabulary
+            holds apart (``VocabularyTrimmer(unseen="pretrained")``; default:
+            ``embedding_bits``). When they differ, the int8 graph keeps the two tables the
+            model trains with (two lookups and a select) instead of one of every id, e.g. the
+            trained rows at 8 bits and the untrained ones at 4.
         calibration_data: batches like ``eval_data`` for ``int8_scheme="static"`` (training
             data, not the test split).
         latency_rounds: turns of the round-robin timing (0: no timing).
@@ -636,8 +679,9 @@ def export(
         atol: largest ONNX-versus-PyTorch logit difference accepted.
 
     Raises:
-        ValueError: an unknown format or scheme; ``torchao`` without a quantization recipe;
-            a fake-quantized model.
+        ValueError: an unknown format, scheme or bits; ``torchao`` without a quantization
+            recipe; a fake-quantized model; ``unseen_token_bits`` for a model that holds no
+            rows apart.
         ImportError: ONNX formats without the ``deploy`` extra.
         FileExistsError: ``output_dir`` is not empty and ``overwrite`` is false.
         RuntimeError: the ONNX graph's logits differ from PyTorch's by more than ``atol``.
@@ -647,6 +691,17 @@ def export(
         raise ValueError(f"int8_scheme={int8_scheme!r}; choose from {INT8_SCHEMES}")
     if embedding_bits not in EMBEDDING_BITS:
         raise ValueError(f"embedding_bits={embedding_bits!r}; choose from {EMBEDDING_BITS}")
+    if unseen_token_bits not in (None, *EMBEDDING_BITS):
+        raise ValueError(
+            f"unseen_token_bits={unseen_token_bits!r}; choose from {EMBEDDING_BITS} or None"
+        )
+    if unseen_token_bits is not None and not rows_held_apart(model):
+        raise ValueError(
+            f"unseen_token_bits={unseen_token_bits} sets the bits of the unseen tokens' rows a "
+            "trimmed vocabulary holds apart, and this model holds none apart (trim it with "
+            "VocabularyTrimmer(unseen='pretrained'), or leave unseen_token_bits out)"
+        )
+    two_tables = unseen_token_bits not in (None, embedding_bits)
     recipe = resolve_recipe(quantization) if isinstance(quantization, str) else quantization
     if "torchao" in formats and recipe is None:
         raise ValueError(
@@ -671,6 +726,7 @@ def export(
 
     pruned = copy.deepcopy(dense)
     counts = remove_dead_units(pruned)
+    trimmed = copy.deepcopy(pruned) if two_tables else None  # onnx-int8's two tables
     if rows_held_apart(pruned) and restore_vocabulary(pruned):
         notes.append(
             "onnx: the trimmed embedding and the untrained rows it held apart written as one "
@@ -702,19 +758,22 @@ def export(
             runners["onnx"], paths["onnx"] = onnx_runner(fp32_onnx), fp32_onnx.parent
             sizes["onnx"] = fp32_onnx.stat().st_size
         if "onnx-int8" in formats:
+            source = fp32_onnx
+            if trimmed is not None:
+                source = Path(scratch) / "two-tables" / ONNX_FILE
+                export_onnx(trimmed, source, example, atol)
             int8 = folder / "onnx-int8" / ONNX_FILE
             int8.parent.mkdir(parents=True)
-            quantize_onnx_int8(fp32_onnx, int8, int8_scheme, calibration, embedding_bits)
+            quantize_onnx_int8(
+                source, int8, int8_scheme, calibration, embedding_bits,
+                unseen_token_bits if trimmed is not None else None,
+            )  # fmt: skip
             _save_tokenizer(tokenizer, int8.parent)
             runners["onnx-int8"], paths["onnx-int8"] = onnx_runner(int8), int8.parent
             sizes["onnx-int8"] = int8.stat().st_size
             notes.append(
                 f"onnx-int8: ONNX Runtime {int8_scheme} int8 quantization"
-                + (
-                    f", the token-embedding table in 4-bit blocks of {EMBEDDING_BLOCK}"
-                    if embedding_bits == 4
-                    else ""
-                )
+                + _table_note(embedding_bits, unseen_token_bits if two_tables else None)
             )
     if "torchao" in formats:
         assert recipe is not None
@@ -770,6 +829,17 @@ def export(
     report.save(folder / REPORT_FILE)
     log.info("export written to %s", folder)
     return report
+
+
+def _table_note(embedding_bits: int, unseen_token_bits: int | None) -> str:
+    """What ``onnx-int8``'s note says of the token tables."""
+    form = {4: f"4-bit blocks of {EMBEDDING_BLOCK}", 8: "int8"}
+    if unseen_token_bits is not None:
+        return (
+            f", the trained token rows in {form[embedding_bits]} and the pretrained rows held "
+            f"apart in {form[unseen_token_bits]} (two tables, as the model trained)"
+        )
+    return f", the token-embedding table in {form[4]}" if embedding_bits == 4 else ""
 
 
 def _example_inputs(
@@ -868,6 +938,7 @@ __all__ = [
     "evaluate",
     "export",
     "export_onnx",
+    "held_apart_gather",
     "latency_inputs",
     "onnx_runner",
     "prepare_output_dir",

@@ -292,6 +292,11 @@ class ThreeDPlan:
             the ``onnx-int8`` export: ``None`` or 8, int8 as the other weights; 4, blocks of 32
             entries with one scale each (``lightning-3d export`` takes it from the plan; 5 bits
             an entry with the scales). What the budget solver prices.
+        unseen_token_bits: with ``unseen_tokens="pretrained"`` and ``quantize_at="export"``,
+            the bits of the rows held apart in the ``onnx-int8`` export (``None``: as
+            ``embedding_bits``): e.g. ``embedding_bits=8, unseen_token_bits=4`` keeps the rows
+            the run trained at 8 bits and stores the untrained ones, which the training data
+            never read, at 4 (the export then has two tables, as the model trains).
         seed: seeds the data order and random drops.
         budget: solve ``data_budget``, ``trainable``, ``sparsity``, ``weight_bits``,
             ``distill`` and ``max_steps`` for a :class:`PlanBudget` (:meth:`solve`;
@@ -328,6 +333,7 @@ class ThreeDPlan:
     vocabulary: str = "full"
     unseen_tokens: str = "unknown"
     embedding_bits: int | None = None
+    unseen_token_bits: int | None = None
     prune_include: str = DEFAULT_PRUNE_INCLUDE
     adaptive: bool = False
     monitor: str = "val/acc"
@@ -374,12 +380,19 @@ class ThreeDPlan:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.embedding_bits not in (None, 8, 4):
-            raise ValueError(f"embedding_bits must be 4, 8 or None, got {self.embedding_bits!r}")
-        if self.embedding_bits is not None and self.quantize_at != "export":
+        for name in ("embedding_bits", "unseen_token_bits"):
+            bits = getattr(self, name)
+            if bits not in (None, 8, 4):
+                raise ValueError(f"{name} must be 4, 8 or None, got {bits!r}")
+            if bits is not None and self.quantize_at != "export":
+                raise ValueError(
+                    f"{name}={bits} sets the ONNX int8 export's table: it needs "
+                    "quantize_at='export'"
+                )
+        if self.unseen_token_bits is not None and self.unseen_tokens != "pretrained":
             raise ValueError(
-                f"embedding_bits={self.embedding_bits} sets the ONNX int8 export's table: it "
-                "needs quantize_at='export'"
+                f"unseen_token_bits={self.unseen_token_bits} sets the bits of the rows held "
+                f"apart: it needs unseen_tokens='pretrained', got {self.unseen_tokens!r}"
             )
         if self.vocabulary == "full" and self.unseen_tokens != "unknown":
             raise ValueError(
@@ -662,7 +675,8 @@ class ThreeDPlan:
                 untrimmed (an upper bound on the size).
             embedding_share: the token-embedding table's share of the parameters of the model
                 as it trains (:func:`~lightning_3d.vocabulary.input_embedding_share`), priced at
-                ``embedding_bits`` when the plan sets them.
+                ``embedding_bits`` when the plan sets them (the rows held apart at
+                ``unseen_token_bits``).
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 
@@ -707,6 +721,7 @@ class ThreeDPlan:
             vocabulary_share=vocabulary_share, embedding_share=embedding_share,
             embedding_bits=_entry_bits(settings.get("embedding_bits")),
             rows_held_apart=settings.get("unseen_tokens") == "pretrained",
+            unseen_bits=_entry_bits(settings.get("unseen_token_bits")),
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")
@@ -824,13 +839,14 @@ def freezable_units(
     return list(units.values()), [u for name, u in units.items() if not pruned.search(name)]
 
 
-def _entry_bits(embedding_bits: int | None) -> float | None:
-    """Bits an entry of the exported token table at ``embedding_bits``, scales included."""
+def _entry_bits(bits: int | None) -> float | None:
+    """Bits an entry of an exported token table stored at ``bits``, scales included (``None``
+    stays ``None``: as the other weights)."""
     from lightning_3d.export import EMBEDDING_BLOCK
 
-    if embedding_bits is None or embedding_bits == 8:
-        return None  # int8 as the other weights
-    return embedding_bits + 32 / EMBEDDING_BLOCK
+    if bits is None or bits == 8:
+        return bits  # one scale for the whole table
+    return bits + 32 / EMBEDDING_BLOCK
 
 
 def _allowed(

@@ -526,6 +526,41 @@ def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(t
     assert rebuilt == plan and rebuilt.allocation.strengths == allocation.strengths
 
 
+def test_export_stores_the_token_tables_at_the_bits_the_runs_plan_sets(tmp_path) -> None:
+    """One step of a plan that trims the vocabulary, holds the unseen tokens' rows apart and
+    sets their bits; ``lightning-3d export`` with no bits given takes them from the plan: the
+    trained rows in int8, the rows held apart in 4-bit blocks."""
+    import onnx
+
+    from lightning_3d.cli import main
+
+    run = [
+        "--config", str(BASELINE), "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.max_length=16", "--plan.vocabulary=train",
+        "--plan.unseen_tokens=pretrained", "--plan.weight_bits=8", "--plan.quantize_at=export",
+        "--plan.embedding_bits=8", "--plan.unseen_token_bits=4",
+    ]  # fmt: skip
+    short = ["--trainer.max_steps=1", "--trainer.val_check_interval=1"]
+    main(["fit", *run, *short, "--trainer.limit_val_batches=1", "--test_after_fit=false"])
+    (checkpoint,) = tmp_path.rglob("best-*.ckpt")
+    out = tmp_path / "deploy"
+    main([
+        "export", *run, "--ckpt_path", str(checkpoint), "--output", str(out),
+        "--formats", "onnx-int8", "--eval_split", "none", "--latency_rounds", "0",
+    ])  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert any(
+        "trained token rows in int8 and the pretrained rows held apart in 4-bit" in note
+        for note in report["notes"]
+    ), report["notes"]
+    graph = onnx.load(str(out / "onnx-int8" / "model.onnx")).graph
+    tables = {n.op_type: n.input[0] for n in graph.node if "word_embeddings" in n.input[0]}
+    assert tables["GatherBlockQuantized"].endswith("word_embeddings.unseen_weight_Q4")
+    assert tables["Gather"].endswith("word_embeddings.weight_quantized")
+
+
 def test_a_budget_that_cannot_be_met_fails_before_training(tmp_path) -> None:
     from lightning_3d.budget import CostModel
     from lightning_3d.cli import Lightning3DCLI

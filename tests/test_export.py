@@ -295,6 +295,69 @@ def test_the_token_table_can_be_stored_in_4_bit_blocks(tmp_path) -> None:
         quantize_onnx_int8(fp32, tmp_path / "bad.onnx", embedding_bits=2)
 
 
+@needs_onnx
+def test_the_rows_held_apart_can_take_other_bits_than_the_trained_rows(tmp_path) -> None:
+    """A trimmed model that holds the unseen tokens' rows apart exports two tables: each id
+    reads one of them, so a graph with the trained rows at 8 bits and the held-apart rows at 4
+    computes exactly the all-8-bit graph on trained ids and the all-4-bit one on held-apart
+    ids, and is 3 bits an entry of the held-apart table smaller than the all-8-bit one."""
+    import onnx
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lightning_3d.export import (
+        export_onnx,
+        held_apart_gather,
+        onnx_runner,
+        quantize_onnx_int8,
+        token_table_gather,
+    )
+    from lightning_3d.vocabulary import trim_vocabulary
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=600, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=2, pad_token_id=0,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config).eval()
+    trained_ids = torch.arange(0, 600, 3)  # 200 rows trained, 400 held apart
+    trim_vocabulary(model, trained_ids, unknown_id=3, unseen="pretrained")
+    fp32 = tmp_path / "fp32.onnx"
+    apart_ids = torch.tensor([i for i in range(600) if i % 3])
+    batches = {
+        "trained": trained_ids[torch.randint(0, 200, (3, 12))],
+        "apart": apart_ids[torch.randint(0, 400, (3, 12))],
+    }
+    example = (batches["trained"].numpy(), np.ones((3, 12), dtype=np.int64))
+    export_onnx(model, fp32, example)
+    graph = onnx.load(str(fp32))
+    apart = held_apart_gather(graph)
+    assert apart is not None and token_table_gather(graph, exclude=apart) != apart
+
+    runs, sizes = {}, {}
+    for bits in ((8, None), (8, 4), (4, None)):
+        target = tmp_path / f"int8-{bits[0]}-{bits[1]}.onnx"
+        quantize_onnx_int8(fp32, target, embedding_bits=bits[0], unseen_token_bits=bits[1])
+        runner = onnx_runner(target)
+        runs[bits] = {
+            name: runner(ids.numpy(), np.ones_like(ids.numpy())) for name, ids in batches.items()
+        }
+        sizes[bits] = sum(len(t.raw_data) for t in onnx.load(str(target)).graph.initializer)
+    mixed, eight, four = runs[(8, 4)], runs[(8, None)], runs[(4, None)]
+    np.testing.assert_array_equal(mixed["trained"], eight["trained"])
+    np.testing.assert_array_equal(mixed["apart"], four["apart"])
+    assert not np.array_equal(mixed["apart"], eight["apart"])  # the 4 bits do act
+    assert not np.array_equal(mixed["trained"], four["trained"])
+    assert sizes[(8, None)] - sizes[(8, 4)] == pytest.approx(400 * 64 * 3 / 8, rel=0.02)
+    assert sizes[(8, 4)] - sizes[(4, None)] == pytest.approx(200 * 64 * 3 / 8, rel=0.02)
+
+    with pytest.raises(ValueError, match=r"unseen_token_bits must be one of .* got 2"):
+        quantize_onnx_int8(fp32, tmp_path / "bad.onnx", unseen_token_bits=2)
+    plain = tmp_path / "plain.onnx"
+    export_onnx(BertForSequenceClassification(config).eval(), plain, example)
+    with pytest.raises(ValueError, match=r"unseen_token_bits=4 sets the bits .* holds none apart"):
+        quantize_onnx_int8(plain, tmp_path / "bad.onnx", unseen_token_bits=4)
+
+
 @pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_fsdp2_checkpoint_is_consolidated(launch_two_ranks, tmp_path, ranks) -> None:
     from job_model import job_minilm

@@ -269,8 +269,21 @@ def test_the_solver_prices_rows_held_apart_at_full_size_and_a_4_bit_table() -> N
     # the table: 0.5 * 0.7 + 0.3 of the model at 5 bits, the rest at 8: 6.05 / 32
     assert table.sparsity == 0.0 and table.allocation.size_fraction == pytest.approx(6.05 / 32)
     assert "token-embedding table exported at 5 bits" in table.allocation.reason
+    # the trained rows at 8 bits and only the rows held apart at 4: (0.7 * 8 + 0.3 * 5) / 32
+    mixed = ThreeDPlan.for_budget(
+        1.0, 0.23, unseen_tokens="pretrained", embedding_bits=8, unseen_token_bits=4, **common
+    )
+    assert mixed.sparsity == 0.0 and mixed.allocation.size_fraction == pytest.approx(7.1 / 32)
+    assert "rows held apart exported at 5 bits" in mixed.allocation.reason
     with pytest.raises(ValueError, match="needs quantize_at='export'"):
         ThreeDPlan(embedding_bits=4)
+    held_apart = dict(vocabulary="train", unseen_tokens="pretrained")
+    with pytest.raises(ValueError, match=r"unseen_token_bits=4 sets .* needs quantize_at='export'"):
+        ThreeDPlan(**held_apart, unseen_token_bits=4)
+    with pytest.raises(ValueError, match="unseen_token_bits must be 4, 8 or None, got 2"):
+        ThreeDPlan(**held_apart, quantize_at="export", unseen_token_bits=2)
+    with pytest.raises(ValueError, match="needs unseen_tokens='pretrained', got 'unknown'"):
+        ThreeDPlan(vocabulary="train", quantize_at="export", unseen_token_bits=4)
 
 
 # ---------------------------------------------------------------------------- in Lightning runs
@@ -461,10 +474,18 @@ def test_exports_of_a_trimmed_model_compute_the_same_and_are_smaller(
     # the graph is written as one table of every id (no smaller, no larger)
     apart = copy.deepcopy(model)
     trim_vocabulary(apart, torch.tensor(sorted(kept)), unknown, unseen="pretrained")
-    held = export(apart, None, tmp_path / "apart", ("hf", "onnx"), test, latency_rounds=0)
+    held = export(
+        apart, None, tmp_path / "apart", formats, test, latency_rounds=0, unseen_token_bits=4
+    )
     assert held.row("onnx").agreement == held.row("hf").agreement == 1.0
     assert abs(held.row("onnx").bytes - full.row("onnx").bytes) < 0.001 * full.row("onnx").bytes
     assert any("one table of every token id" in note for note in held.notes)
+    # ... except onnx-int8 with the rows held apart at other bits: the two tables the model
+    # trains with (test_export measures their bytes on a model of realistic width)
+    assert held.row("onnx-int8").agreement > 0.95
+    assert any("pretrained rows held apart in 4-bit blocks" in note for note in held.notes)
+    with pytest.raises(ValueError, match=r"unseen_token_bits=4 sets .* holds none apart"):
+        export(trimmed, None, tmp_path / "no", ("onnx-int8",), unseen_token_bits=4)
     with torch.no_grad():
         np.testing.assert_allclose(
             apart.eval()(input_ids=ids).logits.numpy(),
