@@ -323,7 +323,8 @@ class CostModel:
         _check_fraction("warmup", warmup)
         _check_fraction("qat_start", qat_start)
         _check_quantize_at(quantize_at)
-        _check_fraction("kept_share", kept_share, closed_top=True)
+        if not (math.isfinite(kept_share) and 0.0 < kept_share <= 1.0):
+            raise ValueError(f"kept_share must be in (0, 1], got {kept_share}")
 
         per_epoch = reference_steps / epochs
         total = min(per_epoch * (1 + (epochs - 1) * data_budget), steps * reference_steps)

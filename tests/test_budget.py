@@ -142,6 +142,8 @@ def test_reference_run(epochs: int) -> None:
         {"reference_steps": 10, "epochs": 2, "weight_bits": 16},
         {"reference_steps": 10, "epochs": 2, "sparsity": 0.99},
         {"reference_steps": 10, "epochs": 2, "steps": 0.0},
+        {"reference_steps": 10, "epochs": 2, "kept_share": 0.0},
+        {"reference_steps": 10, "epochs": 2, "kept_share": 1.5},
     ],
 )
 def test_run_seconds_refuses_bad_arguments(arguments: dict[str, Any]) -> None:
