@@ -1053,6 +1053,8 @@ def solve(args: argparse.Namespace) -> None:
     from lightning_3d.vocabulary import input_embedding_share, trimmed_copy
 
     time_budget, size_budget = args.solve
+    # a combination of settings the plan refuses fails here, before the data and the model
+    ThreeDPlan(vocabulary=args.vocabulary, quantize_at=args.quantize_at, **export_settings(args))
     task = SequenceClassificationTask()
     data = prepare_data(args, 0.0, task.tokenizer)
     per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)

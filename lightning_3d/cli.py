@@ -339,6 +339,7 @@ def run_export(args: Sequence[str]) -> Any:
     from lightning_3d.export import INT8_SCHEMES, check_formats, export, prepare_output_dir
     from lightning_3d.generation import GENERATOR_FORMATS, check_generator_arguments
     from lightning_3d.tasks import CausalLMTask
+    from lightning_3d.vocabulary import rows_held_apart
 
     options, run_args = _export_parser().parse_known_args(list(args))
     generators = [f for f in dict.fromkeys(options.formats) if f in GENERATOR_FORMATS]
@@ -367,6 +368,12 @@ def run_export(args: Sequence[str]) -> Any:
             raise ValueError(
                 f"formats {generators} are decoders for generation: this run's model is a "
                 f"{type(task).__name__}, not a CausalLMTask"
+            )
+        if options.unseen_token_bits is not None and not rows_held_apart(task.model):
+            raise ValueError(
+                f"--unseen_token_bits {options.unseen_token_bits} sets the bits of the rows a "
+                "trimmed vocabulary holds apart, and this run's model holds none apart (its "
+                "plan needs vocabulary='train' and unseen_tokens='pretrained')"
             )
     except Exception:
         if created and os.path.isdir(options.output) and not os.listdir(options.output):

@@ -387,10 +387,12 @@ def quantize_onnx_int8(
             f"held apart, and {source} holds none apart (a model trimmed with "
             "VocabularyTrimmer(unseen='pretrained') holds them)"
         )
-    bits_of = {token_table_gather(graph, exclude=apart): embedding_bits}
-    if apart is not None:
-        bits_of[apart] = embedding_bits if unseen_token_bits is None else unseen_token_bits
-    four_bit = [gather for gather, bits in bits_of.items() if bits == 4]  # left for the 4-bit pass
+    apart_bits = embedding_bits if unseen_token_bits is None else unseen_token_bits
+    four_bit = []  # the tables left for the 4-bit pass
+    if embedding_bits == 4:
+        four_bit.append(token_table_gather(graph))
+    if apart is not None and apart_bits == 4:
+        four_bit.append(apart)
     options = {"DefaultTensorType": 1}  # FLOAT, for tensors shape inference leaves untyped
     if scheme.startswith("dynamic"):
         quantize_dynamic(
@@ -459,23 +461,28 @@ def _table_gathers(graph: Any) -> dict[str, tuple[str, int]]:
     }
 
 
-def token_table_gather(graph: Any, exclude: str | None = None) -> str:
-    """The name of the ``Gather`` in the ONNX ``graph`` (a ``ModelProto``) that reads the largest
-    2-D float initializer, other than the ``Gather`` named ``exclude``: the token-embedding
-    table. Unnamed nodes get names, in place.
+def token_table_gather(graph: Any) -> str:
+    """The name of the ``Gather`` in the ONNX ``graph`` (a ``ModelProto``) that reads the
+    token-embedding table: the largest 2-D float initializer a ``Gather`` reads or, in a graph
+    that holds rows apart (:func:`held_apart_gather`: ``NAME.unseen_weight``), the trained
+    rows beside them (``NAME.weight``). Unnamed nodes get names, in place.
 
     Raises:
         ValueError: no ``Gather`` reads a 2-D float initializer.
     """
-    reading = {n: size for n, (_, size) in _table_gathers(graph).items() if n != exclude}
+    reading = _table_gathers(graph)
+    apart = held_apart_gather(graph)
+    if apart is not None:
+        trained = reading[apart][0].removesuffix(UNSEEN_ROWS) + "weight"
+        return next(n for n, (table, _) in reading.items() if table == trained)
     if not reading:
         raise ValueError("no Gather reads a 2-D float table (a token embedding) to quantize")
-    return max(reading, key=reading.__getitem__)
+    return max(reading, key=lambda n: reading[n][1])
 
 
 def held_apart_gather(graph: Any) -> str | None:
     """The name of the ``Gather`` in the ONNX ``graph`` that reads the pretrained rows a trimmed
-    embedding holds apart (the initializer ``....unseen_weight`` of a
+    embedding holds apart (the initializer ``NAME.unseen_weight`` of a
     :class:`~lightning_3d.vocabulary.TrimmedEmbedding` with ``unseen="pretrained"``, exported
     as it trains: two tables); ``None`` when it reads none."""
     suffix = f".{UNSEEN_ROWS}"
@@ -701,7 +708,7 @@ def export(
             "trimmed vocabulary holds apart, and this model holds none apart (trim it with "
             "VocabularyTrimmer(unseen='pretrained'), or leave unseen_token_bits out)"
         )
-    two_tables = unseen_token_bits not in (None, embedding_bits)
+    two_tables = "onnx-int8" in formats and unseen_token_bits not in (None, embedding_bits)
     recipe = resolve_recipe(quantization) if isinstance(quantization, str) else quantization
     if "torchao" in formats and recipe is None:
         raise ValueError(
@@ -773,7 +780,9 @@ def export(
             sizes["onnx-int8"] = int8.stat().st_size
             notes.append(
                 f"onnx-int8: ONNX Runtime {int8_scheme} int8 quantization"
-                + _table_note(embedding_bits, unseen_token_bits if two_tables else None)
+                + _table_note(
+                    embedding_bits, unseen_token_bits if two_tables else None, int8_scheme
+                )
             )
     if "torchao" in formats:
         assert recipe is not None
@@ -831,9 +840,9 @@ def export(
     return report
 
 
-def _table_note(embedding_bits: int, unseen_token_bits: int | None) -> str:
-    """What ``onnx-int8``'s note says of the token tables."""
-    form = {4: f"4-bit blocks of {EMBEDDING_BLOCK}", 8: "int8"}
+def _table_note(embedding_bits: int, unseen_token_bits: int | None, scheme: str) -> str:
+    """What ``onnx-int8``'s note says of the token tables (``static`` leaves 8-bit ones fp32)."""
+    form = {4: f"4-bit blocks of {EMBEDDING_BLOCK}", 8: "fp32" if scheme == "static" else "int8"}
     if unseen_token_bits is not None:
         return (
             f", the trained token rows in {form[embedding_bits]} and the pretrained rows held "

@@ -556,9 +556,18 @@ def test_export_stores_the_token_tables_at_the_bits_the_runs_plan_sets(tmp_path)
         for note in report["notes"]
     ), report["notes"]
     graph = onnx.load(str(out / "onnx-int8" / "model.onnx")).graph
-    tables = {n.op_type: n.input[0] for n in graph.node if "word_embeddings" in n.input[0]}
-    assert tables["GatherBlockQuantized"].endswith("word_embeddings.unseen_weight_Q4")
-    assert tables["Gather"].endswith("word_embeddings.weight_quantized")
+    reads = {n.input[0].rsplit(".", 1)[-1]: n.op_type for n in graph.node}
+    assert reads["unseen_weight_Q4"] == "GatherBlockQuantized"
+    assert reads["weight_quantized"] == "Gather"  # the trained rows, int8
+    # the flag wins over the plan: both at 8 bits, one int8 table of every id
+    main([
+        "export", *run, "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "eight"),
+        "--formats", "onnx-int8", "--eval_split", "none", "--latency_rounds", "0",
+        "--unseen_token_bits", "8",
+    ])  # fmt: skip
+    graph = onnx.load(str(tmp_path / "eight" / "onnx-int8" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node if "word_embeddings" in n.input[0]]
+    assert ops == ["Gather"] and "GatherBlockQuantized" not in {n.op_type for n in graph.node}
 
 
 def test_a_budget_that_cannot_be_met_fails_before_training(tmp_path) -> None:

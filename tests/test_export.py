@@ -300,7 +300,8 @@ def test_the_rows_held_apart_can_take_other_bits_than_the_trained_rows(tmp_path)
     """A trimmed model that holds the unseen tokens' rows apart exports two tables: each id
     reads one of them, so a graph with the trained rows at 8 bits and the held-apart rows at 4
     computes exactly the all-8-bit graph on trained ids and the all-4-bit one on held-apart
-    ids, and is 3 bits an entry of the held-apart table smaller than the all-8-bit one."""
+    ids (and the other way round), and is 3 bits an entry of the held-apart table smaller than
+    the all-8-bit one."""
     import onnx
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -316,10 +317,12 @@ def test_the_rows_held_apart_can_take_other_bits_than_the_trained_rows(tmp_path)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=600, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32, num_labels=2, pad_token_id=0,
+        intermediate_size=64, max_position_embeddings=256, num_labels=2, pad_token_id=0,
     )  # fmt: skip
     model = BertForSequenceClassification(config).eval()
-    trained_ids = torch.arange(0, 600, 3)  # 200 rows trained, 400 held apart
+    # 200 rows trained, 400 held apart; more positions (256) than trained rows: the tables are
+    # told apart by name, not by size
+    trained_ids = torch.arange(0, 600, 3)
     trim_vocabulary(model, trained_ids, unknown_id=3, unseen="pretrained")
     fp32 = tmp_path / "fp32.onnx"
     apart_ids = torch.tensor([i for i in range(600) if i % 3])
@@ -330,11 +333,12 @@ def test_the_rows_held_apart_can_take_other_bits_than_the_trained_rows(tmp_path)
     example = (batches["trained"].numpy(), np.ones((3, 12), dtype=np.int64))
     export_onnx(model, fp32, example)
     graph = onnx.load(str(fp32))
-    apart = held_apart_gather(graph)
-    assert apart is not None and token_table_gather(graph, exclude=apart) != apart
+    reads = {node.name: node.input[0] for node in graph.graph.node}
+    assert reads[held_apart_gather(graph)].endswith("word_embeddings.unseen_weight")
+    assert reads[token_table_gather(graph)].endswith("word_embeddings.weight")
 
     runs, sizes = {}, {}
-    for bits in ((8, None), (8, 4), (4, None)):
+    for bits in ((8, None), (8, 4), (4, None), (4, 8)):
         target = tmp_path / f"int8-{bits[0]}-{bits[1]}.onnx"
         quantize_onnx_int8(fp32, target, embedding_bits=bits[0], unseen_token_bits=bits[1])
         runner = onnx_runner(target)
@@ -347,8 +351,11 @@ def test_the_rows_held_apart_can_take_other_bits_than_the_trained_rows(tmp_path)
     np.testing.assert_array_equal(mixed["apart"], four["apart"])
     assert not np.array_equal(mixed["apart"], eight["apart"])  # the 4 bits do act
     assert not np.array_equal(mixed["trained"], four["trained"])
+    np.testing.assert_array_equal(runs[(4, 8)]["trained"], four["trained"])
+    np.testing.assert_array_equal(runs[(4, 8)]["apart"], eight["apart"])
     assert sizes[(8, None)] - sizes[(8, 4)] == pytest.approx(400 * 64 * 3 / 8, rel=0.02)
     assert sizes[(8, 4)] - sizes[(4, None)] == pytest.approx(200 * 64 * 3 / 8, rel=0.02)
+    assert sizes[(4, 8)] - sizes[(4, None)] == pytest.approx(400 * 64 * 3 / 8, rel=0.02)
 
     with pytest.raises(ValueError, match=r"unseen_token_bits must be one of .* got 2"):
         quantize_onnx_int8(fp32, tmp_path / "bad.onnx", unseen_token_bits=2)

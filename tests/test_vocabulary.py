@@ -275,6 +275,7 @@ def test_the_solver_prices_rows_held_apart_at_full_size_and_a_4_bit_table() -> N
     )
     assert mixed.sparsity == 0.0 and mixed.allocation.size_fraction == pytest.approx(7.1 / 32)
     assert "rows held apart exported at 5 bits" in mixed.allocation.reason
+    assert "trained token rows exported at 8 bits" in mixed.allocation.reason
     with pytest.raises(ValueError, match="needs quantize_at='export'"):
         ThreeDPlan(embedding_bits=4)
     held_apart = dict(vocabulary="train", unseen_tokens="pretrained")
@@ -486,6 +487,8 @@ def test_exports_of_a_trimmed_model_compute_the_same_and_are_smaller(
     assert any("pretrained rows held apart in 4-bit blocks" in note for note in held.notes)
     with pytest.raises(ValueError, match=r"unseen_token_bits=4 sets .* holds none apart"):
         export(trimmed, None, tmp_path / "no", ("onnx-int8",), unseen_token_bits=4)
+    with pytest.raises(ValueError, match=r"unseen_token_bits=2; choose from \(8, 4\) or None"):
+        export(apart, None, tmp_path / "no", ("onnx-int8",), unseen_token_bits=2)
     with torch.no_grad():
         np.testing.assert_allclose(
             apart.eval()(input_ids=ids).logits.numpy(),
