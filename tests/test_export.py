@@ -241,11 +241,22 @@ def _blocks_of_4_bits(table: np.ndarray, block: int) -> np.ndarray:
     return (codes * scale).reshape(rows, width).astype(np.float32)
 
 
+def _small_bert(positions: int) -> torch.nn.Module:
+    """A seeded one-block BERT classifier of 600 token ids and width 64, in eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=600, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=positions, num_labels=2, pad_token_id=0,
+    )  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
 @needs_onnx
 def test_the_token_table_can_be_stored_in_4_bit_blocks(tmp_path) -> None:
     import onnx
     from onnx import numpy_helper
-    from transformers import BertConfig, BertForSequenceClassification
 
     from lightning_3d.export import (
         EMBEDDING_BLOCK,
@@ -255,12 +266,7 @@ def test_the_token_table_can_be_stored_in_4_bit_blocks(tmp_path) -> None:
         quantize_onnx_int8,
     )
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=600, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32, num_labels=2,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config).eval()
+    model = _small_bert(positions=32)
     ids = torch.randint(0, 600, (3, 12))
     example = (ids.numpy(), np.ones((3, 12), dtype=np.int64))
     fp32 = tmp_path / "fp32.onnx"
@@ -303,7 +309,6 @@ def test_the_rows_held_apart_can_take_other_bits_than_the_trained_rows(tmp_path)
     ids (and the other way round), and is 3 bits an entry of the held-apart table smaller than
     the all-8-bit one."""
     import onnx
-    from transformers import BertConfig, BertForSequenceClassification
 
     from lightning_3d.export import (
         export_onnx,
@@ -314,12 +319,7 @@ def test_the_rows_held_apart_can_take_other_bits_than_the_trained_rows(tmp_path)
     )
     from lightning_3d.vocabulary import trim_vocabulary
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=600, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=256, num_labels=2, pad_token_id=0,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config).eval()
+    model = _small_bert(positions=256)
     # 200 rows trained, 400 held apart; more positions (256) than trained rows: the tables are
     # told apart by name, not by size
     trained_ids = torch.arange(0, 600, 3)
@@ -360,7 +360,7 @@ def test_the_rows_held_apart_can_take_other_bits_than_the_trained_rows(tmp_path)
     with pytest.raises(ValueError, match=r"unseen_token_bits must be one of .* got 2"):
         quantize_onnx_int8(fp32, tmp_path / "bad.onnx", unseen_token_bits=2)
     plain = tmp_path / "plain.onnx"
-    export_onnx(BertForSequenceClassification(config).eval(), plain, example)
+    export_onnx(_small_bert(positions=256), plain, example)
     with pytest.raises(ValueError, match=r"unseen_token_bits=4 sets the bits .* holds none apart"):
         quantize_onnx_int8(plain, tmp_path / "bad.onnx", unseen_token_bits=4)
 

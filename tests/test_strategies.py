@@ -648,24 +648,29 @@ def test_named_tuples_in_callback_states_keep_their_type() -> None:
 
 
 @pytest.mark.slow
-def test_lora_on_the_real_smollm2_sends_only_adapter_gradients(tmp_path, launch_two_ranks):
-    """SmolLM2 with LoRA on q/v under CompressedFSDPStrategy, 2 ranks, 3 steps: the frozen base
-    sharded (FSDP2's default), sharded with int8 all-gathers, or kept whole on every rank."""
-    results = launch_two_ranks("smollm2_lora", tmp_path, timeout=1500)
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_lora_on_the_real_smollm2_sends_only_adapter_gradients(tmp_path, launch_two_ranks, ranks):
+    """SmolLM2 with LoRA on q/v under CompressedFSDPStrategy, 2 and 3 ranks (3: the rank-4
+    adapters split unevenly), 3 steps: the frozen base sharded (FSDP2's default), sharded with
+    int8 all-gathers, or kept whole on every rank."""
+    results = launch_two_ranks("smollm2_lora", tmp_path, timeout=1500, ranks=ranks)
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-6000:]}"
-    for rank in range(2):
+    for rank in range(ranks):
         found = json.loads((tmp_path / f"smollm2_lora.rank{rank}.json").read_text())
-        adapters, base = found["adapter_bytes"], found["base_bytes"]
+        base = found["base_bytes"]
         assert found["shard_adapters"] == 30 * 2 * 2  # lora_A and lora_B of q and v, 30 blocks
+        # lora_A (4 x 576) pads to 6 rows on 3 ranks; lora_B's 576 and 192 rows split evenly
+        padded = found["adapter_bytes"] + (30 * 2 * 2 * 576 * 4 if ranks == 3 else 0)
+        assert found["padded_adapter_bytes"] == padded
         for name in ("shard", "shard_int8", "replicate"):
             assert found[f"{name}_base_moved"] == 0.0  # the base never changes
             assert found[f"{name}_adapters_moved"] > 1e-4
             assert found[f"{name}_sharded_adapters"] == found["shard_adapters"]
             # only adapter gradients are reduce-scattered: 3 steps of at most every adapter
-            # (padding to the ranks included), nothing of the base
+            # (padded to the ranks), nothing of the base
             dense = found[f"{name}_reduce_scatter_dense_bytes"]
-            assert 0 < dense <= 3 * (adapters + 4 * 2 * found["shard_adapters"])
+            assert 0 < dense <= 3 * padded
         assert found["shard_sharded_base"] > 0 and found["replicate_sharded_base"] == 0
         # kept whole, the base is never all-gathered; int8 all-gathers send about a quarter
         sent = found["shard_int8_all_gather_wire_bytes"]

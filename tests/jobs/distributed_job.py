@@ -44,6 +44,7 @@ Scenarios:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -719,6 +720,11 @@ def smollm2_lora(out: Path) -> dict[str, Any]:
         result[f"{name}_all_gather_dense_bytes"] = totals.all_gather_dense_bytes
         result[f"{name}_step_s"] = sorted(timer.seconds[1:])[len(timer.seconds[1:]) // 2]
         result["adapter_bytes"] = 4 * sum(params[n].numel() for n in adapters)
+        # FSDP2 pads each tensor's first dimension to a multiple of the ranks before it splits
+        result["padded_adapter_bytes"] = 4 * sum(
+            -(-params[n].shape[0] // RANKS) * RANKS * math.prod(params[n].shape[1:])
+            for n in adapters
+        )
         result["base_bytes"] = 4 * sum(p.numel() for n, p in params.items() if n not in adapters)
         del task, trainer, strategy
     adapters = [n for n in runs["shard"] if "lora_" in n]
