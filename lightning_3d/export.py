@@ -754,7 +754,9 @@ def export(
     if "hf" in formats:
         runners["hf"], sizes["hf"] = _write_hf(dense, tokenizer, folder / "hf", notes, removed)
         paths["hf"] = folder / "hf"
-    needs_onnx = "onnx" in formats or "onnx-int8" in formats
+    # the one-table fp32 graph: the onnx format's, and what onnx-int8 quantizes unless it keeps
+    # the two tables
+    needs_onnx = "onnx" in formats or ("onnx-int8" in formats and trimmed is None)
     with tempfile.TemporaryDirectory() as scratch:
         fp32_onnx = (folder if "onnx" in formats else Path(scratch)) / "onnx" / ONNX_FILE
         if needs_onnx:
