@@ -556,9 +556,11 @@ def test_export_stores_the_token_tables_at_the_bits_the_runs_plan_sets(tmp_path)
         for note in report["notes"]
     ), report["notes"]
     graph = onnx.load(str(out / "onnx-int8" / "model.onnx")).graph
-    reads = {n.input[0].rsplit(".", 1)[-1]: n.op_type for n in graph.node}
-    assert reads["unseen_weight_Q4"] == "GatherBlockQuantized"
-    assert reads["weight_quantized"] == "Gather"  # the trained rows, int8
+    reads = {n.input[0]: n.op_type for n in graph.node if "word_embeddings" in n.input[0]}
+    assert reads["model.bert.embeddings.word_embeddings.unseen_weight_Q4"] == (
+        "GatherBlockQuantized"
+    )
+    assert reads["model.bert.embeddings.word_embeddings.weight_quantized"] == "Gather"  # int8
     # the flag wins over the plan: both at 8 bits, one int8 table of every id
     main([
         "export", *run, "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "eight"),
