@@ -174,8 +174,10 @@ SETUPS: dict[str, dict[str, Any]] = {
     "ParamOpt": {"trainable": 0.5},
     # the parameter axis by depth from the first step: the embeddings and the lower blocks
     # frozen, so backward stops at the lowest trainable block and keeps no activations below
-    # it (what saves memory and backward time; the solver's curves do not price it yet)
-    "ParamOpt-depth": {"trainable": 0.25, "freeze_by": "depth", "warmup": 0.0},
+    # it (what saves memory and backward time; the solver's curves do not price it yet). On
+    # all-MiniLM-L6-v2: 25% trainable = blocks 3-5 and the head, 40% = blocks 1-5 and the head
+    "ParamOpt-depth-25": {"trainable": 0.25, "freeze_by": "depth", "warmup": 0.0},
+    "ParamOpt-depth-40": {"trainable": 0.4, "freeze_by": "depth", "warmup": 0.0},
     "ModelOpt": DEFAULT_MODEL,
     # the model axis inside half of Standard's steps: what pruning costs with fewer steps to
     # recover (the single-axis curves add ModelOpt's loss to Standard-half's, so they cannot
