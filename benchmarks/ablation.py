@@ -899,7 +899,9 @@ def measured_curves(args: argparse.Namespace) -> None:
     ``trainable`` point at the share its freezer reached (whole tensors: not its target), and
     a pruned set-up of fewer steps (``ModelOpt-half``) against the unpruned one of the same
     length a point of the sparsity curve at that length. Rows that trim the vocabulary are left
-    out (the curves have no vocabulary axis). A row with several names (a
+    out (the curves have no vocabulary axis), and so are rows that freeze by another order than
+    the plan's default (``ParamOpt-depth-*``: the curve has one ``trainable`` axis, priced as
+    Fisher-ranked freezing). A row with several names (a
     leave-one-out row equal to another) is read once. ``--also-results`` folders add the runs
     of rows ``--machine`` has none of (of any machine instance: accuracy does not depend on it,
     and no time is read here), so no seed counts twice."""
@@ -930,6 +932,8 @@ def measured_curves(args: argparse.Namespace) -> None:
     for setup, document in runs:
         if SETUPS[setup].get("vocabulary", "full") != "full":
             continue  # the curves have no vocabulary axis: the solver prices trimming by size
+        if SETUPS[setup].get("freeze_by", "fisher") != "fisher":
+            continue  # the trainable curve is the plan's default freezer's (Fisher-ranked)
         row = document["row"]
         axes = {k: v for k, v in SETUPS[setup].items() if k in AXES}
         if "trainable" in axes and every_parameter and row.get("trainable_params"):
