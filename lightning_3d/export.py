@@ -471,7 +471,7 @@ def token_table_gather(graph: Any) -> str:
         ValueError: no ``Gather`` reads a 2-D float initializer.
     """
     reading = _table_gathers(graph)
-    apart = held_apart_gather(graph)
+    apart = _held_apart(reading)
     if apart is not None:
         trained = reading[apart][0].removesuffix(UNSEEN_ROWS) + "weight"
         return next(n for n, (table, _) in reading.items() if table == trained)
@@ -485,10 +485,13 @@ def held_apart_gather(graph: Any) -> str | None:
     embedding holds apart (the initializer ``NAME.unseen_weight`` of a
     :class:`~lightning_3d.vocabulary.TrimmedEmbedding` with ``unseen="pretrained"``, exported
     as it trains: two tables); ``None`` when it reads none."""
+    return _held_apart(_table_gathers(graph))
+
+
+def _held_apart(reading: Mapping[str, tuple[str, int]]) -> str | None:
+    """:func:`held_apart_gather` of the table ``Gather``s ``reading`` (:func:`_table_gathers`)."""
     suffix = f".{UNSEEN_ROWS}"
-    return next(
-        (n for n, (table, _) in _table_gathers(graph).items() if table.endswith(suffix)), None
-    )
+    return next((n for n, (table, _) in reading.items() if table.endswith(suffix)), None)
 
 
 def quantize_embedding_4bit(path: str | os.PathLike[str], gather: str | None = None) -> str:
@@ -708,7 +711,6 @@ def export(
             "trimmed vocabulary holds apart, and this model holds none apart (trim it with "
             "VocabularyTrimmer(unseen='pretrained'), or leave unseen_token_bits out)"
         )
-    two_tables = "onnx-int8" in formats and unseen_token_bits not in (None, embedding_bits)
     recipe = resolve_recipe(quantization) if isinstance(quantization, str) else quantization
     if "torchao" in formats and recipe is None:
         raise ValueError(
@@ -733,6 +735,7 @@ def export(
 
     pruned = copy.deepcopy(dense)
     counts = remove_dead_units(pruned)
+    two_tables = "onnx-int8" in formats and unseen_token_bits not in (None, embedding_bits)
     trimmed = copy.deepcopy(pruned) if two_tables else None  # onnx-int8's two tables
     if rows_held_apart(pruned) and restore_vocabulary(pruned):
         notes.append(
@@ -756,7 +759,7 @@ def export(
         paths["hf"] = folder / "hf"
     # the one-table fp32 graph: the onnx format's, and what onnx-int8 quantizes unless it keeps
     # the two tables
-    needs_onnx = "onnx" in formats or ("onnx-int8" in formats and trimmed is None)
+    needs_onnx = "onnx" in formats or ("onnx-int8" in formats and not two_tables)
     with tempfile.TemporaryDirectory() as scratch:
         fp32_onnx = (folder if "onnx" in formats else Path(scratch)) / "onnx" / ONNX_FILE
         if needs_onnx:
@@ -775,7 +778,7 @@ def export(
             int8.parent.mkdir(parents=True)
             quantize_onnx_int8(
                 source, int8, int8_scheme, calibration, embedding_bits,
-                unseen_token_bits if trimmed is not None else None,
+                unseen_token_bits if two_tables else None,
             )  # fmt: skip
             _save_tokenizer(tokenizer, int8.parent)
             runners["onnx-int8"], paths["onnx-int8"] = onnx_runner(int8), int8.parent
