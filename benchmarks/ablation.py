@@ -58,7 +58,9 @@ that trims the vocabulary with ``--vocabulary train`` (the solver then prices th
 without the embedding rows of tokens the training split never uses; with ``--unseen-tokens
 pretrained`` those rows are held apart, untrained, and exported again) and, with
 ``--embedding-bits 4``, exports the token table in 4-bit blocks (``--unseen-token-bits 4``:
-only the rows held apart). ``--summarize`` saves the
+only the rows held apart); ``--group-by-length 50`` groups the 3D row's batches by length and
+prices its steps at the padded tokens that leaves (:func:`lightning_3d.curriculum.token_share`
+of the training split). ``--summarize`` saves the
 curves the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`).
 Until an allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
 default strengths.
@@ -146,6 +148,8 @@ def solver_row(path: Path = ALLOCATION) -> dict[str, Any]:
     for bits in ("embedding_bits", "unseen_token_bits"):
         if row.get("weight_bits") and document.get(bits) is not None:
             row[bits] = document[bits]
+    if document.get("group_by_length"):
+        row["group_by_length"] = document["group_by_length"]
     return row
 
 
@@ -171,6 +175,10 @@ SETUPS: dict[str, dict[str, Any]] = {
     "Standard": {},
     "Standard-half": {STEPS: 0.5},
     "DataOpt": {"data_budget": 0.5},
+    # the data axis's other lever: batches of reviews of similar length (windows of 50
+    # batches, as Hugging Face's group_by_length), every step of Standard, so each step pads
+    # less; what the solver assumes it costs in accuracy (nothing) is measured here
+    "DataOpt-grouped": {"group_by_length": 50},
     "ParamOpt": {"trainable": 0.5},
     # the parameter axis by depth from the first step: the embeddings and the lower blocks
     # frozen, so backward stops at the lowest trainable block and keeps no activations below
@@ -191,7 +199,7 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 #: The 3D row less one axis each (derived, so they follow the 3D row when it is tuned).
 WITHOUT = {
-    "3D-no-data": ("data_budget",),
+    "3D-no-data": ("data_budget", "group_by_length"),
     "3D-no-params": ("trainable",),
     "3D-no-model": (*MODEL_AXIS, "distill"),
     "3D-no-distill": ("distill",),  # the teacher alone, out of the model axis
@@ -225,10 +233,12 @@ def plan_arguments(setup: str) -> dict[str, Any]:
     return {k: v for k, v in SETUPS[setup].items() if k != STEPS}
 
 
-def build_plan(setup: str, args: argparse.Namespace) -> Any:
+def build_plan(setup: str, seed: int = 0) -> Any:
+    """``setup``'s plan for the run of ``seed``: its data order and random drops follow the
+    run's seed, as a plain run's shuffle does."""
     from lightning_3d.plan import ThreeDPlan
 
-    return ThreeDPlan(**plan_arguments(setup), seed=args.data_seed)
+    return ThreeDPlan(**plan_arguments(setup), seed=seed)
 
 
 def twins(setup: str) -> list[str]:
@@ -365,7 +375,7 @@ def run_one(setup: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         def on_train_end(self, trainer: Any, module: Any) -> None:
             trainable.append(sum(p.numel() for p in module.parameters() if p.requires_grad))
 
-    plan = build_plan(setup, args)
+    plan = build_plan(setup, seed)
     pl.seed_everything(seed, verbose=False)
     task = SequenceClassificationTask(
         learning_rate=args.learning_rate,
@@ -450,7 +460,7 @@ def sweep(args: argparse.Namespace) -> int:
     setups = []
     for setup in args.setups:  # refuse set-ups whose plan cannot be built, before any training
         try:
-            build_plan(setup, args)
+            build_plan(setup)
             setups.append(setup)
         except (TypeError, ValueError) as error:
             failed.append(setup)
@@ -1041,9 +1051,11 @@ def calibrate(args: argparse.Namespace) -> None:
 
 
 def export_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The plan settings of ``--unseen-tokens``, ``--embedding-bits`` and
-    ``--unseen-token-bits`` that are not defaults."""
+    """The plan settings of ``--unseen-tokens``, ``--embedding-bits``,
+    ``--unseen-token-bits`` and ``--group-by-length`` that are not defaults."""
     settings: dict[str, Any] = {}
+    if args.group_by_length:
+        settings["group_by_length"] = args.group_by_length
     if args.unseen_tokens != "unknown":
         settings["unseen_tokens"] = args.unseen_tokens
     if args.embedding_bits != 8:
@@ -1058,7 +1070,9 @@ def solve(args: argparse.Namespace) -> None:
     allocation, its reasons and the predicted cost, and save them beside the results."""
     from curriculum import prepare_data
 
+    from lightning_3d.curriculum import token_share
     from lightning_3d.plan import ThreeDPlan, freezable_units, parameter_shares
+    from lightning_3d.sampling import read_lengths
     from lightning_3d.tasks import SequenceClassificationTask
     from lightning_3d.vocabulary import input_embedding_share, trimmed_copy
 
@@ -1072,13 +1086,17 @@ def solve(args: argparse.Namespace) -> None:
     if args.vocabulary == "train":  # priced as the run's VocabularyTrimmer will leave it
         model, share = trimmed_copy(model, data.train_dataloader(), task.tokenizer)
     compressible, head = parameter_shares(model)
+    tokens = 1.0
+    if args.group_by_length:  # the padding of the run's grouped batches, from the data
+        lengths = read_lengths(data.splits["train"], "input_ids")
+        tokens = token_share(lengths, args.batch_size, args.group_by_length)
     plan = ThreeDPlan.for_budget(
         time_budget, size_budget,
         cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,
         epochs=args.epochs, compressible_share=compressible, head_share=head,
         quantized_overhead=QUANTIZED_OVERHEAD, curves=args.curves,
         quantize_at=args.quantize_at, freezable=freezable_units(model),
-        vocabulary=args.vocabulary, vocabulary_share=share,
+        vocabulary=args.vocabulary, vocabulary_share=share, token_share=tokens,
         embedding_share=input_embedding_share(model), **export_settings(args),
     )  # fmt: skip
     allocation = plan.allocation
@@ -1088,6 +1106,7 @@ def solve(args: argparse.Namespace) -> None:
         "curves": "prior" if args.curves is None else args.curves.name,
         "vocabulary": args.vocabulary,
         "vocabulary_share": share,
+        "token_share": tokens,
         **export_settings(args),
         "quantize_at": allocation.quantize_at,
         "strengths": allocation.strengths,
@@ -1168,6 +1187,11 @@ def main() -> None:
         "--unseen-token-bits", type=int, choices=(8, 4), default=None,
         help="--solve with --unseen-tokens pretrained: bits of the rows held apart in the int8 "
         "export (default: --embedding-bits)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--group-by-length", type=int, default=0,
+        help="--solve: batches of similar length, sorted in windows of this many batches (0: "
+        "off); the solver prices the steps at the padding this leaves",
     )  # fmt: skip
     args = parser.parse_args()
     args.val_samples = 0  # prepare_data's argument: validation is off (limit_val_batches=0)

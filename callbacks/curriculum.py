@@ -107,6 +107,15 @@ class CurriculumSampler(Callback):
             one integer ``labels`` value per sample), keeping every class's share of the data;
             choosing by loss alone can keep mostly one class. Ignored for other labels.
         seed: seeds every epoch's shuffle and random drop (with the epoch number).
+        group_by_length: batches of items of similar length (0: off). A batch is padded to
+            its longest item, so random batches of short texts compute mostly padding (on
+            Rotten Tomatoes at 64 tokens and batch 32, 1.9 tokens per real token). With
+            ``k > 0`` each epoch's order is cut into windows of ``k`` global batches, each
+            window sorted by length and cut into batches, and the batches shuffled
+            (:func:`~lightning_3d.curriculum.group_by_length`): the same samples and steps,
+            about 1.06 tokens per real token at ``k=20`` there. Lengths are
+            ``len(item[length_key])``, read once.
+        length_key: the item key whose length ``group_by_length`` sorts by.
         gather_every: batches whose per-sample values each rank keeps on its device before one
             ``all_gather`` (and one copy to the host) adds every rank's to the epoch's sums;
             the sums are complete at every epoch's end and in every checkpoint, so the plans do
@@ -142,13 +151,15 @@ class CurriculumSampler(Callback):
         balance_classes: bool = True,
         seed: int = 0,
         gather_every: int = 32,
+        group_by_length: int = 0,
+        length_key: str = "input_ids",
     ) -> None:
         self._warmup_defaulted = warmup_epochs is None
         if warmup_epochs is None:
             warmup_epochs = 0 if score == "quality" or prescore else 1
         check_curriculum_arguments(
             score, warmup_epochs, prescore, epochs, rescale_loss, budget_drops, anneal,
-            ema_decay, scoring_epochs, gather_every,
+            ema_decay, scoring_epochs, gather_every, group_by_length,
         )  # fmt: skip
         # Validates pacing, budget and warm-up now; ``epochs`` is settled in ``setup``.
         schedule = CurriculumSchedule(
@@ -156,8 +167,9 @@ class CurriculumSampler(Callback):
             warmup_epochs, epochs or warmup_epochs + 1,
         )  # fmt: skip
         self.state = CurriculumState(
-            schedule, score, ema_decay, seed, balance_classes, gather_every, rank_zero_info
-        )
+            schedule, score, ema_decay, seed, balance_classes, gather_every, rank_zero_info,
+            group_by_length, length_key,
+        )  # fmt: skip
         self.score, self.prescore, self.rescale_loss = score, prescore, rescale_loss
         self.anneal, self.quality_key, self.head = anneal, quality_key, head
         self.scoring_epochs = frozenset(scoring_epochs)
@@ -185,6 +197,7 @@ class CurriculumSampler(Callback):
         self.state.clock = lambda: trainer.current_epoch
         shards = trainer.distributed_sampler_kwargs or {}
         self._replicas, self._rank = shards.get("num_replicas", 1), shards.get("rank", 0)
+        self.state.replicas = self._replicas
         if self.sampler is not None:  # wrapped before the run knew its ranks
             self.sampler.num_replicas, self.sampler.rank = self._replicas, self._rank
         self.state.set_gather(None if trainer.world_size == 1 else trainer.strategy.all_gather)

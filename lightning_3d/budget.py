@@ -210,6 +210,11 @@ class CostModel:
     (the ``qat`` term only with ``weight_bits`` set), where ``k`` (``kept_share``) is the
     share of the reference model's parameters the run trains at all: ``1 - v`` with a trimmed
     vocabulary (the dropped rows skip their weight gradients and optimizer update), else 1.
+    With batches grouped by length (``ThreeDPlan(group_by_length=...)``) a step computes a
+    share ``p`` (``token_share``) of the padded tokens of the reference run's random batches
+    (:func:`~lightning_3d.curriculum.token_share`), and the forward, backward, qat and teacher
+    terms are multiplied by ``p`` (they grow with the tokens a batch computes; the optimizer
+    and masks do not).
     This is the sum of :meth:`step_seconds` over the run's steps plus the teacher forwards.
     ``T`` counts each distinct batch seen after the teacher snapshot once (the teacher's outputs
     are cached per sample), at most one epoch's worth: an upper bound, since batches of the
@@ -293,6 +298,7 @@ class CostModel:
         qat_start: float = 0.8,
         quantize_at: str = "train",
         kept_share: float = 1.0,
+        token_share: float = 1.0,
     ) -> RunCost:
         """Predicted seconds of a run, with the breakdown (formulas in the class docstring).
 
@@ -308,6 +314,9 @@ class CostModel:
                 ``"export"`` (the export quantizes: no fake-quantized steps, ``qat`` is 0).
             kept_share: share of the reference model's parameters the run trains at all, in
                 ``(0, 1]`` (``1 - vocabulary_share`` with a trimmed vocabulary).
+            token_share: padded tokens a step computes, as a share of the reference run's, in
+                ``(0, 1]`` (:func:`~lightning_3d.curriculum.token_share`, with batches grouped
+                by length).
 
         Example:
             >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0,
@@ -323,8 +332,9 @@ class CostModel:
         _check_fraction("warmup", warmup)
         _check_fraction("qat_start", qat_start)
         _check_quantize_at(quantize_at)
-        if not (math.isfinite(kept_share) and 0.0 < kept_share <= 1.0):
-            raise ValueError(f"kept_share must be in (0, 1], got {kept_share}")
+        for name, share in (("kept_share", kept_share), ("token_share", token_share)):
+            if not (math.isfinite(share) and 0.0 < share <= 1.0):
+                raise ValueError(f"{name} must be in (0, 1], got {share}")
 
         per_epoch = reference_steps / epochs
         total = min(per_epoch * (1 + (epochs - 1) * data_budget), steps * reference_steps)
@@ -335,9 +345,9 @@ class CostModel:
         qat_frozen = (1.0 - max(warmup, qat_start)) * total if qat else 0.0
         teacher_batches = min(per_epoch, frozen) if distill > 0 else 0.0
 
-        f, o = self.forward_s, self.optimizer_s
-        dense_backward = self._backward(kept_share)
-        frozen_backward = self._backward(kept_share * trainable)
+        f, o = self.forward_s * token_share, self.optimizer_s
+        dense_backward = self._backward(kept_share) * token_share
+        frozen_backward = self._backward(kept_share * trainable) * token_share
         breakdown = {
             "forward": f * total,
             "backward": dense_backward * dense + frozen_backward * frozen,
@@ -345,7 +355,7 @@ class CostModel:
             "qat": (self.qat_factor - 1.0)
             * ((f + dense_backward) * qat_dense + (f + frozen_backward) * qat_frozen),
             "masks": self.sparsity_overhead_s * frozen if sparsity > 0 else 0.0,
-            "teacher": self.teacher_s * teacher_batches,
+            "teacher": self.teacher_s * token_share * teacher_batches,
         }
         counts = {
             "steps": total,
@@ -1257,6 +1267,8 @@ class BudgetAllocation:
             predictions use it.
         vocabulary_share: the share of the parameters a trimmed vocabulary removes from the
             export (in ``size_fraction``).
+        token_share: padded tokens a step computes as a share of the reference run's
+            (batches grouped by length; in ``time_s``).
 
     Example:
         >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
@@ -1294,6 +1306,7 @@ class BudgetAllocation:
     prune_pattern: str = "heads+neurons"
     trainable_reached: float | None = None
     vocabulary_share: float = 0.0
+    token_share: float = 1.0
 
     @property
     def strengths(self) -> dict[str, Any]:
@@ -1376,6 +1389,7 @@ def solve_budget(
     embedding_bits: float | None = None,
     rows_held_apart: bool = False,
     unseen_bits: float | None = None,
+    token_share: float = 1.0,
 ) -> BudgetAllocation:
     r"""The most accurate allocation of the candidate grid within a time and a size budget.
 
@@ -1422,6 +1436,11 @@ def solve_budget(
             table's share of the trained parameters, its bits an entry in a quantized export
             (``None``: as the other weights), whether the export holds the trimmed rows again,
             and their bits an entry (``None``: as the table's) (:func:`size_fraction`).
+        token_share: padded tokens a step of the planned run computes as a share of the
+            reference run's (:func:`~lightning_3d.curriculum.token_share`; batches grouped by
+            length), which makes every allocation's steps cheaper
+            (:meth:`CostModel.run_seconds`); the reference run keeps 1. Grouping is assumed to
+            leave accuracy unchanged.
 
     Raises:
         ValueError: a bad argument, or no allocation of the grid meets the budgets (the
@@ -1465,7 +1484,9 @@ def solve_budget(
     reference = cost.run_seconds(**schedule).total_s
 
     def evaluate(strengths: Mapping[str, Any]) -> tuple[RunCost, float, float]:
-        run = cost.run_seconds(**schedule, **strengths, kept_share=1.0 - vocabulary_share)
+        run = cost.run_seconds(
+            **schedule, **strengths, kept_share=1.0 - vocabulary_share, token_share=token_share
+        )
         size_ = size_fraction(
             strengths["sparsity"], strengths["weight_bits"], prune_pattern, compressible_share,
             quantized_overhead, vocabulary_share, embedding_share, embedding_bits,
@@ -1537,6 +1558,12 @@ def solve_budget(
     ]
     if not binding:
         lines.append("no budget binds: this is the most accurate allocation of the grid")
+    if token_share < 1:
+        lines.append(
+            f"batches grouped by length: a step computes {token_share:.3g} of the padded tokens "
+            "of random batches (forward and backward priced at that share, accuracy assumed "
+            "unchanged)"
+        )
     if vocabulary_share and rows_held_apart:
         lines.append(
             f"vocabulary trimmed to the training data's tokens in training: "
@@ -1605,6 +1632,7 @@ def solve_budget(
         prune_pattern=prune_pattern,
         trainable_reached=reached,
         vocabulary_share=vocabulary_share,
+        token_share=token_share,
     )
 
 

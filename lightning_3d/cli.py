@@ -118,6 +118,8 @@ def solve_plan(
     import torch
 
     from lightning_3d.budget import CostModel, measure_cost_model
+    from lightning_3d.curriculum import token_share
+    from lightning_3d.sampling import read_lengths
     from lightning_3d.vocabulary import trimmed_copy
 
     assert plan.budget is not None
@@ -188,9 +190,15 @@ def solve_plan(
     share, priced = 0.0, model
     if plan.vocabulary == "train":  # priced as the run's VocabularyTrimmer will leave it
         priced, share = trimmed_copy(model, loader, _tokenizer_of(model))
+    tokens = 1.0
+    if plan.group_by_length:  # the padding the run's grouped batches will compute
+        lengths = read_lengths(loader.dataset, "input_ids")
+        batch = (loader.batch_size or 1) * world
+        tokens = token_share(lengths, batch, plan.group_by_length, plan.seed)
     return plan.solve(
-        priced, reference_steps=reference_steps, epochs=epochs, cost=cost, vocabulary_share=share
-    )
+        priced, reference_steps=reference_steps, epochs=epochs, cost=cost,
+        vocabulary_share=share, token_share=tokens,
+    )  # fmt: skip
 
 
 def _tokenizer_of(model: Any) -> Any:

@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from lightning_3d.curriculum import CurriculumSchedule, rank_shard, shard_length
+from lightning_3d.curriculum import (
+    CurriculumSchedule,
+    group_by_length,
+    padded_tokens,
+    rank_shard,
+    shard_length,
+)
 from lightning_3d.sampling import (
     ATTACH_HELP,
     INDEX_HELP,
@@ -34,6 +40,7 @@ from lightning_3d.sampling import (
     batch_values,
     describe,
     limited_batches,
+    read_lengths,
     read_quality,
     score_quantiles,
 )
@@ -58,6 +65,10 @@ class CurriculumState:
         gather_every: batches of values kept on the device before one gather (see
             :class:`~lightning_3d.sampling.SampleScores`).
         report: where a new plan's one-line summary goes (``logging`` by default).
+        length_window: batches per window of :func:`~lightning_3d.curriculum.group_by_length`
+            (every plan's batches then hold items of similar length, read at :meth:`attach`
+            from ``length_key``); 0 leaves the plans' order as it is.
+        length_key: the item key whose ``len`` is an item's length (its tokens).
     """
 
     def __init__(
@@ -69,6 +80,8 @@ class CurriculumState:
         balance_classes: bool = True,
         gather_every: int = 32,
         report: Callable[[str], None] = log.info,
+        length_window: int = 0,
+        length_key: str = "input_ids",
     ) -> None:
         self.schedule = schedule
         self.score = score
@@ -79,6 +92,9 @@ class CurriculumState:
         self.report = report
         self.clock: Callable[[], int] | None = None
         self.batch_size = 1
+        self.replicas = 1
+        self.length_window, self.length_key = length_window, length_key
+        self.lengths: torch.Tensor | None = None
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._table: SampleScores | None = None
         self.plan: EpochPlan | None = None
@@ -113,8 +129,9 @@ class CurriculumState:
 
         Raises:
             ValueError: the dataset's length differs from the table's (a checkpoint of another
-                dataset), its items carry no ``"index"`` while ``needs_index``, or no
-                ``quality_key`` for ``score="quality"``; the state is unchanged then.
+                dataset), its items carry no ``"index"`` while ``needs_index``, no
+                ``quality_key`` for ``score="quality"``, or no ``length_key`` with a
+                ``length_window``; the state is unchanged then.
         """
         count = len(dataset)
         if self._table is not None and self._table.count != count:
@@ -129,10 +146,11 @@ class CurriculumState:
         quality = None
         if self.score == "quality" and unscored:
             quality = read_quality(dataset, quality_key)
+        lengths = read_lengths(dataset, self.length_key) if self.length_window else None
         # every check passed: only now does the state change
         if self._table is None:
             self._table = SampleScores(count, self.gather_every, self.gather)
-        self.batch_size = batch_size
+        self.batch_size, self.lengths = batch_size, lengths
         if quality is not None:
             scores, labels = quality
             self._table.scores.copy_(scores)
@@ -156,6 +174,10 @@ class CurriculumState:
         labels = self.table.labels
         groups = labels if self.balance_classes and bool((labels >= 0).any()) else None
         order, weights = self.schedule.plan(self.difficulty(), epoch, self.seed, groups)
+        if self.lengths is not None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
+            batch = self.batch_size * self.replicas  # rank_shard deals consecutive items out
+            order = group_by_length(order, self.lengths, batch, self.length_window, generator)
         self.plan, self.batches_done = EpochPlan(epoch, order, weights), 0
         return self.plan, True
 
@@ -170,11 +192,23 @@ class CurriculumState:
         plan, made = self.plan_for(self.current_epoch())
         if made:
             count, kept = self.table.count, plan.order.numel()
+            grouped = ""
+            if self.lengths is not None:
+                grouped = f"; batches grouped by length: {self.padding_ratio(plan):.2f}"
+                grouped += " padded tokens per token"
             self.report(
                 f"CurriculumSampler: epoch {plan.epoch} trains on {kept:,} of {count:,} samples "
-                f"({kept / count:.1%})"
+                f"({kept / count:.1%}){grouped}"
             )
         return plan
+
+    def padding_ratio(self, plan: EpochPlan) -> float:
+        """Tokens ``plan``'s batches compute (each padded to its longest item) per token of its
+        items (:func:`~lightning_3d.curriculum.padded_tokens`; needs a ``length_window``)."""
+        if self.lengths is None:
+            raise RuntimeError("padding_ratio needs the items' lengths (a length_window)")
+        batch = self.batch_size * self.replicas
+        return padded_tokens(self.lengths, plan.order, batch) / int(self.lengths[plan.order].sum())
 
     def current_epoch_size(self) -> int:
         """Samples the run's current epoch visits (known without scores)."""
@@ -213,6 +247,8 @@ class CurriculumState:
             "curriculum/fraction_in_play": plan.order.numel() / count,
             "curriculum/kept_fraction": self.schedule.kept_size(count, epoch) / count,
         }
+        if self.lengths is not None:
+            metrics["curriculum/padding_ratio"] = self.padding_ratio(plan)
         scored = self.table.scores[self.table.seen]
         if scored.numel():
             metrics.update({f"curriculum/{k}": v for k, v in score_quantiles(scored).items()})

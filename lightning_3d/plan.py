@@ -2,7 +2,9 @@
 
 A :class:`ThreeDPlan` says how much of each resource a fine-tune may use:
 
-* ``data_budget``: the share of the training samples each epoch visits (the data axis);
+* ``data_budget``: the share of the training samples each epoch visits, and
+  ``group_by_length``: batches of texts of similar length, so that a batch computes little
+  padding (the data axis);
 * ``trainable``: the share of the parameters that keep training (the parameter axis);
 * ``sparsity``: the share of the transformer blocks' linear weights (or heads and FFN neurons)
   pruned, ``weight_bits``: 4 or 8-bit weights (after quantization-aware training, or 8-bit
@@ -254,6 +256,12 @@ class ThreeDPlan:
             the below-mean-loss samples, the kept ones weighted up: InfoBatch) or
             ``"hardest"`` (the highest-loss ones: quality filtering).
         data_anneal: share of the epochs at the end that train on all data again.
+        group_by_length: batches of similar length (0: off): each epoch's order is cut into
+            windows of this many batches, each sorted by token count
+            (:func:`~lightning_3d.curriculum.group_by_length`), so a batch padded to its
+            longest text computes little padding: the same samples and steps, each cheaper.
+            Turns the data axis on (``CurriculumSampler(group_by_length=...)``) even with
+            ``data_budget=1``, which then scores nothing before training.
         warmup: fraction of the run trained dense before the freezer freezes, the teacher
             snapshot is taken and pruning starts, in ``[0, 1)``; ``0``: a signal pass before
             the first step instead (see the module docs).
@@ -324,6 +332,7 @@ class ThreeDPlan:
     teacher: str = "snapshot"
     data_drops: str = "easiest_random"
     data_anneal: float = 0.125
+    group_by_length: int = 0
     warmup: float = 0.25
     probe_batches: int = 8
     prune_end: float = 0.6
@@ -418,6 +427,13 @@ class ThreeDPlan:
                 "sets each layer's sparsity from them: use prune_pattern='heads+neurons' or "
                 "freeze_by='fisher'"
             )
+        if isinstance(self.group_by_length, bool) or not isinstance(self.group_by_length, int):
+            raise ValueError(
+                "group_by_length is the number of batches sorted by length together (0: off), "
+                f"an integer; got {self.group_by_length!r}"
+            )
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0 (0: off), got {self.group_by_length}")
         if not 0.0 <= self.data_anneal < 1.0:
             raise ValueError(f"data_anneal must be in [0, 1), got {self.data_anneal}")
         if self.probe_batches < 1:
@@ -473,7 +489,7 @@ class ThreeDPlan:
         acts once before training, first)."""
         on = {
             "vocabulary": self.vocabulary != "full",
-            "data": self.data_budget < 1,
+            "data": self.data_budget < 1 or self.group_by_length > 0,
             "distillation": self.distill > 0,
             "parameters": self.trainable < 1,
             "pruning": self.sparsity > 0,
@@ -531,16 +547,18 @@ class ThreeDPlan:
         signal_pass_first = self.warmup == 0
         callbacks: list[Callback] = []
         if "data" in self.axes:
+            drops = self.data_budget < 1  # else the axis only groups batches by length
             callbacks.append(
                 CurriculumSampler(
                     score="loss",
                     budget=self.data_budget,
                     budget_drops=self.data_drops,
-                    rescale_loss=self.data_drops == "easiest_random",
-                    anneal=self.data_anneal,
-                    warmup_epochs=0 if signal_pass_first else 1,
-                    prescore=signal_pass_first,
+                    rescale_loss=drops and self.data_drops == "easiest_random",
+                    anneal=self.data_anneal if drops else 0.0,
+                    warmup_epochs=0 if signal_pass_first and drops else 1,
+                    prescore=signal_pass_first and drops,
                     seed=self.seed,
+                    group_by_length=self.group_by_length,
                 )
             )
         if "distillation" in self.axes:  # the coordinator sets the start
@@ -639,6 +657,7 @@ class ThreeDPlan:
         freezable: tuple[Sequence[float], Sequence[float]] | None = None,
         vocabulary_share: float = 0.0,
         embedding_share: float = 0.0,
+        token_share: float = 1.0,
         **settings: Any,
     ) -> ThreeDPlan:
         """The plan whose axis strengths :func:`~lightning_3d.budget.solve_budget` picks for a
@@ -677,6 +696,10 @@ class ThreeDPlan:
                 as it trains (:func:`~lightning_3d.vocabulary.input_embedding_share`), priced at
                 ``embedding_bits`` when the plan sets them (the rows held apart at
                 ``unseen_token_bits``).
+            token_share: with ``group_by_length``, the padded tokens a step computes as a share
+                of random batches' (:func:`~lightning_3d.curriculum.token_share` of the
+                training data's lengths): every allocation's steps are priced that much
+                cheaper, so the same time buys more of them.
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 
@@ -700,6 +723,11 @@ class ThreeDPlan:
         elif not isinstance(curves, AccuracyCurves):
             curves = AccuracyCurves.load(curves)
         settings.setdefault("prune_pattern", "heads+neurons")
+        if token_share < 1 and not settings.get("group_by_length"):
+            raise ValueError(
+                f"token_share={token_share:.3g} prices batches grouped by length: set "
+                "group_by_length too, or the run computes the padding it was not priced for"
+            )
         warmup = settings.get("warmup", cls.warmup)
         qat_start = settings.get("qat_start", cls.qat_start)
         freezable_share = 1.0 - head_share
@@ -722,6 +750,7 @@ class ThreeDPlan:
             embedding_bits=_entry_bits(settings.get("embedding_bits")),
             rows_held_apart=settings.get("unseen_tokens") == "pretrained",
             unseen_bits=_entry_bits(settings.get("unseen_token_bits")),
+            token_share=token_share,
         )  # fmt: skip
         arguments = allocation.plan_arguments()
         steps = arguments.pop("steps_fraction")
@@ -742,6 +771,7 @@ class ThreeDPlan:
         batch: Any = None,
         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
         vocabulary_share: float = 0.0,
+        token_share: float = 1.0,
     ) -> ThreeDPlan:
         """The plan with this plan's :class:`PlanBudget` solved (:meth:`for_budget`), every
         other setting kept.
@@ -753,6 +783,8 @@ class ThreeDPlan:
                 measured on ``batch`` with ``loss_fn(module, batch) -> loss``.
             vocabulary_share: see :meth:`for_budget` (``lightning-3d fit`` measures it on the
                 training data when the plan trims the vocabulary).
+            token_share: see :meth:`for_budget` (``lightning-3d fit`` measures it on the
+                training data when the plan groups batches by length).
         """
         from lightning_3d.budget import CostModel, measure_cost_model
 
@@ -782,7 +814,7 @@ class ThreeDPlan:
             compressible_share=compressible, head_share=head, curves=budget.curves,
             quantized_overhead=budget.quantized_overhead,
             freezable=freezable_units(module, self.prune_include),
-            vocabulary_share=vocabulary_share,
+            vocabulary_share=vocabulary_share, token_share=token_share,
             embedding_share=input_embedding_share(getattr(module, "model", module)), **settings,
         )  # fmt: skip
 

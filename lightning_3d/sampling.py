@@ -256,6 +256,7 @@ def check_curriculum_arguments(
     ema_decay: float,
     scoring_epochs: Sequence[int],
     gather_every: int,
+    group_by_length: int = 0,
 ) -> None:
     """Check ``CurriculumSampler``'s arguments that the schedule does not (pacing, budget and
     warm-up are :class:`~lightning_3d.curriculum.CurriculumSchedule`'s).
@@ -297,6 +298,13 @@ def check_curriculum_arguments(
         raise ValueError("scoring_epochs re-scores from the model; score='quality' is static")
     if isinstance(gather_every, bool) or not isinstance(gather_every, int) or gather_every < 1:
         raise ValueError(f"gather_every must be a positive integer, got {gather_every!r}")
+    if isinstance(group_by_length, bool) or not isinstance(group_by_length, int):
+        raise ValueError(
+            "group_by_length is the number of batches sorted by length together (0: off), "
+            f"an integer; got {group_by_length!r}"
+        )
+    if group_by_length < 0:
+        raise ValueError(f"group_by_length must be >= 0 (0: off), got {group_by_length}")
 
 
 def check_weighted_loss(outputs: Any, batch: Mapping[str, Any], accumulate: int = 1) -> None:
@@ -341,6 +349,22 @@ def read_quality(dataset: Any, key: str) -> tuple[torch.Tensor, torch.Tensor | N
     if all(is_class_label(item.get("labels")) for item in items):
         return scores, torch.tensor([int(item["labels"]) for item in items])
     return scores, None
+
+
+def read_lengths(dataset: Any, key: str) -> torch.Tensor:
+    """Every item's length, ``len(item[key])`` (its tokens, for ``key="input_ids"``).
+
+    Example:
+        >>> read_lengths([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}], "input_ids")
+        tensor([3, 1])
+    """
+    first = dataset[0] if len(dataset) else None
+    if not isinstance(first, Mapping) or not hasattr(first.get(key), "__len__"):
+        raise ValueError(
+            f"group_by_length reads the length of each item's {key!r}; the first item is "
+            f"{describe(first)}. Set length_key to the column that holds the tokens."
+        )
+    return torch.tensor([len(dataset[i][key]) for i in range(len(dataset))])
 
 
 def score_quantiles(scores: torch.Tensor) -> dict[str, float]:

@@ -113,6 +113,41 @@ def test_run_seconds_steps_cap_and_qat_inside_warmup() -> None:
     assert run.total_s == pytest.approx(50 + (45 * 2 + 5 * 1.5) + (45 + 5 * 0.5) + 27.5)
 
 
+def test_grouped_batches_price_forward_backward_qat_and_teacher_at_their_tokens() -> None:
+    strengths = {"data_budget": 0.6, "trainable": 0.5, "sparsity": 0.3, "weight_bits": 8}
+    full = COST.run_seconds(**RECIPE, **strengths, distill=0.5, steps=0.9)
+    grouped = COST.run_seconds(**RECIPE, **strengths, distill=0.5, steps=0.9, token_share=0.5)
+    # the hand-worked run above with each batch computing half the tokens: the forward,
+    # backward, fake-quantization and teacher seconds halve, the optimizer and masks do not
+    assert grouped.breakdown == pytest.approx(
+        {
+            "forward": 80 * 1.0 * 0.5,
+            "backward": (20 * 2.0 + 60 * 1.5) * 0.5,
+            "optimizer": 20 * 1.0 + 60 * 0.5,
+            "qat": (2.0 - 1.0) * (1.0 + 1.5) * 16 * 0.5,
+            "masks": 0.1 * 60,
+            "teacher": 0.5 * 50 * 0.5,
+        }
+    )
+    assert grouped.step_counts == full.step_counts
+    assert grouped.total_s == pytest.approx(331.0 - (80 + 130 + 40 + 25) / 2)
+
+
+def test_grouping_buys_steps_within_the_same_time_budget() -> None:
+    # f = 1, b = 2, o = 1: a plain step costs 4 s, a step at 0.5 of the tokens 2.5 s, so half
+    # the reference time (200 s of 400) buys 80 such steps: the grid's 0.8 fits, 1.0 does not
+    curves = AccuracyCurves({"steps": {0.5: -2.0, 0.8: -0.5}})
+    candidates = grid(steps=[0.5, 0.8, 1.0])
+    kwargs = {"reference_steps": 100, "epochs": 1, "compressible_share": 0.5}
+    plain = solve_budget(0.5, None, PLAIN, curves, **kwargs, candidates=candidates)
+    grouped = solve_budget(
+        0.5, None, PLAIN, curves, **kwargs, candidates=candidates, token_share=0.5
+    )
+    assert plain.steps == 0.5 and plain.time_s == pytest.approx(200)
+    assert grouped.steps == 0.8 and grouped.time_s == pytest.approx(80 * 2.5)
+    assert grouped.token_share == 0.5 and "batches grouped by length" in grouped.reason
+
+
 def test_run_seconds_is_the_sum_of_its_steps() -> None:
     run = COST.run_seconds(**RECIPE, data_budget=0.6, trainable=0.25, sparsity=0.2, weight_bits=4)
     # 80 steps: dense before step 20 (no masks yet), fake-quantized from step 64.
@@ -144,6 +179,8 @@ def test_reference_run(epochs: int) -> None:
         {"reference_steps": 10, "epochs": 2, "steps": 0.0},
         {"reference_steps": 10, "epochs": 2, "kept_share": 0.0},
         {"reference_steps": 10, "epochs": 2, "kept_share": 1.5},
+        {"reference_steps": 10, "epochs": 2, "token_share": 0.0},
+        {"reference_steps": 10, "epochs": 2, "token_share": 1.01},
     ],
 )
 def test_run_seconds_refuses_bad_arguments(arguments: dict[str, Any]) -> None:

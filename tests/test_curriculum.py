@@ -13,8 +13,10 @@ from lightning_3d.curriculum import (
     el2n,
     fold_epoch_scores,
     grand_last_layer,
+    group_by_length,
     lowest_per_group,
     pacing_fraction,
+    padded_tokens,
     proportional_counts,
     rank_shard,
 )
@@ -146,3 +148,31 @@ def test_lowest_per_group_keeps_each_groups_share() -> None:
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     assert lowest_per_group(scores, 4).tolist() == [0, 1, 2, 3]  # all from group 0
     assert lowest_per_group(scores, 4, groups).tolist() == [0, 1, 6, 7]  # 2 + 2, lowest of each
+
+
+def test_group_by_length_sorts_each_window_and_shuffles_whole_batches() -> None:
+    # 11 items, batches of 2, windows of 2 batches (4 items): windows [0..3], [4..7], [8..10]
+    lengths = torch.tensor([9, 1, 7, 3, 8, 2, 6, 4, 5, 10, 0])
+    order = torch.arange(11)
+    grouped = group_by_length(order, lengths, 2, 2, torch.Generator().manual_seed(0))
+    # sorted windows: [1, 3, 2, 0], [5, 7, 6, 4], [10, 8, 9]; cut into batches of 2, the
+    # full ones shuffled, the short one (the last window's longest, item 9) last
+    batches = {(1, 3), (2, 0), (5, 7), (6, 4), (10, 8)}
+    assert {tuple(pair) for pair in grouped[:10].view(5, 2).tolist()} == batches
+    assert grouped[10].item() == 9
+    assert sorted(grouped.tolist()) == list(range(11))  # the same items, each once
+    other = group_by_length(order, lengths, 2, 2, torch.Generator().manual_seed(1))
+    assert other.tolist() != grouped.tolist()  # another seed, another batch order
+    # padding, lengths by batch: [9,1] [7,3] [8,2] [6,4] [5,10] [0] as given: 2 * (9 + 7 + 8
+    # + 6 + 10) + 0 = 80; grouped: [1,3] [7,9] [2,4] [6,8] [0,5] [10]: 2 * (3 + 9 + 4 + 8 + 5)
+    # + 10 = 68
+    assert padded_tokens(lengths, order, 2) == 80
+    assert padded_tokens(lengths, grouped, 2) == 68
+    with pytest.raises(ValueError, match="batch_size and window must be >= 1"):
+        group_by_length(order, lengths, 2, 0, torch.Generator())
+
+
+def test_group_by_length_of_one_window_keeps_its_sorted_batches() -> None:
+    lengths = torch.tensor([4, 2, 3, 1])
+    grouped = group_by_length(torch.arange(4), lengths, 2, 8, torch.Generator().manual_seed(0))
+    assert {tuple(pair) for pair in grouped.view(2, 2).tolist()} == {(3, 1), (2, 0)}

@@ -21,7 +21,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_3d.callbacks import CurriculumSampler
-from lightning_3d.curriculum import CurriculumSchedule, infobatch_keep, pool_size, rank_shard
+from lightning_3d.curriculum import (
+    CurriculumSchedule,
+    group_by_length,
+    infobatch_keep,
+    padded_tokens,
+    pool_size,
+    rank_shard,
+)
 from lightning_3d.curriculum_state import CurriculumState
 from lightning_3d.data import WithIndex
 from lightning_3d.sampling import with_curriculum
@@ -45,6 +52,15 @@ class Points(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {"x": self.x[i], "labels": self.y[i], "quality": -float(i)}
         return {**item, "index": i} if self.with_index else item
+
+
+class Texts(Points):
+    """Points with a ``"text"`` of uneven length: what ``group_by_length`` sorts by."""
+
+    lengths = torch.randint(1, 30, (COUNT,), generator=torch.Generator().manual_seed(2))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return super().__getitem__(i) | {"text": "w" * int(self.lengths[i])}
 
 
 class Classifier(pl.LightningModule):
@@ -349,6 +365,44 @@ def test_mid_epoch_resume_continues_the_same_order(tmp_path: Path, stop_step: in
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_group_by_length_batches_similar_lengths_and_resumes_mid_epoch(tmp_path: Path) -> None:
+    def settings() -> CurriculumSampler:
+        return CurriculumSampler(budget=0.8, seed=7, group_by_length=3, length_key="text")
+
+    full, trainer = fit(settings(), Classifier(Texts()), epochs=3)
+    plain, _ = fit(CurriculumSampler(budget=0.8, seed=7), Classifier(Texts()), epochs=3)
+    # the warm-up epoch: the same seeded shuffle, in batches grouped from windows of 3 batches
+    epoch_seed = 7 * 1_000_003
+    shuffled = torch.randperm(COUNT, generator=torch.Generator().manual_seed(epoch_seed))
+    grouped = group_by_length(
+        shuffled, Texts.lengths, BATCH, 3, torch.Generator().manual_seed(epoch_seed + 1)
+    )
+    assert plain.epoch_indices(0) == shuffled.tolist()
+    assert full.epoch_indices(0) == grouped.tolist()
+    for epoch in range(3):  # the budget's epochs too: each pads less than the plain run's
+        ours, theirs = (torch.tensor(m.epoch_indices(epoch)) for m in (full, plain))
+        assert len(ours) == len(theirs)
+        assert padded_tokens(Texts.lengths, ours, BATCH) < padded_tokens(
+            Texts.lengths, theirs, BATCH
+        )
+    last = torch.tensor(full.epoch_indices(2))
+    ratio = padded_tokens(Texts.lengths, last, BATCH) / int(Texts.lengths[last].sum())
+    assert float(trainer.callback_metrics["curriculum/padding_ratio"]) == pytest.approx(ratio)
+    # stopped in epoch 1 (15 batches, then 12), resumed: the same batches as without the stop
+    checkpoints = ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=-1)
+    fit(settings(), Classifier(Texts()), epochs=3, callbacks=(checkpoints, StopAt(20)))
+    path = next(tmp_path.glob("*step=20.ckpt"))
+    resumed, _ = fit(settings(), Classifier(Texts()), epochs=3, ckpt_path=str(path))
+    assert resumed.batches == full.batches[20:]
+
+
+def test_group_by_length_without_the_length_column_fails_before_training() -> None:
+    module = Classifier()
+    with pytest.raises(ValueError, match=r"length of each item's 'input_ids'.*length_key"):
+        fit(CurriculumSampler(group_by_length=2), module)
+    assert module.batches == []
+
+
 def test_the_loader_position_is_in_the_checkpoint_and_resumes_without_a_warning(
     tmp_path: Path,
 ) -> None:
@@ -428,6 +482,8 @@ def test_missing_per_sample_losses_get_a_clear_error() -> None:
         ({"scoring_epochs": [-1]}, "scoring_epochs must be"),
         ({"scoring_epochs": [1], "score": "quality"}, "score='quality' is static"),
         ({"gather_every": 0}, "gather_every must be a positive integer, got 0"),
+        ({"group_by_length": -1}, r"group_by_length must be >= 0 \(0: off\), got -1"),
+        ({"group_by_length": True}, "group_by_length is the number of batches .* got True"),
     ],
 )
 def test_bad_arguments_raise_a_clear_value_error(arguments: dict, message: str) -> None:
@@ -476,6 +532,20 @@ def test_ranks_share_one_order_and_take_equal_disjoint_parts(
     for every in ("ddp_gather_every_batch", "ddp_gather_every_3"):
         assert ranks[0][every]["plans"] == ranks[0]["ddp"]["plans"]
         assert ranks[0][every]["scores"] == ranks[0]["ddp"]["scores"]
+    # grouped by length: the plan is the epoch's seeded shuffle grouped in global batches of
+    # 4 items a rank (world * 4 consecutive items: each rank's batch comes from one group)
+    grouped = [output["ddp_grouped"] for output in ranks]
+    lengths = torch.tensor(grouped[0]["lengths"])
+    for epoch in range(3):
+        epoch_seed = 5 * 1_000_003 + epoch
+        shuffled = torch.randperm(60, generator=torch.Generator().manual_seed(epoch_seed))
+        regroup = torch.Generator().manual_seed(epoch_seed + 1)
+        expected = group_by_length(shuffled, lengths, 4 * world, 2, regroup)
+        for rank, run in enumerate(grouped):
+            assert run["plans"][str(epoch)] == expected.tolist()
+            assert run["seen"][str(epoch)] == rank_shard(expected, rank, world).tolist()
+        padded = padded_tokens(lengths, expected, 4 * world)
+        assert padded < padded_tokens(lengths, shuffled, 4 * world)
 
 
 @pytest.mark.slow  # trains MiniLM for 3 epochs; the selection rule is tested on Points

@@ -782,7 +782,12 @@ class IndexedPoints(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"x": self.x[i], "labels": int(self.x[i, 0] > 0), "index": i}
+        item = {"x": self.x[i], "labels": int(self.x[i, 0] > 0), "index": i}
+        return item | {"text": "w" * GROUPED_LENGTHS[i]}  # lengths for group_by_length
+
+
+#: Lengths of the points' ``"text"`` (what ``group_by_length`` sorts by), fixed and uneven.
+GROUPED_LENGTHS = torch.randint(1, 40, (60,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
 class CurriculumModule(pl.LightningModule):
@@ -851,6 +856,24 @@ def curriculum(out: Path) -> dict[str, Any]:
             "scores": sampler.scores.tolist(),
             "steps": trainer.global_step,
         }
+    # batches of similar length: every epoch on all data (warm-up), so the test can rebuild the
+    # plan from the seed; each global batch is 4 items a rank
+    sampler = CurriculumSampler(warmup_epochs=3, group_by_length=2, length_key="text", seed=5)
+    plans, module = PlanRecorder(sampler), CurriculumModule()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=RANKS,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_epochs=3,
+        callbacks=[sampler, plans],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(IndexedPoints(), batch_size=4, shuffle=True)
+    trainer.fit(module, train_dataloaders=sampler.wrap_train_dataloader(loader))
+    result["ddp_grouped"] = {"seen": module.seen, "plans": plans.plans, "lengths": GROUPED_LENGTHS}
     return result
 
 
