@@ -8,7 +8,8 @@ warm-up over 6% of the run, then linear decay to 0), 2 epochs for ``Standard``, 
 Validation is off during training; the trained model is tested on the whole test split.
 
 Every set-up is a row of :data:`SETUPS`: the keyword arguments of its ``ThreeDPlan`` (every other
-field at its default, ``seed=--data-seed``), plus an optional ``"steps"``: the fraction of
+field at its default, ``seed`` the run's seed, so a plan's data order varies by seed as a plain
+run's shuffle does; ``--data-seed`` fixes the split), plus an optional ``"steps"``: the fraction of
 ``Standard``'s optimizer steps (``epochs * ceil(train rows / batch)``) the run may take, which
 becomes the trainer's ``max_steps`` (rounded up); the learning-rate schedule then spans those
 steps. ``3D-no-data``, ``3D-no-params`` and ``3D-no-model`` are the ``3D`` row less one axis.
@@ -216,7 +217,7 @@ if "trainable" in THREE_D:  # the parameter axis's other policy: it may freeze p
 #: main job's export measured 1 / 3.84 of fp32 (BENCHMARKS.md, Deployment), not 1 / 4.
 QUANTIZED_OVERHEAD = 1 / 3.84 - 1 / 4
 THREE_SEEDS = ("Standard", "Standard-half", "3D")  # the set-ups run with seeds 0 1 2 by default
-SINGLE_AXIS = ("DataOpt", "ParamOpt", "ModelOpt", "Distill", "VocabOpt")
+SINGLE_AXIS = ("DataOpt", "DataOpt-grouped", "ParamOpt", "ModelOpt", "Distill", "VocabOpt")
 BATCHES = (1, 32)  # latency batch sizes
 #: Every run exports both: the int8 graph of a float-trained model measures what quantizing at
 #: export costs (the ``weight_bits`` point of ``quantize_at="export"`` in the accuracy curves).
@@ -911,7 +912,9 @@ def measured_curves(args: argparse.Namespace) -> None:
     length a point of the sparsity curve at that length. Rows that trim the vocabulary are left
     out (the curves have no vocabulary axis), and so are rows that freeze by another order than
     the plan's default (``ParamOpt-depth-*``: the curve has one ``trainable`` axis, priced as
-    Fisher-ranked freezing). A row with several names (a
+    Fisher-ranked freezing), and rows that group batches by length (the solver prices grouping
+    by the tokens it saves, its accuracy assumed unchanged: ``DataOpt-grouped`` measures that
+    assumption). A row with several names (a
     leave-one-out row equal to another) is read once. ``--also-results`` folders add the runs
     of rows ``--machine`` has none of (of any machine instance: accuracy does not depend on it,
     and no time is read here), so no seed counts twice."""
@@ -944,6 +947,8 @@ def measured_curves(args: argparse.Namespace) -> None:
             continue  # the curves have no vocabulary axis: the solver prices trimming by size
         if SETUPS[setup].get("freeze_by", "fisher") != "fisher":
             continue  # the trainable curve is the plan's default freezer's (Fisher-ranked)
+        if SETUPS[setup].get("group_by_length"):
+            continue  # the solver prices grouping by its tokens, not by an accuracy curve
         row = document["row"]
         axes = {k: v for k, v in SETUPS[setup].items() if k in AXES}
         if "trainable" in axes and every_parameter and row.get("trainable_params"):

@@ -485,6 +485,8 @@ def test_cli_export_reads_a_runs_saved_config(tmp_path) -> None:
 def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(tmp_path) -> None:
     from lightning_3d.callbacks import PlanCoordinator
     from lightning_3d.cli import Lightning3DCLI, _ExportCLI
+    from lightning_3d.curriculum import token_share
+    from lightning_3d.sampling import read_lengths
     from lightning_3d.vocabulary import observed_token_ids, removed_share, special_token_ids
 
     overrides = [
@@ -498,6 +500,7 @@ def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(t
         "--plan.unseen_tokens=pretrained",
         "--plan.quantize_at=export",  # int8 by ONNX Runtime: QAT leaves a trimmed table fp32
         "--plan.embedding_bits=4",  # the token table in 4-bit blocks
+        "--plan.group_by_length=50",  # batches of similar length: steps priced at their tokens
     ]
     cli = Lightning3DCLI(
         subclass_mode_model=True, subclass_mode_data=True, run=False, args=overrides
@@ -516,8 +519,11 @@ def test_a_budget_in_the_yaml_is_solved_before_training_and_export_rebuilds_it(t
     assert allocation.vocabulary_share == removed_share(cli.model.model, len(kept)) > 0.2
     assert "vocabulary trimmed to the training data's tokens in training" in allocation.reason
     assert "token-embedding table exported at 5 bits" in allocation.reason
+    lengths = read_lengths(cli.datamodule.splits["train"], "input_ids")
+    assert allocation.token_share == token_share(lengths, 4, 50, plan.seed) < 1.0
+    assert "batches grouped by length" in allocation.reason
     kinds = [type(c).__name__ for c in plan.callbacks()]
-    assert kinds[:2] == ["PlanCoordinator", "VocabularyTrimmer"]
+    assert kinds[:3] == ["PlanCoordinator", "VocabularyTrimmer", "CurriculumSampler"]
     exporting = _ExportCLI(
         subclass_mode_model=True, subclass_mode_data=True, run=False, args=overrides
     )

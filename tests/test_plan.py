@@ -271,7 +271,7 @@ def test_a_budget_plan_takes_the_solvers_strengths_and_the_trainer_must_follow(t
     )  # fmt: skip
     assert grouped.max_steps is None and grouped.group_by_length == 8
     assert grouped.allocation is not None and grouped.allocation.steps == 1.0
-    with pytest.raises(ValueError, match="token_share=0.25 prices batches grouped by length"):
+    with pytest.raises(ValueError, match=r"token_share=0\.25 prices batches grouped by length"):
         ThreeDPlan.for_budget(0.6, 0.3, cost=cost, reference_steps=32, epochs=4,
                               compressible_share=0.5, token_share=0.25)  # fmt: skip
 
