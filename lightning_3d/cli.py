@@ -271,8 +271,8 @@ def _export_parser() -> argparse.ArgumentParser:
         type=int,
         choices=(8, 4),
         default=None,
-        help="onnx-int8: bits of the token-embedding table (4: blocks of 32 with a scale "
-        "each); default: the run's plan's embedding_bits, else 8",
+        help="onnx-int8 and genai-int8: bits of the token-embedding table (4: blocks of 32 "
+        "with a scale each); default: the run's plan's embedding_bits, else 8",
     )
     parser.add_argument(
         "--unseen_token_bits",
@@ -416,15 +416,19 @@ def run_export(args: Sequence[str]) -> Any:
         )
         print(report.table())
     if generators:
-        _export_generators(task, data, options, generators)
+        table = options.embedding_bits or getattr(plan, "embedding_bits", None)
+        _export_generators(task, data, options, generators, table)
     print(f"written to {options.output} (reports beside the formats)")
     return report
 
 
-def _export_generators(task: Any, data: Any, options: Any, formats: list[str]) -> None:
+def _export_generators(
+    task: Any, data: Any, options: Any, formats: list[str], embedding_bits: int | None
+) -> None:
     """The GenAI formats of ``lightning-3d export``: scored on the evaluation split when its
     samples are prompts with answers (``RottenTomatoesPrompts``), timed in tokens/s; LoRA
-    adapters kept beside a base trained on the runtime's grid (the task's ``lora_deployment``)."""
+    adapters kept beside a base trained on the runtime's grid (the task's ``lora_deployment``);
+    ``genai-int8``'s token table at ``embedding_bits``."""
     from lightning_3d.generation import export_generators, generator_table
 
     dataset = None if options.eval_split == "none" else data.splits.get(options.eval_split)
@@ -443,6 +447,7 @@ def _export_generators(task: Any, data: Any, options: Any, formats: list[str]) -
         rounds=options.latency_rounds,
         overwrite=options.overwrite,
         lora=task.lora_deployment,
+        embedding_bits=embedding_bits,
     )
     print(generator_table(reports))
 

@@ -299,7 +299,9 @@ class ThreeDPlan:
         embedding_bits: with ``quantize_at="export"``, the bits of the token-embedding table in
             the ``onnx-int8`` export: ``None`` or 8, int8 as the other weights; 4, blocks of 32
             entries with one scale each (``lightning-3d export`` takes it from the plan; 5 bits
-            an entry with the scales). What the budget solver prices.
+            an entry with the scales). What the budget solver prices. For a causal LM, 4 with
+            ``weight_bits=8`` stores the ``genai-int8`` export's token table in int4 blocks
+            (pair it with ``LoRASettings(base_quantization="int8", base_embedding_bits=4)``).
         unseen_token_bits: with ``unseen_tokens="pretrained"`` and ``quantize_at="export"``,
             the bits of the rows held apart in the ``onnx-int8`` export (``None``: as
             ``embedding_bits``): e.g. ``embedding_bits=8, unseen_token_bits=4`` keeps the rows

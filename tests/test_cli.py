@@ -428,6 +428,49 @@ def test_cli_exports_the_lora_plan_for_generation_with_adapters_beside_the_int4_
     assert sum(op == "MatMulNBits" for op in ops.values()) == 30 * 7 + 1  # base and head
 
 
+@pytest.mark.slow  # SmolLM2 trained, exported by the GenAI builder and scored
+def test_cli_exports_an_int8_base_with_its_int4_token_table_from_the_plan(tmp_path) -> None:
+    """The one-epoch LoRA plan with the base on the int8 grid and the tied table on the int4
+    one, 4 steps; ``lightning-3d export --formats genai-int8`` takes the table's bits from the
+    plan: every block product int8, the head and the embedding int4, the adapters float."""
+    import onnx
+    import torch
+
+    from lightning_3d.generation import runtime_grid
+
+    grid = (
+        "--plan.weight_bits=8", "--plan.embedding_bits=4",
+        "--model.init_args.lora.base_quantization=int8",
+        "--model.init_args.lora.base_embedding_bits=4",
+    )  # fmt: skip
+    overrides = (*SHORT_RUN[:-1], "--plan.max_steps=4", "--data.init_args.train_samples=16")
+    root, _ = _fit(tmp_path, ONE_EPOCH_LM_PLAN, *overrides, *grid, "--data.init_args.max_length=96")
+    checkpoint = next(root.rglob("last.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    table = state["model.base_model.model.lm_head.weight"]
+    block = state["model.base_model.model.model.layers.3.mlp.up_proj.weight"]
+    assert torch.equal(runtime_grid(table, 4), table) and torch.equal(runtime_grid(block, 8), block)
+    out = tmp_path / "deploy"
+    args = [*_cli(), "export", "--config", str(ONE_EPOCH_LM_PLAN), *grid]
+    args += ["--ckpt_path", str(checkpoint), "--output", str(out), "--formats", "genai-int8"]
+    args += ["--eval_samples", "8", "--latency_rounds", "0"]
+    result = subprocess.run(
+        args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    graph = onnx.load(str(out / "genai-int8" / "model.onnx"), load_external_data=False).graph
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    blocks = [b for name, b in bits.items() if name.startswith("/model/layers.")]
+    assert blocks == [8] * (30 * 7)
+    assert sorted(b for name, b in bits.items() if not name.startswith("/model/layers.")) == [4, 4]
+    ops = {node.name: node.op_type for node in graph.node}
+    assert ops["/model/layers.29/attn/o_proj/lora_B/MatMul"] == "MatMul"  # float adapter
+
+
 @pytest.mark.parametrize(
     ("arguments", "error", "message"),
     [

@@ -35,10 +35,12 @@ PROMPTS = [[1, 520, 33, 4012, 77], [1, 901, 902], [1, 12, 13, 14, 15, 16, 17, 18
 ANSWERS = [[3524], [2731, 30]]  # one answer of one token, one of two
 
 
-def tiny_lora_llama(tokenizer, base_quantization: str | None = None):
+def tiny_lora_llama(
+    tokenizer, base_quantization: str | None = None, base_embedding_bits: int | None = None
+):
     """A two-block Llama over SmolLM2's vocabulary with LoRA adapters that are not zero (so
     what is exported must hold ``W + (alpha / r) B A``), its base first treated as
-    ``LoRASettings(base_quantization=...)`` treats it."""
+    ``LoRASettings(base_quantization=..., base_embedding_bits=...)`` treats it."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -47,7 +49,9 @@ def tiny_lora_llama(tokenizer, base_quantization: str | None = None):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     base = LlamaForCausalLM(config)
-    LoRASettings(base_quantization=base_quantization).round_base(base)
+    LoRASettings(
+        base_quantization=base_quantization, base_embedding_bits=base_embedding_bits
+    ).round_base(base)
     adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = get_peft_model(base, adapters)
     for name, param in model.named_parameters():
@@ -151,6 +155,8 @@ def test_export_generators_reports_and_saves_each_format(
     [
         ({"weight_bits": 3}, r"weight_bits must be one of \(4, 8\) or None \(fp32\), got 3"),
         ({"block_size": 24}, r"block_size must be one of \(16, 32, 64, 128, 256\), got 24"),
+        ({"weight_bits": 4, "embedding_bits": 8}, "embedding_bits=8 with weight_bits=4"),
+        ({"weight_bits": None, "embedding_bits": 4}, "embedding_bits=4 with weight_bits=None"),
     ],
 )
 def test_bad_generator_arguments_are_refused_before_any_work(
@@ -232,3 +238,43 @@ def test_separate_adapters_need_lora_in_the_decoder_blocks(smollm2_tokenizer, tm
     with pytest.raises(ValueError, match=r"lora must be one of \('merge', 'separate'\)"):
         export_generator(head, smollm2_tokenizer, tmp_path / "c", lora="fold")
     assert not any(tmp_path.iterdir())
+
+
+def test_an_int8_base_with_an_int4_token_table_deploys_as_trained(
+    smollm2_tokenizer, tmp_path
+) -> None:
+    """``LoRASettings(base_quantization="int8", base_embedding_bits=4)``: the tied table on the
+    int4 grid, every block projection on the int8 one; ``export_generator(weight_bits=8,
+    embedding_bits=4)`` stores exactly that grid (the block products at 8 bits, the head at 4,
+    the adapters float), so the decoder computes the PyTorch model's answers, in a folder
+    smaller than the all-int8 one (whose table stays fp32: the runtime has no int8 Gather)."""
+    model = tiny_lora_llama(smollm2_tokenizer, "int8", base_embedding_bits=4)
+    base = model.get_base_model()
+    table, q_proj = base.lm_head.weight, base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert base.model.embed_tokens.weight is table  # tied: rounded once, as the head
+    assert torch.equal(runtime_grid(table, 4), table)
+    assert torch.equal(runtime_grid(q_proj, 8), q_proj)
+    assert not torch.equal(runtime_grid(q_proj, 4), q_proj)  # the blocks are not on int4
+    mixed = export_generator(
+        model, smollm2_tokenizer, tmp_path / "mixed", 8, lora="separate", embedding_bits=4
+    )
+    graph = onnx.load(str(mixed.path / "model.onnx"), load_external_data=False).graph
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    blocks = [n for n in bits if n.startswith("/model/layers.")]
+    assert len(blocks) == 2 * 7 and all(bits[n] == 8 for n in blocks)  # q k v o gate up down
+    assert [bits[n] for n in bits if n not in blocks] == [4] * (len(bits) - len(blocks))
+    assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)  # the int4 table
+    products = {n.name: n.op_type for n in graph.node if n.op_type.startswith("MatMul")}
+    assert all(products[name] == "MatMul" for name in adapter_product_names(model))
+    for prompt in PROMPTS:
+        expected = [reference_log_probs(model, prompt, answer) for answer in ANSWERS]
+        scores = answer_log_probs_generated(generator(mixed.path), prompt, ANSWERS)
+        assert scores == pytest.approx(expected, abs=5e-3)
+    eight = export_generator(model, smollm2_tokenizer, tmp_path / "eight", 8, lora="separate")
+    assert mixed.bytes < eight.bytes * 0.7
+    with pytest.raises(ValueError, match="base_embedding_bits=4 puts the token table"):
+        LoRASettings(base_quantization="int4", base_embedding_bits=4)

@@ -145,6 +145,14 @@ def test_data_labels_outside_label_names_are_named(minilm_tokenizer) -> None:
             lambda: SequenceClassificationTask(lora=LoRASettings(base_quantization="nf4")),
             "base_quantization='nf4' is for causal LMs",
         ),
+        (
+            lambda: LoRASettings(base_embedding_bits=4),
+            "base_embedding_bits=4 .* needs base_quantization='int8' .* got base_quantization=None",
+        ),
+        (
+            lambda: LoRASettings(base_quantization="int8", base_embedding_bits=2),
+            "base_embedding_bits=2 puts the token table",
+        ),
     ],
 )
 def test_bad_task_arguments(build, message) -> None:
