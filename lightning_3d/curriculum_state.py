@@ -46,6 +46,9 @@ from lightning_3d.sampling import (
 )
 
 STATE_VERSION = 1
+#: Added to an epoch's shuffle seed (``seed * 1_000_003 + epoch``) for the generator that
+#: orders its length-grouped batches, so the two draws never share a seed.
+GROUPING_SEED_OFFSET = 2**40
 log = logging.getLogger(__name__)
 
 
@@ -175,7 +178,8 @@ class CurriculumState:
         groups = labels if self.balance_classes and bool((labels >= 0).any()) else None
         order, weights = self.schedule.plan(self.difficulty(), epoch, self.seed, groups)
         if self.lengths is not None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
+            epoch_seed = self.seed * 1_000_003 + epoch
+            generator = torch.Generator().manual_seed(epoch_seed + GROUPING_SEED_OFFSET)
             batch = self.batch_size * self.replicas  # rank_shard deals consecutive items out
             order = group_by_length(order, self.lengths, batch, self.length_window, generator)
         self.plan, self.batches_done = EpochPlan(epoch, order, weights), 0
@@ -317,4 +321,4 @@ class CurriculumState:
         self.samples_seen = int(state_dict["samples_seen"])
 
 
-__all__ = ["STATE_VERSION", "CurriculumState"]
+__all__ = ["GROUPING_SEED_OFFSET", "STATE_VERSION", "CurriculumState"]

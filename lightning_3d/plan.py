@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from lightning_3d.sampling import check_group_by_length
 from lightning_3d.sensitivity import GradientStatistics
 from lightning_3d.vocabulary import UNSEEN, input_embedding_share
 
@@ -429,13 +430,7 @@ class ThreeDPlan:
                 "sets each layer's sparsity from them: use prune_pattern='heads+neurons' or "
                 "freeze_by='fisher'"
             )
-        if isinstance(self.group_by_length, bool) or not isinstance(self.group_by_length, int):
-            raise ValueError(
-                "group_by_length is the number of batches sorted by length together (0: off), "
-                f"an integer; got {self.group_by_length!r}"
-            )
-        if self.group_by_length < 0:
-            raise ValueError(f"group_by_length must be >= 0 (0: off), got {self.group_by_length}")
+        check_group_by_length(self.group_by_length)
         if not 0.0 <= self.data_anneal < 1.0:
             raise ValueError(f"data_anneal must be in [0, 1), got {self.data_anneal}")
         if self.probe_batches < 1:

@@ -298,13 +298,25 @@ def check_curriculum_arguments(
         raise ValueError("scoring_epochs re-scores from the model; score='quality' is static")
     if isinstance(gather_every, bool) or not isinstance(gather_every, int) or gather_every < 1:
         raise ValueError(f"gather_every must be a positive integer, got {gather_every!r}")
-    if isinstance(group_by_length, bool) or not isinstance(group_by_length, int):
+    check_group_by_length(group_by_length)
+
+
+def check_group_by_length(value: Any) -> None:
+    """Refuse a ``group_by_length`` that is not a count of batches >= 0 (0: off).
+
+    Example:
+        >>> check_group_by_length(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: group_by_length must be >= 0 (0: off), got -1
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(
             "group_by_length is the number of batches sorted by length together (0: off), "
-            f"an integer; got {group_by_length!r}"
+            f"an integer; got {value!r}"
         )
-    if group_by_length < 0:
-        raise ValueError(f"group_by_length must be >= 0 (0: off), got {group_by_length}")
+    if value < 0:
+        raise ValueError(f"group_by_length must be >= 0 (0: off), got {value}")
 
 
 def check_weighted_loss(outputs: Any, batch: Mapping[str, Any], accumulate: int = 1) -> None:

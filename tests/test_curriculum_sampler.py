@@ -29,7 +29,7 @@ from lightning_3d.curriculum import (
     pool_size,
     rank_shard,
 )
-from lightning_3d.curriculum_state import CurriculumState
+from lightning_3d.curriculum_state import GROUPING_SEED_OFFSET, CurriculumState
 from lightning_3d.data import WithIndex
 from lightning_3d.sampling import with_curriculum
 from lightning_3d.tasks import total_training_steps, weighted_mean
@@ -374,9 +374,8 @@ def test_group_by_length_batches_similar_lengths_and_resumes_mid_epoch(tmp_path:
     # the warm-up epoch: the same seeded shuffle, in batches grouped from windows of 3 batches
     epoch_seed = 7 * 1_000_003
     shuffled = torch.randperm(COUNT, generator=torch.Generator().manual_seed(epoch_seed))
-    grouped = group_by_length(
-        shuffled, Texts.lengths, BATCH, 3, torch.Generator().manual_seed(epoch_seed + 1)
-    )
+    regroup = torch.Generator().manual_seed(epoch_seed + GROUPING_SEED_OFFSET)
+    grouped = group_by_length(shuffled, Texts.lengths, BATCH, 3, regroup)
     assert plain.epoch_indices(0) == shuffled.tolist()
     assert full.epoch_indices(0) == grouped.tolist()
     for epoch in range(3):  # the budget's epochs too: each pads less than the plain run's
@@ -539,7 +538,7 @@ def test_ranks_share_one_order_and_take_equal_disjoint_parts(
     for epoch in range(3):
         epoch_seed = 5 * 1_000_003 + epoch
         shuffled = torch.randperm(60, generator=torch.Generator().manual_seed(epoch_seed))
-        regroup = torch.Generator().manual_seed(epoch_seed + 1)
+        regroup = torch.Generator().manual_seed(epoch_seed + GROUPING_SEED_OFFSET)
         expected = group_by_length(shuffled, lengths, 4 * world, 2, regroup)
         for rank, run in enumerate(grouped):
             assert run["plans"][str(epoch)] == expected.tolist()

@@ -822,6 +822,25 @@ class PlanRecorder(Callback):
         self.plans[trainer.current_epoch] = self.curriculum.current_plan().order.tolist()
 
 
+def fit_curriculum(sampler: Any, strategy: Any) -> tuple[CurriculumModule, PlanRecorder, Any]:
+    """3 epochs of :class:`CurriculumModule` over the points, 4 a batch, through ``sampler``."""
+    plans, module = PlanRecorder(sampler), CurriculumModule()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=RANKS,
+        strategy=strategy,
+        max_epochs=3,
+        callbacks=[sampler, plans],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(IndexedPoints(), batch_size=4, shuffle=True)
+    trainer.fit(module, train_dataloaders=sampler.wrap_train_dataloader(loader))
+    return module, plans, trainer
+
+
 def curriculum(out: Path) -> dict[str, Any]:
     from lightning_3d.callbacks import CurriculumSampler
 
@@ -835,21 +854,7 @@ def curriculum(out: Path) -> dict[str, Any]:
         sampler = CurriculumSampler(
             pacing="linear", start_fraction=0.4, full_at=1.0, budget=0.8, gather_every=gather_every
         )
-        plans = PlanRecorder(sampler)
-        module = CurriculumModule()
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=RANKS,
-            strategy=strategy,
-            max_epochs=3,
-            callbacks=[sampler, plans],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        loader = DataLoader(IndexedPoints(), batch_size=4, shuffle=True)
-        trainer.fit(module, train_dataloaders=sampler.wrap_train_dataloader(loader))
+        module, plans, trainer = fit_curriculum(sampler, strategy)
         result[name] = {
             "seen": module.seen,
             "plans": plans.plans,
@@ -859,20 +864,7 @@ def curriculum(out: Path) -> dict[str, Any]:
     # batches of similar length: every epoch on all data (warm-up), so the test can rebuild the
     # plan from the seed; each global batch is 4 items a rank
     sampler = CurriculumSampler(warmup_epochs=3, group_by_length=2, length_key="text", seed=5)
-    plans, module = PlanRecorder(sampler), CurriculumModule()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=RANKS,
-        strategy=DDPStrategy(process_group_backend="gloo"),
-        max_epochs=3,
-        callbacks=[sampler, plans],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(IndexedPoints(), batch_size=4, shuffle=True)
-    trainer.fit(module, train_dataloaders=sampler.wrap_train_dataloader(loader))
+    module, plans, _ = fit_curriculum(sampler, DDPStrategy(process_group_backend="gloo"))
     result["ddp_grouped"] = {"seen": module.seen, "plans": plans.plans, "lengths": GROUPED_LENGTHS}
     return result
 
