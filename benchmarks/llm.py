@@ -29,8 +29,8 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
   MLPs hold three quarters of the rounded block weights.
 * ``3D-int8``: ``3D`` with the blocks on the runtime's int8 grid and the tied token table on
   its int4 grid (``LoRASettings(base_quantization="int8", base_embedding_bits=4)``), deployed
-  on exactly that grid (``export_generator(..., 8, embedding_bits=4)``: about 3.7x smaller
-  than fp32, where int8 everywhere is 2x), and batches grouped by length
+  on exactly that grid (``export_generator(..., 8, embedding_bits=4)``: 3.6x smaller than
+  fp32 with the adapters beside it, where int8 everywhere is 2x), and batches grouped by length
   (``group_by_length=50``: a step computes 0.67 of random batches' padded tokens on this
   data), which buys 0.9 of the steps in the time ``3D``'s 0.6 take.
 
