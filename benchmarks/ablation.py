@@ -60,8 +60,10 @@ without the embedding rows of tokens the training split never uses; with ``--uns
 pretrained`` those rows are held apart, untrained, and exported again) and, with
 ``--embedding-bits 4``, exports the token table in 4-bit blocks (``--unseen-token-bits 4``:
 only the rows held apart); ``--group-by-length 50`` groups the 3D row's batches by length and
-prices its steps at the padded tokens that leaves (:func:`lightning_3d.curriculum.token_share`
-of the training split). ``--summarize`` saves the
+prices its steps at what a grouped step costs: with ``--calibrate`` the mean step periods of a
+real grouped run and of a random one, 75 steps each (``grouped_steps_<machine>.json``, through
+:meth:`lightning_3d.budget.CostModel.token_share_of`), else the padded tokens grouping leaves
+(:func:`lightning_3d.curriculum.token_share` of the training split). ``--summarize`` saves the
 curves the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`).
 Until an allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
 default strengths.
@@ -991,12 +993,16 @@ def cost_model_path(args: argparse.Namespace) -> Path:
     return args.results_dir / f"cost_model_{args.machine}.json"
 
 
-def real_step_seconds(args: argparse.Namespace, steps: int = 40, skip: int = 5) -> float:
-    """Median period of a real Standard run's steps ``skip``..``steps`` (same trainer settings
-    as :func:`run_one`), what the component timings miss included."""
+def step_periods(
+    args: argparse.Namespace, steps: int = 80, skip: int = 5, group_by_length: int = 0
+) -> list[float]:
+    """The periods of a real Standard run's steps ``skip``..``steps`` (same trainer settings as
+    :func:`run_one`), what the component timings miss included; with ``group_by_length``, of
+    the same run with its batches grouped by length (as the ``DataOpt-grouped`` row)."""
     import lightning.pytorch as pl
     from curriculum import prepare_data
 
+    from lightning_3d.plan import ThreeDPlan
     from lightning_3d.tasks import SequenceClassificationTask
 
     pl.seed_everything(0, verbose=False)
@@ -1012,10 +1018,17 @@ def real_step_seconds(args: argparse.Namespace, steps: int = 40, skip: int = 5) 
         def on_train_batch_start(self, *unused: Any) -> None:
             starts.append(time.perf_counter())
 
-    trainer = quiet_trainer(max_steps=steps, callbacks=[Starts()])
+    callbacks: list[Any] = [Starts()]
+    if group_by_length:
+        callbacks += ThreeDPlan(group_by_length=group_by_length, seed=0).callbacks()
+    trainer = quiet_trainer(max_steps=steps, callbacks=callbacks)
     with PeakMemory():  # the same sampling thread as the measured runs
         trainer.fit(task, datamodule=data)
-    return statistics.median(b - a for a, b in itertools.pairwise(starts[skip:]))
+    return [b - a for a, b in itertools.pairwise(starts[skip:])]
+
+
+def grouped_steps_path(args: argparse.Namespace) -> Path:
+    return args.results_dir / f"grouped_steps_{args.machine}.json"
 
 
 def calibrate(args: argparse.Namespace) -> None:
@@ -1048,11 +1061,26 @@ def calibrate(args: argparse.Namespace) -> None:
     cost = measure_cost_model(
         task.model, batch, loss_fn, repeats=5, qat_preset="int8_weight_only", frozen=frozen
     )
-    cost = cost.scaled_to(real_step_seconds(args))
+    random_periods = step_periods(args)
+    cost = cost.scaled_to(statistics.median(random_periods))
     path = cost_model_path(args)
     path.parent.mkdir(parents=True, exist_ok=True)
     cost.save(path)
     print(json.dumps(cost.to_dict(), indent=1))
+    if args.group_by_length:  # what a grouped step costs, measured in the same real loop
+        grouped_periods = step_periods(args, group_by_length=args.group_by_length)
+        # means, not medians: grouped batches vary in length, and the run pays for every one
+        ratio = statistics.mean(grouped_periods) / statistics.mean(random_periods)
+        document = {
+            "group_by_length": args.group_by_length,
+            "steps": len(grouped_periods),
+            "random_mean_s": statistics.mean(random_periods),
+            "grouped_mean_s": statistics.mean(grouped_periods),
+            "step_ratio": ratio,
+            "token_share": cost.token_share_of(ratio),
+        }
+        grouped_steps_path(args).write_text(json.dumps(document, indent=1) + "\n")
+        print(json.dumps(document, indent=1))
 
 
 def export_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -1070,14 +1098,32 @@ def export_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def grouped_token_share(args: argparse.Namespace, train: Any) -> float:
+    """The ``token_share`` of ``--group-by-length``: from the grouped and random step periods
+    ``--calibrate`` measured with the same window, else the padded-token share of the
+    training split's lengths (first order: attention grows faster than the length)."""
+    from lightning_3d.curriculum import token_share
+    from lightning_3d.sampling import read_lengths
+
+    path = grouped_steps_path(args)
+    if path.exists():
+        measured = json.loads(path.read_text())
+        if measured["group_by_length"] == args.group_by_length:
+            print(f"grouped steps priced from {path.name}: {measured['token_share']:.3f}")
+            return float(measured["token_share"])
+        print(f"{path.name} measured another window ({measured['group_by_length']}): ignored")
+    lengths = read_lengths(train, "input_ids")
+    share = token_share(lengths, args.batch_size, args.group_by_length)
+    print(f"grouped steps priced at the training split's padded-token share: {share:.3f}")
+    return share
+
+
 def solve(args: argparse.Namespace) -> None:
     """The budget solver's plan for ``--solve TIME SIZE`` from the calibration file: print the
     allocation, its reasons and the predicted cost, and save them beside the results."""
     from curriculum import prepare_data
 
-    from lightning_3d.curriculum import token_share
     from lightning_3d.plan import ThreeDPlan, freezable_units, parameter_shares
-    from lightning_3d.sampling import read_lengths
     from lightning_3d.tasks import SequenceClassificationTask
     from lightning_3d.vocabulary import input_embedding_share, trimmed_copy
 
@@ -1092,9 +1138,8 @@ def solve(args: argparse.Namespace) -> None:
         model, share = trimmed_copy(model, data.train_dataloader(), task.tokenizer)
     compressible, head = parameter_shares(model)
     tokens = 1.0
-    if args.group_by_length:  # the padding of the run's grouped batches, from the data
-        lengths = read_lengths(data.splits["train"], "input_ids")
-        tokens = token_share(lengths, args.batch_size, args.group_by_length)
+    if args.group_by_length:
+        tokens = grouped_token_share(args, data.splits["train"])
     plan = ThreeDPlan.for_budget(
         time_budget, size_budget,
         cost=cost_model_path(args), reference_steps=args.epochs * per_epoch,

@@ -457,6 +457,39 @@ class CostModel:
             teacher_forward_s=self.teacher_s * factor,
         )
 
+    def token_share_of(self, step_ratio: float) -> float:
+        r"""The ``token_share`` that prices a dense step at ``step_ratio`` of this model's: the
+        measured period of a run with batches grouped by length over that of the same run with
+        random batches. Only forward and backward scale with the tokens (:meth:`run_seconds`)::
+
+            p * (f + b) + o = r * (f + b + o)   =>   p = (r * (f + b + o) - o) / (f + b)
+
+        The padded-token share of the data (:func:`~lightning_3d.curriculum.token_share`) is
+        this share to first order; attention grows faster than linearly with the length, so a
+        measured ratio usually prices grouped steps lower.
+
+        Raises:
+            ValueError: ``step_ratio`` outside ``(0, 1]``, or so small that the optimizer
+                update alone would take longer (``p <= 0``: the two timings do not fit this
+                model).
+
+        Example:
+            >>> cost = CostModel(forward_s=1.0, backward_s=2.0, optimizer_s=1.0)
+            >>> cost.token_share_of(0.5)  # (0.5 * 4 - 1) / 3
+            0.3333333333333333
+        """
+        if not (math.isfinite(step_ratio) and 0.0 < step_ratio <= 1.0):
+            raise ValueError(f"step_ratio must be in (0, 1], got {step_ratio}")
+        scaled = self.forward_s + self.backward_s
+        share = (step_ratio * (scaled + self.optimizer_s) - self.optimizer_s) / scaled
+        if not share > 0:
+            raise ValueError(
+                f"step_ratio {step_ratio:g} is below the optimizer update's share of a step "
+                f"({self.optimizer_s / (scaled + self.optimizer_s):.3g}): a grouped step "
+                "cannot cost that little under this model; measure both runs again"
+            )
+        return min(1.0, share)
+
     def to_dict(self) -> dict[str, float | None]:
         """The coefficients by name (JSON-ready)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -1437,8 +1470,9 @@ def solve_budget(
             (``None``: as the other weights), whether the export holds the trimmed rows again,
             and their bits an entry (``None``: as the table's) (:func:`size_fraction`).
         token_share: padded tokens a step of the planned run computes as a share of the
-            reference run's (:func:`~lightning_3d.curriculum.token_share`; batches grouped by
-            length), which makes every allocation's steps cheaper
+            reference run's (:func:`~lightning_3d.curriculum.token_share`, or
+            :meth:`CostModel.token_share_of` a measured ratio of step periods; batches grouped
+            by length), which makes every allocation's steps cheaper
             (:meth:`CostModel.run_seconds`); the reference run keeps 1. Grouping is assumed to
             leave accuracy unchanged.
 
@@ -1560,9 +1594,8 @@ def solve_budget(
         lines.append("no budget binds: this is the most accurate allocation of the grid")
     if token_share < 1:
         lines.append(
-            f"batches grouped by length: a step computes {token_share:.3g} of the padded tokens "
-            "of random batches (forward and backward priced at that share, accuracy assumed "
-            "unchanged)"
+            f"batches grouped by length: a step's forward and backward priced at "
+            f"{token_share:.3g} of random batches' (accuracy assumed unchanged)"
         )
     if vocabulary_share and rows_held_apart:
         lines.append(

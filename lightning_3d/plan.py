@@ -695,8 +695,9 @@ class ThreeDPlan:
                 ``unseen_token_bits``).
             token_share: with ``group_by_length``, the padded tokens a step computes as a share
                 of random batches' (:func:`~lightning_3d.curriculum.token_share` of the
-                training data's lengths): every allocation's steps are priced that much
-                cheaper, so the same time buys more of them.
+                training data's lengths, or a measured ratio of step periods through
+                :meth:`~lightning_3d.budget.CostModel.token_share_of`): every allocation's
+                steps are priced that much cheaper, so the same time buys more of them.
             settings: other :class:`ThreeDPlan` arguments (``prune_pattern`` defaults to
                 ``"heads+neurons"``, the pattern that makes the export smaller).
 

@@ -133,6 +133,24 @@ def test_grouped_batches_price_forward_backward_qat_and_teacher_at_their_tokens(
     assert grouped.total_s == pytest.approx(331.0 - (80 + 130 + 40 + 25) / 2)
 
 
+def test_token_share_of_a_measured_step_ratio_prices_the_grouped_step_at_that_ratio() -> None:
+    # f = 1, b = 2, o = 1 (a 4 s step): grouped steps measured at 0.625 of random ones' (2.5 s)
+    # leave 1.5 s for forward and backward, half of their 3 s
+    share = PLAIN.token_share_of(0.625)
+    assert share == pytest.approx(0.5)
+    run = PLAIN.run_seconds(reference_steps=10, epochs=1, token_share=share)
+    assert run.total_s == pytest.approx(
+        0.625 * PLAIN.run_seconds(reference_steps=10, epochs=1).total_s
+    )
+    assert PLAIN.token_share_of(1.0) == 1.0
+    for ratio in (0.0, 1.2, float("nan")):
+        with pytest.raises(ValueError, match="step_ratio must be in"):
+            PLAIN.token_share_of(ratio)
+    # the optimizer alone is 1 s of 4: a grouped step cannot take 0.2 of a random one
+    with pytest.raises(ValueError, match="below the optimizer update's share of a step"):
+        PLAIN.token_share_of(0.2)
+
+
 def test_grouping_buys_steps_within_the_same_time_budget() -> None:
     # f = 1, b = 2, o = 1: a plain step costs 4 s, a step at 0.5 of the tokens 2.5 s, so half
     # the reference time (200 s of 400) buys 80 such steps: the grid's 0.8 fits, 1.0 does not
