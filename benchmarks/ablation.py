@@ -1021,7 +1021,7 @@ def step_periods(
     callbacks: list[Any] = [Starts()]
     if group_by_length:
         callbacks += ThreeDPlan(group_by_length=group_by_length, seed=0).callbacks()
-    trainer = quiet_trainer(max_steps=steps, callbacks=callbacks)
+    trainer = quiet_trainer(max_epochs=args.epochs, max_steps=steps, callbacks=callbacks)
     with PeakMemory():  # the same sampling thread as the measured runs
         trainer.fit(task, datamodule=data)
     return [b - a for a, b in itertools.pairwise(starts[skip:])]
