@@ -60,11 +60,14 @@ without the embedding rows of tokens the training split never uses; with ``--uns
 pretrained`` those rows are held apart, untrained, and exported again) and, with
 ``--embedding-bits 4``, exports the token table in 4-bit blocks (``--unseen-token-bits 4``:
 only the rows held apart); ``--group-by-length 50`` groups the 3D row's batches by length and
-prices its steps at what a grouped step costs: with ``--calibrate`` the mean step periods of a
-real grouped run and of a random one, 75 steps each (``grouped_steps_<machine>.json``, through
-:meth:`lightning_3d.budget.CostModel.token_share_of`), else the padded tokens grouping leaves
-(:func:`lightning_3d.curriculum.token_share` of the training split). ``--summarize`` saves the
-curves the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`).
+prices its steps at what a grouped step costs: with ``--calibrate``, a line through the step
+periods of 80 steps of a real grouped run against their batches' padded lengths, with a
+one-off cost for each new length (:class:`lightning_3d.budget.PaddedStepFit`), applied to
+every batch of a whole grouped run and of a whole random one
+(``grouped_steps_<machine>.json``, through
+:meth:`lightning_3d.budget.CostModel.token_share_of`); without it, the padded tokens grouping
+leaves (:func:`lightning_3d.curriculum.token_share` of the training split). ``--summarize``
+saves the curves the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`).
 Until an allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
 default strengths.
 
@@ -92,6 +95,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -993,12 +997,13 @@ def cost_model_path(args: argparse.Namespace) -> Path:
     return args.results_dir / f"cost_model_{args.machine}.json"
 
 
-def step_periods(
-    args: argparse.Namespace, steps: int = 80, skip: int = 5, group_by_length: int = 0
-) -> list[float]:
-    """The periods of a real Standard run's steps ``skip``..``steps`` (same trainer settings as
-    :func:`run_one`), what the component timings miss included; with ``group_by_length``, of
-    the same run with its batches grouped by length (as the ``DataOpt-grouped`` row)."""
+def timed_steps(
+    args: argparse.Namespace, steps: int = 80, group_by_length: int = 0
+) -> list[tuple[int, float]]:
+    """The first ``steps`` - 1 steps of a real Standard run (same trainer settings as
+    :func:`run_one`) as ``(padded length, seconds)``, what the component timings miss
+    included; with ``group_by_length``, of the same run with its batches grouped by length (as
+    the ``DataOpt-grouped`` row)."""
     import lightning.pytorch as pl
     from curriculum import prepare_data
 
@@ -1012,11 +1017,11 @@ def step_periods(
         warmup_ratio=args.warmup_ratio,
     )
     data = prepare_data(args, 0.0, task.tokenizer)
-    starts: list[float] = []
+    starts: list[tuple[int, float]] = []
 
     class Starts(pl.Callback):  # a step's period: from one batch's start to the next one's
-        def on_train_batch_start(self, *unused: Any) -> None:
-            starts.append(time.perf_counter())
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, *_: Any) -> None:
+            starts.append((batch["input_ids"].shape[1], time.perf_counter()))
 
     callbacks: list[Any] = [Starts()]
     if group_by_length:
@@ -1024,7 +1029,24 @@ def step_periods(
     trainer = quiet_trainer(max_epochs=args.epochs, max_steps=steps, callbacks=callbacks)
     with PeakMemory():  # the same sampling thread as the measured runs
         trainer.fit(task, datamodule=data)
-    return [b - a for a, b in itertools.pairwise(starts[skip:])]
+    return [(length, b - a) for (length, a), (_, b) in itertools.pairwise(starts)]
+
+
+def run_batch_lengths(args: argparse.Namespace, lengths: Any, window: int = 0) -> list[int]:
+    """The padded lengths of every batch of a run of the recipe's epochs over items of
+    ``lengths``, shuffled each epoch, grouped by length in windows of ``window`` batches."""
+    import torch
+
+    from lightning_3d.curriculum import group_by_length, padded_lengths
+
+    batches: list[int] = []
+    for epoch in range(args.epochs):
+        generator = torch.Generator().manual_seed(epoch)
+        order = torch.randperm(lengths.numel(), generator=generator)
+        if window:
+            order = group_by_length(order, lengths, args.batch_size, window, generator)
+        batches += padded_lengths(lengths, order, args.batch_size).tolist()
+    return batches
 
 
 def grouped_steps_path(args: argparse.Namespace) -> Path:
@@ -1061,21 +1083,35 @@ def calibrate(args: argparse.Namespace) -> None:
     cost = measure_cost_model(
         task.model, batch, loss_fn, repeats=5, qat_preset="int8_weight_only", frozen=frozen
     )
-    random_periods = step_periods(args)
-    cost = cost.scaled_to(statistics.median(random_periods))
+    skip = 5  # the framework's own first steps
+    random_steps = timed_steps(args)
+    cost = cost.scaled_to(statistics.median(seconds for _, seconds in random_steps[skip:]))
     path = cost_model_path(args)
     path.parent.mkdir(parents=True, exist_ok=True)
     cost.save(path)
     print(json.dumps(cost.to_dict(), indent=1))
     if args.group_by_length:  # what a grouped step costs, measured in the same real loop
-        grouped_periods = step_periods(args, group_by_length=args.group_by_length)
-        # means, not medians: grouped batches vary in length, and the run pays for every one
-        ratio = statistics.mean(grouped_periods) / statistics.mean(random_periods)
+        from lightning_3d.budget import PaddedStepFit
+        from lightning_3d.sampling import read_lengths
+
+        # the line through one grouped run's steps: its lengths span the random ones' too, and
+        # one run is one state of the machine (its speed drifts by 10-20% within minutes, so
+        # two runs' means, one after the other, would measure the drift as well)
+        grouped_steps = timed_steps(args, group_by_length=args.group_by_length)
+        fit = PaddedStepFit.fit([grouped_steps], skip=skip)
+        lengths = read_lengths(data.splits["train"], "input_ids")
+        random_run = run_batch_lengths(args, lengths)
+        grouped_run = run_batch_lengths(args, lengths, args.group_by_length)
+        ratio = fit.step_ratio(grouped_run, random_run)
         document = {
             "group_by_length": args.group_by_length,
-            "steps": len(grouped_periods),
-            "random_mean_s": statistics.mean(random_periods),
-            "grouped_mean_s": statistics.mean(grouped_periods),
+            "timed_steps": {"random": random_steps, "grouped": grouped_steps, "skip": skip},
+            "fit": dataclasses.asdict(fit),
+            "mean_padded_length": {
+                "random": statistics.fmean(random_run),
+                "grouped": statistics.fmean(grouped_run),
+            },
+            "distinct_lengths": {"random": len(set(random_run)), "grouped": len(set(grouped_run))},
             "step_ratio": ratio,
             "token_share": cost.token_share_of(ratio),
         }

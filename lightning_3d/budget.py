@@ -748,6 +748,95 @@ def measure_cost_model(
     )
 
 
+@dataclass(frozen=True)
+class PaddedStepFit:
+    r"""A real step's period against the length its batch is padded to, fitted on the timed
+    steps of real runs (random and grouped batches)::
+
+        t(L) = a + c * L            (a: ``intercept_s``, c: ``per_length_s``)
+
+    plus a one-off ``e`` (``first_shape_s``) on the first step of each length a run meets
+    (kernel selection and allocator growth for a new shape; later steps of that length do not
+    pay it). A run of batches padded to ``L_1 .. L_N`` then takes::
+
+        sum_i (a + c * L_i) + e * #distinct(L)
+
+    Grouped batches spread over many more lengths than random ones (which mostly pad to near
+    the longest item), so a few dozen steps of one grouped run span both runs' lengths and
+    price both (:meth:`step_ratio`) from one state of the machine, whose speed may drift
+    between two timed runs. Attention makes ``t`` slightly convex in ``L``; over the lengths of
+    one task the line is what the fit measures.
+
+    Example:
+        >>> steps = [(10, 1.5), (20, 2.5), (10, 1.0), (20, 2.0), (30, 3.5), (30, 3.0)]
+        >>> fit = PaddedStepFit.fit([steps], skip=0)  # repeats: 0.1 L; first steps +0.5
+        >>> round(fit.intercept_s, 6), round(fit.per_length_s, 6), round(fit.first_shape_s, 6)
+        (0.0, 0.1, 0.5)
+        >>> round(fit.run_seconds([10, 10, 30]), 6)  # 1 + 1 + 3 + 2 shapes * 0.5
+        6.0
+    """
+
+    intercept_s: float
+    per_length_s: float
+    first_shape_s: float
+
+    @classmethod
+    def fit(cls, runs: Sequence[Sequence[tuple[int, float]]], skip: int = 5) -> PaddedStepFit:
+        """Least squares of ``t = a + c L`` over the steps that repeat a length their run met
+        before, and ``e`` as the mean excess over that line of the steps meeting a length for
+        the first time (at least 0).
+
+        Args:
+            runs: each run's steps in order, as ``(padded length, seconds)``.
+            skip: each run's first steps left out of the fit (the framework's own warm-up);
+                their lengths still count as met.
+
+        Raises:
+            ValueError: ``skip < 0``, a step that is not a positive length and a finite
+                non-negative time, or fewer than two distinct lengths among the repeated steps.
+        """
+        if skip < 0:
+            raise ValueError(f"skip must be >= 0, got {skip}")
+        repeated: list[tuple[int, float]] = []
+        first: list[tuple[int, float]] = []
+        for run in runs:
+            met: set[int] = set()
+            for index, (length, seconds) in enumerate(run):
+                if not (length > 0 and math.isfinite(seconds) and seconds >= 0):
+                    raise ValueError(
+                        f"a step is (padded length > 0, seconds >= 0), got {(length, seconds)}"
+                    )
+                if index >= skip:
+                    (repeated if length in met else first).append((length, seconds))
+                met.add(length)
+        if len({length for length, _ in repeated}) < 2:
+            raise ValueError(
+                "the fit needs steps of at least two lengths met twice in a run; time more steps"
+            )
+        lengths = torch.tensor([length for length, _ in repeated], dtype=torch.float64)
+        seconds = torch.tensor([t for _, t in repeated], dtype=torch.float64)
+        design = torch.stack([torch.ones_like(lengths), lengths], dim=1)
+        intercept, slope = torch.linalg.lstsq(design, seconds.unsqueeze(1)).solution.squeeze(1)
+        line = cls(float(intercept), float(slope), 0.0)
+        excess = [t - line.run_seconds([length]) for length, t in first]
+        return dataclasses.replace(
+            line, first_shape_s=max(0.0, statistics.fmean(excess)) if excess else 0.0
+        )
+
+    def run_seconds(self, batch_lengths: Sequence[int]) -> float:
+        """Seconds of a run whose batches are padded to ``batch_lengths``, in its order."""
+        total = sum(self.intercept_s + self.per_length_s * length for length in batch_lengths)
+        return total + self.first_shape_s * len(set(batch_lengths))
+
+    def step_ratio(self, batch_lengths: Sequence[int], reference_lengths: Sequence[int]) -> float:
+        """Mean step period of a run of ``batch_lengths`` over that of ``reference_lengths``
+        (for :meth:`CostModel.token_share_of`: grouped batches against random ones)."""
+        if not batch_lengths or not reference_lengths:
+            raise ValueError("step_ratio needs the padded lengths of both runs' batches")
+        mean = self.run_seconds(batch_lengths) / len(batch_lengths)
+        return mean / (self.run_seconds(reference_lengths) / len(reference_lengths))
+
+
 # -- accuracy -------------------------------------------------------------------------------------
 
 

@@ -271,6 +271,22 @@ def group_by_length(
     return torch.cat([shuffled, grouped[full:]])
 
 
+def padded_lengths(lengths: torch.Tensor, order: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The length each batch is padded to (its longest item) for ``order`` cut into batches of
+    ``batch_size`` (the last may be short).
+
+    Example:
+        >>> padded_lengths(torch.tensor([5, 40, 7, 38]), torch.tensor([0, 2, 1, 3]), 2)
+        tensor([ 7, 40])
+    """
+    return torch.stack(
+        [
+            lengths[order[start : start + batch_size]].max()
+            for start in range(0, order.numel(), batch_size)
+        ]
+    )
+
+
 def padded_tokens(lengths: torch.Tensor, order: torch.Tensor, batch_size: int) -> int:
     """Tokens a padded epoch computes: ``sum over batches of len(batch) * max length in it``,
     for ``order`` cut into batches of ``batch_size`` (the last may be short).
@@ -279,11 +295,10 @@ def padded_tokens(lengths: torch.Tensor, order: torch.Tensor, batch_size: int) -
         >>> padded_tokens(torch.tensor([5, 40, 7, 38]), torch.tensor([0, 1, 2, 3]), 2)
         156
     """
-    total = 0
-    for start in range(0, order.numel(), batch_size):
-        batch = lengths[order[start : start + batch_size]]
-        total += batch.numel() * int(batch.max())
-    return total
+    maxima = padded_lengths(lengths, order, batch_size)
+    sizes = torch.full_like(maxima, batch_size)
+    sizes[-1] = order.numel() - batch_size * (maxima.numel() - 1)
+    return int((sizes * maxima).sum())
 
 
 def token_share(lengths: torch.Tensor, batch_size: int, window: int, seed: int = 0) -> float:

@@ -23,6 +23,7 @@ from lightning_3d.budget import (
     AccuracyCurves,
     BudgetAllocation,
     CostModel,
+    PaddedStepFit,
     measure_cost_model,
     reachable_trainable,
     size_fraction,
@@ -149,6 +150,36 @@ def test_token_share_of_a_measured_step_ratio_prices_the_grouped_step_at_that_ra
     # the optimizer alone is 1 s of 4: a grouped step cannot take 0.2 of a random one
     with pytest.raises(ValueError, match="below the optimizer update's share of a step"):
         PLAIN.token_share_of(0.2)
+
+
+def test_padded_step_fit_recovers_a_known_step_cost_from_two_runs() -> None:
+    # steps cost 0.2 + 0.01 L s, and 0.3 s more the first time a run meets a length
+    def timed(lengths: list[int]) -> list[tuple[int, float]]:
+        met: set[int] = set()
+        steps = []
+        for length in lengths:
+            steps.append((length, 0.2 + 0.01 * length + (0.0 if length in met else 0.3)))
+            met.add(length)
+        return steps
+
+    random = [60, 64, 64, 62, 60, 64, 62, 60, 64, 64]  # few lengths, near the longest item
+    grouped = [12, 40, 25, 12, 64, 40, 25, 33, 12, 40, 25, 64, 33]
+    # the first 2 steps of each run are left out of the fit; their lengths still count as met
+    fit = PaddedStepFit.fit([timed([99, 98, *random]), timed([99, 98, *grouped])], skip=2)
+    assert fit.intercept_s == pytest.approx(0.2)
+    assert fit.per_length_s == pytest.approx(0.01)
+    assert fit.first_shape_s == pytest.approx(0.3)
+    # a run is priced by its lengths: the grouped run pays 5 first steps, the random one 3
+    assert fit.run_seconds(grouped) == pytest.approx(sum(t for _, t in timed(grouped)))
+    assert fit.step_ratio(grouped, random) == pytest.approx(
+        (sum(t for _, t in timed(grouped)) / 13) / (sum(t for _, t in timed(random)) / 10)
+    )
+    with pytest.raises(ValueError, match="at least two lengths met twice"):
+        PaddedStepFit.fit([timed([10, 20, 30, 10])], skip=0)
+    with pytest.raises(ValueError, match="padded length > 0"):
+        PaddedStepFit.fit([[(10, 1.0), (0, 1.0)]], skip=0)
+    with pytest.raises(ValueError, match="skip must be >= 0"):
+        PaddedStepFit.fit([timed(random)], skip=-1)
 
 
 def test_grouping_buys_steps_within_the_same_time_budget() -> None:
