@@ -67,7 +67,8 @@ every batch of a whole grouped run and of a whole random one
 (``grouped_steps_<machine>.json``, through
 :meth:`lightning_3d.budget.CostModel.token_share_of`); without it, the padded tokens grouping
 leaves (:func:`lightning_3d.curriculum.token_share` of the training split). ``--summarize``
-saves the curves the finished runs measured (``curves_<machine>.json``, see :func:`measured_curves`).
+saves the curves the finished runs measured (``curves_<machine>.json``, see
+:func:`measured_curves`).
 Until an allocation exists, ``3D`` is every axis off (not run) and the single-axis rows take their
 default strengths.
 
