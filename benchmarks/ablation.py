@@ -1136,9 +1136,9 @@ def export_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def grouped_token_share(args: argparse.Namespace, train: Any) -> float:
-    """The ``token_share`` of ``--group-by-length``: from the grouped and random step periods
-    ``--calibrate`` measured with the same window, else the padded-token share of the
-    training split's lengths (first order: attention grows faster than the length)."""
+    """The ``token_share`` of ``--group-by-length``: from the step-period fit ``--calibrate``
+    measured with the same window (``grouped_steps_<machine>.json``), else the padded-token
+    share of the training split's lengths (the same to first order)."""
     from lightning_3d.curriculum import token_share
     from lightning_3d.sampling import read_lengths
 
