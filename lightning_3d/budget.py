@@ -465,8 +465,8 @@ class CostModel:
             p * (f + b) + o = r * (f + b + o)   =>   p = (r * (f + b + o) - o) / (f + b)
 
         The padded-token share of the data (:func:`~lightning_3d.curriculum.token_share`) is
-        this share to first order; attention grows faster than linearly with the length, so a
-        measured ratio usually prices grouped steps lower.
+        this share to first order; a ratio measured in a real loop (:class:`PaddedStepFit`)
+        also holds what does not scale with the tokens there.
 
         Raises:
             ValueError: ``step_ratio`` outside ``(0, 1]``, or so small that the optimizer
@@ -830,7 +830,11 @@ class PaddedStepFit:
 
     def step_ratio(self, batch_lengths: Sequence[int], reference_lengths: Sequence[int]) -> float:
         """Mean step period of a run of ``batch_lengths`` over that of ``reference_lengths``
-        (for :meth:`CostModel.token_share_of`: grouped batches against random ones)."""
+        (for :meth:`CostModel.token_share_of`: grouped batches against random ones).
+
+        Raises:
+            ValueError: either run has no batches.
+        """
         if not batch_lengths or not reference_lengths:
             raise ValueError("step_ratio needs the padded lengths of both runs' batches")
         mean = self.run_seconds(batch_lengths) / len(batch_lengths)

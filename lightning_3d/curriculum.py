@@ -279,12 +279,11 @@ def padded_lengths(lengths: torch.Tensor, order: torch.Tensor, batch_size: int) 
         >>> padded_lengths(torch.tensor([5, 40, 7, 38]), torch.tensor([0, 2, 1, 3]), 2)
         tensor([ 7, 40])
     """
-    return torch.stack(
-        [
-            lengths[order[start : start + batch_size]].max()
-            for start in range(0, order.numel(), batch_size)
-        ]
-    )
+    maxima = [
+        lengths[order[start : start + batch_size]].max()
+        for start in range(0, order.numel(), batch_size)
+    ]
+    return torch.stack(maxima) if maxima else lengths.new_zeros(0)
 
 
 def padded_tokens(lengths: torch.Tensor, order: torch.Tensor, batch_size: int) -> int:
@@ -296,6 +295,8 @@ def padded_tokens(lengths: torch.Tensor, order: torch.Tensor, batch_size: int) -
         156
     """
     maxima = padded_lengths(lengths, order, batch_size)
+    if not maxima.numel():
+        return 0
     sizes = torch.full_like(maxima, batch_size)
     sizes[-1] = order.numel() - batch_size * (maxima.numel() - 1)
     return int((sizes * maxima).sum())

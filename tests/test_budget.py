@@ -180,6 +180,8 @@ def test_padded_step_fit_recovers_a_known_step_cost_from_two_runs() -> None:
         PaddedStepFit.fit([[(10, 1.0), (0, 1.0)]], skip=0)
     with pytest.raises(ValueError, match="skip must be >= 0"):
         PaddedStepFit.fit([timed(random)], skip=-1)
+    with pytest.raises(ValueError, match="padded lengths of both runs' batches"):
+        fit.step_ratio([], random)
 
 
 def test_grouping_buys_steps_within_the_same_time_budget() -> None:

@@ -16,6 +16,7 @@ from lightning_3d.curriculum import (
     group_by_length,
     lowest_per_group,
     pacing_fraction,
+    padded_lengths,
     padded_tokens,
     proportional_counts,
     rank_shard,
@@ -168,6 +169,8 @@ def test_group_by_length_sorts_each_window_and_shuffles_whole_batches() -> None:
     # + 10 = 68
     assert padded_tokens(lengths, order, 2) == 80
     assert padded_tokens(lengths, grouped, 2) == 68
+    assert sorted(padded_lengths(lengths, grouped, 2).tolist()) == [3, 4, 5, 8, 9, 10]
+    assert padded_tokens(lengths, order[:0], 2) == 0  # an empty epoch pads nothing
     with pytest.raises(ValueError, match="batch_size and window must be >= 1"):
         group_by_length(order, lengths, 2, 0, torch.Generator())
 
