@@ -190,14 +190,50 @@ def output_layer(model: nn.Module) -> nn.Module | None:
     return find() if callable(find) else None
 
 
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's input token embedding (Hugging Face's ``get_input_embeddings()``), or
+    ``None`` for a model without one."""
+    find = getattr(model, "get_input_embeddings", None)
+    return find() if callable(find) else None
+
+
+def output_tied(model: nn.Module) -> bool:
+    """Whether ``model``'s output layer and input embedding share one weight (a tied table)."""
+    head, embedding = output_layer(model), input_embedding(model)
+    return head is not None and embedding is not None and head.weight is embedding.weight
+
+
+def untie_output_layer(model: nn.Module) -> bool:
+    """Give ``model``'s output layer its own copy of the token table it shares with the input
+    embedding (and set ``config.tie_word_embeddings = False``, so that saving and loading keep
+    them apart): the two can then sit on different grids (an int4 table, an int8 head). Returns
+    whether they were tied.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)
+        >>> model = LlamaForCausalLM(config)
+        >>> untie_output_layer(model), model.lm_head.weight is model.model.embed_tokens.weight
+        (True, False)
+    """
+    if not output_tied(model):
+        return False
+    head, table = output_layer(model), input_embedding(model)
+    head.weight = nn.Parameter(table.weight.detach().clone(), table.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    return True
+
+
 def round_to_runtime_grid(
     model: nn.Module, bits: int = 4, block_size: int = 32, embedding_bits: int | None = None
 ) -> list[str]:
     """Round, in place, the weight of every ``nn.Linear`` of ``model`` but LoRA adapters (a
     tied output layer rounds the input embedding with it) to :func:`runtime_grid`: what ONNX
-    Runtime GenAI's builder quantizes at ``weight_bits=bits``; the output layer (the token
-    table) at ``embedding_bits`` when given (:func:`export_generator`'s ``embedding_bits``).
-    Returns the names of the rounded layers.
+    Runtime GenAI's builder quantizes at ``weight_bits=bits``; the token table at
+    ``embedding_bits`` when given (:func:`export_generator`'s ``embedding_bits``): the output
+    layer when tied to it, else the input embedding (an untied output layer is a projection
+    like the others, at ``bits``). Returns the names of the rounded layers.
 
     Example:
         >>> layer = torch.nn.Sequential(torch.nn.Linear(32, 2))
@@ -209,12 +245,15 @@ def round_to_runtime_grid(
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and ".lora_" not in f".{name}"
     ]
-    table = output_layer(model)
+    head, embedding, tied = output_layer(model), input_embedding(model), output_tied(model)
     with torch.no_grad():
         for name in names:
             layer = model.get_submodule(name)
-            grid = embedding_bits if layer is table and embedding_bits else bits
+            grid = embedding_bits if tied and layer is head and embedding_bits else bits
             layer.weight.copy_(runtime_grid(layer.weight, grid, block_size))
+        if embedding_bits and embedding is not None and not tied:
+            embedding.weight.copy_(runtime_grid(embedding.weight, embedding_bits, block_size))
+            names.append(next(n for n, m in model.named_modules() if m is embedding))
     return names
 
 
@@ -270,12 +309,15 @@ def export_generator(
     (``LoRASettings(base_quantization="int4")``), where rounding the merged sum would erase
     every update smaller than half a grid step.
 
-    ``embedding_bits=4`` with ``weight_bits=8`` stores the token table (the input embedding
-    and the output layer, one table when they are tied) in int4 blocks and every projection
-    of the decoder blocks in int8: on SmolLM2-135M the table is a fifth of the weights, so
-    this is about 3.7x smaller than fp32 where int8 everywhere is 2x (the runtime has no int8
-    embedding). The base of ``LoRASettings(base_quantization="int8", base_embedding_bits=4)``
-    is on exactly this grid.
+    ``embedding_bits=4`` with ``weight_bits=8`` stores the token table (the input embedding,
+    and the output layer when they are tied) in int4 blocks and every projection of the
+    decoder blocks in int8: on SmolLM2-135M the table is a fifth of the weights, so this is
+    about 3.7x smaller than fp32 where int8 everywhere is 2x (the runtime has no int8
+    embedding). An untied output layer (:func:`untie_output_layer`) is stored in int8 with the
+    blocks: the answers are scored at the finer grid, for about 28 MB more on SmolLM2 (3.1x
+    smaller than fp32). The base of ``LoRASettings(base_quantization="int8",
+    base_embedding_bits=4)`` (with ``untie_output=True``: the untied form) is on exactly this
+    grid.
 
     Raises:
         ValueError: bad ``weight_bits``/``block_size``/``lora``/``embedding_bits``;
@@ -292,6 +334,8 @@ def export_generator(
     excluded = adapter_product_names(model) if lora == "separate" else []
     table_below = embedding_bits is not None and embedding_bits != weight_bits
     upgraded = block_product_names(model) if table_below else []
+    if table_below and output_layer(model) is not None and not output_tied(model):
+        upgraded.append("/lm_head/MatMul")  # an untied head: a projection, at weight_bits
     target = prepare_output_dir(output)
     precision = "fp32" if weight_bits is None else f"int{weight_bits}"
     if table_below:  # the builder's int4 body, every block product raised to int8 by name
@@ -317,8 +361,8 @@ def export_generator(
         ]  # fmt: skip
         if weight_bits is not None:
             options += [f"block_size={block_size}", "accuracy_level=4"]
-        if table_below and getattr(dense.config, "tie_word_embeddings", False):
-            options.append("op_types_to_quantize=MatMul/Gather")  # the one table, int4 both ways
+        if table_below:  # the token table's Gather in int4 too (tied: the one table)
+            options.append("op_types_to_quantize=MatMul/Gather")
         if options:
             command += ["--extra_options", *options]
         if table_below:  # exact-name overrides: the structured form of the builder's options

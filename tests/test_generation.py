@@ -36,7 +36,10 @@ ANSWERS = [[3524], [2731, 30]]  # one answer of one token, one of two
 
 
 def tiny_lora_llama(
-    tokenizer, base_quantization: str | None = None, base_embedding_bits: int | None = None
+    tokenizer,
+    base_quantization: str | None = None,
+    base_embedding_bits: int | None = None,
+    untie_output: bool = False,
 ):
     """A two-block Llama over SmolLM2's vocabulary with LoRA adapters that are not zero (so
     what is exported must hold ``W + (alpha / r) B A``), its base first treated as
@@ -50,7 +53,9 @@ def tiny_lora_llama(
     )  # fmt: skip
     base = LlamaForCausalLM(config)
     LoRASettings(
-        base_quantization=base_quantization, base_embedding_bits=base_embedding_bits
+        base_quantization=base_quantization,
+        base_embedding_bits=base_embedding_bits,
+        untie_output=untie_output,
     ).round_base(base)
     adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = get_peft_model(base, adapters)
@@ -278,3 +283,41 @@ def test_an_int8_base_with_an_int4_token_table_deploys_as_trained(
     assert mixed.bytes < eight.bytes * 0.7
     with pytest.raises(ValueError, match="base_embedding_bits=4 puts the token table"):
         LoRASettings(base_quantization="int4", base_embedding_bits=4)
+
+
+def test_an_untied_int8_output_layer_beside_an_int4_token_table_deploys_as_trained(
+    smollm2_tokenizer, tmp_path
+) -> None:
+    """``LoRASettings(..., base_embedding_bits=4, untie_output=True)``: the output layer gets
+    its own copy of the tied table on the int8 grid, the input embedding stays on int4; the
+    export stores the head as an 8-bit product and the table as a 4-bit Gather, so the decoder
+    scores the answers as PyTorch does, in a folder between the tied int4 table's and int8's."""
+    model = tiny_lora_llama(smollm2_tokenizer, "int8", base_embedding_bits=4, untie_output=True)
+    base = model.get_base_model()
+    head, table = base.lm_head.weight, base.model.embed_tokens.weight
+    assert head is not table and not base.config.tie_word_embeddings
+    assert torch.equal(runtime_grid(head, 8), head) and not torch.equal(runtime_grid(head, 4), head)
+    assert torch.equal(runtime_grid(table, 4), table)
+    untied = export_generator(
+        model, smollm2_tokenizer, tmp_path / "untied", 8, lora="separate", embedding_bits=4
+    )
+    graph = onnx.load(str(untied.path / "model.onnx"), load_external_data=False).graph
+    bits = {  # GatherBlockQuantized leaves out its bits at their default, 4
+        (n.op_type, n.name): next((a.i for a in n.attribute if a.name == "bits"), 4)
+        for n in graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    assert bits[("MatMulNBits", "/lm_head/MatMul_Q8")] == 8
+    gathers = [b for (op, _), b in bits.items() if op == "GatherBlockQuantized"]
+    assert gathers == [4]
+    for prompt in PROMPTS:
+        expected = [reference_log_probs(model, prompt, answer) for answer in ANSWERS]
+        scores = answer_log_probs_generated(generator(untied.path), prompt, ANSWERS)
+        assert scores == pytest.approx(expected, abs=5e-3)
+    tied = tiny_lora_llama(smollm2_tokenizer, "int8", base_embedding_bits=4)
+    mixed = export_generator(
+        tied, smollm2_tokenizer, tmp_path / "mixed", 8, lora="separate", embedding_bits=4
+    )
+    assert mixed.bytes < untied.bytes
+    with pytest.raises(ValueError, match=r"untie_output=True .* needs base_quantization='int8'"):
+        LoRASettings(base_quantization="int8", untie_output=True)
