@@ -181,7 +181,7 @@ class LoRASettings:
         table = self.base_embedding_bits
         rounded = round_to_runtime_grid(model, bits, embedding_bits=table)
         log.info(
-            "LoRA base: %d linear layers on the int%d runtime grid%s", len(rounded), bits,
+            "LoRA base: %d layers on the int%d runtime grid%s", len(rounded), bits,
             f", the token table on the int{table} one" if table and table != bits else "",
         )  # fmt: skip
 
