@@ -132,6 +132,10 @@ SETUPS: dict[str, dict[str, Any]] = {
 # 3D-int8 with the output layer untied from the int4 table, on the int8 grid (it scores every
 # answer): what the int4 head costs in training, for about 28 MB more
 SETUPS["3D-int8-untied"] = SETUPS["3D-int8"] | {UNTIE: True}
+# where 3D-int8's points go: the same run with batches in random order (not grouped), and with
+# every adapter training (no depth freezing); each costs time, so both are diagnostics
+SETUPS["3D-int8-random"] = {k: v for k, v in SETUPS["3D-int8"].items() if k != "group_by_length"}
+SETUPS["3D-int8-all"] = SETUPS["3D-int8"] | {"trainable": 1.0}
 THREE_SEEDS = ("Standard", "3D")
 LORA = {
     "r": 16,

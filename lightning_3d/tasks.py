@@ -197,6 +197,11 @@ class LoRASettings:
         )
 
 
+# a task's hyperparameters hold its LoRASettings: checkpoints load with torch's default
+# ``weights_only=True`` (what ``Trainer.fit(ckpt_path=...)`` uses) only when the class is allowed
+torch.serialization.add_safe_globals([LoRASettings])
+
+
 def total_training_steps(trainer: Any) -> int | float:
     """Optimizer steps of the whole fit, for learning-rate schedules.
 

@@ -321,3 +321,74 @@ def test_an_untied_int8_output_layer_beside_an_int4_token_table_deploys_as_train
     assert mixed.bytes < untied.bytes
     with pytest.raises(ValueError, match=r"untie_output=True .* needs base_quantization='int8'"):
         LoRASettings(base_quantization="int8", untie_output=True)
+
+
+def test_an_untied_output_layer_run_resumes_as_the_uninterrupted_run(
+    smollm2_tokenizer, tmp_path
+) -> None:
+    """A CausalLMTask with ``untie_output=True`` checkpointed after one epoch and resumed in a
+    fresh task (which unties and rounds its base again) ends with the uninterrupted run's
+    adapters, its int8 output layer apart from the int4 table, and both on their grids."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_3d.tasks import CausalLMTask
+
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    folder = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    settings = LoRASettings(
+        r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+        base_quantization="int8", base_embedding_bits=4, untie_output=True,
+    )  # fmt: skip
+    generator_ = torch.Generator().manual_seed(1)
+    batches = []
+    for index in range(2):  # one epoch of two steps
+        ids = torch.randint(3, 2000, (2, 12), generator=generator_)
+        batches.append({
+            "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+            "index": torch.tensor([2 * index, 2 * index + 1]),
+        })  # fmt: skip
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+
+    def trainer(epochs: int, *callbacks: Any) -> pl.Trainer:
+        return pl.Trainer(
+            max_epochs=epochs, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=bool(callbacks),
+            callbacks=list(callbacks), limit_val_batches=0, default_root_dir=tmp_path,
+        )  # fmt: skip
+
+    class StopAfterOneEpoch(pl.Callback):  # an interruption after the epoch's checkpoint
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            trainer.should_stop = True
+
+    def task() -> CausalLMTask:
+        pl.seed_everything(0)
+        return CausalLMTask(model_name_or_path=str(folder), lora=settings, learning_rate=1e-2)
+
+    whole = task()
+    start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
+    trainer(2).fit(whole, loader)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=True)
+    trainer(2, checkpoint, StopAfterOneEpoch()).fit(task(), loader)  # the same LR schedule
+    saved = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]
+    head_key = next(k for k in saved if k.endswith("lm_head.weight"))
+    table_key = next(k for k in saved if k.endswith("embed_tokens.weight"))
+    assert not torch.equal(saved[head_key], saved[table_key])  # two tensors in the checkpoint
+    resumed = task()
+    trainer(2).fit(resumed, loader, ckpt_path=checkpoint.best_model_path)
+
+    trained = dict(whole.named_parameters())
+    assert any(not torch.equal(trained[n], p) for n, p in start.items())  # it trained
+    for name, param in resumed.named_parameters():
+        torch.testing.assert_close(param, trained[name], rtol=0, atol=1e-6, msg=name)
+    base = resumed.model.get_base_model()
+    head, table = base.lm_head.weight, base.model.embed_tokens.weight
+    assert head is not table and torch.equal(head, runtime_grid(head, 8))
+    assert torch.equal(table, runtime_grid(table, 4)) and not torch.equal(head, table)
