@@ -357,7 +357,7 @@ def test_an_untied_output_layer_run_resumes_as_the_uninterrupted_run(
         })  # fmt: skip
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
 
-    def trainer(epochs: int, *callbacks: Any) -> pl.Trainer:
+    def trainer(epochs: int, *callbacks: pl.Callback) -> pl.Trainer:
         return pl.Trainer(
             max_epochs=epochs, logger=False, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=bool(callbacks),
