@@ -36,6 +36,9 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
 * ``3D-int8-untied``: ``3D-int8`` with the output layer given its own copy of the table on the
   int8 grid (``LoRASettings(..., untie_output=True)``; the input embedding stays int4),
   deployed so (an int8 ``lm_head`` product, an int4 Gather): 3.1x smaller than fp32.
+* ``3D-int8-random`` and ``3D-int8-all``: diagnostics of where ``3D-int8``'s points go: the
+  batches in random order (no grouping), and every adapter training (``trainable=1.0``, no
+  depth freezing). Each costs time that ``3D-int8``'s budget does not have.
 
 Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir``
 (skipped when present; ``--force`` reruns):
