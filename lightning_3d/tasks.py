@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import math
 import resource
@@ -439,17 +440,42 @@ class SequenceClassificationTask(PretrainedTask):
         return {"index": batch["index"], "prediction": logits.argmax(-1), "logits": logits}
 
 
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions ``t`` whose next token ``t+1`` is labelled in some row: the only logits a
+    next-token loss reads.
+
+    An answer-only loss (prompt tokens labelled ``-100``) needs the logits of a few positions of
+    each sequence; the language-model head (``hidden x vocabulary``, a fifth of SmolLM2's
+    multiply-adds) and the ``[batch, length, vocabulary]`` logits need not be computed anywhere
+    else.
+
+    Example:
+        >>> predicting_positions(torch.tensor([[-100, -100, 5, 7], [-100, 3, -100, -100]]))
+        tensor([0, 1, 2])
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+
+
 def causal_lm_losses(
-    logits: torch.Tensor, labels: torch.Tensor
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy: token-mean loss and per-sequence mean losses.
 
     With ``m_it = 1`` where ``labels[i, t+1] != -100``, ``l_it`` the loss of predicting token
     ``t+1`` from position ``t``: ``L = sum(m * l) / sum(m)`` (what Hugging Face models optimize)
     and ``l_i = sum_t(m_it * l_it) / sum_t(m_it)``.
+
+    Args:
+        logits: ``[batch, length, vocabulary]``, or ``[batch, len(positions), vocabulary]``: the
+            logits of ``positions`` only (every position ``m`` is 1 at must be among them,
+            :func:`predicting_positions`); the losses are the same.
+        labels: ``[batch, length]`` token ids, ``-100`` where nothing is predicted.
+        positions: the sequence positions ``logits`` hold, when not all of them.
     """
-    shifted_logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
+    if positions is None:
+        shifted_logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    else:
+        shifted_logits, targets = logits.float(), labels[:, positions + 1]
     token_losses = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
         targets.reshape(-1),
@@ -469,7 +495,9 @@ class CausalLMTask(PretrainedTask):
     :class:`SequenceClassificationTask`; a batch with ``sample_weight`` ``w`` or teacher targets
     (a ``Distiller``: per-sequence losses blended with the top-k token KL, see
     :func:`~lightning_3d.distillation.distil`) optimizes ``(1/B) * sum_i w_i l_i`` over
-    per-sequence losses instead of the token mean.
+    per-sequence losses instead of the token mean. Training and scoring compute the logits of the
+    labelled positions only (:func:`predicting_positions`, the model's ``logits_to_keep``): with
+    an answer-only loss that skips the language-model head over every prompt token.
 
     Args:
         model_name_or_path: local folder, ``.gguf`` file, or Hub id; ``None`` is the packaged
@@ -504,16 +532,40 @@ class CausalLMTask(PretrainedTask):
         #: how a GenAI export deploys this task's adapters (``LoRASettings.deployment``)
         self.lora_deployment = "merge" if lora is None else lora.deployment
         self._attach(model, lora, "CAUSAL_LM")
+        #: whether the model computes the logits of chosen positions only (``logits_to_keep``)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Return the logits ``[batch, sequence, vocabulary]``."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the logits ``[batch, sequence, vocabulary]``, or ``[batch, len(positions),
+        vocabulary]``: those of ``positions`` only (the model's ``logits_to_keep``)."""
+        kept = {} if positions is None else {"logits_to_keep": positions}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kept).logits
+
+    def _losses(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, token-mean loss and per-sequence losses of a training batch.
+
+        The logits are computed at the labelled positions only (:func:`predicting_positions`)
+        when the model takes ``logits_to_keep`` (Hugging Face causal LMs do) and no teacher's
+        targets (which hold every token) are in the batch: the same losses and gradients,
+        without the language-model head over the prompt.
+        """
+        positions = None
+        if self._keeps_logits and TEACHER_KEY not in batch:
+            positions = predicting_positions(batch["labels"])
+        logits = self(batch["input_ids"], batch["attention_mask"], positions)
+        return logits, *causal_lm_losses(logits, batch["labels"], positions)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss, per_sequence = causal_lm_losses(logits, batch["labels"])
+        logits, loss, per_sequence = self._losses(batch)
         if "sample_weight" in batch or TEACHER_KEY in batch:
             per_sequence = distil(per_sequence, logits, batch)
             loss = weighted_mean(per_sequence, batch)
@@ -522,9 +574,7 @@ class CausalLMTask(PretrainedTask):
 
     def score_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-sequence losses and indices, as ``training_step`` returns them, without logging."""
-        _, per_sequence = causal_lm_losses(
-            self(batch["input_ids"], batch["attention_mask"]), batch["labels"]
-        )
+        _, _, per_sequence = self._losses(batch)
         return {"per_sample_loss": per_sequence, "index": batch["index"]}
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> torch.Tensor:

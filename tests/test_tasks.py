@@ -16,6 +16,7 @@ from lightning_3d.tasks import (
     LoRASettings,
     SequenceClassificationTask,
     causal_lm_losses,
+    predicting_positions,
 )
 
 
@@ -194,6 +195,56 @@ def test_causal_lm_losses_hand_worked() -> None:
     torch.testing.assert_close(
         loss, torch.tensor((-math.log(0.25) - math.log(0.1) - math.log(0.6)) / 3)
     )
+    positions = predicting_positions(labels)  # every row predicts from position 0, row 0 from 1
+    assert positions.tolist() == [0, 1]
+    kept = causal_lm_losses(logits[:, positions], labels, positions)
+    torch.testing.assert_close(kept, (loss, per_sequence))
+
+
+def test_answer_only_loss_computes_the_labelled_logits_alone(smollm2_tokenizer, tmp_path) -> None:
+    """With prompts labelled -100, the training step computes the logits of the few predicting
+    positions only, and its loss and adapter gradients are those of the full logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    adapters = LoRASettings(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    task = CausalLMTask(model_name_or_path=str(tmp_path), lora=adapters)
+    for name, parameter in task.named_parameters():  # LoRA B starts at 0: give it gradients
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for prompt_length, answer_length in ((9, 1), (5, 2), (12, 1)):
+        ids = torch.randint(3, 2000, (prompt_length + answer_length,), generator=generator)
+        labels = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), ids[prompt_length:]])
+        items.append({"input_ids": ids, "labels": labels, "index": len(items)})
+    batch = PaddingCollator(smollm2_tokenizer.pad_token_id)(items)
+    positions = predicting_positions(batch["labels"])
+    assert positions.tolist() == [4, 5, 8, 11]  # of 12 positions that predict a next token
+
+    full = task(batch["input_ids"], batch["attention_mask"])
+    kept = task(batch["input_ids"], batch["attention_mask"], positions)
+    assert kept.shape == (3, 4, len(smollm2_tokenizer))
+    torch.testing.assert_close(kept, full[:, positions])
+    reference, reference_rows = causal_lm_losses(full, batch["labels"])
+    reference.backward()
+    reference_grads = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+    task.zero_grad()
+
+    out = task.training_step(batch, 0)
+    torch.testing.assert_close(out["loss"], reference)
+    torch.testing.assert_close(out["per_sample_loss"], reference_rows.detach())
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
+    assert grads.keys() == reference_grads.keys() and len(grads) == 8  # 2 blocks x q, v x A, B
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], msg=name)
 
 
 def test_causal_lm_forward_backward_matches_hugging_face_loss(smollm2_tokenizer) -> None:
