@@ -39,6 +39,10 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
 * ``3D-int8-random`` and ``3D-int8-all``: diagnostics of where ``3D-int8``'s points go: the
   batches in random order (no grouping), and every adapter training (``trainable=1.0``, no
   depth freezing). Each costs time that ``3D-int8``'s budget does not have.
+  ``3D-int8-all-table8``: ``3D-int8-all`` with the table on the int8 grid too (deployed at int8
+  everywhere): what the int4 table costs, a diagnostic.
+* ``3D-int8-warm``: ``3D-int8`` with every adapter training for the first quarter of the steps
+  (``warmup=0.25``), then the lower half frozen.
 
 Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir``
 (skipped when present; ``--force`` reruns):
@@ -139,6 +143,14 @@ SETUPS["3D-int8-untied"] = SETUPS["3D-int8"] | {UNTIE: True}
 # every adapter training (no depth freezing); each costs time, so both are diagnostics
 SETUPS["3D-int8-random"] = {k: v for k, v in SETUPS["3D-int8"].items() if k != "group_by_length"}
 SETUPS["3D-int8-all"] = SETUPS["3D-int8"] | {"trainable": 1.0}
+# what the int4 table costs when every adapter trains: the table on the blocks' int8 grid
+# (deployed at int8 everywhere: 2x, under the 3x goal), a diagnostic
+SETUPS["3D-int8-all-table8"] = {
+    k: v for k, v in SETUPS["3D-int8-all"].items() if k not in (BASE_TABLE, "embedding_bits")
+}
+# 3D-int8 with every adapter training over the first quarter of the steps before the lower
+# half freezes (the plan's dense warm-up): the lower blocks' adapters adapt where most is learnt
+SETUPS["3D-int8-warm"] = SETUPS["3D-int8"] | {"warmup": 0.25}
 THREE_SEEDS = ("Standard", "3D")
 LORA = {
     "r": 16,
