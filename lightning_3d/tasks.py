@@ -467,7 +467,7 @@ def causal_lm_losses(
 
     Args:
         logits: ``[batch, length, vocabulary]``, or ``[batch, len(positions), vocabulary]``: the
-            logits of ``positions`` only (every position ``m`` is 1 at must be among them,
+            logits of ``positions`` only (every position where ``m`` is 1 among them,
             :func:`predicting_positions`); the losses are the same.
         labels: ``[batch, length]`` token ids, ``-100`` where nothing is predicted.
         positions: the sequence positions ``logits`` hold, when not all of them.
