@@ -48,6 +48,25 @@ def smollm2_tokenizer():
     return load_tokenizer(resolve_causal_lm(None))
 
 
+@pytest.fixture
+def tiny_llama_folder(smollm2_tokenizer, tmp_path) -> Path:
+    """A saved two-block Llama over SmolLM2's vocabulary (tied table, random weights of seed 0)
+    with SmolLM2's tokenizer beside it: a ``model_name_or_path`` that loads in a second."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    folder = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _seeded_torch():
     """Every test draws the same random numbers on every run: a failure always reproduces."""

@@ -324,7 +324,7 @@ def test_an_untied_int8_output_layer_beside_an_int4_token_table_deploys_as_train
 
 
 def test_an_untied_output_layer_run_resumes_as_the_uninterrupted_run(
-    smollm2_tokenizer, tmp_path
+    tiny_llama_folder, tmp_path
 ) -> None:
     """A CausalLMTask with ``untie_output=True`` checkpointed after one epoch and resumed in a
     fresh task (which unties and rounds its base again) ends with the uninterrupted run's
@@ -334,15 +334,6 @@ def test_an_untied_output_layer_run_resumes_as_the_uninterrupted_run(
 
     from lightning_3d.tasks import CausalLMTask
 
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    folder = tmp_path / "tiny-llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
     settings = LoRASettings(
         r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
         base_quantization="int8", base_embedding_bits=4, untie_output=True,
@@ -370,7 +361,9 @@ def test_an_untied_output_layer_run_resumes_as_the_uninterrupted_run(
 
     def task() -> CausalLMTask:
         pl.seed_everything(0)
-        return CausalLMTask(model_name_or_path=str(folder), lora=settings, learning_rate=1e-2)
+        return CausalLMTask(
+            model_name_or_path=str(tiny_llama_folder), lora=settings, learning_rate=1e-2
+        )
 
     whole = task()
     start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}

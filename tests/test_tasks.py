@@ -201,20 +201,13 @@ def test_causal_lm_losses_hand_worked() -> None:
     torch.testing.assert_close(kept, (loss, per_sequence))
 
 
-def test_answer_only_loss_computes_the_labelled_logits_alone(smollm2_tokenizer, tmp_path) -> None:
+def test_answer_only_loss_computes_the_labelled_logits_alone(
+    smollm2_tokenizer, tiny_llama_folder
+) -> None:
     """With prompts labelled -100, the training step computes the logits of the few predicting
     positions only, and its loss and adapter gradients are those of the full logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    smollm2_tokenizer.save_pretrained(tmp_path)
     adapters = LoRASettings(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    task = CausalLMTask(model_name_or_path=str(tmp_path), lora=adapters)
+    task = CausalLMTask(model_name_or_path=str(tiny_llama_folder), lora=adapters)
     for name, parameter in task.named_parameters():  # LoRA B starts at 0: give it gradients
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.1)
