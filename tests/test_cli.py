@@ -21,6 +21,7 @@ LM_CONFIG = REPO / "examples" / "configs" / "hamlet_smollm2_lora.yaml"
 PROMPT_CONFIG = REPO / "examples" / "configs" / "rt_smollm2_lora.yaml"
 PROMPT_PLAN_CONFIG = REPO / "examples" / "configs" / "rt_smollm2_3d.yaml"
 ONE_EPOCH_LM_PLAN = REPO / "examples" / "configs" / "rt_smollm2_3d_one_epoch.yaml"
+INT8_LM_PLAN = REPO / "examples" / "configs" / "rt_smollm2_3d_int8.yaml"
 FSDP_CONFIG = REPO / "examples" / "configs" / "rt_minilm_fsdp_compressed.yaml"
 CURRICULUM_CONFIG = REPO / "examples" / "configs" / "rt_minilm_curriculum.yaml"
 FREEZER_CONFIG = REPO / "examples" / "configs" / "rt_minilm_freezer.yaml"
@@ -199,6 +200,7 @@ def test_every_example_config_is_tested() -> None:
             PROMPT_CONFIG,
             PROMPT_PLAN_CONFIG,
             ONE_EPOCH_LM_PLAN,
+            INT8_LM_PLAN,
             FSDP_CONFIG,
             CURRICULUM_CONFIG,
             FREEZER_CONFIG,
@@ -218,6 +220,7 @@ EXAMPLE_CONFIGS = [
     PROMPT_CONFIG,
     PROMPT_PLAN_CONFIG,
     ONE_EPOCH_LM_PLAN,
+    INT8_LM_PLAN,
     FSDP_CONFIG,
     CURRICULUM_CONFIG,
     FREEZER_CONFIG,
@@ -430,29 +433,25 @@ def test_cli_exports_the_lora_plan_for_generation_with_adapters_beside_the_int4_
 
 @pytest.mark.slow  # SmolLM2 trained, exported by the GenAI builder and scored
 def test_cli_exports_an_int8_base_with_its_int4_token_table_from_the_plan(tmp_path) -> None:
-    """The one-epoch LoRA plan with the base on the int8 grid and the tied table on the int4
-    one, 4 steps; ``lightning-3d export --formats genai-int8`` takes the table's bits from the
-    plan: every block product int8, the head and the embedding int4, the adapters float."""
+    """rt_smollm2_3d_int8.yaml for 4 steps (its batches grouped by length): the base on the
+    int8 grid and the tied table on the int4 one; ``lightning-3d export --formats genai-int8``
+    takes the table's bits from the plan: every block product int8, the head and the embedding
+    int4, the adapters float."""
     import onnx
     import torch
 
     from lightning_3d.generation import runtime_grid
 
-    grid = (
-        "--plan.weight_bits=8", "--plan.embedding_bits=4",
-        "--model.init_args.lora.base_quantization=int8",
-        "--model.init_args.lora.base_embedding_bits=4",
-    )  # fmt: skip
-    overrides = (*SHORT_RUN[:-1], "--plan.max_steps=4", "--data.init_args.train_samples=16")
-    root, _ = _fit(tmp_path, ONE_EPOCH_LM_PLAN, *overrides, *grid, "--data.init_args.max_length=96")
+    overrides = (*SHORT_RUN[:-1], "--plan.max_steps=4", "--data.init_args.train_samples=32")
+    root, _ = _fit(tmp_path, INT8_LM_PLAN, *overrides)
     checkpoint = next(root.rglob("last.ckpt"))
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     table = state["model.base_model.model.lm_head.weight"]
     block = state["model.base_model.model.model.layers.3.mlp.up_proj.weight"]
     assert torch.equal(runtime_grid(table, 4), table) and torch.equal(runtime_grid(block, 8), block)
     out = tmp_path / "deploy"
-    args = [*_cli(), "export", "--config", str(ONE_EPOCH_LM_PLAN), *grid]
-    args += ["--ckpt_path", str(checkpoint), "--output", str(out), "--formats", "genai-int8"]
+    args = [*_cli(), "export", "--config", str(INT8_LM_PLAN), "--ckpt_path", str(checkpoint)]
+    args += ["--output", str(out), "--formats", "genai-int8"]
     args += ["--eval_samples", "8", "--latency_rounds", "0"]
     result = subprocess.run(
         args, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600
