@@ -43,6 +43,7 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
   everywhere): what the int4 table costs, a diagnostic.
 * ``3D-int8-warm``: ``3D-int8`` with every adapter training for the first quarter of the steps
   (``warmup=0.25``), then the lower half frozen.
+* ``3D-int8-epoch``: ``3D-int8`` over the whole epoch (``Standard``'s 500 steps).
 
 Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir``
 (skipped when present; ``--force`` reruns):
@@ -151,6 +152,8 @@ SETUPS["3D-int8-all-table8"] = {
 # 3D-int8 with every adapter training over the first quarter of the steps before the lower
 # half freezes (the plan's dense warm-up): the lower blocks' adapters adapt where most is learnt
 SETUPS["3D-int8-warm"] = SETUPS["3D-int8"] | {"warmup": 0.25}
+# 3D-int8 over the whole epoch (every batch, 500 steps): what the last tenth of the data buys
+SETUPS["3D-int8-epoch"] = SETUPS["3D-int8"] | {STEPS: 1.0}
 THREE_SEEDS = ("Standard", "3D", "3D-int8")
 GOAL_SETUPS = ("3D", "3D-int8")  # the plans the goals are read from
 LORA = {
