@@ -61,8 +61,9 @@ Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under 
   ``tokens_per_s``: its greedy generation speed at batch 1, 64 new tokens after a test prompt,
   median of 3 (:func:`lightning_3d.generation.tokens_per_second`).
 
-``--summarize`` merges the result files into ``--summary`` and prints the table (mean ± sd over
-seeds) and the goals of ``3D`` and ``3D-int8`` against ``Standard``. A result file with a
+``--summarize`` merges the machine's result files into ``--summary`` (by default
+``llm_summary_<machine>.json`` beside the results) and prints the table (mean ± sd over seeds)
+and the goals of ``3D`` and ``3D-int8`` against ``Standard``. A result file with a
 ``"contended"`` entry (a note saying why) comes from a run that shared the CPU with other work:
 its accuracy and sizes count, its times (``train_s``, ``cpu_s``, ``tokens_per_s``) are left out.
 
@@ -550,7 +551,8 @@ def goals(summary: dict[str, Any]) -> str:
 
 def summarize(args: argparse.Namespace) -> None:
     summary = merge(args)
-    args.summary.write_text(json.dumps(summary, indent=1) + "\n")
+    target = args.summary or RESULTS.parent / f"llm_summary_{args.machine}.json"
+    target.write_text(json.dumps(summary, indent=1) + "\n")
     print(table(summary))
     print()
     print(goals(summary))
@@ -568,7 +570,9 @@ def main() -> None:
     parser.add_argument("--machine", default="cpu")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--export-dir", type=Path, default=Path("runs") / "llm_exports")
-    parser.add_argument("--summary", type=Path, default=RESULTS.parent / "llm_summary.json")
+    parser.add_argument(
+        "--summary", type=Path, default=None, help="default: llm_summary_<machine>.json in results"
+    )
     parser.add_argument("--force", action="store_true")
     parser.add_argument(
         "--keep-models", type=Path, default=None, help="save each run's base and adapters here"
