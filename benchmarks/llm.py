@@ -44,6 +44,8 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
 * ``3D-int8-warm``: ``3D-int8`` with every adapter training for the first quarter of the steps
   (``warmup=0.25``), then the lower half frozen.
 * ``3D-int8-epoch``: ``3D-int8`` over the whole epoch (``Standard``'s 500 steps).
+* ``3D-int8-quarter``: ``3D-int8`` with only the lower quarter of the adapters frozen
+  (``trainable=0.75``) in 0.8 of the steps: depth traded for steps.
 
 Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir``
 (skipped when present; ``--force`` reruns):
@@ -155,6 +157,8 @@ SETUPS["3D-int8-all-table8"] = {
 SETUPS["3D-int8-warm"] = SETUPS["3D-int8"] | {"warmup": 0.25}
 # 3D-int8 over the whole epoch (every batch, 500 steps): what the last tenth of the data buys
 SETUPS["3D-int8-epoch"] = SETUPS["3D-int8"] | {STEPS: 1.0}
+# depth traded for steps: the lower quarter of the adapters frozen, 0.8 of the steps
+SETUPS["3D-int8-quarter"] = SETUPS["3D-int8"] | {"trainable": 0.75, STEPS: 0.8}
 THREE_SEEDS = ("Standard", "3D", "3D-int8")
 GOAL_SETUPS = ("3D", "3D-int8")  # the plans the goals are read from
 LORA = {
