@@ -159,6 +159,11 @@ SETUPS["3D-int8-warm"] = SETUPS["3D-int8"] | {"warmup": 0.25}
 SETUPS["3D-int8-epoch"] = SETUPS["3D-int8"] | {STEPS: 1.0}
 # depth traded for steps: the lower quarter of the adapters frozen, 0.8 of the steps
 SETUPS["3D-int8-quarter"] = SETUPS["3D-int8"] | {"trainable": 0.75, STEPS: 0.8}
+# 3D-int8-quarter with the tied table on the int8 grid of the blocks (the packaged table's own
+# grid: lossless), stored once in int8 for both of its uses
+SETUPS["3D-int8-table8"] = {
+    k: v for k, v in SETUPS["3D-int8-quarter"].items() if k not in (BASE_TABLE, "embedding_bits")
+}
 THREE_SEEDS = ("Standard", "3D", "3D-int8")
 GOAL_SETUPS = ("3D", "3D-int8")  # the plans the goals are read from
 LORA = {

@@ -309,15 +309,19 @@ def export_generator(
     (``LoRASettings(base_quantization="int4")``), where rounding the merged sum would erase
     every update smaller than half a grid step.
 
+    ``weight_bits=8`` with a tied token table (the output layer sharing the input embedding's
+    weight) stores the table once, in int8 blocks: the output layer's ``MatMulNBits`` and the
+    input's ``GatherBlockQuantized`` read the same initializers (on SmolLM2-135M 3.3x smaller
+    than fp32 with the adapters beside it). An untied input embedding stays fp32 at 8 bits
+    (the builder writes no int8 ``Gather`` of its own).
     ``embedding_bits=4`` with ``weight_bits=8`` stores the token table (the input embedding,
     and the output layer when they are tied) in int4 blocks and every projection of the
     decoder blocks in int8: on SmolLM2-135M the table is a fifth of the weights, so this is
-    about 3.7x smaller than fp32 where int8 everywhere is 2x (the runtime has no int8
-    embedding). An untied output layer (:func:`untie_output_layer`) is stored in int8 with the
-    blocks: the answers are scored at the finer grid, for about 28 MB more on SmolLM2 (3.1x
-    smaller than fp32). The base of ``LoRASettings(base_quantization="int8",
-    base_embedding_bits=4)`` (with ``untie_output=True``: the untied form) is on exactly this
-    grid.
+    about 3.6x smaller than fp32. An untied output layer (:func:`untie_output_layer`) is stored
+    in int8 with the blocks: the answers are scored at the finer grid, for about 28 MB more on
+    SmolLM2 (3.1x smaller than fp32). The base of ``LoRASettings(base_quantization="int8")``
+    (with ``base_embedding_bits=4``: the int4 table; with ``untie_output=True`` too: the untied
+    form) is on exactly these grids.
 
     Raises:
         ValueError: bad ``weight_bits``/``block_size``/``lora``/``embedding_bits``;
@@ -333,13 +337,16 @@ def export_generator(
         raise ValueError(f"lora must be one of {LORA_DEPLOYMENTS}, got {lora!r}")
     excluded = adapter_product_names(model) if lora == "separate" else []
     table_below = embedding_bits is not None and embedding_bits != weight_bits
-    upgraded = block_product_names(model) if table_below else []
-    if table_below and output_layer(model) is not None and not output_tied(model):
-        upgraded.append("/lm_head/MatMul")  # an untied head: a projection, at weight_bits
+    shared_int8 = weight_bits == 8 and not table_below and output_tied(model)
+    mixed = table_below or shared_int8  # the int4 body, products raised to int8 by name
+    upgraded = block_product_names(model) if mixed else []
+    head = output_layer(model) is not None
+    if (table_below and head and not output_tied(model)) or shared_int8:
+        upgraded.append("/lm_head/MatMul")  # an untied head, or the shared int8 table
     target = prepare_output_dir(output)
     precision = "fp32" if weight_bits is None else f"int{weight_bits}"
-    if table_below:  # the builder's int4 body, every block product raised to int8 by name
-        precision = f"int{embedding_bits}"
+    if mixed:
+        precision = "int4"
     with tempfile.TemporaryDirectory(prefix="lightning3d-genai-") as scratch:
         source, options = Path(scratch) / "hf", []
         if lora == "separate":  # the adapters on their own; the base without them
@@ -347,7 +354,7 @@ def export_generator(
             with_adapters.save_pretrained(Path(scratch) / "adapter")
             model = with_adapters.unload()
             options.append(f"adapter_path={Path(scratch) / 'adapter'}")
-            if weight_bits is not None and not table_below:
+            if weight_bits is not None and not mixed:
                 options.append("nodes_to_exclude=" + ",".join(excluded))
         dense, _, notes = dense_float_model(model)
         for note in notes:
@@ -361,11 +368,11 @@ def export_generator(
         ]  # fmt: skip
         if weight_bits is not None:
             options += [f"block_size={block_size}", "accuracy_level=4"]
-        if table_below:  # the token table's Gather in int4 too (tied: the one table)
+        if mixed:  # the token table's Gather quantized too (tied: the one table)
             options.append("op_types_to_quantize=MatMul/Gather")
         if options:
             command += ["--extra_options", *options]
-        if table_below:  # exact-name overrides: the structured form of the builder's options
+        if mixed:  # exact-name overrides: the structured form of the builder's options
             overrides = [{"match": {"name": n}, "type": f"int{weight_bits}"} for n in upgraded]
             overrides += [{"match": {"name": n}, "exclude": True} for n in excluded]
             weights = {"overrides": overrides}
@@ -377,9 +384,52 @@ def export_generator(
             architecture = (getattr(dense.config, "architectures", None) or ["?"])[0]
             raise ValueError(f"ONNX Runtime GenAI has no builder for {architecture}:\n{tail}")
         raise RuntimeError(f"the ONNX Runtime GenAI builder failed ({precision}):\n{tail}")
+    if shared_int8:
+        link_shared_table(target / "model.onnx")
     built = GeneratorExport(target, weight_bits, folder_bytes(target))
     log.info("export_generator: %s (%s) %.1f MB", target, precision, built.bytes / 2**20)
     return built
+
+
+def link_shared_table(path: Path) -> None:
+    """Point the token table's ``GatherBlockQuantized`` of the ONNX graph at ``path`` at the
+    initializers of the output layer's ``MatMulNBits`` when it names ones the graph lacks.
+
+    ONNX Runtime GenAI's builder (0.18) shares a tied table quantized to 8 bits between the two
+    nodes but names the gather's inputs after another quantizer's convention
+    (``lm_head.MatMul.weight_Q8G32``, ``..._scale``) while the product stores
+    ``lm_head.MatMul.weight_Q8`` and ``..._scales``: the graph does not load. Both hold
+    ``[vocabulary, blocks, block]`` codes with the implicit zero point ``2^(bits - 1)`` and
+    ``[vocabulary, blocks]`` scales, so relinking the names is the whole repair; names that
+    resolve are left alone.
+
+    Raises:
+        RuntimeError: the graph has no 8-bit ``GatherBlockQuantized`` fed by the output
+            layer's codes, or a gather input that resolves to nothing after relinking.
+    """
+    import onnx
+
+    graph_model = onnx.load(str(path), load_external_data=False)
+    graph = graph_model.graph
+    known = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    known |= {output for node in graph.node for output in node.output}
+    head = next((n for n in graph.node if n.name.startswith("/lm_head/MatMul")), None)
+    gather = next((n for n in graph.node if n.op_type == "GatherBlockQuantized"), None)
+    if head is None or gather is None or head.op_type != "MatMulNBits":
+        raise RuntimeError(
+            f"{path}: no GatherBlockQuantized beside an lm_head MatMulNBits; the builder's "
+            "shared 8-bit table changed (export with embedding_bits=4 instead)"
+        )
+    reshape = next((n for n in graph.node if gather.input[0] in n.output), None)
+    codes = reshape.input if reshape is not None and reshape.op_type == "Reshape" else gather.input
+    repairs = [(codes, 0, head.input[1]), (gather.input, 2, head.input[2])]
+    for inputs, position, name in repairs:
+        if inputs[position] not in known:
+            inputs[position] = name
+    missing = [name for name in [*codes, *gather.input] if name and name not in known]
+    if missing:
+        raise RuntimeError(f"{path}: the shared token table reads {missing}, which no node makes")
+    onnx.save(graph_model, str(path))
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

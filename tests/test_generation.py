@@ -251,8 +251,8 @@ def test_an_int8_base_with_an_int4_token_table_deploys_as_trained(
     """``LoRASettings(base_quantization="int8", base_embedding_bits=4)``: the tied table on the
     int4 grid, every block projection on the int8 one; ``export_generator(weight_bits=8,
     embedding_bits=4)`` stores exactly that grid (the block products at 8 bits, the head at 4,
-    the adapters float), so the decoder computes the PyTorch model's answers, in a folder
-    smaller than the all-int8 one (whose table stays fp32: the runtime has no int8 Gather)."""
+    the adapters float), so the decoder computes the PyTorch model's answers, in a folder half
+    a byte per table entry smaller than the one with the table in int8."""
     model = tiny_lora_llama(smollm2_tokenizer, "int8", base_embedding_bits=4)
     base = model.get_base_model()
     table, q_proj = base.lm_head.weight, base.model.layers[0].self_attn.q_proj.base_layer.weight
@@ -280,9 +280,108 @@ def test_an_int8_base_with_an_int4_token_table_deploys_as_trained(
         scores = answer_log_probs_generated(generator(mixed.path), prompt, ANSWERS)
         assert scores == pytest.approx(expected, abs=5e-3)
     eight = export_generator(model, smollm2_tokenizer, tmp_path / "eight", 8, lora="separate")
-    assert mixed.bytes < eight.bytes * 0.7
+    assert eight.bytes - mixed.bytes == pytest.approx(table.numel() / 2, rel=0.01)  # 4 bits less
     with pytest.raises(ValueError, match="base_embedding_bits=4 puts the token table"):
         LoRASettings(base_quantization="int4", base_embedding_bits=4)
+
+
+def test_an_int8_base_deploys_its_tied_table_once_in_int8_as_trained(
+    smollm2_tokenizer, tmp_path
+) -> None:
+    """``LoRASettings(base_quantization="int8")`` puts the tied table on the int8 grid with the
+    blocks; ``export_generator(weight_bits=8)`` stores it once: the output layer's 8-bit
+    ``MatMulNBits`` and the input's 8-bit ``GatherBlockQuantized`` read the same codes and
+    scales, no float copy of the table is left, and the decoder scores the answers as PyTorch
+    does."""
+    model = tiny_lora_llama(smollm2_tokenizer, "int8")
+    base = model.get_base_model()
+    table = base.lm_head.weight
+    assert base.model.embed_tokens.weight is table
+    assert torch.equal(runtime_grid(table, 8), table)
+    assert not torch.equal(runtime_grid(table, 4), table)
+    eight = export_generator(model, smollm2_tokenizer, tmp_path / "eight", 8, lora="separate")
+    graph = onnx.load(str(eight.path / "model.onnx"), load_external_data=False).graph
+    nodes = {n.name: n for n in graph.node}
+    head = nodes["/lm_head/MatMul_Q8"]
+    (gather,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    attributes = {a.name: a.i for a in gather.attribute}
+    assert attributes["bits"] == 8 and attributes["block_size"] == 32
+    reshape = next(n for n in graph.node if gather.input[0] in n.output)
+    assert reshape.input[0] == head.input[1] and gather.input[2] == head.input[2]
+    vocabulary, hidden = table.shape
+    floats = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert not [i for i in floats if math.prod(i.dims) >= vocabulary * hidden]
+    blocks = [n for n in graph.node if n.name.startswith("/model/layers.")]
+    assert {a.i for n in blocks if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "bits"} == {8}  # fmt: skip
+    assert eight.bytes < vocabulary * hidden * 4  # under the fp32 table alone
+    for prompt in PROMPTS:
+        expected = [reference_log_probs(model, prompt, answer) for answer in ANSWERS]
+        scores = answer_log_probs_generated(generator(eight.path), prompt, ANSWERS)
+        assert scores == pytest.approx(expected, abs=5e-3)
+
+
+def _shared_table_graph(codes: str, scales: str, gather_op: str = "GatherBlockQuantized"):
+    """An output layer's 8-bit ``MatMulNBits`` over a 4 x 32 table and the table's gather
+    reading ``codes`` (through a Reshape) and ``scales``."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.integers(0, 256, (4, 1, 32), dtype=np.uint8)
+    scale = rng.random((4, 1), dtype=np.float32)
+    initializers = [
+        helper.make_tensor("lm_head.MatMul.weight_Q8", TensorProto.UINT8, weight.shape,
+                           weight.tobytes(), raw=True),
+        helper.make_tensor("lm_head.MatMul.weight_scales", TensorProto.FLOAT, scale.shape,
+                           scale.tobytes(), raw=True),
+        helper.make_tensor("shape", TensorProto.INT64, [2], [4, 32]),
+    ]  # fmt: skip
+    common = {"domain": "com.microsoft", "bits": 8, "block_size": 32}
+    nodes = [
+        helper.make_node("Reshape", [codes, "shape"], ["table"], name="/embed/Reshape"),
+        helper.make_node(gather_op, ["table", "ids", scales], ["hidden"], gather_axis=0,
+                         quantize_axis=1, name="/model/embed_tokens/Gather", **common),
+        helper.make_node("MatMulNBits", ["hidden", "lm_head.MatMul.weight_Q8",
+                         "lm_head.MatMul.weight_scales"], ["logits"], K=32, N=4,
+                         name="/lm_head/MatMul_Q8", **common),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 4])], initializers,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets), weight, scale
+
+
+def test_link_shared_table_repairs_the_builders_names_and_refuses_other_graphs(tmp_path) -> None:
+    """The gather names the builder's other convention (``weight_Q8G32``, ``weight_scale``):
+    relinked to the product's initializers, the graph loads and each id's row is the codes
+    minus 128 times their scale; a graph already linked is unchanged; a graph without the
+    shared gather is refused."""
+    import onnxruntime as ort
+
+    from lightning_3d.generation import link_shared_table
+
+    broken, weight, scale = _shared_table_graph(
+        "lm_head.MatMul.weight_Q8G32", "lm_head.MatMul.weight_scale"
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(broken, str(path))
+    with pytest.raises(Exception, match="weight_Q8G32"):
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    link_shared_table(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.array([2, 0])
+    table = (weight.reshape(4, 32).astype(np.float32) - 128) * scale  # the rows by hand
+    logits = session.run(None, {"ids": ids})[0]  # the gathered rows through the same table
+    np.testing.assert_allclose(logits, table[ids] @ table.T, rtol=1e-4, atol=1e-3)
+    linked = path.read_bytes()
+    link_shared_table(path)
+    assert path.read_bytes() == linked
+    names = ("lm_head.MatMul.weight_Q8", "lm_head.MatMul.weight_scales")
+    onnx.save(_shared_table_graph(*names, gather_op="Gather")[0], str(path))
+    with pytest.raises(RuntimeError, match="no GatherBlockQuantized beside an lm_head MatMulNBits"):
+        link_shared_table(path)
 
 
 def test_an_untied_int8_output_layer_beside_an_int4_token_table_deploys_as_trained(
