@@ -87,7 +87,7 @@ def check_generator_arguments(
     Raises:
         ValueError: ``weight_bits`` not in :data:`WEIGHT_BITS` or ``None``; ``block_size`` not
             in :data:`BLOCK_SIZES`; ``embedding_bits`` other than ``None``, ``weight_bits``, or
-            4 under 8-bit weights (the runtime's token table is int4 only).
+            4 under 8-bit weights (the runtime's token table is int4 or the weights' int8).
         ImportError: ``onnxruntime-genai`` is not installed (the ``deploy`` extra).
 
     Example:
@@ -106,7 +106,7 @@ def check_generator_arguments(
         raise ValueError(
             f"embedding_bits={embedding_bits} with weight_bits={weight_bits}: the token table "
             "can only be stored in 4 bits below 8-bit weights (ONNX Runtime GenAI quantizes "
-            "embeddings to int4 only); use None for the weights' bits"
+            "embeddings to int4, or to int8 with 8-bit weights); use None for the weights' bits"
         )
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise ImportError(
