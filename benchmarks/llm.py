@@ -70,7 +70,7 @@ Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under 
 
 ``--summarize`` merges the machine's result files into ``--summary`` (by default
 ``llm_summary_<machine>.json`` beside the results) and prints the table (mean ± sd over seeds)
-and the goals of ``3D`` and ``3D-int8`` against ``Standard``. A result file with a
+and the goals of each plan of :data:`GOAL_SETUPS` against ``Standard``. A result file with a
 ``"contended"`` entry (a note saying why) comes from a run that shared the CPU with other work:
 its accuracy and sizes count, its times (``train_s``, ``cpu_s``, ``tokens_per_s``) are left out.
 
@@ -169,8 +169,8 @@ SETUPS["3D-int8-quarter"] = SETUPS["3D-int8"] | {"trainable": 0.75, STEPS: 0.8}
 SETUPS["3D-int8-table8"] = {
     k: v for k, v in SETUPS["3D-int8-quarter"].items() if k not in (BASE_TABLE, "embedding_bits")
 }
-THREE_SEEDS = ("Standard", "3D", "3D-int8")
-GOAL_SETUPS = ("3D", "3D-int8")  # the plans the goals are read from
+THREE_SEEDS = ("Standard", "3D", "3D-int8", "3D-int8-table8")
+GOAL_SETUPS = ("3D", "3D-int8", "3D-int8-table8")  # the plans the goals are read from
 LORA = {
     "r": 16,
     "alpha": 32,

@@ -260,11 +260,8 @@ def round_to_runtime_grid(
 def block_product_names(model: nn.Module) -> list[str]:
     """The builder's names of the linear products of ``model``'s decoder blocks
     (``/model/layers.{i}/attn/q_proj/MatMul``, ``/model/layers.{i}/mlp/down_proj/MatMul``, ...):
-    every weight but the token table and the adapters.
-
-    Raises:
-        ValueError: ``model`` has no decoder-block projections the builder knows.
-    """
+    every weight but the token table and the adapters; empty for a model without decoder-block
+    projections the builder knows (``layers.N.self_attn`` / ``layers.N.mlp``)."""
     names = []
     for name, module in model.named_modules():
         found = re.search(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)$", name)
@@ -273,11 +270,6 @@ def block_product_names(model: nn.Module) -> list[str]:
         block, part, projection = found.groups()
         part = "attn" if part == "self_attn" else part
         names.append(f"/model/layers.{block}/{part}/{projection}/MatMul")
-    if not names:
-        raise ValueError(
-            "embedding_bits below weight_bits keeps the decoder blocks' projections at "
-            "weight_bits, and this model has none the builder knows (layers.N.self_attn/mlp)"
-        )
     return names
 
 
@@ -337,9 +329,16 @@ def export_generator(
         raise ValueError(f"lora must be one of {LORA_DEPLOYMENTS}, got {lora!r}")
     excluded = adapter_product_names(model) if lora == "separate" else []
     table_below = embedding_bits is not None and embedding_bits != weight_bits
-    shared_int8 = weight_bits == 8 and not table_below and output_tied(model)
+    upgraded = block_product_names(model)
+    if table_below and not upgraded:
+        raise ValueError(
+            "embedding_bits below weight_bits keeps the decoder blocks' projections at "
+            "weight_bits, and this model has none the builder knows (layers.N.self_attn/mlp)"
+        )
+    # a tied table stored once in int8 needs the same by-name route (else: an fp32 embedding)
+    shared_int8 = weight_bits == 8 and not table_below and output_tied(model) and bool(upgraded)
     mixed = table_below or shared_int8  # the int4 body, products raised to int8 by name
-    upgraded = block_product_names(model) if mixed else []
+    upgraded = upgraded if mixed else []
     head = output_layer(model) is not None
     if (table_below and head and not output_tied(model)) or shared_int8:
         upgraded.append("/lm_head/MatMul")  # an untied head, or the shared int8 table

@@ -302,7 +302,9 @@ class ThreeDPlan:
             entries with one scale each (``lightning-3d export`` takes it from the plan; 5 bits
             an entry with the scales). What the budget solver prices. For a causal LM, 4 with
             ``weight_bits=8`` stores the ``genai-int8`` export's token table in int4 blocks
-            (pair it with ``LoRASettings(base_quantization="int8", base_embedding_bits=4)``).
+            (pair it with ``LoRASettings(base_quantization="int8", base_embedding_bits=4)``);
+            ``None`` stores a tied table once in int8 blocks, read by both the embedding and
+            the output layer (pair it with ``LoRASettings(base_quantization="int8")``).
         unseen_token_bits: with ``unseen_tokens="pretrained"`` and ``quantize_at="export"``,
             the bits of the rows held apart in the ``onnx-int8`` export (``None``: as
             ``embedding_bits``): e.g. ``embedding_bits=8, unseen_token_bits=4`` keeps the rows

@@ -432,11 +432,11 @@ def test_cli_exports_the_lora_plan_for_generation_with_adapters_beside_the_int4_
 
 
 @pytest.mark.slow  # SmolLM2 trained, exported by the GenAI builder and scored
-def test_cli_exports_an_int8_base_with_its_int4_token_table_from_the_plan(tmp_path) -> None:
-    """rt_smollm2_3d_int8.yaml for 4 steps (its batches grouped by length): the base on the
-    int8 grid and the tied table on the int4 one; ``lightning-3d export --formats genai-int8``
-    takes the table's bits from the plan: every block product int8, the head and the embedding
-    int4, the adapters float."""
+def test_cli_exports_an_int8_base_with_its_shared_int8_table_from_the_plan(tmp_path) -> None:
+    """rt_smollm2_3d_int8.yaml for 4 steps (its batches grouped by length): the base, the tied
+    table included, on the int8 grid; ``lightning-3d export --formats genai-int8`` stores every
+    block product, the head and the embedding that reads the head's table in int8, the
+    adapters float; ``--embedding_bits 4`` would put the table on int4."""
     import onnx
     import torch
 
@@ -448,7 +448,8 @@ def test_cli_exports_an_int8_base_with_its_int4_token_table_from_the_plan(tmp_pa
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     table = state["model.base_model.model.lm_head.weight"]
     block = state["model.base_model.model.model.layers.3.mlp.up_proj.weight"]
-    assert torch.equal(runtime_grid(table, 4), table) and torch.equal(runtime_grid(block, 8), block)
+    assert torch.equal(runtime_grid(table, 8), table) and torch.equal(runtime_grid(block, 8), block)
+    assert not torch.equal(runtime_grid(table, 4), table)
     out = tmp_path / "deploy"
     args = [*_cli(), "export", "--config", str(INT8_LM_PLAN), "--ckpt_path", str(checkpoint)]
     args += ["--output", str(out), "--formats", "genai-int8"]
@@ -465,8 +466,9 @@ def test_cli_exports_an_int8_base_with_its_int4_token_table_from_the_plan(tmp_pa
     }
     blocks = [b for name, b in bits.items() if name.startswith("/model/layers.")]
     assert blocks == [8] * (30 * 7)
-    assert sorted(b for name, b in bits.items() if not name.startswith("/model/layers.")) == [4, 4]
+    assert sorted(b for name, b in bits.items() if not name.startswith("/model/layers.")) == [8, 8]
     ops = {node.name: node.op_type for node in graph.node}
+    assert ops["/model/embed_tokens/GatherBlockQuantized"] == "GatherBlockQuantized"
     assert ops["/model/layers.29/attn/o_proj/lora_B/MatMul"] == "MatMul"  # float adapter
 
 

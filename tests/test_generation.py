@@ -181,6 +181,19 @@ def test_an_architecture_the_builder_does_not_know_is_named(smollm2_tokenizer, t
         export_generator(GPT2LMHeadModel(config), smollm2_tokenizer, tmp_path / "gpt2")
 
 
+def test_an_int4_table_needs_block_projections_the_builder_knows(
+    smollm2_tokenizer, tmp_path
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="has none the builder knows"):
+        export_generator(
+            GPT2LMHeadModel(config), smollm2_tokenizer, tmp_path / "gpt2", 8, embedding_bits=4
+        )
+    assert not (tmp_path / "gpt2").exists()
+
+
 def test_a_non_empty_output_folder_is_refused(lora_llama, smollm2_tokenizer, tmp_path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="exists and is not empty"):
