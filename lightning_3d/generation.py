@@ -339,8 +339,8 @@ def export_generator(
     shared_int8 = weight_bits == 8 and not table_below and output_tied(model) and bool(upgraded)
     mixed = table_below or shared_int8  # the int4 body, products raised to int8 by name
     upgraded = upgraded if mixed else []
-    head = output_layer(model) is not None
-    if (table_below and head and not output_tied(model)) or shared_int8:
+    has_head = output_layer(model) is not None
+    if (table_below and has_head and not output_tied(model)) or shared_int8:
         upgraded.append("/lm_head/MatMul")  # an untied head, or the shared int8 table
     target = prepare_output_dir(output)
     precision = "fp32" if weight_bits is None else f"int{weight_bits}"
@@ -400,11 +400,14 @@ def link_shared_table(path: Path) -> None:
     ``lm_head.MatMul.weight_Q8`` and ``..._scales``: the graph does not load. Both hold
     ``[vocabulary, blocks, block]`` codes with the implicit zero point ``2^(bits - 1)`` and
     ``[vocabulary, blocks]`` scales, so relinking the names is the whole repair; names that
-    resolve are left alone.
+    resolve are left alone. :func:`export_generator` calls it on every shared int8 table.
 
     Raises:
-        RuntimeError: the graph has no 8-bit ``GatherBlockQuantized`` fed by the output
-            layer's codes, or a gather input that resolves to nothing after relinking.
+        RuntimeError: the graph has no ``GatherBlockQuantized`` beside an ``lm_head``
+            ``MatMulNBits``, or a gather input still resolves to nothing after relinking.
+
+    Example:
+        >>> link_shared_table(Path("deploy/genai-int8/model.onnx"))  # doctest: +SKIP
     """
     import onnx
 

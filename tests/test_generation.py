@@ -184,6 +184,8 @@ def test_an_architecture_the_builder_does_not_know_is_named(smollm2_tokenizer, t
 def test_an_int4_table_needs_block_projections_the_builder_knows(
     smollm2_tokenizer, tmp_path
 ) -> None:
+    """``embedding_bits=4`` raises the block products to int8 by their builder names: a model
+    without them is refused before the builder runs or the folder is made."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=32, n_layer=1, n_head=2)
@@ -334,7 +336,9 @@ def test_an_int8_base_deploys_its_tied_table_once_in_int8_as_trained(
         assert scores == pytest.approx(expected, abs=5e-3)
 
 
-def _shared_table_graph(codes: str, scales: str, gather_op: str = "GatherBlockQuantized"):
+def _shared_table_graph(
+    codes: str, scales: str, gather_op: str = "GatherBlockQuantized"
+) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     """An output layer's 8-bit ``MatMulNBits`` over a 4 x 32 table and the table's gather
     reading ``codes`` (through a Reshape) and ``scales``."""
     from onnx import TensorProto, helper
