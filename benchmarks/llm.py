@@ -172,10 +172,11 @@ SETUPS["3D-int8-quarter"] = SETUPS["3D-int8"] | {"trainable": 0.75, STEPS: 0.8}
 SETUPS["3D-int8-table8"] = {
     k: v for k, v in SETUPS["3D-int8-quarter"].items() if k not in (BASE_TABLE, "embedding_bits")
 }
-THREE_SEEDS = ("Standard", "3D", "3D-int8", "3D-int8-table8")
 # depth traded for steps once more: every adapter training with the int8 table, in 0.6 of the steps
 SETUPS["3D-int8-table8-all"] = SETUPS["3D-int8-table8"] | {"trainable": 1.0, STEPS: 0.6}
-GOAL_SETUPS = ("3D", "3D-int8", "3D-int8-table8")  # the plans the goals are read from
+THREE_SEEDS = ("Standard", "3D", "3D-int8", "3D-int8-table8", "3D-int8-table8-all")
+# the plans the goals are read from
+GOAL_SETUPS = ("3D", "3D-int8", "3D-int8-table8", "3D-int8-table8-all")
 LORA = {
     "r": 16,
     "alpha": 32,
