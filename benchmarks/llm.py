@@ -155,11 +155,17 @@ SETUPS["3D-int8-untied"] = SETUPS["3D-int8"] | {UNTIE: True}
 # every adapter training (no depth freezing); each costs time, so both are diagnostics
 SETUPS["3D-int8-random"] = {k: v for k, v in SETUPS["3D-int8"].items() if k != "group_by_length"}
 SETUPS["3D-int8-all"] = SETUPS["3D-int8"] | {"trainable": 1.0}
+
+
+def table_on_int8(setup: str) -> dict[str, Any]:
+    """``setup`` with the token table on the blocks' int8 grid (no int4 table to train on or
+    deploy)."""
+    return {k: v for k, v in SETUPS[setup].items() if k not in (BASE_TABLE, "embedding_bits")}
+
+
 # what the int4 table costs when every adapter trains: the table on the blocks' int8 grid, a
 # diagnostic
-SETUPS["3D-int8-all-table8"] = {
-    k: v for k, v in SETUPS["3D-int8-all"].items() if k not in (BASE_TABLE, "embedding_bits")
-}
+SETUPS["3D-int8-all-table8"] = table_on_int8("3D-int8-all")
 # 3D-int8 with every adapter training over the first quarter of the steps before the lower
 # half freezes (the plan's dense warm-up): the lower blocks' adapters adapt where most is learnt
 SETUPS["3D-int8-warm"] = SETUPS["3D-int8"] | {"warmup": 0.25}
@@ -169,9 +175,7 @@ SETUPS["3D-int8-epoch"] = SETUPS["3D-int8"] | {STEPS: 1.0}
 SETUPS["3D-int8-quarter"] = SETUPS["3D-int8"] | {"trainable": 0.75, STEPS: 0.8}
 # 3D-int8-quarter with the tied table on the int8 grid of the blocks (the packaged table is
 # Q8_0: 0.5% of its norm moves, 11% on int4), stored once in int8 for both of its uses
-SETUPS["3D-int8-table8"] = {
-    k: v for k, v in SETUPS["3D-int8-quarter"].items() if k not in (BASE_TABLE, "embedding_bits")
-}
+SETUPS["3D-int8-table8"] = table_on_int8("3D-int8-quarter")
 # depth traded for steps once more: every adapter training with the int8 table, in 0.6 of the steps
 SETUPS["3D-int8-table8-all"] = SETUPS["3D-int8-table8"] | {"trainable": 1.0, STEPS: 0.6}
 THREE_SEEDS = ("Standard", "3D", "3D-int8", "3D-int8-table8", "3D-int8-table8-all")

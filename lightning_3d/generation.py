@@ -329,19 +329,18 @@ def export_generator(
         raise ValueError(f"lora must be one of {LORA_DEPLOYMENTS}, got {lora!r}")
     excluded = adapter_product_names(model) if lora == "separate" else []
     table_below = embedding_bits is not None and embedding_bits != weight_bits
-    upgraded = block_product_names(model)
-    if table_below and not upgraded:
+    blocks, tied = block_product_names(model), output_tied(model)
+    if table_below and not blocks:
         raise ValueError(
             "embedding_bits below weight_bits keeps the decoder blocks' projections at "
             "weight_bits, and this model has none the builder knows (layers.N.self_attn/mlp)"
         )
     # a tied table stored once in int8 needs the same by-name route (else: an fp32 embedding)
-    shared_int8 = weight_bits == 8 and not table_below and output_tied(model) and bool(upgraded)
+    shared_int8 = weight_bits == 8 and not table_below and tied and bool(blocks)
     mixed = table_below or shared_int8  # the int4 body, products raised to int8 by name
-    upgraded = upgraded if mixed else []
-    has_head = output_layer(model) is not None
-    if (table_below and has_head and not output_tied(model)) or shared_int8:
-        upgraded.append("/lm_head/MatMul")  # an untied head, or the shared int8 table
+    upgraded = blocks if mixed else []
+    if shared_int8 or (table_below and output_layer(model) is not None and not tied):
+        upgraded.append("/lm_head/MatMul")  # the shared int8 table, or an untied head
     target = prepare_output_dir(output)
     precision = "fp32" if weight_bits is None else f"int{weight_bits}"
     if mixed:
