@@ -181,6 +181,9 @@ SETUPS["3D-int8-table8-all"] = SETUPS["3D-int8-table8"] | {"trainable": 1.0, STE
 # 3D-int8-table8-all in the steps that fit half of Standard's time (1.15 s a step against 1.70 s
 # measured: 0.72 of the steps, 360)
 SETUPS["3D-int8-table8-all-360"] = SETUPS["3D-int8-table8-all"] | {STEPS: 0.72}
+# 3D-int8-table8-all on the float base (no rounding before training): the adapters merged into it
+# and the whole model exported to the int8 grid after training (post-training rounding)
+SETUPS["3D-int8-merged-all"] = {k: v for k, v in SETUPS["3D-int8-table8-all"].items() if k != BASE}
 THREE_SEEDS = (
     "Standard",
     "3D",
