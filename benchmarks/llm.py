@@ -132,6 +132,9 @@ THREE_D = {
 SETUPS: dict[str, dict[str, Any]] = {
     "Standard": {},
     "Standard-half": {STEPS: 0.5},
+    # Standard's recipe in the 3D-int8-table8-all plan's 300 steps: what grouping by length and
+    # the int8 grid change at equal steps
+    "Standard-300": {STEPS: 0.6},
     "3D": THREE_D,
     "3D-all-linear": THREE_D
     | {TARGETS: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
