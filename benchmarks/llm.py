@@ -159,16 +159,23 @@ SETUPS: dict[str, dict[str, Any]] = {
 # 3D-int8 with the output layer untied from the int4 table, on the int8 grid (it scores every
 # answer): what the int4 head costs in training, for about 28 MB more
 SETUPS["3D-int8-untied"] = SETUPS["3D-int8"] | {UNTIE: True}
+
+
+def without(setup: str, *keys: str) -> dict[str, Any]:
+    """The settings of ``setup`` less ``keys``."""
+    return {k: v for k, v in SETUPS[setup].items() if k not in keys}
+
+
 # where 3D-int8's points go: the same run with batches in random order (not grouped), and with
 # every adapter training (no depth freezing); each costs time, so both are diagnostics
-SETUPS["3D-int8-random"] = {k: v for k, v in SETUPS["3D-int8"].items() if k != "group_by_length"}
+SETUPS["3D-int8-random"] = without("3D-int8", "group_by_length")
 SETUPS["3D-int8-all"] = SETUPS["3D-int8"] | {"trainable": 1.0}
 
 
 def table_on_int8(setup: str) -> dict[str, Any]:
     """``setup`` with the token table on the blocks' int8 grid (no int4 table to train on or
     deploy)."""
-    return {k: v for k, v in SETUPS[setup].items() if k not in (BASE_TABLE, "embedding_bits")}
+    return without(setup, BASE_TABLE, "embedding_bits")
 
 
 # what the int4 table costs when every adapter trains: the table on the blocks' int8 grid, a
@@ -191,7 +198,7 @@ SETUPS["3D-int8-table8-all"] = SETUPS["3D-int8-table8"] | {"trainable": 1.0, STE
 SETUPS["3D-int8-table8-all-360"] = SETUPS["3D-int8-table8-all"] | {STEPS: 0.72}
 # 3D-int8-table8-all on the float base (no rounding before training): the adapters merged into it
 # and the whole model exported to the int8 grid after training (post-training rounding)
-SETUPS["3D-int8-merged-all"] = {k: v for k, v in SETUPS["3D-int8-table8-all"].items() if k != BASE}
+SETUPS["3D-int8-merged-all"] = without("3D-int8-table8-all", BASE)
 THREE_SEEDS = (
     "Standard",
     "3D",
@@ -200,14 +207,8 @@ THREE_SEEDS = (
     "3D-int8-table8-all",
     "3D-int8-merged-all",
 )
-# the plans the goals are read from
-GOAL_SETUPS = (
-    "3D",
-    "3D-int8",
-    "3D-int8-table8",
-    "3D-int8-table8-all",
-    "3D-int8-merged-all",
-)
+# the plans the goals are read from: every 3-seed set-up but Standard
+GOAL_SETUPS = tuple(setup for setup in THREE_SEEDS if setup != "Standard")
 LORA = {
     "r": 16,
     "alpha": 32,
@@ -219,16 +220,16 @@ PER_SEED = ("test_acc", "trained_acc", "int4_acc", "train_s", "cpu_s", "peak_rss
 TIMES = ("train_s", "cpu_s", "tokens_per_s")  # not comparable from a contended run
 
 
+LORA_KEYS = (TARGETS, BASE, BASE_TABLE, UNTIE)  # a set-up's LoRA settings, not plan arguments
+
+
 def plan_arguments(setup: str) -> dict[str, Any]:
-    return {
-        k: v for k, v in SETUPS[setup].items() if k not in (STEPS, BASE, BASE_TABLE, UNTIE, TARGETS)
-    }
+    return without(setup, STEPS, *LORA_KEYS)
 
 
 def lora_of(setup: str) -> dict[str, Any]:
     """The LoRA settings of ``setup``: the regime's, with the set-up's targets and base grid."""
-    keys = (TARGETS, BASE, BASE_TABLE, UNTIE)
-    return LORA | {key: SETUPS[setup][key] for key in keys if key in SETUPS[setup]}
+    return LORA | {key: SETUPS[setup][key] for key in LORA_KEYS if key in SETUPS[setup]}
 
 
 def seeds_of(setup: str, args: argparse.Namespace) -> list[int]:
