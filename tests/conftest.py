@@ -4,9 +4,11 @@ launcher for the 2-process jobs in ``tests/jobs``."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,12 +83,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(
-    scenarios: str, out: Path, timeout: float, ranks: int = 2
+def _launch_once(
+    scenarios: str, out: Path, timeout: float, ranks: int
 ) -> list[subprocess.CompletedProcess[str]]:
-    """Run ``tests/jobs/distributed_job.py SCENARIOS OUT`` on ``ranks`` CPU processes the way
-    Lightning documents manually launched jobs (LOCAL_RANK, MASTER_ADDR/PORT); every rank
-    writes ``OUT/<scenario>.rank<r>.json``."""
     port = str(_free_port())
     processes = []
     for rank in range(ranks):
@@ -99,6 +98,7 @@ def _launch(
             "MASTER_PORT": port,
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
+            "PYTHONFAULTHANDLER": "1",  # a native crash prints every thread's Python stack
         }
         command = [sys.executable, str(DISTRIBUTED_JOB), scenarios, str(out)]
         processes.append(
@@ -113,7 +113,41 @@ def _launch(
     return results
 
 
+def _launch(
+    scenarios: str, out: Path, timeout: float, ranks: int = 2, retry_native_crash: bool = True
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``tests/jobs/distributed_job.py SCENARIOS OUT`` on ``ranks`` CPU processes the way
+    Lightning documents manually launched jobs (LOCAL_RANK, MASTER_ADDR/PORT); every rank
+    writes ``OUT/<scenario>.rank<r>.json``.
+
+    A rank killed by a signal (a native abort such as glibc's ``free(): invalid pointer``, seen
+    once in CI as the strategy job's DDP scenario started after its FSDP2 runs, and not in 14
+    further runs of that job) is not a failed assertion: with ``retry_native_crash`` the job
+    runs once more in an empty ``OUT`` (the crashed attempt kept beside it as ``OUT-crashed``)
+    and a warning carries the crash's output. A second crash, or any rank exiting with an
+    error, is returned as it is."""
+    results = _launch_once(scenarios, out, timeout, ranks)
+    crashed = [rank for rank, result in enumerate(results) if result.returncode < 0]
+    if not crashed or not retry_native_crash:
+        return results
+    tails = "\n".join(
+        f"rank {rank} (signal {-results[rank].returncode}):\n{results[rank].stdout[-3000:]}"
+        for rank in crashed
+    )
+    warnings.warn(
+        f"distributed job {scenarios!r} crashed natively; running it once more\n{tails}",
+        stacklevel=2,
+    )
+    kept = out.with_name(out.name + "-crashed")
+    shutil.rmtree(kept, ignore_errors=True)
+    if out.exists():
+        out.rename(kept)
+    out.mkdir(parents=True)
+    return _launch_once(scenarios, out, timeout, ranks)
+
+
 @pytest.fixture(scope="session")
 def launch_two_ranks():
-    """``launch(scenarios, out, timeout, ranks=2)``: run distributed-job scenarios on CPU ranks."""
+    """``launch(scenarios, out, timeout, ranks=2, retry_native_crash=True)``: run
+    distributed-job scenarios on CPU ranks (:func:`_launch`)."""
     return _launch

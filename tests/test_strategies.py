@@ -360,11 +360,25 @@ def test_error_feedback_helps(job):
 
 def test_a_dying_rank_stops_the_other(tmp_path, launch_two_ranks):
     started = time.monotonic()
-    survivor, dead = launch_two_ranks("die", tmp_path, timeout=DEATH_BOUND_S)
+    # a rank that dies is what this test is about: never run it twice
+    survivor, dead = launch_two_ranks(
+        "die", tmp_path, timeout=DEATH_BOUND_S, retry_native_crash=False
+    )
     assert time.monotonic() - started < DEATH_BOUND_S
     assert dead.returncode == 3
     assert survivor.returncode != 0
     assert "rank 0 stopped: a collective failed" in survivor.stdout
+
+
+def test_a_native_crash_runs_the_job_once_more_and_says_so(tmp_path, launch_two_ranks):
+    out = tmp_path / "job"
+    with pytest.warns(UserWarning, match=r"(?s)'abort_once' crashed natively.*rank 0 \(signal 6\)"):
+        first_crashes = launch_two_ranks("abort_once", out, timeout=DEATH_BOUND_S)
+    assert [result.returncode for result in first_crashes] == [0, 0]
+    assert json.loads((out / "abort_once.rank0.json").read_text()) == {"rank": 0}
+    # the crashed attempt is kept apart: rank 1 finished in it, rank 0 did not
+    crashed = tmp_path / "job-crashed"
+    assert sorted(path.name for path in crashed.iterdir()) == ["abort_once.rank1.json"]
 
 
 # ------------------------------------------------------------------------------ in-process

@@ -1200,7 +1200,18 @@ def vocabulary(out: Path) -> dict[str, Any]:
     }
 
 
+def abort_once(out: Path) -> dict[str, Any]:
+    """Rank 0 aborts natively (SIGABRT, as a glibc heap check does) the first time the job runs
+    in ``OUT``; a marker beside ``OUT`` lets the launcher's second attempt finish."""
+    marker = out.with_name(out.name + ".aborted")
+    if RANK == 0 and not marker.exists():
+        marker.write_text("")
+        os.abort()
+    return {"rank": RANK}
+
+
 SCENARIOS = {
+    "abort_once": abort_once,
     "parity": parity,
     "resume": resume,
     "ddp": ddp,
