@@ -121,7 +121,7 @@ def _launch(
     writes ``OUT/<scenario>.rank<r>.json``.
 
     A rank killed by a signal (a native abort such as glibc's ``free(): invalid pointer``, seen
-    once in CI as the strategy job's DDP scenario started after its FSDP2 runs, and not in 14
+    once in CI as the strategy job's DDP scenario started after its FSDP2 runs, and not in 12
     further runs of that job) is not a failed assertion: with ``retry_native_crash`` the job
     runs once more in an empty ``OUT`` (the crashed attempt kept beside it as ``OUT-crashed``)
     and a warning carries the crash's output. A second crash, or any rank exiting with an
