@@ -211,6 +211,8 @@ SETUPS["3D-int8-merged-all-lr4e-4"] = SETUPS["3D-int8-merged-all"] | {LEARNING_R
 # 3D-int8-merged-all-lr4e-4 without LoRA dropout (its Bernoulli masks, one per adapter input, take
 # about a tenth of a CPU step here), in the 360 steps that then fit half of the plain run's time
 SETUPS["3D-int8-nodrop-360"] = SETUPS["3D-int8-merged-all-lr4e-4"] | {DROPOUT: 0.0, STEPS: 0.72}
+# the plain recipe at 4e-4 without LoRA dropout: what dropping the masks saves the plain run
+SETUPS["Standard-lr4e-4-nodrop"] = SETUPS["Standard-lr4e-4"] | {DROPOUT: 0.0}
 # the plain recipe over the whole epoch at either rate: the baselines a plan is read against
 PLAIN = ("Standard", "Standard-lr4e-4")
 THREE_SEEDS = (
