@@ -68,7 +68,9 @@ class LoRASettings:
     Attributes:
         r: adapter rank.
         alpha: scaling numerator (the update is scaled by ``alpha / r``).
-        dropout: dropout on the adapter input.
+        dropout: dropout on the adapter input, a fresh mask for every adapter; on a CPU the
+            masks cost about a fifth of a SmolLM2-135M step with four adapters a block (0 skips
+            them; BENCHMARKS.md).
         target_modules: module-name suffixes (or one regex) to adapt; ``None`` uses peft's default
             for the architecture (``query``/``value`` for BERT, ``q_proj``/``v_proj`` for Llama).
         base_quantization: the frozen base of a causal LM, the adapters staying fp32.
