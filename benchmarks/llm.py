@@ -64,6 +64,10 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
 * ``3D-int8-nodrop-360`` and ``Standard-lr4e-4-nodrop``: the two without LoRA dropout (the
   plan in 0.72 of the steps); ``3D-int8-nodrop-400``: the plan without dropout in the steps that
   fit half of ``Standard-lr4e-4``'s time at the step cost measured for ``3D-int8-nodrop-360``.
+* ``3D-int8-depth24``: ``3D-int8-nodrop-400`` with 6 of the 30 decoder blocks removed before
+  the first step (``drop_blocks=6``: those of lowest block influence on the first 8 training
+  batches, :class:`~lightning_3d.callbacks.DepthPruner`), over the whole epoch; deployed with
+  24 blocks.
 
 Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir``
 (skipped when present; ``--force`` reruns):
@@ -219,6 +223,11 @@ SETUPS["3D-int8-nodrop-360"] = SETUPS["3D-int8-merged-all-lr4e-4"] | {DROPOUT: 0
 # cost (1.33 s a step against 1,124 s for the plain run: 422 steps, less 5% for the spread of the
 # machine's speed: 0.8 of the steps, 400)
 SETUPS["3D-int8-nodrop-400"] = SETUPS["3D-int8-nodrop-360"] | {STEPS: 0.8}
+# the model axis's whole-block cut: 3D-int8-nodrop-400 with the 6 of 30 decoder blocks of lowest
+# block influence on the first 8 training batches removed before the first step (every step then
+# computes 24 blocks: about 0.8 of 3D-int8-nodrop-400's, so the whole epoch fits half of the
+# plain run's time), deployed without them
+SETUPS["3D-int8-depth24"] = SETUPS["3D-int8-nodrop-400"] | {"drop_blocks": 6, STEPS: 1.0}
 # the plain recipe at 4e-4 without LoRA dropout: what dropping the masks saves the plain run
 SETUPS["Standard-lr4e-4-nodrop"] = SETUPS["Standard-lr4e-4"] | {DROPOUT: 0.0}
 # the plain recipe over the whole epoch, at either rate, with or without LoRA dropout: the
@@ -234,6 +243,7 @@ THREE_SEEDS = (
     "3D-int8-merged-all-lr4e-4",
     "3D-int8-nodrop-360",
     "3D-int8-nodrop-400",
+    "3D-int8-depth24",
 )
 # the plans the goals are read from: every 3-seed set-up but the plain ones
 GOAL_SETUPS = tuple(setup for setup in THREE_SEEDS if setup not in PLAIN)

@@ -15,11 +15,14 @@ Each callback is thin glue: it decides *when* (which hook, which step) and calls
   snapshot, a checkpoint or a fine-tuned model) with the teacher's outputs cached per sample.
 * :class:`VocabularyTrimmer` (model, vocabulary): keeps only the input-embedding rows of the
   tokens the training data uses.
+* :class:`DepthPruner` (model, depth): removes the decoder blocks that change their input least
+  before the first step.
 * :class:`PlanCoordinator` (all axes): runs the axes of a :class:`lightning_3d.plan.ThreeDPlan`
   as one: a shared signal pass, one timeline, cross-axis checks, adaptive budgets.
 """
 
 from lightning_3d.callbacks.curriculum import CurriculumSampler
+from lightning_3d.callbacks.depth import DepthPruner
 from lightning_3d.callbacks.distillation import Distiller
 from lightning_3d.callbacks.freezing import SensitivityFreezer
 from lightning_3d.callbacks.plan import PlanCoordinator
@@ -30,6 +33,7 @@ from lightning_3d.sensitivity import find_gradient_statistics  # re-exported: it
 
 __all__ = [
     "CurriculumSampler",
+    "DepthPruner",
     "Distiller",
     "PlanCoordinator",
     "ProgressivePruner",

@@ -310,6 +310,10 @@ class ThreeDPlan:
             ``embedding_bits``): e.g. ``embedding_bits=8, unseen_token_bits=4`` keeps the rows
             the run trained at 8 bits and stores the untrained ones, which the training data
             never read, at 4 (the export then has two tables, as the model trains).
+        drop_blocks: decoder blocks removed before the first step, those of lowest block
+            influence on the first training batches (:class:`~lightning_3d.callbacks.DepthPruner`,
+            :mod:`lightning_3d.depth`): every step and the deployed model compute ``(L - k) / L``
+            of the blocks' work; 0: off. The budget solver does not price it.
         seed: seeds the data order and random drops.
         budget: solve ``data_budget``, ``trainable``, ``sparsity``, ``weight_bits``,
             ``distill`` and ``max_steps`` for a :class:`PlanBudget` (:meth:`solve`;
@@ -354,6 +358,7 @@ class ThreeDPlan:
     mode: str = "max"
     margin: float = 0.01
     backoff: float = 0.5
+    drop_blocks: int = 0
     seed: int = 0
     budget: PlanBudget | None = None
     #: The budget solver's choice, when the plan comes from :meth:`for_budget`.
@@ -364,6 +369,10 @@ class ThreeDPlan:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if isinstance(self.drop_blocks, bool) or not (
+            isinstance(self.drop_blocks, int) and self.drop_blocks >= 0
+        ):
+            raise ValueError(f"drop_blocks must be an integer >= 0, got {self.drop_blocks!r}")
         if not 0.0 <= self.sparsity <= MAX_SPARSITY:
             raise ValueError(f"sparsity must be in [0, {MAX_SPARSITY}], got {self.sparsity}")
         if self.weight_bits not in (None, *PRESET_FOR_BITS):
@@ -484,10 +493,11 @@ class ThreeDPlan:
 
     @property
     def axes(self) -> tuple[str, ...]:
-        """The axes this plan turns on, in :data:`STEP_ORDER` order (``"vocabulary"``, which
-        acts once before training, first)."""
+        """The axes this plan turns on, in :data:`STEP_ORDER` order (``"vocabulary"`` and
+        ``"depth"``, which act once before training, first)."""
         on = {
             "vocabulary": self.vocabulary != "full",
+            "depth": self.drop_blocks > 0,
             "data": self.data_budget < 1 or self.group_by_length > 0,
             "distillation": self.distill > 0,
             "parameters": self.trainable < 1,
@@ -530,6 +540,7 @@ class ThreeDPlan:
         """
         from lightning_3d.callbacks import (
             CurriculumSampler,
+            DepthPruner,
             Distiller,
             PlanCoordinator,
             ProgressivePruner,
@@ -589,7 +600,8 @@ class ThreeDPlan:
         scheduled = [c for c in callbacks if not isinstance(c, CurriculumSampler)]
         trims = "vocabulary" in self.axes
         trimmer = [VocabularyTrimmer(unseen=self.unseen_tokens)] if trims else []
-        return [PlanCoordinator(self, scheduled), *trimmer, *callbacks]
+        shallower = [DepthPruner(self.drop_blocks)] if "depth" in self.axes else []
+        return [PlanCoordinator(self, scheduled), *trimmer, *shallower, *callbacks]
 
     def trainer_arguments(self) -> dict[str, Any]:
         """``Trainer`` keyword arguments the plan needs: ``max_steps`` when it shortens the run.
