@@ -29,8 +29,8 @@ from torch import nn
 from lightning_3d.depth import (
     REMOVED_KEY,
     block_influence,
+    cut_like_state,
     decoder_blocks,
-    depth_in_state,
     least_influential,
     remove_blocks,
 )
@@ -87,12 +87,12 @@ class DepthPruner(Callback):
                 "use a single-device or DDP strategy"
             )
         if self._hook is None:
-            path = next(name for name, module in pl_module.named_modules() if module is blocks)
             self._hook = pl_module.register_load_state_dict_pre_hook(
-                lambda module, state, outer, *_: self._fit_depth(module, state, outer + path)
+                lambda module, state, prefix, *_: self._fit_depth(module, state, prefix)
             )
-        if stage != "fit" or getattr(model.config, REMOVED_KEY, None):
-            return  # removed already (fitted before in this process); loads cut themselves
+        cut_here = bool(self.removed) and getattr(model.config, REMOVED_KEY, None) == self.removed
+        if stage != "fit" or cut_here:
+            return  # cut already (fitted before in this process); loads cut themselves
         depth = len(blocks)
         if self.blocks >= depth:
             raise ValueError(
@@ -138,18 +138,9 @@ class DepthPruner(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.removed = [int(i) for i in state_dict["removed"]]
 
-    def _fit_depth(self, module: nn.Module, state: dict[str, Any], path: str) -> None:
-        """Cut ``module``'s stack (at ``path`` in ``state``) to the depth of the weights about
-        to load (its last blocks go: every remaining block's weights come from ``state``)."""
-        saved = depth_in_state(state, path)
-        model = getattr(module, "model", module)
-        depth = len(decoder_blocks(model))
-        if saved is None or saved == depth:
-            return
-        if saved > depth:
-            raise ValueError(
-                f"DepthPruner: the checkpoint holds {saved} blocks but the model has {depth}; "
-                "blocks cannot be put back: load it into a model of at least that depth"
-            )
-        remove_blocks(model, range(saved, depth))
-        log.info("DepthPruner: model cut to the checkpoint's %d blocks", saved)
+    def _fit_depth(self, module: nn.Module, state: dict[str, Any], prefix: str) -> None:
+        """Cut ``module``'s stack to the depth of the weights about to load (its children load
+        after this)."""
+        depth = cut_like_state(module, state, prefix)
+        if depth is not None:
+            log.info("DepthPruner: model cut to the checkpoint's %d blocks", depth)

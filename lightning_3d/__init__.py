@@ -11,8 +11,9 @@ alone imports neither Lightning nor ``transformers``)::
 The axes, as Lightning callbacks: :class:`CurriculumSampler` (data: scores, paces and budgets the
 training samples), :class:`SensitivityFreezer` (parameters), :class:`ProgressivePruner` and
 :class:`QATHook` (model: sparsity and quantization-aware training), :class:`Distiller` (model:
-a teacher's outputs), :class:`VocabularyTrimmer` (model: embedding rows of unused tokens), and
-:class:`PlanCoordinator` to run a :class:`ThreeDPlan` of them together.
+a teacher's outputs), :class:`VocabularyTrimmer` (model: embedding rows of unused tokens),
+:class:`DepthPruner` (model: whole decoder blocks), and :class:`PlanCoordinator` to run a
+:class:`ThreeDPlan` of them together.
 The communication axis: :class:`CompressedFSDPStrategy` and :class:`CompressedDDPStrategy`
 (importing either registers ``"fsdp_compressed"`` and ``"ddp_compressed"``), built on
 :class:`GradientCompressor`. Tasks and data: :class:`SequenceClassificationTask`,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it (imported when the name is first used).
 _EXPORTS: dict[str, str] = {
     "CurriculumSampler": "lightning_3d.callbacks",
+    "DepthPruner": "lightning_3d.callbacks",
     "Distiller": "lightning_3d.callbacks",
     "PlanCoordinator": "lightning_3d.callbacks",
     "ProgressivePruner": "lightning_3d.callbacks",
@@ -63,6 +65,7 @@ __all__ = [
     "CompressedDDPStrategy",
     "CompressedFSDPStrategy",
     "CurriculumSampler",
+    "DepthPruner",
     "Distiller",
     "GradientCompressor",
     "LoRASettings",
@@ -99,6 +102,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these
     from lightning_3d.callbacks import (
         CurriculumSampler,
+        DepthPruner,
         Distiller,
         PlanCoordinator,
         ProgressivePruner,

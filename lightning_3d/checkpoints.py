@@ -37,6 +37,7 @@ import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from torch import nn
 
+from lightning_3d.depth import cut_like_state
 from lightning_3d.quantization import (
     QuantizationRecipe,
     convert,
@@ -110,7 +111,8 @@ def load_run_weights(
     ``embeddings``): the model is converted with its recipe, before loading when the checkpoint
     holds converted weights, after loading otherwise (the modules the hook selects). A
     checkpoint of a trimmed vocabulary (``VocabularyTrimmer``) trims the model's embedding like
-    it first (single-file checkpoints).
+    it first, one with fewer decoder blocks (``DepthPruner``) cuts the model's stack to its
+    depth (single-file checkpoints).
 
     Raises:
         ValueError: the weights do not fit ``module`` (missing, unexpected or mis-shaped
@@ -129,6 +131,7 @@ def load_run_weights(
         convert(module, recipe)
         from_plain_state(state)
     trim_like_state(module, state)  # a VocabularyTrimmer run's embedding
+    cut_like_state(module, state)  # a DepthPruner run's blocks
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:

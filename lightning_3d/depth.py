@@ -210,3 +210,41 @@ def depth_in_state(state: Mapping[str, Any], path: str) -> int | None:
     pattern = re.compile(re.escape(path) + r"\.(\d+)\.")
     found = [int(m.group(1)) for key in state if (m := pattern.match(key))]
     return max(found) + 1 if found else None
+
+
+def cut_like_state(module: nn.Module, state: Mapping[str, Any], prefix: str = "") -> int | None:
+    """Cut the stack of blocks of ``module`` (a Hugging Face model, or a module holding one as
+    ``model``, e.g. a task) to the depth of the weights in ``state`` (keys under ``prefix``),
+    its last blocks removed: every remaining block's weights then come from ``state``. Returns
+    the new depth, or ``None`` when nothing was cut (``state`` as deep as the model, or no
+    stack of blocks in either).
+
+    Raises:
+        ValueError: ``state`` holds more blocks than ``module`` (they cannot be put back).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = LlamaForCausalLM(config)
+        >>> cut_like_state(model, {"model.layers.1.mlp.up_proj.weight": None})
+        2
+    """
+    model = module if hasattr(module, "config") else getattr(module, "model", None)
+    try:
+        blocks = decoder_blocks(model) if isinstance(model, nn.Module) else None
+    except ValueError:
+        return None
+    if blocks is None:
+        return None
+    path = next(name for name, child in module.named_modules() if child is blocks)
+    saved = depth_in_state(state, prefix + path)
+    if saved is None or saved == len(blocks):
+        return None
+    if saved > len(blocks):
+        raise ValueError(
+            f"the weights hold {saved} blocks but the model has {len(blocks)}; blocks cannot be "
+            "put back: load them into a model of at least that depth"
+        )
+    remove_blocks(model, range(saved, len(blocks)))
+    return saved

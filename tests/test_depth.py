@@ -19,9 +19,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_3d.callbacks import DepthPruner
+from lightning_3d.checkpoints import load_run_weights
 from lightning_3d.data import PromptDataset, RottenTomatoesPrompts
 from lightning_3d.depth import (
     block_influence,
+    cut_like_state,
     decoder_blocks,
     depth_in_state,
     least_influential,
@@ -137,6 +139,11 @@ def test_bad_blocks_to_remove_are_refused() -> None:
         == 12
     )
     assert depth_in_state({"b.w": 1}, "a.layers") is None
+    deeper = {f"model.layers.{i}.mlp.up_proj.weight": None for i in range(5)}
+    with pytest.raises(ValueError, match="the weights hold 5 blocks but the model has 4"):
+        cut_like_state(model, deeper)
+    assert cut_like_state(model, {"lm_head.weight": None}) is None
+    assert cut_like_state(torch.nn.Linear(2, 2), deeper) is None
 
 
 @pytest.fixture
@@ -251,6 +258,11 @@ def test_a_depth_pruned_run_resumes_as_the_uninterrupted_run_and_loads_for_testi
     saved = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]
     for name, value in fresh.state_dict().items():
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+    # and outside a trainer (what lightning-3d export does)
+    exported = load_run_weights(task(), checkpoint.best_model_path)
+    assert len(decoder_blocks(exported.model)) == 3
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
 
 
 def test_depth_pruner_refuses_bad_arguments_before_training(four_block_llama, tmp_path) -> None:
@@ -305,3 +317,19 @@ def test_the_runtime_export_of_a_depth_pruned_model_scores_as_pytorch(
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
         assert scores == pytest.approx([float(logits[a[0]]) for a in test.answers], abs=2e-4)
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_every_ddp_rank_removes_the_blocks_of_the_ranks_summed_influence(
+    launch_two_ranks, tmp_path, ranks
+) -> None:
+    results = launch_two_ranks("depth", tmp_path, 600, ranks)
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    runs = [json.loads((tmp_path / f"depth.rank{r}.json").read_text()) for r in range(ranks)]
+    assert len({tuple(run["sums"]) for run in runs}) == ranks  # each rank read other reviews
+    sums = torch.tensor([run["sums"] for run in runs], dtype=torch.float64).sum(0)
+    influence = sums / sum(run["tokens"] for run in runs)
+    expected = least_influential(influence, 1)
+    for run in runs:
+        assert run["removed"] == expected and run["blocks"] == 1 and run["rank_spread"] == 0.0

@@ -35,10 +35,12 @@ Scenarios:
     the masks, the parameters before conversion, the data scores and the teacher's samples.
   vocabulary: VocabularyTrimmer under DDP with other reviews on every rank: the ids each rank
     saw and kept, and the ranks' parameter spread.
+  depth: DepthPruner (1 of 2 blocks) under DDP with other reviews on every rank: each rank's own
+    block influence, the blocks removed, and the ranks' parameter spread.
 
 "The real MiniLM" is all-MiniLM-L6-v2's embeddings and its first 2 transformer blocks
 (``job_model.py``). ``JOB_RANKS`` (default 2) sets the number of ranks (``sharded_checkpoint``,
-``plan`` and ``vocabulary`` also run on 3).
+``plan``, ``vocabulary`` and ``depth`` also run on 3).
 """
 
 from __future__ import annotations
@@ -1200,6 +1202,42 @@ def vocabulary(out: Path) -> dict[str, Any]:
     }
 
 
+def depth(out: Path) -> dict[str, Any]:
+    """DepthPruner (1 of the 2 blocks) under DDP with different training reviews on every
+    rank: this rank's own influence sums and tokens on its first 2 batches, the blocks removed,
+    and the ranks' parameter spread after 2 steps."""
+    import copy
+
+    from lightning_3d.callbacks import DepthPruner
+    from lightning_3d.depth import block_influence
+
+    task = make_task()
+    data = RankReviews(task)
+    batches = list(data.train_dataloader())[:2]
+    sums, tokens = block_influence(copy.deepcopy(task.model), batches)
+    pruner = DepthPruner(blocks=1, batches=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=RANKS,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_steps=2,
+        callbacks=[pruner],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(task, datamodule=data)
+    return {
+        "sums": sums.tolist(),
+        "tokens": float(tokens),
+        "removed": pruner.removed,
+        "blocks": len(task.model.bert.encoder.layer),
+        "rank_spread": rank_spread(full_parameters(task)),
+    }
+
+
 def abort_once(out: Path) -> dict[str, Any]:
     """Rank 0 aborts natively (SIGABRT, as a glibc heap check does) the first time the job runs
     in ``OUT``; a marker beside ``OUT`` lets the launcher's second attempt finish."""
@@ -1232,6 +1270,7 @@ SCENARIOS = {
     "sharded_checkpoint": sharded_checkpoint,
     "plan": plan,
     "vocabulary": vocabulary,
+    "depth": depth,
 }
 
 
