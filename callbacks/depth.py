@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lightning_3d.checkpoints import refuse_late_checkpoint_loading
 from lightning_3d.depth import (
     REMOVED_KEY,
     block_influence,
@@ -80,12 +81,7 @@ class DepthPruner(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         model = getattr(pl_module, "model", pl_module)
         blocks = decoder_blocks(model)  # refuses a model without a stack of blocks
-        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
-            raise ValueError(
-                f"DepthPruner: {type(trainer.strategy).__name__} builds the optimizer before "
-                "it loads a checkpoint, so the removed blocks could not follow the checkpoint; "
-                "use a single-device or DDP strategy"
-            )
+        refuse_late_checkpoint_loading(trainer.strategy, "DepthPruner", "the removed blocks")
         if self._hook is None:
             self._hook = pl_module.register_load_state_dict_pre_hook(
                 lambda module, state, prefix, *_: self._fit_depth(module, state, prefix)

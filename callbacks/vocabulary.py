@@ -27,6 +27,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_3d.checkpoints import refuse_late_checkpoint_loading
 from lightning_3d.loggers import log_axis_metrics
 from lightning_3d.vocabulary import (
     UNSEEN,
@@ -105,12 +106,7 @@ class VocabularyTrimmer(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         model = _language_model(pl_module)
-        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
-            raise ValueError(
-                f"VocabularyTrimmer: {type(trainer.strategy).__name__} builds the optimizer "
-                "before it loads a checkpoint, so a trimmed embedding could not follow the "
-                "checkpoint; use a single-device or DDP strategy"
-            )
+        refuse_late_checkpoint_loading(trainer.strategy, "VocabularyTrimmer", "a trimmed embedding")
         if self._hook is None:
             self._hook = pl_module.register_load_state_dict_pre_hook(self._before_state_load)
         if stage != "fit" or isinstance(model.get_input_embeddings(), TrimmedEmbedding):

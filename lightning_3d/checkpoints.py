@@ -100,6 +100,27 @@ def _sharded_state(folder: Path, model: nn.Module) -> dict[str, Any]:
     return state
 
 
+def refuse_late_checkpoint_loading(strategy: Any, who: str, what: str) -> None:
+    """Raise when ``strategy`` loads checkpoints after building the optimizer (FSDP, DeepSpeed,
+    model-parallel): a callback that changes the model's structure before the optimizer is
+    built (``who``, changing ``what``) could not make it follow the checkpoint there.
+
+    Example:
+        >>> class Sharded:
+        ...     restore_checkpoint_after_setup = True
+        >>> refuse_late_checkpoint_loading(Sharded(), "X", "its rows")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: X: Sharded builds the optimizer before it loads a checkpoint, so its rows ...
+    """
+    if getattr(strategy, "restore_checkpoint_after_setup", False):
+        raise ValueError(
+            f"{who}: {type(strategy).__name__} builds the optimizer before it loads a "
+            f"checkpoint, so {what} could not follow the checkpoint; use a single-device or "
+            "DDP strategy"
+        )
+
+
 def load_run_weights(
     module: nn.Module,
     path: str | os.PathLike[str],

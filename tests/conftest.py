@@ -51,22 +51,33 @@ def smollm2_tokenizer():
 
 
 @pytest.fixture
-def tiny_llama_folder(smollm2_tokenizer, tmp_path) -> Path:
-    """A saved two-block Llama over SmolLM2's vocabulary (tied table, random weights of seed 0)
-    with SmolLM2's tokenizer beside it: a ``model_name_or_path`` that loads in a second."""
+def save_tiny_llama(smollm2_tokenizer, tmp_path):
+    """``save(blocks=2, hidden=32)``: a saved Llama of ``blocks`` blocks over SmolLM2's
+    vocabulary (tied table, 4 heads, random weights of seed 0) with SmolLM2's tokenizer beside
+    it: a ``model_name_or_path`` that loads in a second."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    folder = tmp_path / "tiny-llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
+    def save(blocks: int = 2, hidden: int = 32) -> Path:
+        config = LlamaConfig(
+            vocab_size=len(smollm2_tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=blocks, num_attention_heads=4, num_key_value_heads=2,
+            tie_word_embeddings=True, bos_token_id=smollm2_tokenizer.bos_token_id,
+            eos_token_id=smollm2_tokenizer.eos_token_id,
+        )  # fmt: skip
+        folder = tmp_path / f"tiny-llama-{blocks}x{hidden}"
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        smollm2_tokenizer.save_pretrained(folder)
+        return folder
+
+    return save
+
+
+@pytest.fixture
+def tiny_llama_folder(save_tiny_llama) -> Path:
+    """A saved two-block Llama (:func:`save_tiny_llama`)."""
+    return save_tiny_llama()
 
 
 @pytest.fixture(autouse=True)

@@ -46,12 +46,14 @@ def llama(layers: int = 4, vocabulary: int = 64, seed: int = 0) -> LlamaForCausa
 
 
 def test_block_influence_is_one_minus_the_cosine_of_each_blocks_input_and_output() -> None:
-    model = llama()
+    model = llama().train()  # measured in eval mode, left in train mode
     ids = torch.randint(0, 64, (2, 7))
     mask = torch.ones(2, 7)
     mask[1, 5:] = 0  # right padding: the causal model's real tokens do not see it
     sums, tokens = block_influence(model, [{"input_ids": ids, "attention_mask": mask}])
     assert tokens.item() == 12.0
+    assert all(module.training for module in model.modules())
+    model.eval()
 
     # by hand: a block's input is the previous block's output (the stack's hidden states)
     states: list[torch.Tensor] = []
@@ -71,7 +73,6 @@ def test_block_influence_is_one_minus_the_cosine_of_each_blocks_input_and_output
         cosine = torch.nn.functional.cosine_similarity(x, y, dim=-1)
         expected = ((1 - cosine) * mask).sum()
         assert sums[index].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert model.training is False and not any(m.training for m in model.modules())
 
     # padding tokens count nothing: other ids there leave the sums as they were
     other = ids.clone()
@@ -147,20 +148,10 @@ def test_bad_blocks_to_remove_are_refused() -> None:
 
 
 @pytest.fixture
-def four_block_llama(smollm2_tokenizer, tmp_path) -> Path:
+def four_block_llama(save_tiny_llama) -> Path:
     """A saved four-block Llama over SmolLM2's vocabulary with its tokenizer (heads of 16: the
     runtime's attention needs a multiple of 16)."""
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=True, bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-    )  # fmt: skip
-    folder = tmp_path / "four-blocks"
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(blocks=4, hidden=64)
 
 
 def prompts(tokenizer: Any) -> RottenTomatoesPrompts:

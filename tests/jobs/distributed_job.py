@@ -1167,6 +1167,23 @@ class RankReviews(pl.LightningDataModule):
         return DataLoader(self.dataset, batch_size=BATCH, collate_fn=self.collate)
 
 
+def two_ddp_steps(task: Any, data: pl.LightningDataModule, callback: Callback) -> None:
+    """Fit ``task`` for 2 steps under DDP (gloo) on every rank with ``callback``."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=RANKS,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        max_steps=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(task, datamodule=data)
+
+
 def vocabulary(out: Path) -> dict[str, Any]:
     """VocabularyTrimmer under DDP with different training reviews on every rank: the ids each
     rank saw, the ids kept, and the ranks' parameter spread after 2 steps."""
@@ -1177,19 +1194,7 @@ def vocabulary(out: Path) -> dict[str, Any]:
     seen = sorted(
         {int(i) for batch in data.train_dataloader() for i in batch["input_ids"].flatten()}
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=RANKS,
-        strategy=DDPStrategy(process_group_backend="gloo"),
-        max_steps=2,
-        callbacks=[VocabularyTrimmer()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(task, datamodule=data)
+    two_ddp_steps(task, data, VocabularyTrimmer())
     embedding = task.model.get_input_embeddings()
     rows = embedding.token_rows
     unknown = int(task.tokenizer.unk_token_id)
@@ -1216,19 +1221,7 @@ def depth(out: Path) -> dict[str, Any]:
     batches = list(data.train_dataloader())[:2]
     sums, tokens = block_influence(copy.deepcopy(task.model), batches)
     pruner = DepthPruner(blocks=1, batches=2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=RANKS,
-        strategy=DDPStrategy(process_group_backend="gloo"),
-        max_steps=2,
-        callbacks=[pruner],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(task, datamodule=data)
+    two_ddp_steps(task, data, pruner)
     return {
         "sums": sums.tolist(),
         "tokens": float(tokens),
