@@ -46,26 +46,21 @@ def _config(model: nn.Module) -> Any:
     return config
 
 
-def decoder_blocks_path(model: nn.Module) -> str:
-    """The qualified name of ``model``'s stack of blocks: its first ``nn.ModuleList`` holding
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """``model``'s stack of blocks: its first ``nn.ModuleList`` holding
     ``config.num_hidden_layers`` modules (through wrappers such as peft's).
 
     Raises:
         ValueError: no config with ``num_hidden_layers``, or no such list.
     """
     depth = _config(model).num_hidden_layers
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == depth and depth > 0:
-            return name
+            return module
     raise ValueError(
         f"depth pruning found no list of {depth} blocks (config.num_hidden_layers) in "
         f"{type(model).__name__}"
     )
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """``model``'s stack of blocks (:func:`decoder_blocks_path`)."""
-    return model.get_submodule(decoder_blocks_path(model))
 
 
 def _hidden(value: Any) -> torch.Tensor:
@@ -231,11 +226,11 @@ def cut_like_state(module: nn.Module, state: Mapping[str, Any], prefix: str = ""
         2
     """
     model = module if hasattr(module, "config") else getattr(module, "model", None)
-    try:
-        blocks = decoder_blocks(model) if isinstance(model, nn.Module) else None
-    except ValueError:
+    if not isinstance(model, nn.Module):
         return None
-    if blocks is None:
+    try:
+        blocks = decoder_blocks(model)
+    except ValueError:  # no stack of blocks: nothing to cut
         return None
     path = next(name for name, child in module.named_modules() if child is blocks)
     saved = depth_in_state(state, prefix + path)

@@ -80,6 +80,38 @@ def tiny_llama_folder(save_tiny_llama) -> Path:
     return save_tiny_llama()
 
 
+@pytest.fixture
+def small_prompts():
+    """``cut(tokenizer, train=16, batch_size=4)``: the Rotten Tomatoes prompts (40 tokens), cut
+    to ``train`` training and 8 val/test samples."""
+    from lightning_3d.data import PromptDataset, RottenTomatoesPrompts
+
+    def cut(tokenizer, train: int = 16, batch_size: int = 4) -> RottenTomatoesPrompts:
+        data = RottenTomatoesPrompts(tokenizer=tokenizer, max_length=40, batch_size=batch_size)
+        data.setup("fit")
+        for split, count in (("train", train), ("val", 8), ("test", 8)):
+            full = data.splits[split]
+            data.splits[split] = PromptDataset(
+                full.prompts[:count], full.answers, full.classes[:count]
+            )
+        return data
+
+    return cut
+
+
+@pytest.fixture
+def stop_after_first_epoch():
+    """A callback that stops the run at the end of its first epoch (after an epoch-end
+    checkpoint): an interruption to resume from."""
+    from lightning.pytorch import Callback
+
+    class StopAfterOneEpoch(Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            trainer.should_stop = True
+
+    return StopAfterOneEpoch()
+
+
 @pytest.fixture(autouse=True)
 def _seeded_torch():
     """Every test draws the same random numbers on every run: a failure always reproduces."""

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_3d.callbacks import DepthPruner
 from lightning_3d.checkpoints import load_run_weights
-from lightning_3d.data import PromptDataset, RottenTomatoesPrompts
+from lightning_3d.data import RottenTomatoesPrompts
 from lightning_3d.depth import (
     block_influence,
     cut_like_state,
@@ -154,15 +154,6 @@ def four_block_llama(save_tiny_llama) -> Path:
     return save_tiny_llama(blocks=4, hidden=64)
 
 
-def prompts(tokenizer: Any) -> RottenTomatoesPrompts:
-    data = RottenTomatoesPrompts(tokenizer=tokenizer, max_length=32, batch_size=4)
-    data.setup("fit")
-    for split, count in (("train", 16), ("val", 8), ("test", 8)):
-        full = data.splits[split]
-        data.splits[split] = PromptDataset(full.prompts[:count], full.answers, full.classes[:count])
-    return data
-
-
 class InOrder(pl.LightningDataModule):
     """The prompts' training batches in dataset order every epoch: a resumed run reads what the
     uninterrupted one did (a shuffled epoch's order comes from the global random state)."""
@@ -187,12 +178,12 @@ def trainer(tmp_path, epochs: int, *callbacks: pl.Callback, **options: Any) -> p
 
 
 def test_depth_pruner_removes_the_least_influential_blocks_before_the_optimizer(
-    four_block_llama, tmp_path
+    four_block_llama, small_prompts, tmp_path
 ) -> None:
     task = PromptClassificationTask(
         model_name_or_path=str(four_block_llama), lora=ADAPTERS, learning_rate=1e-2
     )
-    data = prompts(task.tokenizer)
+    data = small_prompts(task.tokenizer)
     # the influence the callback should read: the first 2 batches of the dataset, in order
     untouched = copy.deepcopy(task.model)
     batches = itertools.islice(every_sample(data.train_dataloader()), 2)
@@ -213,12 +204,8 @@ def test_depth_pruner_removes_the_least_influential_blocks_before_the_optimizer(
 
 
 def test_a_depth_pruned_run_resumes_as_the_uninterrupted_run_and_loads_for_testing(
-    four_block_llama, tmp_path
+    four_block_llama, small_prompts, stop_after_first_epoch, tmp_path
 ) -> None:
-    class StopAfterOneEpoch(pl.Callback):
-        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            trainer.should_stop = True
-
     def task() -> PromptClassificationTask:
         pl.seed_everything(0)
         return PromptClassificationTask(
@@ -226,11 +213,11 @@ def test_a_depth_pruned_run_resumes_as_the_uninterrupted_run_and_loads_for_testi
         )
 
     whole = task()
-    data = InOrder(prompts(whole.tokenizer))
+    data = InOrder(small_prompts(whole.tokenizer))
     trainer(tmp_path, 2, DepthPruner(blocks=1, batches=2)).fit(whole, datamodule=data)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=True)
     stopped = trainer(
-        tmp_path, 2, DepthPruner(blocks=1, batches=2), checkpoint, StopAfterOneEpoch()
+        tmp_path, 2, DepthPruner(blocks=1, batches=2), checkpoint, stop_after_first_epoch
     )
     stopped.fit(task(), datamodule=data)
     resumed, pruner = task(), DepthPruner(blocks=1, batches=2)
@@ -256,14 +243,16 @@ def test_a_depth_pruned_run_resumes_as_the_uninterrupted_run_and_loads_for_testi
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
 
 
-def test_depth_pruner_refuses_bad_arguments_before_training(four_block_llama, tmp_path) -> None:
+def test_depth_pruner_refuses_bad_arguments_before_training(
+    four_block_llama, small_prompts, tmp_path
+) -> None:
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match=r"blocks must be an integer >= 1"):
             DepthPruner(blocks=bad)
     with pytest.raises(ValueError, match=r"batches must be an integer >= 1"):
         DepthPruner(blocks=1, batches=0)
     task = PromptClassificationTask(model_name_or_path=str(four_block_llama), lora=ADAPTERS)
-    data = prompts(task.tokenizer)
+    data = small_prompts(task.tokenizer)
     with pytest.raises(ValueError, match=r"blocks=4 would remove every one of the model's 4"):
         trainer(tmp_path, 1, DepthPruner(blocks=4)).fit(task, datamodule=data)
     with pytest.raises(ValueError, match="measures block influence on the data module"):
@@ -283,7 +272,7 @@ def test_the_plan_removes_blocks_first_and_checks_its_argument() -> None:
 
 
 def test_the_runtime_export_of_a_depth_pruned_model_scores_as_pytorch(
-    four_block_llama, tmp_path
+    four_block_llama, small_prompts, tmp_path
 ) -> None:
     og = pytest.importorskip("onnxruntime_genai")
     from lightning_3d.generation import answer_log_probs_generated, export_generator
@@ -291,7 +280,7 @@ def test_the_runtime_export_of_a_depth_pruned_model_scores_as_pytorch(
     task = PromptClassificationTask(
         model_name_or_path=str(four_block_llama), lora=ADAPTERS, learning_rate=1e-2
     )
-    data = prompts(task.tokenizer)
+    data = small_prompts(task.tokenizer)
     trainer(tmp_path, 1, DepthPruner(blocks=2, batches=2)).fit(task, datamodule=data)
     built = export_generator(task.model, task.tokenizer, tmp_path / "fp32", weight_bits=None)
     config = json.loads((Path(built.path) / "genai_config.json").read_text())

@@ -440,7 +440,7 @@ def test_an_untied_int8_output_layer_beside_an_int4_token_table_deploys_as_train
 
 
 def test_an_untied_output_layer_run_resumes_as_the_uninterrupted_run(
-    tiny_llama_folder, tmp_path
+    tiny_llama_folder, stop_after_first_epoch, tmp_path
 ) -> None:
     """A CausalLMTask with ``untie_output=True`` checkpointed after one epoch and resumed in a
     fresh task (which unties and rounds its base again) ends with the uninterrupted run's
@@ -471,10 +471,6 @@ def test_an_untied_output_layer_run_resumes_as_the_uninterrupted_run(
             callbacks=list(callbacks), limit_val_batches=0, default_root_dir=tmp_path,
         )  # fmt: skip
 
-    class StopAfterOneEpoch(pl.Callback):  # an interruption after the epoch's checkpoint
-        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            trainer.should_stop = True
-
     def task() -> CausalLMTask:
         pl.seed_everything(0)
         return CausalLMTask(
@@ -485,7 +481,7 @@ def test_an_untied_output_layer_run_resumes_as_the_uninterrupted_run(
     start = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
     trainer(2).fit(whole, loader)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=True)
-    trainer(2, checkpoint, StopAfterOneEpoch()).fit(task(), loader)  # the same LR schedule
+    trainer(2, checkpoint, stop_after_first_epoch).fit(task(), loader)  # the same LR schedule
     saved = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]
     head_key = next(k for k in saved if k.endswith("lm_head.weight"))
     table_key = next(k for k in saved if k.endswith("embed_tokens.weight"))

@@ -12,20 +12,9 @@ from lightning import Callback, Trainer
 from transformers import AutoModelForCausalLM
 
 from lightning_3d.callbacks import CurriculumSampler, ProgressivePruner, QATHook, SensitivityFreezer
-from lightning_3d.data import PromptDataset, RottenTomatoesPrompts
 from lightning_3d.tasks import LoRASettings, PromptClassificationTask
 
 ADAPTERS = LoRASettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-
-
-def small_prompts(tokenizer: Any, train: int = 16, batch_size: int = 4) -> RottenTomatoesPrompts:
-    """The Rotten Tomatoes prompts, cut to ``train`` training and 8 val/test samples."""
-    data = RottenTomatoesPrompts(tokenizer=tokenizer, max_length=40, batch_size=batch_size)
-    data.setup("fit")
-    for split, count in (("train", train), ("val", 8), ("test", 8)):
-        full = data.splits[split]
-        data.splits[split] = PromptDataset(full.prompts[:count], full.answers, full.classes[:count])
-    return data
 
 
 def trainer_for(tmp_path, callbacks: list[Callback], **options: Any) -> Trainer:
@@ -49,7 +38,9 @@ class PerSampleLosses(Callback):
             self.by_index[index] = loss
 
 
-def test_curriculum_scores_are_each_sequences_mean_answer_token_loss(tmp_path) -> None:
+def test_curriculum_scores_are_each_sequences_mean_answer_token_loss(
+    small_prompts, tmp_path
+) -> None:
     task = PromptClassificationTask(lora=ADAPTERS)
     data = small_prompts(task.tokenizer)
     curriculum, seen = CurriculumSampler(score="loss", warmup_epochs=1), PerSampleLosses()
@@ -64,7 +55,9 @@ def test_curriculum_scores_are_each_sequences_mean_answer_token_loss(tmp_path) -
     assert curriculum.labels.tolist() == data.splits["train"].classes
 
 
-def test_the_freezer_freezes_lora_adapters_and_leaves_the_base_frozen(tmp_path) -> None:
+def test_the_freezer_freezes_lora_adapters_and_leaves_the_base_frozen(
+    small_prompts, tmp_path
+) -> None:
     task = PromptClassificationTask(lora=ADAPTERS)
     adapters = {n for n, p in task.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)
@@ -78,7 +71,7 @@ def test_the_freezer_freezes_lora_adapters_and_leaves_the_base_frozen(tmp_path) 
     assert share == pytest.approx(0.5, abs=0.1)
 
 
-def test_qat_fake_quantizes_the_base_and_keeps_lora_float(tmp_path) -> None:
+def test_qat_fake_quantizes_the_base_and_keeps_lora_float(small_prompts, tmp_path) -> None:
     task = PromptClassificationTask(lora=ADAPTERS)
     hook = QATHook("int8_weight_only", convert_at_end=False)
     trainer_for(tmp_path, [hook], max_steps=2).fit(task, datamodule=small_prompts(task.tokenizer))
@@ -90,7 +83,9 @@ def test_qat_fake_quantizes_the_base_and_keeps_lora_float(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_a_4bit_base_trains_its_adapters_and_pruning_and_qat_refuse_it(tmp_path) -> None:
+def test_a_4bit_base_trains_its_adapters_and_pruning_and_qat_refuse_it(
+    small_prompts, tmp_path
+) -> None:
     """QLoRA: SmolLM2 loaded with an NF4 base. The curriculum, the freezer and distillation from
     the snapshot train the adapters while the 4-bit codes stay; the pruner and QAT refuse before
     the first step; the export de-quantizes the base and computes the same logits."""
@@ -159,6 +154,7 @@ def test_a_4bit_base_trains_its_adapters_and_pruning_and_qat_refuse_it(tmp_path)
 
 @pytest.mark.slow
 def test_heads_and_neurons_pruned_on_smollm2_reload_with_plain_from_pretrained(
+    small_prompts,
     tmp_path,
 ) -> None:
     task = PromptClassificationTask(learning_rate=1e-5)  # all weights: structures are linears
@@ -188,7 +184,7 @@ def test_heads_and_neurons_pruned_on_smollm2_reload_with_plain_from_pretrained(
 
 
 @pytest.mark.slow
-def test_the_plan_runs_on_smollm2_with_lora(tmp_path) -> None:
+def test_the_plan_runs_on_smollm2_with_lora(small_prompts, tmp_path) -> None:
     """The LM example config's plan: InfoBatch data, the freezer over adapters, distillation
     from the snapshot with cached top-k answer logits, int8 QAT of the base."""
     from lightning_3d.plan import ThreeDPlan
