@@ -68,6 +68,12 @@ same seeded shuffle, so a shorter run sees a random part of the subset):
   the first step (``drop_blocks=6``: those of lowest block influence on the first 8 training
   batches, :class:`~lightning_3d.callbacks.DepthPruner`), over the whole epoch; deployed with
   24 blocks.
+* ``3D-int8-nodrop-epoch``: ``3D-int8-nodrop-400`` over the whole epoch, a diagnostic: the
+  plan's recipe at the plain recipe's steps (its time is above the goal's half).
+* ``3D-int8-nodrop-quarter``: ``3D-int8-nodrop-400`` with the adapters of the lower quarter of
+  the blocks frozen from the first step (``trainable=0.75``, ``freeze_by="depth"``: backward
+  stops above them), over the whole epoch: the parameter axis's cut of a step in place of
+  ``3D-int8-depth24``'s model-axis one.
 
 Each run is a fresh process; it writes ``<SETUP>_seed<N>_<machine>.json`` under ``--results-dir``
 (skipped when present; ``--force`` reruns):
@@ -228,6 +234,13 @@ SETUPS["3D-int8-nodrop-400"] = SETUPS["3D-int8-nodrop-360"] | {STEPS: 0.8}
 # computes 24 blocks: about 0.8 of 3D-int8-nodrop-400's, so the whole epoch fits half of the
 # plain run's time), deployed without them (one seed: 3 points below 3D-int8-nodrop-400 at seed 0)
 SETUPS["3D-int8-depth24"] = SETUPS["3D-int8-nodrop-400"] | {"drop_blocks": 6, STEPS: 1.0}
+# 3D-int8-nodrop-400 over the whole epoch (Standard's 500 steps), a diagnostic: what the plan's
+# recipe (grouped batches, merged int8 export) reaches at the plain recipe's steps
+SETUPS["3D-int8-nodrop-epoch"] = SETUPS["3D-int8-nodrop-400"] | {STEPS: 1.0}
+# the parameter axis's depth cut instead of the model's: 3D-int8-nodrop-400 with the adapters of
+# the lower quarter of the blocks frozen from the first step (backward stops above them: every step
+# then skips a quarter of the blocks' backward), so the whole epoch fits half of the plain run's time
+SETUPS["3D-int8-nodrop-quarter"] = SETUPS["3D-int8-nodrop-400"] | {"trainable": 0.75, STEPS: 1.0}
 # the plain recipe at 4e-4 without LoRA dropout: what dropping the masks saves the plain run
 SETUPS["Standard-lr4e-4-nodrop"] = SETUPS["Standard-lr4e-4"] | {DROPOUT: 0.0}
 # the plain recipe over the whole epoch, at either rate, with or without LoRA dropout: the
