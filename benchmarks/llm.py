@@ -256,6 +256,7 @@ THREE_SEEDS = (
     "3D-int8-merged-all-lr4e-4",
     "3D-int8-nodrop-360",
     "3D-int8-nodrop-400",
+    "3D-int8-nodrop-epoch",
 )
 # the plans the goals are read from: every 3-seed set-up but the plain ones
 GOAL_SETUPS = tuple(setup for setup in THREE_SEEDS if setup not in PLAIN)
